@@ -1,0 +1,130 @@
+"""The experiment config schema: every key a launcher or library call may read, with defaults.
+
+Experiment files in `configs/` start from `default_config()` and override a few fields; a key
+that is not in this schema is refused (`check_config`) with the dotted name that was wrong.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The length convention, stated once (DESIGN.md): a response's length is the number of tokens the
+# model generated after the prompt, EOS excluded, capped at max_seq_len - prompt_len. A response that
+# reached that cap without EOS is "unfinished". Predictor bins are response lengths 0..max_seq_len.
+LENGTH_CONVENTION = "response_tokens_eos_excluded_capped_at_max_seq_len_minus_prompt"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = "runs/default"
+
+  # The LLM. `name` is a preset (`smollm2-135m-instruct`, `tiny`, `llama-2-7b`), an HF directory,
+  # a .gguf file or an exported orbax checkpoint; `path` overrides where its weights are read.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "smollm2-135m-instruct"
+  c.model.path = ""
+  c.model.dtype = "bfloat16"  # params and activations; norms and softmax run in float32
+  c.model.chat_format = "auto"  # auto | template | llama2 | none
+
+  # Device mesh: data-parallel x tensor-parallel. data=-1 takes every device not used by model.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.model = 1
+  c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host / multi-process)
+  c.mesh.coordinator_address = ""
+  c.mesh.num_processes = 0
+  c.mesh.process_id = -1
+
+  # The engine's shape buckets: every compiled program uses one of these sizes.
+  c.engine = ml_collections.ConfigDict()
+  c.engine.batch_buckets = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+  c.engine.prompt_bucket = 32  # prompt block lengths are rounded up to a multiple of this
+  c.engine.cache_bucket = 128  # KV-cache lengths are rounded up to a multiple of this
+
+  # Sampling, shared by collection, benchmark and generate (the paper: T=0.6, top-p 0.9, 1024).
+  c.generation = ml_collections.ConfigDict()
+  c.generation.temperature = 0.6
+  c.generation.top_p = 0.9
+  c.generation.seed = 20231005
+  c.generation.max_seq_len = 1024  # prompt + response
+
+  # Prompts: Alpaca from the hub name or a local file; shuffled with a seed; sliced "a:b".
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tatsu-lab/alpaca"  # hub name, or a local .json/.jsonl/.parquet path
+  c.data.shuffle_seed = 20231005
+  c.data.slice = "0:10000"
+  c.data.split_seed = 20231113
+  c.data.split_fractions = (0.8, 0.1, 0.1)  # train / valid / test, by prompt
+
+  # Collection: N sampled responses per prompt + the prompt's hidden state.
+  c.collect = ml_collections.ConfigDict()
+  c.collect.store = ""  # default: <workdir>/store
+  c.collect.samples_per_prompt = 60
+  c.collect.batch_size = 256  # rows (prompt x sample) per generate call
+  c.collect.chunk_prompts = 64  # prompts per crash-safe chunk
+  c.collect.hidden_layer = -1  # which layer's output at the last prompt token (-1: final norm)
+
+  # Predictors.
+  c.predictor = ml_collections.ConfigDict()
+  c.predictor.kind = "distribution"  # distribution | scalar
+  c.predictor.scalar_target = "max"  # max | mean | a quantile such as "0.9"
+  c.predictor.hidden_sizes = (2048, 1024, 512)
+  c.predictor.dropout = 0.5
+  c.predictor.max_len = 1024  # bins are response lengths 0..max_len
+  c.predictor.kde_sigma = 32.0
+  c.predictor.loss = "kl"  # kl | mse
+  c.predictor.input_noise_std = 1.0
+  c.predictor.optimizer = "adam"  # adam | adamw
+  c.predictor.learning_rate = 1e-4
+  c.predictor.weight_decay = 0.0
+  c.predictor.schedule = "constant"  # constant | cosine
+  c.predictor.batch_size = 256
+  c.predictor.epochs = 100
+  c.predictor.eval_every = 1
+  c.predictor.checkpoint = ""  # default: <workdir>/predictor
+
+  # Scheduling.
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.threshold = 0.6
+  c.schedule.kv_budget_tokens = 262144
+  c.schedule.max_batch = 256
+  c.schedule.fixed_batch = 16
+  c.schedule.ssch_cell = 100
+  c.schedule.fcr_slack = 8
+  c.schedule.cost_model = ""  # JSON from a profiling run; empty: the built-in default
+
+  # Benchmark.
+  c.benchmark = ml_collections.ConfigDict()
+  c.benchmark.strategies = (
+      "vanilla:16",
+      "vanilla:best",
+      "ssch-scalar-max",
+      "ours",
+      "ours-search",
+      "ours-optimal",
+      "oracle",
+  )
+  c.benchmark.requests = 2048
+  c.benchmark.repeats = 1
+  c.benchmark.replay = False  # force EOS at recorded lengths (length-replay mode)
+  c.benchmark.slice = "12048:20240"
+  return c
+
+
+def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raise a clear error naming any key of `config` that the schema does not know."""
+  reference = default_config()
+
+  def walk(cfg, ref, prefix):
+    for key in cfg.keys():
+      name = f"{prefix}{key}"
+      if key not in ref:
+        raise KeyError(f"unknown config key {name!r}; known keys here: {sorted(ref.keys())}")
+      if isinstance(ref[key], ml_collections.ConfigDict):
+        if not isinstance(cfg[key], ml_collections.ConfigDict):
+          raise TypeError(f"config key {name!r} must be a section, got {cfg[key]!r}")
+        walk(cfg[key], ref[key], name + ".")
+
+  walk(config, reference, "")
+  return config

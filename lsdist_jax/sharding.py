@@ -1,0 +1,99 @@
+"""Device mesh from config, logical-axis rules, shardings for params/caches/batches, multi-host init.
+
+Model code names axes logically (`embed`, `heads`, ...); this module alone maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Logical axis -> mesh axis. Tensor parallelism splits attention heads and the MLP's hidden units
+# over `model`; batches (and the KV cache's batch axis) split over `data`.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("embed", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("length", None),
+    ("layers", None),
+)
+
+_initialized_distributed = False
+
+
+def maybe_initialize_distributed(mesh_config) -> None:
+  """Calls `jax.distributed.initialize()` once when the config asks for several processes."""
+  global _initialized_distributed
+  if not mesh_config.get("distributed", False) or _initialized_distributed:
+    return
+  kwargs = {}
+  if mesh_config.get("coordinator_address"):
+    kwargs["coordinator_address"] = mesh_config.coordinator_address
+  if mesh_config.get("num_processes", 0) > 0:
+    kwargs["num_processes"] = mesh_config.num_processes
+  if mesh_config.get("process_id", -1) >= 0:
+    kwargs["process_id"] = mesh_config.process_id
+  jax.distributed.initialize(**kwargs)
+  _initialized_distributed = True
+  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def make_mesh(mesh_config=None, devices: Sequence[Any] | None = None) -> Mesh:
+  """A `Mesh` with axes ('data', 'model'); `data=-1` takes every device `model` leaves."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  model = int(mesh_config.get("model", 1)) if mesh_config is not None else 1
+  data = int(mesh_config.get("data", -1)) if mesh_config is not None else -1
+  if model < 1 or n % model:
+    raise ValueError(f"mesh.model={model} must divide the number of devices ({n})")
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(
+        f"mesh data={data} x model={model} = {data * model} does not match the {n} devices; "
+        "set mesh.data=-1 to use every device")
+  return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=LOGICAL_AXIS_RULES) -> P:
+  """PartitionSpec for an array with these logical axes; an axis whose size the mesh axis does
+  not divide is replicated instead (e.g. 9 heads over model=4)."""
+  rule = dict(rules)
+  spec = []
+  for name, size in zip(logical_axes, shape):
+    mesh_axis = rule.get(name) if name is not None else None
+    if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]):
+      mesh_axis = None
+    spec.append(mesh_axis)
+  return P(*spec)
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings for a params tree whose leaves are `nn.LogicallyPartitioned` (from init)."""
+
+  def one(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, logical_to_spec(leaf.names, leaf.value.shape, mesh, rules))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
+                   rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
