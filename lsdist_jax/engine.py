@@ -80,14 +80,15 @@ class Engine:
 
   def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer | None, *,
                dtype: str = "bfloat16", mesh_config=None, engine_config=None,
-               source: str = "", top_k_candidates: int = 64):
+               source: str = "", top_k_candidates: int = 64, decode_impl: str = "dot"):
     if dtype not in DTYPES:
       raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     self.config = config
     self.tokenizer = tokenizer
     self.source = source
     self.dtype = dtype
-    self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
+                       decode_impl=decode_impl)
     self.mesh = None
     if mesh_config is not None or len(jax.devices()) > 1:
       mesh = shd.make_mesh(mesh_config)
@@ -150,41 +151,24 @@ class Engine:
 
   @classmethod
   def random(cls, preset: str | LlamaConfig, *, dtype: str = "bfloat16", seed: int = 0,
-             mesh_config=None, engine_config=None, **kwargs) -> "Engine":
-    """Random weights of a preset's shape (benchmarks of model sizes we have no weights for),
-    created directly on the devices."""
+             **kwargs) -> "Engine":
+    """Random weights of a preset's shape (for benchmarks of model sizes whose weights we do not
+    have), created on the device without a host copy."""
     cfg = get_preset(preset) if isinstance(preset, str) else preset
-    engine = cls.__new__(cls)
-    engine.config = cfg
-    engine.tokenizer = char_tokenizer(cfg.vocab_size) if cfg.vocab_size >= 100 else None
-    engine.source = f"random:{cfg.name}"
-    engine.dtype = dtype
-    engine.model = Llama(cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
-    engine.mesh = None
-    if mesh_config is not None or len(jax.devices()) > 1:
-      mesh = shd.make_mesh(mesh_config)
-      engine.mesh = mesh if mesh.size > 1 else None
-    out_shardings = None
-    if engine.mesh is not None:
-      out_shardings = shd.param_shardings(abstract_params(engine.model), engine.mesh)
-      out_shardings = jax.tree.map(lambda s: s, out_shardings)
+    abstract = nn_unbox(abstract_params(Llama(cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])))
 
     @jax.jit
     def make(key):
-      leaves, treedef = jax.tree.flatten(abstract_params_unboxed(engine.model))
+      leaves, treedef = jax.tree.flatten(abstract)
       keys = jax.random.split(key, len(leaves))
       return jax.tree.unflatten(treedef, [
-          (0.02 * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype)
-          if len(l.shape) > 1 else jnp.ones(l.shape, l.dtype) for k, l in zip(keys, leaves)])
+          (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+          if len(leaf.shape) > 1 else jnp.ones(leaf.shape, jnp.float32)
+          for k, leaf in zip(keys, leaves)])
 
-    params = make(jax.random.key(seed))
-    if out_shardings is not None:
-      params = jax.device_put(params, nn_unbox(out_shardings))
-    engine.params = params
-    buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
-    engine.generator = Generator(engine.model, params, mesh=engine.mesh, buckets=buckets,
-                                 pad_id=cfg.pad_token_id, **kwargs)
-    return engine
+    tokenizer = char_tokenizer(cfg.vocab_size) if cfg.vocab_size >= 100 else None
+    return cls(cfg, make(jax.random.key(seed)), tokenizer, dtype=dtype,
+               source=f"random:{cfg.name}", **kwargs)
 
   def _place_params(self, params):
     """numpy/jax tree -> device arrays of the engine's dtype (norm scales stay float32),
@@ -193,13 +177,14 @@ class Engine:
 
     def cast(path, x):
       keep32 = any(getattr(k, "key", None) == "scale" for k in path)
+      if isinstance(x, jax.Array):  # already on a device: convert there, no host round trip
+        return x.astype(jnp.float32 if keep32 else dtype)
       return np.asarray(x, np.float32 if keep32 else dtype)
 
     params = jax.tree_util.tree_map_with_path(cast, params)
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, params)
-    shardings = nn_unbox(shd.param_shardings(abstract_params(self.model), self.mesh))
-    return jax.device_put(params, shardings)
+    return jax.device_put(params, shd.param_shardings(abstract_params(self.model), self.mesh))
 
   def export(self, directory: str) -> None:
     """Writes an orbax export (params + model config + tokenizer) that `Engine.load` reads."""
@@ -261,7 +246,3 @@ class Engine:
 def nn_unbox(tree):
   from flax import linen as nn
   return nn.meta.unbox(tree)
-
-
-def abstract_params_unboxed(model: Llama):
-  return nn_unbox(abstract_params(model))

@@ -66,6 +66,7 @@ class Attention(nn.Module):
   config: LlamaConfig
   dtype: Any
   param_dtype: Any
+  decode_impl: str = "dot"  # dot | reduce: how a single-token step reads the cache
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array, layer_cache: dict[str, Array],
@@ -96,12 +97,22 @@ class Attention(nn.Module):
 
     b, t = x.shape[:2]
     q = q.reshape(b, t, kvh, groups, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache.astype(self.dtype),
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache.astype(self.dtype))
-    out = out.reshape(b, t, h, hd)
+    if t == 1 and self.decode_impl == "reduce":
+      # Multiply-and-sum over the cache: one fused memory-bound pass, no batched GEMM.
+      q1 = q[:, 0].astype(jnp.float32)  # [B, KVH, G, Dh]
+      scores = jnp.sum(q1[:, :, :, None, :] * k_cache[:, :, None, :, :].astype(jnp.float32),
+                       axis=-1) * (hd ** -0.5)  # [B, KVH, G, S]
+      scores = jnp.where(mask[:, None, None, 0, :], scores, _MASKED)
+      probs = jax.nn.softmax(scores, axis=-1)
+      out = jnp.sum(probs[..., None] * v_cache[:, :, None, :, :].astype(jnp.float32), axis=3)
+      out = out.astype(self.dtype).reshape(b, 1, h, hd)
+    else:
+      scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache.astype(self.dtype),
+                          preferred_element_type=jnp.float32) * (hd ** -0.5)
+      scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+      probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache.astype(self.dtype))
+      out = out.reshape(b, t, h, hd)
     y = jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
     return y, {"k": k_cache, "v": v_cache}
 
@@ -128,13 +139,14 @@ class Block(nn.Module):
   config: LlamaConfig
   dtype: Any
   param_dtype: Any
+  decode_impl: str = "dot"
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, write_index):
     cfg = self.config
     attn_in = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
-    attn_out, layer_cache = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
-        attn_in, positions, mask, layer_cache, write_index)
+    attention = Attention(cfg, self.dtype, self.param_dtype, self.decode_impl, name="attn")
+    attn_out, layer_cache = attention(attn_in, positions, mask, layer_cache, write_index)
     x = x + attn_out
     x = x + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
         RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x))
@@ -153,6 +165,7 @@ class Llama(nn.Module):
   config: LlamaConfig
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.bfloat16
+  decode_impl: str = "dot"
 
   @nn.compact
   def __call__(self, tokens: Array, cache: Cache, write_index: Array, pad_len: Array,
@@ -174,7 +187,8 @@ class Llama(nn.Module):
     hidden = {}
     new_cache = []
     for i in range(cfg.num_layers):
-      x, layer_cache = Block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
+      x, layer_cache = Block(cfg, self.dtype, self.param_dtype, self.decode_impl,
+                             name=f"layers_{i}")(
           x, positions, mask, cache[i], write_index)
       new_cache.append(layer_cache)
       if i in hidden_layers:

