@@ -26,9 +26,12 @@ flags.DEFINE_list("peer_batches", ["1", "16", "64", "256"], "batch sizes for the
 flags.DEFINE_list("llama7b_batches", ["16", "48"], "batch sizes for the LLaMA-2-7B shape ('' skips)")
 flags.DEFINE_integer("llama7b_cache", 1024, "KV-cache length for the 7B shape")
 flags.DEFINE_string("decode_impl", "dot", "attention read of a decode step: dot | reduce")
-flags.DEFINE_integer("top_k_candidates", 64, "nucleus candidates looked at before a full sort")
+flags.DEFINE_integer("top_k_candidates", 16, "nucleus candidates looked at before a full sort")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_string("out", "", "write the JSON figures here")
+flags.DEFINE_bool("sampler_micro", False, "also time the sampler alone on real logits")
+flags.DEFINE_string("prompts_jsonl", "", "Alpaca-format JSONL to take prompts from (default: "
+                    "the project's Alpaca loader)")
 
 
 def _median_time(fn, repeats):
@@ -49,15 +52,24 @@ def copy_bandwidth_bytes_per_s(jax, jnp, nbytes=2 << 30):
   return 2 * nbytes / t
 
 
-def bench_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
-  """n Alpaca prompts in the chat format, each exactly `length` tokens: short ones are joined
-  with the next prompts, long ones lose the end of their content (the template's tail stays)."""
-  from lsdist_jax.data import load_prompts
+def _alpaca_texts(path: str) -> list[str]:
+  if path:
+    import json
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    return [r["instruction"] + ("\n" + r["input"] if r.get("input") else "") for r in records]
   from lsdist_jax.config import default_config
+  from lsdist_jax.data import load_prompts
 
   data_config = default_config().data
   data_config.slice = ":"
-  texts = [p.text for p in load_prompts(data_config)]
+  return [p.text for p in load_prompts(data_config)]
+
+
+def bench_prompts(tokenizer, n: int, length: int, path: str = "") -> list[list[int]]:
+  """n Alpaca prompts in the chat format, each exactly `length` tokens: short ones are joined
+  with the next prompts, long ones lose the end of their content (the template's tail stays)."""
+  texts = _alpaca_texts(path)
   a, b = tokenizer.encode_prompt("a"), tokenizer.encode_prompt("b")
   tail = next(i for i in range(1, len(a)) if a[-i] != b[-i]) - 1  # template tokens after content
   out = []
@@ -69,6 +81,34 @@ def bench_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     ids = tokenizer.encode_prompt(content)
     out.append(ids[:length - tail] + ids[len(ids) - tail:])
   return out
+
+
+def sampler_micro(engine, prompts, temperature, top_p):
+  """ms per call of the sampler variants on the model's real next-token logits [B, V]."""
+  import jax
+  import jax.numpy as jnp
+  from lsdist_jax.llama.generate import _pick_in_nucleus, _sorted_desc, sample_tokens
+  from lsdist_jax.llama.model import init_cache
+
+  gen = engine.generator
+  tokens, pad_len, _, _, _ = gen._pack(prompts)
+  cache = init_cache(engine.config, tokens.shape[0], tokens.shape[1], engine.model.dtype)
+  logits = jax.jit(lambda p, t, c, l: engine.model.apply({"params": p}, t, c, jnp.int32(0), l)[0])(
+      engine.params, tokens, cache, pad_len)[:, -1]
+  u = jax.random.uniform(jax.random.key(0), (logits.shape[0],))
+  t, p = jnp.float32(temperature), jnp.float32(top_p)
+  variants = {
+      "greedy": jax.jit(lambda l: jnp.argmax(l, -1)),
+      "tiered k=16": jax.jit(lambda l: sample_tokens(l, u, t, p, 16, 32)),
+      "tiered k=64": jax.jit(lambda l: sample_tokens(l, u, t, p, 64, 32)),
+      "full sort": jax.jit(lambda l: _pick_in_nucleus(*_sorted_desc(jax.nn.softmax(l / t)), p, u)),
+      "top_k 16 only": jax.jit(lambda l: jax.lax.top_k(l, 16)[1]),
+      "top_k 64 only": jax.jit(lambda l: jax.lax.top_k(l, 64)[1]),
+  }
+  for name, fn in variants.items():
+    fn(logits).block_until_ready()
+    ms = 1e3 * _median_time(lambda: fn(logits).block_until_ready(), 20)
+    print(f"sampler {name:14s} b={logits.shape[0]}: {ms:.3f} ms", flush=True)
 
 
 def time_ours(engine, prompts, new_tokens, temperature, top_p, repeats):
@@ -143,7 +183,10 @@ def main(argv):
                        top_k_candidates=FLAGS.top_k_candidates)
   cfg = engine.config
   batches = [int(b) for b in FLAGS.batches]
-  base_prompts = bench_prompts(engine.tokenizer, max(batches), FLAGS.prompt_tokens)
+  base_prompts = bench_prompts(engine.tokenizer, max(batches + [int(b) for b in FLAGS.peer_batches]),
+                               FLAGS.prompt_tokens, FLAGS.prompts_jsonl)
+  if FLAGS.sampler_micro:
+    sampler_micro(engine, base_prompts[:max(batches)], FLAGS.temperature, FLAGS.top_p)
   rows, floors, floors_full = [], {}, {}
   new = FLAGS.new_tokens
   ours_tps = {}

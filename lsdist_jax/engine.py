@@ -80,7 +80,7 @@ class Engine:
 
   def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer | None, *,
                dtype: str = "bfloat16", mesh_config=None, engine_config=None,
-               source: str = "", top_k_candidates: int = 64, decode_impl: str = "dot"):
+               source: str = "", top_k_candidates: int = 16, decode_impl: str = "dot"):
     if dtype not in DTYPES:
       raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     self.config = config

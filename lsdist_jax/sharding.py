@@ -23,6 +23,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "model"),
     ("embed", None),
     ("head_dim", None),
+    ("qkv", None),
+    ("gate_up", None),
     ("norm", None),
     ("length", None),
     ("layers", None),

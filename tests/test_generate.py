@@ -142,15 +142,16 @@ def _reference_nucleus_pick(probs, top_p, u):
   return keep[-1], set(keep)
 
 
-@pytest.mark.parametrize("top_k_candidates", [4, 64])
-def test_top_p_keeps_exactly_the_smallest_set_reaching_p(top_k_candidates):
+@pytest.mark.parametrize("top_k_candidates,hard_rows", [(4, 2), (4, 64), (16, 64), (64, 64)],
+                         ids=["sort-all", "gather-hard-rows", "mixed", "top-k-only"])
+def test_top_p_keeps_exactly_the_smallest_set_reaching_p(top_k_candidates, hard_rows):
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(64, 50)).astype(np.float32) * 2.0
   u = rng.uniform(size=64).astype(np.float32)
   top_p = 0.8
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1), np.float64)
   got = np.asarray(sample_tokens(jnp.asarray(logits), jnp.asarray(u), jnp.float32(1.0),
-                                 jnp.float32(top_p), top_k_candidates))
+                                 jnp.float32(top_p), top_k_candidates, hard_rows))
   for row in range(64):
     want, keep = _reference_nucleus_pick(probs[row].tolist(), top_p, float(u[row]))
     assert got[row] in keep

@@ -14,9 +14,10 @@ SCRIPT = textwrap.dedent("""
     mesh_config = ml_collections.ConfigDict({"data": 2, "model": 4})
     sharded = Engine.load("tiny", dtype="float32", mesh_config=mesh_config)
     assert dict(sharded.mesh.shape) == {"data": 2, "model": 4}
-    wq = sharded.params["layers_0"]["attn"]["wq"]
-    assert wq.sharding.spec[1] == "model", wq.sharding.spec  # heads split over model
-    assert len({d for d in wq.sharding.device_set}) == 8
+    wqkv = sharded.params["layers_0"]["attn"]["wqkv"]
+    assert wqkv.sharding.spec[1] == "model", wqkv.sharding.spec  # kv-head groups over model
+    assert sharded.params["layers_0"]["mlp"]["w_down"].sharding.spec[0] == "model"
+    assert len({d for d in wqkv.sharding.device_set}) == 8
     host_params = jax.device_get(sharded.params)
     plain = Generator(sharded.model, jax.device_put(host_params, jax.devices()[0]))
     prompts = sharded.encode(["hello world", "abc", "the quick brown fox", "xyz"])

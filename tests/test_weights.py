@@ -33,7 +33,7 @@ def _write_gguf(path, cfg, params, qtype):
   writer.add_vocab_size(cfg.vocab_size)
   writer.add_bos_token_id(1)
   writer.add_eos_token_id(2)
-  flat = wts._flatten(params)
+  flat = wts.canonical(cfg, params)
   for path_, value in flat.items():
     value = np.asarray(value, np.float32)
     leaf = path_[-1]
@@ -65,7 +65,7 @@ def test_gguf_loads_every_quantization_and_undoes_the_qk_permutation(tmp_path, t
   loaded_cfg, loaded = wts.load_gguf(str(path))
   assert (loaded_cfg.num_heads, loaded_cfg.num_kv_heads) == (cfg.num_heads, cfg.num_kv_heads)
   assert not loaded_cfg.tie_word_embeddings
-  want, got = wts._flatten(params), wts._flatten(loaded)
+  want, got = wts.canonical(cfg, params), wts.canonical(cfg, loaded)
   assert set(want) == set(got)
   for key in want:
     scale = float(np.abs(np.asarray(want[key])).max())
@@ -73,7 +73,7 @@ def test_gguf_loads_every_quantization_and_undoes_the_qk_permutation(tmp_path, t
     assert err <= tol * scale + 1e-7, (key, err, scale)
   # The permutation was undone: the q rows of head 0 come back in HF order.
   wq = got[("layers_0", "attn", "wq")]
-  np.testing.assert_allclose(wq[:, 0], np.asarray(params["layers_0"]["attn"]["wq"])[:, 0],
+  np.testing.assert_allclose(wq[:, 0], want[("layers_0", "attn", "wq")][:, 0],
                              atol=tol * float(np.abs(wq).max()) + 1e-7)
 
 
@@ -93,8 +93,12 @@ def test_missing_tensor_and_missing_files_are_named(tmp_path, tiny_params):
     wts.load_gguf(str(tmp_path / "missing.gguf"))
   with pytest.raises(FileNotFoundError, match="neither a preset"):
     Engine.load(str(tmp_path / "nothing_here"))
-  del params["layers_1"]["mlp"]["w_up"]
   wts.save_safetensors_dir(str(tmp_path / "partial"), cfg, params)
+  from safetensors.numpy import load_file, save_file
+  file = str(tmp_path / "partial" / "model.safetensors")
+  tensors = load_file(file)
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, file)
   with pytest.raises(wts.CheckpointMismatchError, match=r"layers\.1\.mlp\.up_proj"):
     wts.load_safetensors_dir(str(tmp_path / "partial"))
 

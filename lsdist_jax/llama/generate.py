@@ -58,30 +58,45 @@ def _pick_in_nucleus(sorted_probs, sorted_ids, top_p, u):
   return jnp.take_along_axis(sorted_ids, j[:, None], axis=-1)[:, 0]
 
 
+def _sorted_desc(probs):
+  """probs sorted descending, ties by lower token id. [R, V] -> ([R, V], [R, V] int32)."""
+  ids = jnp.broadcast_to(jnp.arange(probs.shape[-1], dtype=jnp.int32), probs.shape)
+  neg_sorted, sorted_ids = jax.lax.sort((-probs, ids), dimension=-1, num_keys=1, is_stable=True)
+  return -neg_sorted, sorted_ids
+
+
 def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                  top_k_candidates: int = 64) -> jax.Array:
+                  top_k_candidates: int = 16, hard_rows: int = 32) -> jax.Array:
   """One token per row. logits: [B, V] float32, u: [B] -> [B] int32.
 
   temperature <= 0 is greedy. top_p < 1 keeps exactly the smallest set of most probable tokens
-  whose mass reaches top_p (ties broken by lower token id) and draws from it by inverse CDF; the
-  set is looked for among the `top_k_candidates` most probable first and, for a batch where some
-  row's set is larger, by a full sort, which gives the same draw."""
+  whose mass reaches top_p (ties broken by lower token id) and draws from it by inverse CDF in
+  descending-probability order. Where that set is found does not change the draw: among the
+  `top_k_candidates` most probable tokens for most rows; rows whose set is larger (up to
+  `hard_rows` of them) are gathered and fully sorted; a batch with more such rows sorts all."""
   logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
+  batch, vocab = logits.shape
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), axis=-1)
   k = min(top_k_candidates, vocab)
+  hard_rows = min(hard_rows, batch)
 
-  def full_sort(_):
-    ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), probs.shape)
-    neg_sorted, sorted_ids = jax.lax.sort((-probs, ids), dimension=-1, num_keys=1, is_stable=True)
-    return _pick_in_nucleus(-neg_sorted, sorted_ids, top_p, u)
+  def sort_all(_):
+    return _pick_in_nucleus(*_sorted_desc(probs), top_p, u)
 
   def nucleus(_):
     top_probs, top_ids = jax.lax.top_k(probs, k)
-    fits = jnp.all(nucleus_size(top_probs, top_p) <= k)
-    return jax.lax.cond(fits, lambda _: _pick_in_nucleus(top_probs, top_ids.astype(jnp.int32),
-                                                         top_p, u), full_sort, None)
+    easy = _pick_in_nucleus(top_probs, top_ids.astype(jnp.int32), top_p, u)
+    hard = nucleus_size(top_probs, top_p) > k  # [B]
+
+    def sort_hard_rows(_):
+      rows = jnp.nonzero(hard, size=hard_rows, fill_value=0)[0]
+      picked = _pick_in_nucleus(*_sorted_desc(probs[rows]), top_p, u[rows])
+      return easy.at[rows].set(jnp.where(hard[rows], picked, easy[rows]))
+
+    n_hard = jnp.sum(hard)
+    return jax.lax.switch(jnp.where(n_hard == 0, 0, jnp.where(n_hard <= hard_rows, 1, 2)),
+                          [lambda _: easy, sort_hard_rows, sort_all], None)
 
   def plain(_):
     # top_p >= 1: every token is a candidate; inverse CDF in token order needs no sort.
@@ -209,7 +224,7 @@ class Generator:
   """Runs `_generate_core` over bucketed shapes, counts compilations, places data on the mesh."""
 
   def __init__(self, model: Llama, params, *, mesh: Mesh | None = None,
-               buckets: Buckets | None = None, pad_id: int = 0, top_k_candidates: int = 64):
+               buckets: Buckets | None = None, pad_id: int = 0, top_k_candidates: int = 16):
     self.model = model
     self.config = model.config
     self.mesh = mesh

@@ -74,15 +74,18 @@ class Attention(nn.Module):
     cfg = self.config
     d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     groups = h // kvh
-    wq = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"), self.param_dtype)
-    wk = _param(self, "wk", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), self.param_dtype)
-    wv = _param(self, "wv", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), self.param_dtype)
+    # One projection for q, k and v, grouped by kv head: [D, KVH, G + 2, Dh] holds, for kv head
+    # j, its G query heads, then its key, then its value. Splitting kv heads over the mesh's
+    # `model` axis therefore keeps each group (and its cache) on one device.
+    wqkv = _param(self, "wqkv", (d, kvh, groups + 2, hd), ("embed", "kv_heads", "qkv", "head_dim"),
+                  self.param_dtype)
     wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), self.param_dtype)
 
     x = x.astype(self.dtype)
-    q = jnp.einsum("btd,dhk->bthk", x, wq.astype(self.dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, wk.astype(self.dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(self.dtype))
+    qkv = jnp.einsum("btd,dkgh->btkgh", x, wqkv.astype(self.dtype))
+    b, t = x.shape[:2]
+    q = qkv[:, :, :, :groups].reshape(b, t, h, hd)
+    k, v = qkv[:, :, :, groups], qkv[:, :, :, groups + 1]
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
 
@@ -95,7 +98,6 @@ class Attention(nn.Module):
     k_cache = jax.lax.dynamic_update_slice(layer_cache["k"], k_new, start)
     v_cache = jax.lax.dynamic_update_slice(layer_cache["v"], v_new, start)
 
-    b, t = x.shape[:2]
     q = q.reshape(b, t, kvh, groups, hd)
     if t == 1 and self.decode_impl == "reduce":
       # Multiply-and-sum over the cache: one fused memory-bound pass, no batched GEMM.
@@ -125,12 +127,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d, f = self.config.hidden_size, self.config.intermediate_size
-    w_gate = _param(self, "w_gate", (d, f), ("embed", "mlp"), self.param_dtype)
-    w_up = _param(self, "w_up", (d, f), ("embed", "mlp"), self.param_dtype)
+    w_gate_up = _param(self, "w_gate_up", (d, 2, f), ("embed", "gate_up", "mlp"),
+                       self.param_dtype)  # one GEMM for both
     w_down = _param(self, "w_down", (f, d), ("mlp", "embed"), self.param_dtype)
     x = x.astype(self.dtype)
-    gate = jnp.einsum("btd,df->btf", x, w_gate.astype(self.dtype))
-    up = jnp.einsum("btd,df->btf", x, w_up.astype(self.dtype))
+    gate_up = jnp.einsum("btd,dcf->btcf", x, w_gate_up.astype(self.dtype))
+    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
     return jnp.einsum("btf,fd->btd", hidden, w_down.astype(self.dtype))
 

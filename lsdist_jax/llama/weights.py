@@ -22,8 +22,9 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint's tensors or config do not belong to the requested model."""
 
 
-def expected_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Param path -> shape, in the layout of `model.Llama`."""
+def canonical_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Tensor path -> shape in the canonical (unfused) layout that every loader produces:
+  wq [D, H, Dh], wk/wv [D, KVH, Dh], wo [H, Dh, D], w_gate/w_up [D, F], w_down [F, D]."""
   d, f, h, kvh, hd, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                          cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
   shapes = {("embed",): (v, d), ("final_norm", "scale"): (d,)}
@@ -65,18 +66,60 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
   return out
 
 
+def fuse(cfg: LlamaConfig, flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  """Canonical tensors -> the params tree of `model.Llama` (q/k/v and gate/up fused)."""
+  xp = np
+  out = {}
+  for path, value in flat.items():
+    leaf = path[-1]
+    if leaf in ("wk", "wv", "w_up"):
+      continue
+    if leaf == "wq":
+      d, kvh = cfg.hidden_size, cfg.num_kv_heads
+      q = value.reshape(d, kvh, cfg.num_heads // kvh, cfg.head_dim)
+      k, v = flat[path[:-1] + ("wk",)], flat[path[:-1] + ("wv",)]
+      out[path[:-1] + ("wqkv",)] = xp.concatenate([xp.asarray(q), xp.asarray(k)[:, :, None],
+                                                   xp.asarray(v)[:, :, None]], axis=2)
+    elif leaf == "w_gate":
+      out[path[:-1] + ("w_gate_up",)] = xp.stack(
+          [xp.asarray(value), xp.asarray(flat[path[:-1] + ("w_up",)])], axis=1)
+    else:
+      out[path] = value
+  return _nest(out)
+
+
+def canonical(cfg: LlamaConfig, params) -> dict[tuple[str, ...], np.ndarray]:
+  """The params tree of `model.Llama` -> canonical tensors (host numpy arrays)."""
+  out = {}
+  groups = cfg.num_heads // cfg.num_kv_heads
+  for path, value in _flatten(params).items():
+    value = np.asarray(value)
+    leaf = path[-1]
+    if leaf == "wqkv":
+      d = value.shape[0]
+      out[path[:-1] + ("wq",)] = value[:, :, :groups].reshape(d, -1, value.shape[-1])
+      out[path[:-1] + ("wk",)] = value[:, :, groups]
+      out[path[:-1] + ("wv",)] = value[:, :, groups + 1]
+    elif leaf == "w_gate_up":
+      out[path[:-1] + ("w_gate",)] = value[:, 0]
+      out[path[:-1] + ("w_up",)] = value[:, 1]
+    else:
+      out[path] = value
+  return out
+
+
 def _assemble(cfg: LlamaConfig, get: Callable[[tuple[str, ...]], tuple[str, np.ndarray]],
               source: str) -> dict[str, Any]:
-  """Builds the params tree from `get(path) -> (source tensor name, array in our layout)`."""
+  """Builds the params tree from `get(path) -> (source tensor name, canonical array)`."""
   flat = {}
-  for path, shape in expected_shapes(cfg).items():
+  for path, shape in canonical_shapes(cfg).items():
     name, array = get(path)
     if tuple(array.shape) != shape:
       raise CheckpointMismatchError(
           f"{source}: tensor {name!r} has shape {tuple(array.shape)} but model "
           f"{cfg.name!r} needs {shape} for {'/'.join(path)} (is this checkpoint for another model?)")
     flat[path] = array
-  return _nest(flat)
+  return fuse(cfg, flat)
 
 
 # ---------------------------------------------------------------------------- HF safetensors
@@ -160,7 +203,7 @@ def save_safetensors_dir(directory: str, cfg: LlamaConfig, params, hf_config: di
 
   os.makedirs(directory, exist_ok=True)
   tensors = {}
-  for path, value in _flatten(params).items():
+  for path, value in canonical(cfg, params).items():
     value = np.asarray(value, dtype=np.float32)
     leaf = path[-1]
     if leaf in ("wq", "wk", "wv"):
@@ -312,7 +355,7 @@ def load_orbax(directory: str, cfg: LlamaConfig | None = None):
   cfg = cfg or saved
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(os.path.join(directory, EXPORT_PARAMS))
-  flat = {path: np.asarray(v) for path, v in _flatten(restored).items()}
+  flat = canonical(saved, restored)
   params = _assemble(cfg, lambda p: ("/".join(p), flat[p]) if p in flat else _missing(directory, p),
                      directory)
   return cfg, params, meta
