@@ -1,0 +1,190 @@
+"""The runner: executes a plan with the engine's `generate`, recovers capped rows, times each phase.
+
+It never decides anything: batch members, caps and recovery batches come from the planner. Every
+request comes back exactly once, finished (EOS) or at max_seq_len.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class BatchRecord:
+  phase: str  # "main" | "recovery"
+  size: int  # real rows
+  padded_size: int  # rows after the batch bucket
+  cap: int
+  cache_len: int
+  steps: int  # decode iterations the batch ran
+  generated: int  # tokens kept from this batch
+  seconds: float
+  compiled: bool  # this call compiled a new program
+
+
+@dataclasses.dataclass
+class RunResult:
+  tokens: list[list[int]]  # per request: its response (EOS excluded)
+  finished: np.ndarray  # [n] bool: ended with EOS (else stopped at max_seq_len)
+  batches: list[BatchRecord]
+  seconds: dict[str, float]  # generate, recover, compile (time of calls that compiled)
+
+  @property
+  def generated_tokens(self) -> int:
+    return int(sum(len(t) for t in self.tokens))
+
+  @property
+  def computed_tokens(self) -> int:
+    """Row-steps the device computed (padding rows and finished rows included)."""
+    return int(sum(b.padded_size * (b.steps + 1) for b in self.batches))
+
+  @property
+  def effective_token_ratio(self) -> float:
+    return self.generated_tokens / max(self.computed_tokens, 1)
+
+
+class Runner:
+  """Runs plans on one engine with fixed generation settings.
+
+  prompt_ids: [n] token-id prompts; request_ids: the PRNG identity of each request;
+  forced_lengths: length replay (EOS forced at recorded lengths), or None.
+  """
+
+  def __init__(self, engine, prompt_ids: Sequence[Sequence[int]], request_ids: Sequence[int], *,
+               temperature: float, top_p: float, seed: int, max_seq_len: int,
+               forced_lengths: Sequence[int] | None = None):
+    if len(prompt_ids) != len(request_ids):
+      raise ValueError(f"{len(prompt_ids)} prompts but {len(request_ids)} request ids")
+    self.engine = engine
+    self.prompt_ids = [list(p) for p in prompt_ids]
+    self.request_ids = [int(r) for r in request_ids]
+    self.prompt_len = np.array([len(p) for p in self.prompt_ids], np.int32)
+    self.sampling = dict(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
+    self.max_seq_len = int(max_seq_len)
+    self.forced = None if forced_lengths is None else np.asarray(forced_lengths, np.int64)
+    too_long = np.nonzero(self.prompt_len >= self.max_seq_len)[0]
+    if too_long.size:
+      raise ValueError(f"request {int(too_long[0])}: prompt of {self.prompt_len[too_long[0]]} "
+                       f"tokens leaves no room in max_seq_len={self.max_seq_len}")
+
+  def _run_batch(self, members: np.ndarray, cap: int, phase: str, generated, finished, done,
+                 records, seconds):
+    if len(members) == 0:
+      return
+    gen = self.engine.generator
+    prompts = [self.prompt_ids[m] + generated[m] for m in members]
+    start_steps = [len(generated[m]) for m in members]
+    cap = int(max(1, min(cap, self.max_seq_len - min(len(p) for p in prompts))))
+    forced = None
+    if self.forced is not None:
+      forced = [int(self.forced[m]) for m in members]
+    compiles = gen.compile_count
+    t0 = time.perf_counter()
+    result = gen.generate(prompts, cap=cap, max_seq_len=self.max_seq_len,
+                          request_ids=[self.request_ids[m] for m in members],
+                          start_steps=start_steps, forced_lengths=forced, **self.sampling)
+    elapsed = time.perf_counter() - t0
+    compiled = gen.compile_count > compiles
+    kept = 0
+    for i, m in enumerate(members):
+      new = result.tokens[i, :result.num_generated[i]].tolist()
+      generated[m] += new
+      kept += len(new)
+      finished[m] = bool(result.finished[i])
+      done[m] = finished[m] or self.prompt_len[m] + len(generated[m]) >= self.max_seq_len
+    records.append(BatchRecord(phase, len(members), _bucket(len(members), gen), cap,
+                               _cache_len(gen, prompts, cap), result.steps, kept, elapsed,
+                               compiled))
+    seconds["compile" if compiled else "recover" if phase == "recovery" else "generate"] += elapsed
+
+  def run(self, plan, recover: Callable[[np.ndarray, np.ndarray], Sequence] | None = None,
+          max_recovery_rounds: int = 16) -> RunResult:
+    """Runs `plan.batches` (each with `.members` and `.cap`), then, while rows remain unfinished
+    below max_seq_len, the batches `recover(unfinished_ids, generated_so_far)` returns."""
+    n = len(self.prompt_ids)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    finished = np.zeros(n, bool)
+    done = np.zeros(n, bool)
+    records: list[BatchRecord] = []
+    seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
+    seen = np.zeros(n, np.int64)
+    for batch in plan.batches:
+      np.add.at(seen, np.asarray(batch.members, np.int64), 1)
+    if (seen != 1).any():
+      bad = np.nonzero(seen != 1)[0][:5].tolist()
+      raise ValueError(f"plan does not hold every request exactly once (e.g. requests {bad})")
+    for batch in plan.batches:
+      self._run_batch(np.asarray(batch.members, np.int64), int(batch.cap), "main", generated,
+                      finished, done, records, seconds)
+    for round_ in range(max_recovery_rounds + 1):
+      pending = np.nonzero(~done)[0]
+      if pending.size == 0:
+        break
+      if round_ == max_recovery_rounds:
+        raise RuntimeError(f"{pending.size} requests still unfinished after "
+                           f"{max_recovery_rounds} recovery rounds")
+      so_far = np.array([len(generated[m]) for m in pending], np.int64)
+      if recover is None:
+        batches = [_Batch(pending, self.max_seq_len)]
+      else:
+        batches = recover(pending, so_far)
+      covered = np.concatenate([np.asarray(b.members, np.int64) for b in batches])
+      if sorted(covered.tolist()) != sorted(pending.tolist()):
+        raise ValueError("recovery plan must hold every unfinished request exactly once")
+      for batch in batches:
+        self._run_batch(np.asarray(batch.members, np.int64), int(batch.cap), "recovery",
+                        generated, finished, done, records, seconds)
+    return RunResult(generated, finished, records, seconds)
+
+
+@dataclasses.dataclass
+class _Batch:
+  members: np.ndarray
+  cap: int
+
+
+def _bucket(n, gen):
+  from lsdist_jax.llama.generate import batch_bucket
+  return batch_bucket(n, gen.buckets.batch)
+
+
+def _cache_len(gen, prompts, cap):
+  from lsdist_jax.llama.generate import round_up
+  p = round_up(max(len(x) for x in prompts), gen.buckets.prompt)
+  return round_up(p + cap, gen.buckets.cache)
+
+
+def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], steps: int = 32,
+                 prompt_len: int = 32, repeats: int = 2) -> list[dict]:
+  """Decode-step timings of this engine on this device, for fitting the planner's cost model.
+
+  Rows: {"batch", "cache_len", "ms_per_step", "prefill_ms", "prompt_len"}. Each shape runs
+  `steps` forced steps and 2*`steps`; the difference gives ms/step without prefill."""
+  gen = engine.generator
+  rows = []
+  for b in batch_sizes:
+    prompts = [[1] + [10 + (i + j) % 50 for j in range(prompt_len - 1)] for i in range(b)]
+    for s in cache_lens:
+      if s < prompt_len + 2 * steps:
+        continue
+      kw = dict(cap=2 * steps, max_seq_len=10**6, cache_len=s, temperature=0.0, top_p=1.0)
+      gen.generate(prompts, forced_lengths=[1] * b, **kw)  # compile
+      times = {}
+      for n_steps in (steps, 2 * steps):
+        best = float("inf")
+        for _ in range(repeats):
+          t0 = time.perf_counter()
+          gen.generate(prompts, forced_lengths=[n_steps] * b, **kw)
+          best = min(best, time.perf_counter() - t0)
+        times[n_steps] = best
+      ms_step = 1e3 * (times[2 * steps] - times[steps]) / steps
+      prefill_ms = max(1e3 * times[steps] - ms_step * steps, 0.0)
+      rows.append({"batch": int(b), "cache_len": int(s), "ms_per_step": round(ms_step, 4),
+                   "prefill_ms": round(prefill_ms, 4), "prompt_len": int(prompt_len)})
+      logging.info("profile b=%d S=%d: %.3f ms/step, prefill %.2f ms", b, s, ms_step, prefill_ms)
+  return rows

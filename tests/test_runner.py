@@ -1,0 +1,80 @@
+"""The runner on the tiny model: capped plans with recovery return exactly the uncapped responses."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsdist_jax.llama.generate import Buckets, Generator
+from lsdist_jax.llama.model import Llama
+from lsdist_jax.runner import Runner
+
+
+@dataclasses.dataclass
+class Batch:
+  members: np.ndarray
+  cap: int
+
+
+@dataclasses.dataclass
+class Plan:
+  batches: list
+
+
+class _Engine:
+  def __init__(self, generator):
+    self.generator = generator
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_params):
+  cfg, params = tiny_params
+  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params,
+                  buckets=Buckets(batch=(1, 2, 4, 8, 16), prompt=8, cache=32))
+  rng = np.random.default_rng(11)
+  prompts = [[1] + rng.integers(3, 256, size=rng.integers(3, 12)).tolist() for _ in range(12)]
+  return Runner(_Engine(gen), prompts, request_ids=range(100, 112), temperature=0.8, top_p=0.9,
+                seed=3, max_seq_len=72)
+
+
+def test_fcr_recovery_equals_uncapped_generation(runner):
+  vanilla = runner.run(Plan([Batch(np.arange(12), 72)]))
+  assert not any(r.phase == "recovery" for r in vanilla.batches)
+  order = np.random.default_rng(0).permutation(12)
+  capped = Plan([Batch(order[:5], 4), Batch(order[5:9], 7), Batch(order[9:], 2)])
+  recovered = runner.run(capped, recover=lambda ids, so_far: [Batch(ids[::2], 5),
+                                                                Batch(ids[1::2], 9)])
+  assert any(r.phase == "recovery" for r in recovered.batches)
+  assert recovered.tokens == vanilla.tokens
+  assert (recovered.finished == vanilla.finished).all()
+
+
+def test_request_longer_than_its_cap_is_recovered_never_lost(runner):
+  result = runner.run(Plan([Batch(np.arange(12), 1)]))  # every row capped at one token
+  lengths = np.array([len(t) for t in result.tokens])
+  assert (lengths > 1).any()
+  done_at_max = runner.prompt_len + lengths >= runner.max_seq_len
+  assert (result.finished | done_at_max).all()
+  assert result.effective_token_ratio <= 1.0
+  assert result.generated_tokens == lengths.sum()
+
+
+def test_plan_that_loses_or_repeats_a_request_is_refused(runner):
+  with pytest.raises(ValueError, match="exactly once"):
+    runner.run(Plan([Batch(np.arange(11), 72)]))
+  with pytest.raises(ValueError, match="exactly once"):
+    runner.run(Plan([Batch(np.arange(12), 72), Batch(np.array([3]), 72)]))
+
+
+def test_length_replay_runs_to_the_recorded_lengths(tiny_params):
+  cfg, params = tiny_params
+  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params,
+                  buckets=Buckets(batch=(1, 2, 4, 8), prompt=8, cache=32))
+  prompts = [[1, 5, 6], [1, 7], [1, 9, 9, 9]]
+  forced = [5, 0, 30]
+  replay = Runner(_Engine(gen), prompts, [0, 1, 2], temperature=0.6, top_p=0.9, seed=0,
+                  max_seq_len=64, forced_lengths=forced)
+  result = replay.run(Plan([Batch(np.arange(3), 8)]))
+  assert [len(t) for t in result.tokens] == forced
+  assert result.finished.all()
