@@ -8,12 +8,13 @@ def get_config():
   c.workdir = "runs/tiny"
   c.model.name = "tiny"
   c.model.dtype = "float32"
-  c.generation.max_seq_len = 96
+  c.generation.max_seq_len = 256
+  c.collect.long_prompts = "skip"
   c.data.slice = "0:12"
   c.collect.samples_per_prompt = 4
   c.collect.batch_size = 16
   c.collect.chunk_prompts = 4
-  c.predictor.max_len = 96
+  c.predictor.max_len = 256
   c.predictor.hidden_sizes = (32,)
   c.predictor.epochs = 3
   c.predictor.batch_size = 8
@@ -22,6 +23,6 @@ def get_config():
   c.engine.prompt_bucket = 16
   c.engine.cache_bucket = 32
   c.benchmark.requests = 16
-  c.schedule.kv_budget_tokens = 8 * 96
+  c.schedule.kv_budget_tokens = 8 * 256
   c.schedule.max_batch = 16
   return c

@@ -141,10 +141,17 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
   logging.info("collect: %d prompts in slice, %d for process %d/%d, %d already stored, %d to do",
                len(prompts), len(share), process, n_process, len(share) - len(todo), len(todo))
   ids = engine.encode([p.text for p in todo])
-  for p, prompt_ids in zip(todo, ids):
-    if len(prompt_ids) >= max_seq_len:
-      raise ValueError(f"prompt {p.index} has {len(prompt_ids)} tokens, more than "
-                       f"generation.max_seq_len={max_seq_len} allows (prompt + response)")
+  too_long = [i for i, x in enumerate(ids) if len(x) >= max_seq_len]
+  if too_long:
+    p = todo[too_long[0]]
+    message = (f"prompt {p.index} has {len(ids[too_long[0]])} tokens, more than "
+               f"generation.max_seq_len={max_seq_len} allows (prompt + response); "
+               f"{len(too_long)} such prompt(s)")
+    if config.collect.long_prompts != "skip":
+      raise ValueError(message + "; set collect.long_prompts='skip' to leave them out")
+    logging.warning("%s: skipped", message)
+    keep = [i for i in range(len(ids)) if len(ids[i]) < max_seq_len]
+    todo, ids = [todo[i] for i in keep], [ids[i] for i in keep]
 
   chunk_size = int(config.collect.chunk_prompts)
   bar = _progress_bar(len(todo) * n_samples, show_progress)

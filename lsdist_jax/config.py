@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.collect.batch_size = 256  # rows (prompt x sample) per generate call
   c.collect.chunk_prompts = 64  # prompts per crash-safe chunk
   c.collect.hidden_layer = -1  # which layer's output at the last prompt token (-1: final norm)
+  c.collect.long_prompts = "error"  # error | skip: a prompt that leaves no room in max_seq_len
 
   # Predictors.
   c.predictor = ml_collections.ConfigDict()

@@ -90,7 +90,7 @@ class Engine:
     self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
                        decode_impl=decode_impl)
     self.mesh = None
-    if mesh_config is not None or len(jax.devices()) > 1:
+    if mesh_config is not None or len(jax.local_devices()) > 1:
       mesh = shd.make_mesh(mesh_config)
       self.mesh = mesh if mesh.size > 1 else None
     self.params = self._place_params(params)

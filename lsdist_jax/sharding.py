@@ -51,8 +51,11 @@ def maybe_initialize_distributed(mesh_config) -> None:
 
 
 def make_mesh(mesh_config=None, devices: Sequence[Any] | None = None) -> Mesh:
-  """A `Mesh` with axes ('data', 'model'); `data=-1` takes every device `model` leaves."""
-  devices = list(devices if devices is not None else jax.devices())
+  """A `Mesh` with axes ('data', 'model'); `data=-1` takes every device `model` leaves.
+
+  By default the mesh spans this process's devices: with several processes (hosts), each one
+  serves its own share of the requests (collection splits prompts across processes)."""
+  devices = list(devices if devices is not None else jax.local_devices())
   n = len(devices)
   model = int(mesh_config.get("model", 1)) if mesh_config is not None else 1
   data = int(mesh_config.get("data", -1)) if mesh_config is not None else -1

@@ -1,0 +1,96 @@
+"""The length store: exact round trip, crash-safe chunks, the mixing guard, several writers."""
+
+import numpy as np
+import pytest
+
+from lsdist_jax import store as store_lib
+from lsdist_jax.store import LengthStore, empirical_pmf
+
+META = {"model": {"name": "tiny"}, "generation": {"temperature": 0.6, "top_p": 0.9, "seed": 1,
+                                                  "max_seq_len": 96},
+        "hidden_layer": -1, "split_seed": 3, "split_fractions": [0.8, 0.1, 0.1],
+        "data": {"slice": "0:12"}}
+
+
+def _records(indices, n=4, dim=6, seed=0):
+  rng = np.random.default_rng(seed)
+  k = len(indices)
+  return {"index": np.asarray(indices), "prompt_len": rng.integers(5, 30, k),
+          "lengths": rng.integers(0, 90, (k, n)), "finished": rng.random((k, n)) < 0.8,
+          "hidden": rng.normal(size=(k, dim)).astype(np.float32)}
+
+
+def test_round_trip_is_exact_and_sorted_by_index(tmp_path):
+  s = LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  a, b = _records([7, 3, 9], seed=1), _records([1, 4], seed=2)
+  s.write_chunk("p0000-a", a)
+  s.write_chunk("p0000-b", b)
+  got = LengthStore.open(str(tmp_path)).read()
+  order = np.argsort(np.concatenate([a["index"], b["index"]]))
+  for key in ("index", "prompt_len", "lengths", "finished", "hidden"):
+    want = np.concatenate([a[key], b[key]])[order]
+    np.testing.assert_array_equal(got[key], want.astype(got[key].dtype))
+  assert got["hidden"].dtype == np.float32 and got["lengths"].dtype == np.int32
+  assert s.done_indices() == {1, 3, 4, 7, 9}
+  splits = LengthStore.open(str(tmp_path)).read("train")["index"]
+  assert set(splits) <= {1, 3, 4, 7, 9}
+
+
+def test_interrupted_chunk_is_invisible_and_can_be_rewritten(tmp_path, monkeypatch):
+  s = LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  s.write_chunk("good", _records([0, 1]))
+  calls = {"n": 0}
+  real = store_lib._write_array
+
+  def crash_on_third(path, array):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      raise KeyboardInterrupt("killed mid-chunk")
+    real(path, array)
+
+  monkeypatch.setattr(store_lib, "_write_array", crash_on_third)
+  with pytest.raises(KeyboardInterrupt):
+    s.write_chunk("crashed", _records([5, 6]))
+  monkeypatch.setattr(store_lib, "_write_array", real)
+  reopened = LengthStore.open(str(tmp_path))
+  assert reopened.done_indices() == {0, 1}
+  assert reopened.read()["index"].tolist() == [0, 1]
+  s.write_chunk("crashed", _records([5, 6]))
+  assert LengthStore.open(str(tmp_path)).read()["index"].tolist() == [0, 1, 5, 6]
+  assert s.clean_partial() == 1
+
+
+def test_another_generation_config_is_refused(tmp_path):
+  LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  other = dict(META, generation=dict(META["generation"], temperature=1.0))
+  with pytest.raises(ValueError, match="generation"):
+    LengthStore.create_or_open(str(tmp_path), other, hidden_dim=6, samples_per_prompt=4)
+  with pytest.raises(ValueError, match="samples_per_prompt"):
+    LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=8)
+  more = dict(META, data={"slice": "12:24"})  # more prompts of the same run: allowed
+  s = LengthStore.create_or_open(str(tmp_path), more, hidden_dim=6, samples_per_prompt=4)
+  assert len(s.meta["data_slices"]) == 2
+
+
+def test_chunks_of_two_processes_read_as_their_union(tmp_path):
+  first = LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  second = LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  first.write_chunk("p0000-i0", _records([0, 2, 4]))
+  second.write_chunk("p0001-i1", _records([1, 3, 5]))
+  assert LengthStore.open(str(tmp_path)).read()["index"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_bad_input_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no length store"):
+    LengthStore.open(str(tmp_path / "none"))
+  s = LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  bad = _records([0, 1])
+  bad["hidden"] = bad["hidden"][:, :5]
+  with pytest.raises(ValueError, match="hidden has shape"):
+    s.write_chunk("bad", bad)
+
+
+def test_empirical_pmf_sums_to_one():
+  pmf = empirical_pmf(np.array([[0, 3, 3, 9], [5, 5, 5, 5]]), max_len=6)
+  np.testing.assert_allclose(pmf.sum(1), 1.0)
+  assert pmf[0, 3] == 0.5 and pmf[0, 6] == 0.25 and pmf[1, 5] == 1.0
