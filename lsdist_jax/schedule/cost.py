@@ -1,0 +1,144 @@
+"""Cost model: seconds of a decode step as a function of (batch, cache length), prefill and
+per-batch overhead, fitted from a profiling run of the engine on this device, saved as JSON.
+
+Profiling rows (from `lsdist_jax.runner.profile_cost`): {"batch", "cache_len", "ms_per_step",
+"prefill_ms", "prompt_len"}. Also the engine's shape buckets, so costs and memory use the padded
+shapes the engine really runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+import numpy as np
+
+
+def round_up(x, multiple: int):
+  return np.maximum(multiple, np.ceil(np.asarray(x) / multiple).astype(np.int64) * multiple)
+
+
+@dataclasses.dataclass
+class CostModel:
+  # step_ms = a + b * B + c * B * S + d * S     (B padded batch, S cache length)
+  step: tuple[float, float, float, float] = (1.3, 0.002, 2.0e-5, 0.0)
+  # prefill_ms = e + f * B * P                  (P prompt block length)
+  prefill: tuple[float, float] = (2.0, 2.0e-4)
+  batch_overhead_ms: float = 1.0  # host-side work per generate call
+  batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+  prompt_bucket: int = 32
+  cache_bucket: int = 128
+  source: str = "default"
+
+  # --------------------------------------------------------------------------- shapes
+
+  def padded_batch(self, b):
+    b = np.asarray(b, np.int64)
+    buckets = np.asarray(sorted(self.batch_buckets), np.int64)
+    idx = np.searchsorted(buckets, b)
+    big = buckets[-1]
+    return np.where(idx < buckets.size, buckets[np.minimum(idx, buckets.size - 1)],
+                    round_up(b, int(big)))
+
+  def prompt_block(self, p):
+    return round_up(p, self.prompt_bucket)
+
+  def cache_len(self, max_prompt, cap):
+    return round_up(self.prompt_block(max_prompt) + np.asarray(cap), self.cache_bucket)
+
+  def kv_tokens(self, size, max_prompt, cap):
+    """KV-cache tokens a batch holds: padded batch x cache length."""
+    return self.padded_batch(size) * self.cache_len(max_prompt, cap)
+
+  # --------------------------------------------------------------------------- times (s)
+
+  def step_time(self, batch, cache_len):
+    a, b, c, d = self.step
+    bp = self.padded_batch(batch)
+    return (a + b * bp + c * bp * np.asarray(cache_len) + d * np.asarray(cache_len)) * 1e-3
+
+  def prefill_time(self, batch, prompt_len):
+    e, f = self.prefill
+    return (e + f * self.padded_batch(batch) * self.prompt_block(prompt_len)) * 1e-3
+
+  def batch_time(self, size, max_prompt, cap, steps):
+    """Seconds of one generate call that runs `steps` decode iterations."""
+    return (self.batch_overhead_ms * 1e-3 + self.prefill_time(size, max_prompt)
+            + np.asarray(steps) * self.step_time(size, self.cache_len(max_prompt, cap)))
+
+  # --------------------------------------------------------------------------- fit / io
+
+  @classmethod
+  def fit(cls, rows: Sequence[dict], **shapes) -> "CostModel":
+    """Least squares (non-negative coefficients) on profiling rows."""
+    if len(rows) < 4:
+      raise ValueError(f"need at least 4 profiling rows to fit the cost model, got {len(rows)}")
+    b = np.array([r["batch"] for r in rows], np.float64)
+    s = np.array([r["cache_len"] for r in rows], np.float64)
+    y = np.array([r["ms_per_step"] for r in rows], np.float64)
+    x = np.stack([np.ones_like(b), b, b * s, s], axis=1)
+    step = _nonneg_lstsq(x, y)
+    p = np.array([r.get("prompt_len", 32) for r in rows], np.float64)
+    yp = np.array([r.get("prefill_ms", 0.0) for r in rows], np.float64)
+    prefill = _nonneg_lstsq(np.stack([np.ones_like(b), b * p], axis=1), yp)
+    return cls(step=tuple(float(v) for v in step), prefill=tuple(float(v) for v in prefill),
+               source="fit", **shapes)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  def save(self, path: str) -> None:
+    with open(path, "w") as f:
+      f.write(self.to_json())
+
+  @classmethod
+  def from_json(cls, text: str) -> "CostModel":
+    d = json.loads(text)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+      raise ValueError(f"unknown cost-model fields {sorted(unknown)}")
+    for key in ("step", "prefill", "batch_buckets"):
+      if key in d:
+        d[key] = tuple(d[key])
+    return cls(**d)
+
+  @classmethod
+  def load(cls, path: str) -> "CostModel":
+    with open(path) as f:
+      return cls.from_json(f.read())
+
+  @classmethod
+  def default_cpu(cls) -> "CostModel":
+    """Rough CPU figures for the tiny/SmolLM2 models (a decode step of tens of ms)."""
+    return cls(step=(20.0, 0.5, 1.0e-3, 0.0), prefill=(10.0, 0.02), batch_overhead_ms=5.0,
+               source="default-cpu")
+
+  @classmethod
+  def default_gpu(cls) -> "CostModel":
+    """SmolLM2-135M on an H100, from launch/bench_engine.py (about 1.3 ms + per-row costs)."""
+    return cls(step=(1.25, 0.0025, 1.5e-5, 0.0), prefill=(2.0, 2.0e-4), batch_overhead_ms=1.0,
+               source="default-gpu")
+
+
+def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Least squares with coefficients >= 0 (drop negative ones and refit)."""
+  active = np.ones(x.shape[1], bool)
+  coef = np.zeros(x.shape[1])
+  for _ in range(x.shape[1]):
+    sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+    if (sol >= 0).all():
+      coef[:] = 0.0
+      coef[active] = sol
+      return coef
+    idx = np.nonzero(active)[0]
+    active[idx[np.argmin(sol)]] = False
+  return coef
+
+
+def with_engine_shapes(model: CostModel, engine_config) -> CostModel:
+  """The cost model with the engine's buckets (so planned memory = real memory)."""
+  return dataclasses.replace(model, batch_buckets=tuple(engine_config.batch_buckets),
+                             prompt_bucket=int(engine_config.prompt_bucket),
+                             cache_bucket=int(engine_config.cache_bucket))

@@ -1,0 +1,158 @@
+"""Planners and distribution maths (numpy): coverage, caps, budget, E[max], search and DP optimality."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from lsdist_jax.schedule import CostModel, Options, Requests, dist, expected_cost, make_plan
+from lsdist_jax.schedule.planners import SEARCH_THRESHOLDS, plan_recovery, plan_vbs
+
+
+def random_requests(n=300, max_len=256, seed=0, max_seq_len=320):
+  rng = np.random.default_rng(seed)
+  mu = rng.lognormal(3.5, 0.8, n).clip(2, max_len - 10)
+  lengths = np.arange(max_len + 1)
+  pmf = np.exp(-0.5 * ((lengths[None] - mu[:, None]) / (0.3 * mu[:, None] + 3)) ** 2)
+  pmf /= pmf.sum(1, keepdims=True)
+  true = np.array([rng.choice(max_len + 1, p=p) for p in pmf])
+  return Requests(rng.integers(5, 60, n), max_seq_len, pmf, scalar_length=pmf.argmax(1),
+                  true_length=true)
+
+
+COST = CostModel(step=(1.0, 0.01, 1e-4, 0.0), prefill=(1.0, 1e-3), batch_overhead_ms=0.5,
+                 batch_buckets=(1, 2, 4, 8, 16, 32, 64), prompt_bucket=16, cache_bucket=32)
+OPTIONS = Options(kv_budget_tokens=64 * 160, max_batch=64, fixed_batch=16)
+ALL = ["vanilla", "sorted", "ssch", "vbs", "search", "optimal", "oracle"]
+
+
+@pytest.fixture(scope="module")
+def requests():
+  return random_requests()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_request_in_exactly_one_batch_with_valid_caps(requests, name):
+  plan = make_plan(name, requests, COST, OPTIONS)
+  members = np.concatenate([b.members for b in plan.batches])
+  assert sorted(members.tolist()) == list(range(requests.n))
+  for b in plan.batches:
+    assert 1 <= b.cap <= requests.room[b.members].max()
+
+
+@pytest.mark.parametrize("name", ["vbs", "search", "optimal", "oracle", "ssch"])
+def test_kv_budget_is_never_exceeded(requests, name):
+  plan = make_plan(name, requests, COST, OPTIONS)
+  for b in plan.batches:
+    kv = int(COST.kv_tokens(len(b.members), requests.prompt_len[b.members].max(), b.cap))
+    assert kv <= OPTIONS.kv_budget_tokens and len(b.members) <= OPTIONS.max_batch
+
+
+def test_expected_batch_max_matches_monte_carlo():
+  rng = np.random.default_rng(1)
+  pmfs = rng.dirichlet(np.ones(41) * 0.3, size=6)
+  draws = np.stack([rng.choice(41, size=200_000, p=p) for p in pmfs])
+  for cap in (5, 20, 40):
+    mc = np.minimum(draws.max(0), cap).mean()
+    assert abs(dist.expected_steps(pmfs, cap) - mc) < 0.05
+  np.testing.assert_allclose(dist.batch_max_pmf(pmfs),
+                             np.bincount(draws.max(0), minlength=41) / draws.shape[1], atol=4e-3)
+
+
+def test_tail_work_and_fail_prob_match_monte_carlo():
+  rng = np.random.default_rng(2)
+  pmf = rng.dirichlet(np.ones(31), size=3)
+  draws = np.stack([rng.choice(31, size=100_000, p=p) for p in pmf])
+  np.testing.assert_allclose(dist.tail_work(pmf, 12), np.maximum(draws - 12, 0).mean(1),
+                             atol=0.05)
+  np.testing.assert_allclose(dist.fail_prob(pmf, 12), (draws > 12).mean(1), atol=0.01)
+
+
+def test_conditional_pmfs_sum_to_one_and_live_above_the_cap():
+  rng = np.random.default_rng(3)
+  pmf = rng.dirichlet(np.ones(21), size=5)
+  pmf[0, 10:] = 0.0  # no predicted tail above 9
+  above = np.array([12, 3, 0, 19, 20])
+  cond = dist.conditional_above(pmf, above)
+  np.testing.assert_allclose(cond.sum(1), 1.0)
+  for row, a in enumerate(above):
+    assert cond[row, :min(a + 1, 20)].sum() == pytest.approx(0.0) or a >= 20
+  remaining = dist.shift_left(cond, above)
+  np.testing.assert_allclose(remaining.sum(1), 1.0)
+
+
+def test_quantiles_are_monotone_in_q(requests):
+  qs = [dist.quantile(requests.length_pmf, q) for q in (0.1, 0.5, 0.9, 0.99)]
+  assert all((a <= b).all() for a, b in zip(qs, qs[1:]))
+
+
+def test_search_is_never_worse_than_any_fixed_threshold(requests):
+  searched = make_plan("search", requests, COST, OPTIONS)
+  for t in SEARCH_THRESHOLDS[::7]:
+    fixed = plan_vbs(requests, COST, OPTIONS, threshold=float(t))
+    assert searched.expected_cost <= expected_cost(fixed, requests, COST, OPTIONS) + 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_optimal_is_never_worse_than_search(seed):
+  req = random_requests(n=200, seed=seed)
+  searched = make_plan("search", req, COST, OPTIONS)
+  optimal = make_plan("optimal", req, COST, OPTIONS)
+  assert optimal.expected_cost <= searched.expected_cost + 1e-9
+
+
+def test_probabilistic_plans_beat_vanilla_in_expected_time(requests):
+  costs = {n: make_plan(n, requests, COST, OPTIONS).expected_cost for n in
+           ("vanilla", "search", "optimal", "oracle")}
+  known = dataclasses.replace(requests, length_pmf=None)
+  oracle_true = expected_cost(make_plan("oracle", requests, COST, OPTIONS), known, COST, OPTIONS)
+  assert costs["search"] < costs["vanilla"]
+  assert oracle_true <= expected_cost(make_plan("vanilla", requests, COST, OPTIONS), known, COST,
+                                      OPTIONS)
+
+
+def test_ssch_table_and_push_to_next_bucket():
+  pmf = dist.point_masses(np.r_[np.full(300, 50), np.full(5, 150), np.full(5, 250)], 300)
+  req = Requests(np.full(310, 10), 400, pmf)
+  plan = make_plan("ssch", req, COST, Options(kv_budget_tokens=10**9, max_batch=512))
+  sizes = [len(b.members) for b in plan.batches]
+  # Bucket 100 (total 60; batch 256): one full batch, its last 44 rows (< 128) move on; bucket
+  # 200 (44 + 5 rows < 128) moves on too; the last bucket, 300 (batch 128), takes all 54.
+  assert sizes == [256, 54]
+  assert plan.batches[0].cap == 100 + 8 - 10 and plan.batches[1].cap == 300 + 8 - 10
+
+
+def test_recovery_plans_every_unfinished_row_once(requests):
+  unfinished = np.arange(0, requests.n, 3)
+  generated = np.minimum(requests.room[unfinished] - 1, 20)
+  for name in ("search", "ssch", "optimal"):
+    batches = plan_recovery(name, requests, unfinished, generated, COST, OPTIONS)
+    got = np.concatenate([b.members for b in batches])
+    assert sorted(got.tolist()) == unfinished.tolist()
+    assert all(b.phase == "recovery" and b.cap >= 1 for b in batches)
+
+
+def test_cost_model_fit_recovers_coefficients_and_round_trips(tmp_path):
+  truth = CostModel(step=(1.2, 0.004, 3e-5, 0.001), prefill=(3.0, 2e-4))
+  rows = [{"batch": b, "cache_len": s, "prompt_len": 32,
+           "ms_per_step": float(truth.step_time(b, s) * 1e3),
+           "prefill_ms": float(truth.prefill_time(b, 32) * 1e3)}
+          for b in (1, 8, 32, 128) for s in (128, 512, 1024)]
+  fitted = CostModel.fit(rows)
+  np.testing.assert_allclose(fitted.step, truth.step, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(fitted.prefill, truth.prefill, rtol=1e-6)
+  path = tmp_path / "cost.json"
+  fitted.save(str(path))
+  assert CostModel.load(str(path)) == fitted
+  with pytest.raises(ValueError, match="unknown cost-model fields"):
+    CostModel.from_json(json.dumps({"nope": 1}))
+
+
+def test_bad_requests_are_named():
+  with pytest.raises(ValueError, match="leaves no room"):
+    Requests(np.array([5, 400]), 400)
+  with pytest.raises(ValueError, match="unknown planner"):
+    make_plan("fastest", random_requests(n=4), COST, OPTIONS)
+  with pytest.raises(ValueError, match="oracle needs"):
+    make_plan("oracle", Requests(np.array([5]), 100, np.ones((1, 11))), COST, OPTIONS)
