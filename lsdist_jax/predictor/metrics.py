@@ -1,0 +1,121 @@
+"""Evaluation of length predictors against each prompt's sampled lengths: KL, Wasserstein-1, CRPS,
+calibration of quantiles, MAE of the median and of the max; the marginal baseline; plots.
+
+KL is KL(KDE target || predicted) with the training sigma. The predicted max is the 0.99 quantile.
+A scalar prediction is a point mass: W1 and CRPS apply (both become mean |y - s|), KL and
+quantile coverage do not (null).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lsdist_jax.predictor.losses import kde_target
+from lsdist_jax.store import empirical_pmf
+
+COVERAGE_QS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MAX_Q = 0.99
+
+
+def _cdf(pmf):
+  return np.minimum(np.cumsum(pmf, axis=-1), 1.0)
+
+
+def quantiles(pmf: np.ndarray, q: float) -> np.ndarray:
+  return np.minimum((_cdf(pmf) < q - 1e-12).sum(axis=-1), pmf.shape[-1] - 1)
+
+
+def kl(target: np.ndarray, pred: np.ndarray) -> float:
+  pred = np.maximum(pred, 1e-12)
+  pos = target > 0
+  return float(np.mean(np.sum(np.where(pos, target * (np.log(np.where(pos, target, 1.0))
+                                                        - np.log(pred)), 0.0), axis=1)))
+
+
+def wasserstein1(pred: np.ndarray, lengths: np.ndarray) -> float:
+  """Mean over prompts of sum_t |F_pred(t) - F_samples(t)|."""
+  emp = empirical_pmf(lengths, pred.shape[1] - 1)
+  return float(np.mean(np.abs(_cdf(pred) - _cdf(emp)).sum(axis=1)))
+
+
+def crps(pred: np.ndarray, lengths: np.ndarray) -> float:
+  """Mean over prompts and samples of sum_t (F_pred(t) - 1[y <= t])^2."""
+  f = _cdf(pred)  # [P, L+1]
+  t = np.arange(pred.shape[1])
+  total = 0.0
+  for j in range(lengths.shape[1]):
+    step = (t[None, :] >= np.minimum(lengths[:, j], pred.shape[1] - 1)[:, None])
+    total += np.sum((f - step) ** 2, axis=1)
+  return float(np.mean(total / lengths.shape[1]))
+
+
+def coverage(pred: np.ndarray, lengths: np.ndarray, qs=COVERAGE_QS) -> dict[str, float]:
+  """For each q: the share of sampled lengths at or below the predicted q-quantile."""
+  return {f"{q:.1f}": float(np.mean(lengths <= quantiles(pred, q)[:, None])) for q in qs}
+
+
+def evaluate_pmf(name: str, pred: np.ndarray, lengths: np.ndarray, sigma: float) -> dict:
+  max_len = pred.shape[1] - 1
+  target = kde_target(lengths, max_len, sigma)
+  cov = coverage(pred, lengths)
+  return {"model": name, "kl": kl(target, pred), "w1": wasserstein1(pred, lengths),
+          "crps": crps(pred, lengths), "coverage": {k: cov[k] for k in ("0.5", "0.8", "0.9")},
+          "coverage_all": cov,
+          "mae_median": float(np.mean(np.abs(quantiles(pred, 0.5)
+                                             - np.median(lengths, axis=1)))),
+          "mae_max": float(np.mean(np.abs(quantiles(pred, MAX_Q) - lengths.max(axis=1))))}
+
+
+def evaluate_scalar(name: str, pred: np.ndarray, lengths: np.ndarray) -> dict:
+  err = np.abs(lengths - pred[:, None])
+  return {"model": name, "kl": None, "w1": float(err.mean()), "crps": float(err.mean()),
+          "coverage": {"0.5": None, "0.8": None, "0.9": None}, "coverage_all": None,
+          "mae_median": float(np.mean(np.abs(pred - np.median(lengths, axis=1)))),
+          "mae_max": float(np.mean(np.abs(pred - lengths.max(axis=1))))}
+
+
+def marginal_pmf(train_lengths: np.ndarray, max_len: int) -> np.ndarray:
+  """The training set's pooled length distribution: the trivial baseline for every prompt."""
+  return empirical_pmf(train_lengths.reshape(1, -1), max_len)[0]
+
+
+def reliability_plot(rows: list[dict], path: str) -> str:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(4, 4))
+  ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+  for row in rows:
+    if row.get("coverage_all"):
+      qs = sorted(float(q) for q in row["coverage_all"])
+      ax.plot(qs, [row["coverage_all"][f"{q:.1f}"] for q in qs], "o-", label=row["model"])
+  ax.set_xlabel("predicted quantile q")
+  ax.set_ylabel("share of samples <= predicted q-quantile")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def example_plot(pred: np.ndarray, lengths: np.ndarray, path: str, n: int = 6) -> str:
+  """Predicted pmfs against the sampled histograms of a few test prompts."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = np.linspace(0, pred.shape[0] - 1, min(n, pred.shape[0])).astype(int)
+  fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 2.6), squeeze=False)
+  bins = np.arange(pred.shape[1])
+  for ax, r in zip(axes[0], rows):
+    ax.hist(lengths[r], bins=30, density=True, alpha=0.5, label="samples")
+    ax.plot(bins, pred[r], label="predicted")
+    ax.set_xlim(0, max(int(lengths[r].max() * 1.5), 10))
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

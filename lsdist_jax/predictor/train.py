@@ -1,0 +1,320 @@
+"""Training of the length predictors: optax, jitted steps, data-parallel over the mesh's `data` axis,
+orbax checkpoints (best by validation loss + latest, resumable), and the standalone export that
+`load_predictor` restores without this module's training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lsdist_jax.predictor.losses import (kde_target, kl_loss, pmf_mse_loss, scalar_mse_loss,
+                                         scalar_target)
+from lsdist_jax.predictor.nets import LengthPredictor
+
+EXPORT_META = "predictor.json"
+
+
+@dataclasses.dataclass
+class Split:
+  hidden: np.ndarray  # [P, D] float32
+  lengths: np.ndarray  # [P, N] int
+
+
+def load_splits(store_path: str) -> dict[str, Split]:
+  from lsdist_jax.store import LengthStore
+
+  store = LengthStore.open(store_path)
+  out = {}
+  for name in ("train", "valid", "test"):
+    d = store.read(name)
+    out[name] = Split(d["hidden"].astype(np.float32), d["lengths"])
+  if out["train"].hidden.shape[0] == 0 or out["valid"].hidden.shape[0] == 0:
+    raise ValueError(f"store {store_path} has {out['train'].hidden.shape[0]} train and "
+                     f"{out['valid'].hidden.shape[0]} valid prompts; collect more prompts")
+  return out
+
+
+def predictor_spec(config, hidden_dim: int) -> dict:
+  pc = config.predictor
+  return {"kind": pc.kind, "hidden_dim": int(hidden_dim), "max_len": int(pc.max_len),
+          "hidden_sizes": [int(s) for s in pc.hidden_sizes], "dropout": float(pc.dropout),
+          "scalar_target": str(pc.scalar_target) if pc.kind == "scalar" else None}
+
+
+def _targets(spec: dict, lengths: np.ndarray, sigma: float) -> np.ndarray:
+  if spec["kind"] == "distribution":
+    return kde_target(lengths, spec["max_len"], sigma)
+  return np.minimum(scalar_target(lengths, spec["scalar_target"]), spec["max_len"])
+
+
+def _optimizer(pc, steps_total: int):
+  lr = float(pc.learning_rate)
+  if pc.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, max(steps_total, 1))
+  elif pc.schedule != "constant":
+    raise ValueError(f"predictor.schedule {pc.schedule!r}: expected 'constant' or 'cosine'")
+  if pc.optimizer == "adam":
+    return optax.adam(lr)
+  if pc.optimizer == "adamw":
+    return optax.adamw(lr, weight_decay=float(pc.weight_decay))
+  raise ValueError(f"predictor.optimizer {pc.optimizer!r}: expected 'adam' or 'adamw'")
+
+
+class _Trainer:
+  """Jitted steps for one model/optimizer, with batches sharded over the mesh's data axis."""
+
+  def __init__(self, spec, pc, mesh, steps_total):
+    self.spec = spec
+    self.model = LengthPredictor(spec["kind"], spec["max_len"], tuple(spec["hidden_sizes"]),
+                                 spec["dropout"])
+    self.tx = _optimizer(pc, steps_total)
+    self.noise = float(pc.input_noise_std)
+    self.loss_name = pc.loss
+    self.mesh = mesh
+    self.batch_sharding = NamedSharding(mesh, P("data"))
+    self.replicated = NamedSharding(mesh, P())
+    self.train_step = jax.jit(self._train_step)
+    self.eval_loss = jax.jit(self._loss_sum)
+
+  def loss(self, params, x, y, train, key):
+    out = self.model.apply({"params": params}, x, train=train, rngs={"dropout": key})
+    if self.spec["kind"] == "scalar":
+      return scalar_mse_loss(out, y, self.spec["max_len"])
+    return kl_loss(out, y) if self.loss_name == "kl" else pmf_mse_loss(out, y)
+
+  def _loss_sum(self, params, x, y, weight):
+    """Sum of per-example losses (weight 0 for padding rows)."""
+    out = self.model.apply({"params": params}, x, train=False)
+    if self.spec["kind"] == "scalar":
+      per = (out - y) ** 2 / float(self.spec["max_len"]) ** 2
+    elif self.loss_name == "kl":
+      log_q = jax.nn.log_softmax(out, axis=-1)
+      per = jnp.sum(jnp.where(y > 0, y * (jnp.log(jnp.maximum(y, 1e-30)) - log_q), 0.0), -1)
+    else:
+      per = jnp.sum((jax.nn.softmax(out, -1) - y) ** 2, -1)
+    return jnp.sum(per * weight)
+
+  def _train_step(self, state, x, y, key):
+    noise_key, dropout_key = jax.random.split(key)
+    x = x + self.noise * jax.random.normal(noise_key, x.shape, x.dtype)
+    loss, grads = jax.value_and_grad(self.loss)(state["params"], x, y, True, dropout_key)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return dict(state, params=params, opt_state=opt_state), loss
+
+  def init_state(self, seed, hidden_dim):
+    params = self.model.init(jax.random.key(seed), jnp.zeros((2, hidden_dim)))["params"]
+    return {"params": params, "opt_state": self.tx.init(params),
+            "epoch": np.zeros((), np.int32), "best_valid": np.full((), np.inf, np.float32)}
+
+  def evaluate(self, params, x, y, batch):
+    total, n = 0.0, x.shape[0]
+    data = self.mesh.shape["data"]
+    for start in range(0, n, batch):
+      xb, yb = x[start:start + batch], y[start:start + batch]
+      size = -(-xb.shape[0] // data) * data
+      weight = np.zeros(size, np.float32)
+      weight[:xb.shape[0]] = 1.0
+      pad = [(0, size - xb.shape[0])] + [(0, 0)] * (xb.ndim - 1)
+      padded_y = np.pad(yb, [(0, size - yb.shape[0])] + [(0, 0)] * (yb.ndim - 1))
+      args = [jax.device_put(a, self.batch_sharding) for a in (np.pad(xb, pad), padded_y, weight)]
+      total += float(self.eval_loss(params, *args))
+    return total / max(n, 1)
+
+
+def _managers(workdir):
+  import orbax.checkpoint as ocp
+
+  root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  latest = ocp.CheckpointManager(os.path.join(root, "latest"),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1))
+  best = ocp.CheckpointManager(os.path.join(root, "best"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1))
+  return root, latest, best
+
+
+def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = None,
+                       stop_after_epochs: int | None = None) -> dict:
+  """Trains config.predictor.kind on the store's train split (or `data`), keeps the best epoch by
+  validation loss, resumes from <workdir>/checkpoints, exports the best to <workdir>/export.
+
+  `stop_after_epochs` ends this call early (tests simulate an interrupted run)."""
+  import orbax.checkpoint as ocp
+  from lsdist_jax import sharding as shd
+
+  pc = config.predictor
+  if data is None:
+    data = load_splits(config.collect.store or os.path.join(config.workdir, "store"))
+  train, valid = data["train"], data["valid"]
+  hidden_dim = train.hidden.shape[1]
+  spec = predictor_spec(config, hidden_dim)
+  mean = train.hidden.mean(axis=0)
+  std = train.hidden.std(axis=0) + 1e-6
+  norm = lambda h: ((h - mean) / std).astype(np.float32)
+  x_train, x_valid = norm(train.hidden), norm(valid.hidden)
+  y_train = _targets(spec, train.lengths, float(pc.kde_sigma))
+  y_valid = _targets(spec, valid.lengths, float(pc.kde_sigma))
+
+  mesh = shd.make_mesh(config.mesh)
+  data_size = mesh.shape["data"]
+  batch = max(data_size, min(int(pc.batch_size), x_train.shape[0]) // data_size * data_size)
+  steps_per_epoch = max(1, x_train.shape[0] // batch)
+  trainer = _Trainer(spec, pc, mesh, steps_per_epoch * int(pc.epochs))
+  os.makedirs(workdir, exist_ok=True)
+  root, latest, best = _managers(workdir)
+  run_meta = {"spec": spec, "seed": int(config.seed), "batch": batch,
+              "train_prompts": int(x_train.shape[0])}
+  meta_path = os.path.join(root, "run.json")
+  state = trainer.init_state(int(config.seed), hidden_dim)
+  if latest.latest_step() is not None:
+    with open(meta_path) as f:
+      saved = json.load(f)
+    if saved["spec"] != spec:
+      raise ValueError(f"{root} holds a training run of another predictor ({saved['spec']}); "
+                       f"this config asks for {spec}: use another --workdir")
+    state = latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info("resuming predictor training after epoch %d", int(state["epoch"]))
+  else:
+    with open(meta_path, "w") as f:
+      json.dump(run_meta, f, indent=1)
+  state = jax.device_put(state, trainer.replicated)
+
+  log_path = os.path.join(workdir, "train_log.jsonl")
+  key = jax.random.key(int(config.seed) + 1)
+  epochs_run = 0
+  for epoch in range(int(state["epoch"]), int(pc.epochs)):
+    t0 = time.perf_counter()
+    perm = np.random.default_rng([int(config.seed), epoch]).permutation(x_train.shape[0])
+    losses = []
+    for step in range(steps_per_epoch):
+      idx = perm[step * batch:(step + 1) * batch]
+      xb = jax.device_put(x_train[idx], trainer.batch_sharding)
+      yb = jax.device_put(y_train[idx], trainer.batch_sharding)
+      state, loss = trainer.train_step(state, xb, yb,
+                                       jax.random.fold_in(key, epoch * steps_per_epoch + step))
+      losses.append(loss)
+    train_loss = float(np.mean(jax.device_get(losses)))
+    valid_loss = trainer.evaluate(state["params"], x_valid, y_valid, batch)
+    improved = valid_loss < float(state["best_valid"])
+    state = dict(state, epoch=np.full((), epoch + 1, np.int32),
+                 best_valid=np.full((), min(valid_loss, float(state["best_valid"])), np.float32))
+    if improved:
+      best.save(epoch + 1, args=ocp.args.StandardSave({"params": state["params"]}))
+      best.wait_until_finished()
+    latest.save(epoch + 1, args=ocp.args.StandardSave(state))
+    latest.wait_until_finished()
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
+              "best": improved, "seconds": round(time.perf_counter() - t0, 3)}
+    with open(log_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    logging.info("epoch %d: train %.5f valid %.5f%s (%.2fs)", epoch + 1, train_loss, valid_loss,
+                 " *" if improved else "", record["seconds"])
+    epochs_run += 1
+    if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+      return {"stopped_at_epoch": epoch + 1}
+  best_step = best.latest_step()
+  restored = best.restore(best_step, args=ocp.args.StandardRestore(
+      {"params": jax.device_get(state["params"])}))
+  export_dir = os.path.join(workdir, "export")
+  export_predictor(export_dir, spec, jax.device_get(restored["params"]), mean, std,
+                   {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
+                    "loss": pc.loss, "kde_sigma": float(pc.kde_sigma)})
+  latest.close()
+  best.close()
+  return {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
+          "epochs": int(pc.epochs), "export": export_dir, "params": jax.device_get(state["params"])}
+
+
+def export_predictor(directory: str, spec: dict, params, mean, std, extra=None) -> None:
+  """params (orbax) + predictor.json (spec, input normalisation), the JSON written last."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), params, force=True)
+  meta = dict(spec, format="lsdist_jax.predictor", version=1,
+              input_mean=np.asarray(mean, np.float32).tolist(),
+              input_std=np.asarray(std, np.float32).tolist(), **(extra or {}))
+  tmp = os.path.join(directory, EXPORT_META + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f)
+  os.replace(tmp, os.path.join(directory, EXPORT_META))
+
+
+class Predictor:
+  """A restored predictor: `predict_pmf(hidden) -> [n, L+1]` or `predict_scalar(hidden) -> [n]`."""
+
+  def __init__(self, meta: dict, params):
+    self.meta = meta
+    self.kind = meta["kind"]
+    self.max_len = int(meta["max_len"])
+    self.hidden_dim = int(meta["hidden_dim"])
+    self.mean = np.asarray(meta["input_mean"], np.float32)
+    self.std = np.asarray(meta["input_std"], np.float32)
+    self.model = LengthPredictor(self.kind, self.max_len, tuple(meta["hidden_sizes"]), 0.0)
+    self.params = params
+    self._apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
+
+  def _run(self, hidden, batch=1024):
+    hidden = np.asarray(hidden, np.float32)
+    if hidden.ndim != 2 or hidden.shape[1] != self.hidden_dim:
+      raise ValueError(f"predictor expects hidden states [n, {self.hidden_dim}], got "
+                       f"{hidden.shape}: were they made by another model or layer?")
+    x = (hidden - self.mean) / self.std
+    outs = []
+    for start in range(0, x.shape[0], batch):
+      chunk = x[start:start + batch]
+      size = 1 << max(0, int(np.ceil(np.log2(max(chunk.shape[0], 1)))))  # few shapes
+      padded = np.pad(chunk, [(0, size - chunk.shape[0]), (0, 0)])
+      outs.append(np.asarray(self._apply(self.params, padded))[:chunk.shape[0]])
+    return np.concatenate(outs) if outs else np.zeros((0,))
+
+  def predict_pmf(self, hidden) -> np.ndarray:
+    if self.kind != "distribution":
+      raise ValueError(f"this is a {self.kind} predictor; use predict_scalar")
+    logits = self._run(hidden).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    pmf = np.exp(logits)
+    return pmf / pmf.sum(axis=1, keepdims=True)
+
+  def predict_scalar(self, hidden) -> np.ndarray:
+    if self.kind != "scalar":
+      raise ValueError(f"this is a {self.kind} predictor; use predict_pmf")
+    return self._run(hidden).astype(np.float64)
+
+
+def load_predictor(directory: str, hidden_dim: int | None = None,
+                   max_len: int | None = None) -> Predictor:
+  """Restores an export; refuses one made for another hidden size or length range."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, EXPORT_META)
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"no predictor export at {directory} (missing {EXPORT_META}); "
+                            "train one with launch/train.py")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if hidden_dim is not None and int(meta["hidden_dim"]) != int(hidden_dim):
+    raise ValueError(f"predictor at {directory} takes hidden states of size {meta['hidden_dim']},"
+                     f" but this model's are {hidden_dim}: it was trained for another model")
+  if max_len is not None and int(meta["max_len"]) != int(max_len):
+    raise ValueError(f"predictor at {directory} predicts lengths 0..{meta['max_len']}, but "
+                     f"0..{max_len} is needed (predictor.max_len)")
+  abstract = jax.eval_shape(lambda: LengthPredictor(
+      meta["kind"], int(meta["max_len"]), tuple(meta["hidden_sizes"]), 0.0).init(
+          jax.random.key(0), jnp.zeros((2, int(meta["hidden_dim"]))))["params"])
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(directory, "params"), abstract)
+  return Predictor(meta, params)

@@ -1,0 +1,150 @@
+"""Predictors: KDE targets, learning a known rule, checkpoint resume/export/refusal, metrics."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lsdist_jax.config import default_config
+from lsdist_jax.predictor import Split, load_predictor, train_and_evaluate
+from lsdist_jax.predictor import metrics
+from lsdist_jax.predictor.losses import kde_target
+
+MAX_LEN = 128
+
+
+def test_kde_target_sums_to_one_is_the_histogram_as_sigma_vanishes_and_symmetric():
+  lengths = np.array([[10, 10, 20, 63], [0, 5, 5, 5]])
+  for sigma in (0.0, 1.0, 4.0, 30.0):
+    np.testing.assert_allclose(kde_target(lengths, MAX_LEN, sigma).sum(1), 1.0, rtol=1e-6)
+  sharp = kde_target(lengths, MAX_LEN, 1e-3)
+  assert sharp[0, 10] == pytest.approx(0.5) and sharp[0, 63] == pytest.approx(0.25)
+  single = kde_target(np.array([[32] * 3]), MAX_LEN, 5.0)[0]
+  np.testing.assert_allclose(single[32 - 10:32], single[33:33 + 10][::-1], rtol=1e-5)
+  assert single.argmax() == 32
+
+
+def synthetic(n, seed, dim=8, samples=16):
+  """Lengths ~ Normal(mu(h), 8) with mu = 55 + 20 * h[0] (clipped): a rule the net can learn."""
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(size=(n, dim)).astype(np.float32)
+  mu = np.clip(55 + 20 * hidden[:, 0], 25, MAX_LEN - 25)
+  lengths = np.clip(np.rint(mu[:, None] + 8 * rng.normal(size=(n, samples))), 0, MAX_LEN)
+  return Split(hidden, lengths.astype(np.int32)), mu
+
+
+def small_config(kind="distribution", epochs=30):
+  c = default_config()
+  c.seed = 0
+  c.predictor.kind = kind
+  c.predictor.max_len = MAX_LEN
+  c.predictor.hidden_sizes = (64, 64)
+  c.predictor.dropout = 0.0
+  c.predictor.kde_sigma = 2.0
+  c.predictor.input_noise_std = 0.05
+  c.predictor.learning_rate = 3e-3
+  c.predictor.batch_size = 64
+  c.predictor.epochs = epochs
+  return c
+
+
+@pytest.fixture(scope="module")
+def data():
+  train, _ = synthetic(512, 0)
+  valid, _ = synthetic(128, 1)
+  test, mu = synthetic(128, 2)
+  return {"train": train, "valid": valid, "test": test}, mu
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+  splits, _ = data
+  workdir = str(tmp_path_factory.mktemp("dist"))
+  result = train_and_evaluate(small_config(), workdir, splits)
+  return workdir, result
+
+
+def test_training_beats_the_marginal_and_recovers_the_rule(data, trained):
+  splits, mu = data
+  workdir, result = trained
+  predictor = load_predictor(os.path.join(workdir, "export"), hidden_dim=8, max_len=MAX_LEN)
+  pred = predictor.predict_pmf(splits["test"].hidden)
+  marginal = np.tile(metrics.marginal_pmf(splits["train"].lengths, MAX_LEN), (128, 1))
+  ours = metrics.evaluate_pmf("distribution", pred, splits["test"].lengths, 2.0)
+  base = metrics.evaluate_pmf("marginal", marginal, splits["test"].lengths, 2.0)
+  assert ours["kl"] < 0.5 * base["kl"] and ours["crps"] < 0.6 * base["crps"]
+  # quantiles of Normal(mu, 8): median ~ mu, q0.9 ~ mu + 10.3
+  assert np.median(np.abs(metrics.quantiles(pred, 0.5) - mu)) < 4.0
+  assert np.median(np.abs(metrics.quantiles(pred, 0.9) - (mu + 10.25))) < 5.0
+  assert all(abs(ours["coverage"][q] - float(q)) < 0.1 for q in ("0.5", "0.8", "0.9"))
+
+
+def test_resumed_training_equals_an_uninterrupted_run(data, trained, tmp_path):
+  splits, _ = data
+  _, uninterrupted = trained
+  workdir = str(tmp_path / "resumed")
+  stopped = train_and_evaluate(small_config(), workdir, splits, stop_after_epochs=11)
+  assert stopped == {"stopped_at_epoch": 11}
+  resumed = train_and_evaluate(small_config(), workdir, splits)
+  for a, b in zip(jax.tree.leaves(uninterrupted["params"]), jax.tree.leaves(resumed["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+
+
+def test_export_reloads_identically_and_refuses_other_shapes(data, trained):
+  splits, _ = data
+  workdir, _ = trained
+  path = os.path.join(workdir, "export")
+  a = load_predictor(path).predict_pmf(splits["test"].hidden)
+  b = load_predictor(path).predict_pmf(splits["test"].hidden)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(a.sum(1), 1.0)
+  with pytest.raises(ValueError, match="hidden states of size 8"):
+    load_predictor(path, hidden_dim=576)
+  with pytest.raises(ValueError, match="0..1024 is needed"):
+    load_predictor(path, max_len=1024)
+  with pytest.raises(ValueError, match=r"\[n, 8\]"):
+    load_predictor(path).predict_pmf(np.zeros((2, 9)))
+  with pytest.raises(FileNotFoundError, match="no predictor export"):
+    load_predictor(os.path.join(workdir, "nothing"))
+
+
+def test_resuming_a_workdir_of_another_predictor_is_refused(data, trained):
+  splits, _ = data
+  workdir, _ = trained
+  other = small_config()
+  other.predictor.max_len = 64
+  with pytest.raises(ValueError, match="another predictor"):
+    train_and_evaluate(other, workdir, splits)
+
+
+def test_scalar_predictor_learns_the_max(data, tmp_path):
+  splits, mu = data
+  config = small_config("scalar", epochs=40)
+  config.predictor.scalar_target = "max"
+  train_and_evaluate(config, str(tmp_path), splits)
+  pred = load_predictor(str(tmp_path / "export")).predict_scalar(splits["test"].hidden)
+  row = metrics.evaluate_scalar("scalar-max", pred, splits["test"].lengths)
+  assert row["mae_max"] < 12.0 and row["kl"] is None
+  assert row["mae_max"] < np.mean(np.abs(splits["train"].lengths.max(1).mean()
+                                         - splits["test"].lengths.max(1)))
+
+
+def test_metrics_sanity():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(5, 100, size=(20, 30))
+  perfect = metrics.empirical_pmf(lengths, MAX_LEN)
+  marginal = np.tile(metrics.marginal_pmf(lengths, MAX_LEN), (20, 1))
+  good = metrics.evaluate_pmf("perfect", perfect, lengths, 0.0)
+  bad = metrics.evaluate_pmf("marginal", marginal, lengths, 0.0)
+  assert good["w1"] == pytest.approx(0.0) and good["kl"] == pytest.approx(0.0, abs=1e-6)
+  assert bad["w1"] > 0 and bad["kl"] > 0 and good["crps"] < bad["crps"]
+  point = np.full(20, 25.0)
+  scalar = metrics.evaluate_scalar("s", point, lengths)
+  assert scalar["w1"] == pytest.approx(np.abs(lengths - 25).mean())
+  # a point-mass pmf scores the same W1 and CRPS as the scalar
+  mass = metrics.empirical_pmf(np.full((20, 1), 25), MAX_LEN)
+  assert metrics.wasserstein1(mass, lengths) == pytest.approx(scalar["w1"])
+  assert metrics.crps(mass, lengths) == pytest.approx(scalar["crps"])
