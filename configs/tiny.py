@@ -10,7 +10,7 @@ def get_config():
   c.model.dtype = "float32"
   c.generation.max_seq_len = 256
   c.collect.long_prompts = "skip"
-  c.data.slice = "0:12"
+  c.data.slice = "0:40"
   c.collect.samples_per_prompt = 4
   c.collect.batch_size = 16
   c.collect.chunk_prompts = 4
@@ -23,6 +23,10 @@ def get_config():
   c.engine.prompt_bucket = 16
   c.engine.cache_bucket = 32
   c.benchmark.requests = 16
+  c.benchmark.slice = "0:40"
+  c.benchmark.split = "test"
+  c.benchmark.strategies = ("vanilla:16", "vanilla:best", "ssch-scalar-max", "ours",
+                            "ours-search", "ours-optimal", "oracle")
   c.schedule.kv_budget_tokens = 8 * 256
   c.schedule.max_batch = 16
   return c

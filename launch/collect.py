@@ -20,6 +20,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from lsdist_jax.logs import quiet_libraries
+
+  quiet_libraries()
   from lsdist_jax import collect, report
 
   config = FLAGS.config

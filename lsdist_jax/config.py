@@ -110,6 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.benchmark.repeats = 1
   c.benchmark.replay = False  # force EOS at recorded lengths (length-replay mode)
   c.benchmark.slice = "12048:20240"
+  c.benchmark.split = ""  # "test": keep only prompts of the store's test split (unseen in training)
   return c
 
 

@@ -76,7 +76,7 @@ BENCH_COLUMNS = [("strategy", "strategy"), ("samples_per_s", "samples/s"),
                  ("seconds_predict", "predict s"), ("seconds_plan", "plan s"),
                  ("seconds_generate", "generate s"), ("seconds_recover", "recover s"),
                  ("seconds_compile", "compile s"), ("batches", "batches"),
-                 ("recovery_batches", "recovered rows"), ("compilations", "compiles"),
+                 ("recovery_batches", "recovery batches"), ("compilations", "compiles"),
                  ("peak_kv_tokens", "peak KV tokens"), ("identical_share", "identical")]
 
 

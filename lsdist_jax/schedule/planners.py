@@ -19,6 +19,7 @@ from lsdist_jax.schedule.cost import CostModel
 SSCH_TABLE = ((200, 256), (400, 128), (600, 64), (800, 32))  # total length <= k -> batch size
 SSCH_LAST = 16
 SEARCH_THRESHOLDS = np.round(np.arange(0.10, 0.995, 0.01), 2)  # 0.10 ... 0.99 (90 values)
+RECOVERY_MIN_CAP = 32
 CAP_GRID = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768,
             896, 1024, 1280, 1536, 2048)
 
@@ -241,14 +242,21 @@ def predicted_length(requests: Requests, threshold: float) -> np.ndarray:
 
 
 def plan_vanilla(requests, cost, options) -> Plan:
-  """Dataset order, fixed batch size, no cap below max_seq_len."""
-  return Plan(_fixed_batches(np.arange(requests.n), options.fixed_batch, requests), "vanilla")
+  """Dataset order, fixed batch size, no cap below max_seq_len (a batch that would exceed the KV
+  budget at full length is split: every strategy runs under the same memory)."""
+  batches = []
+  for b in _fixed_batches(np.arange(requests.n), options.fixed_batch, requests):
+    batches.extend(_split_to_budget(b.members, b.cap, requests, cost, options))
+  return Plan(batches, "vanilla")
 
 
 def plan_sorted(requests, cost, options) -> Plan:
   key = predicted_length(requests, options.threshold)
   order = np.argsort(key, kind="stable")
-  return Plan(_fixed_batches(order, options.fixed_batch, requests), "sorted", options.threshold)
+  batches = []
+  for b in _fixed_batches(order, options.fixed_batch, requests):
+    batches.extend(_split_to_budget(b.members, b.cap, requests, cost, options))
+  return Plan(batches, "sorted", options.threshold)
 
 
 def plan_ssch(requests, cost, options) -> Plan:
@@ -349,6 +357,10 @@ def _optimal_dp(requests: Requests, cost: CostModel, options: Options) -> Plan:
   fails = np.where(caps[None, :] < bins - 1, prep.surv[order][:, np.minimum(caps, bins - 1)], 0.0)
   extra = tails * prep.token_cost + fails * cost.prefill_time(1, prompt[:, None] + caps) / 4.0
   prefix_extra = np.concatenate([np.zeros((1, caps.size)), np.cumsum(extra, axis=0)])
+  # One more cap per batch: the longest length any member can have (its pmf's support), which
+  # needs no recovery; for known lengths (oracle) that is the exact batch maximum.
+  support = (bins - 1) - np.argmax(prep.pmf[order][:, ::-1] > 0, axis=1)
+  caps_ext = np.concatenate([caps, [-1]])
   sizes = np.array(sorted({s for s in cost.batch_buckets if s <= options.max_batch}
                           | {options.max_batch}), np.int64)
   best = np.full(n + 1, np.inf)
@@ -360,22 +372,27 @@ def _optimal_dp(requests: Requests, cost: CostModel, options: Options) -> Plan:
     lo = int(starts.min())
     run_prompt = np.maximum.accumulate(prompt[lo:j][::-1])[::-1]  # max over [i, j)
     run_room = np.maximum.accumulate(room[lo:j][::-1])[::-1]
+    run_support = np.maximum.accumulate(support[lo:j][::-1])[::-1]
     max_prompt, batch_room = run_prompt[starts - lo], run_room[starts - lo]
     size = j - starts
-    cap = np.minimum(caps[None, :], batch_room[:, None])  # [S, G]
+    exact = np.maximum(1, np.minimum(run_support[starts - lo], batch_room))
+    cap = np.concatenate([np.minimum(caps[None, :], batch_room[:, None]), exact[:, None]], 1)
     f_max = np.exp(prefix_log[j][None, :] - prefix_log[starts])  # [S, bins]
     steps_upto = np.concatenate([np.zeros((starts.size, 1)), np.cumsum(1.0 - f_max, axis=1)], 1)
     steps = np.take_along_axis(steps_upto, np.minimum(cap, bins), axis=1)
     time = cost.batch_time(size[:, None], max_prompt[:, None], cap, steps)
-    total = best[starts][:, None] + time + prefix_extra[j][None, :] - prefix_extra[starts]
+    extra = prefix_extra[j][None, :] - prefix_extra[starts]  # recovery cost at grid caps
+    extra = np.concatenate([extra, np.zeros((starts.size, 1))], axis=1)  # none at the support
+    total = best[starts][:, None] + time + extra
     ok = ((size[:, None] <= options.max_batch)
           & (cost.kv_tokens(size[:, None], max_prompt[:, None], cap) <= options.kv_budget_tokens))
     # caps beyond the batch's room are all the same batch: keep the first
-    ok &= (caps[None, :] <= batch_room[:, None]) | (np.arange(caps.size)[None, :] == np.argmax(
-        caps[None, :] >= batch_room[:, None], axis=1)[:, None])
+    ok[:, :-1] &= (caps[None, :] <= batch_room[:, None]) | (
+        np.arange(caps.size)[None, :] == np.argmax(caps[None, :] >= batch_room[:, None],
+                                                   axis=1)[:, None])
     total = np.where(ok, total, np.inf)
     flat = int(np.argmin(total))
-    s_idx, g = divmod(flat, caps.size)
+    s_idx, g = divmod(flat, caps_ext.size)
     if not np.isfinite(total.flat[flat]):
       raise ValueError(f"no batch of request {int(order[j - 1])} fits "
                        f"kv_budget_tokens={options.kv_budget_tokens}")
@@ -450,5 +467,12 @@ def plan_recovery(name: str, requests: Requests, unfinished: np.ndarray, generat
     sub = Requests(sub_prompt, requests.max_seq_len, remaining)
     inner = "optimal" if name in ("optimal", "oracle") else "vbs"
     sub_options = dataclasses.replace(options, threshold=options.recovery_threshold)
-    batches = PLANNERS[inner](sub, cost, sub_options).batches
+    planned = PLANNERS[inner](sub, cost, sub_options).batches
+    # A row that outlives its prediction again must still end in few rounds: each recovery cap
+    # at least doubles what its rows have generated so far (and is at least RECOVERY_MIN_CAP).
+    batches = []
+    for b in planned:
+      floor = max(RECOVERY_MIN_CAP, int(generated[b.members].max()))
+      cap = int(min(max(b.cap, floor), sub.room[b.members].max()))
+      batches.extend(_split_to_budget(b.members, cap, sub, cost, options))
   return [Batch(unfinished[b.members], b.cap, "recovery") for b in batches]

@@ -1,0 +1,54 @@
+"""Benchmark every scheduling strategy of config.benchmark.strategies on the same requests.
+
+  python launch/benchmark.py --config=configs/smollm2_alpaca.py --workdir=runs/smollm2_alpaca
+  python launch/benchmark.py --config=... --profile   # fit the cost model on this device first
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "the pipeline's workdir (store, predictor exports)")
+flags.DEFINE_bool("profile", False, "profile the engine, fit and save the cost model "
+                  "(<workdir>/cost_model.json) and use it")
+flags.DEFINE_string("name", "benchmark", "output file stem")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from lsdist_jax.logs import quiet_libraries
+
+  quiet_libraries()
+  from lsdist_jax import benchmark, collect, report, runner
+  from lsdist_jax.pipeline import predictor_exports
+  from lsdist_jax.schedule import CostModel
+
+  config = FLAGS.config
+  workdir = FLAGS.workdir
+  if not config.collect.store:
+    config.collect.store = os.path.join(workdir, "store")
+  engine = collect.load_engine(config)
+  cost = None
+  if FLAGS.profile:
+    rows = runner.profile_cost(engine, [1, 8, 32, 64, 128, 256], [256, 512, 1024])
+    cost = CostModel.fit(rows)
+    path = os.path.join(workdir, "cost_model.json")
+    os.makedirs(workdir, exist_ok=True)
+    cost.save(path)
+    with open(os.path.join(workdir, "cost_profile.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+    logging.info("cost model saved to %s", path)
+  out = benchmark.run_benchmark(config, workdir, engine=engine,
+                                predictor_dirs=predictor_exports(workdir), cost=cost,
+                                out_name=FLAGS.name)
+  print(report.markdown_table(out["rows"]))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,40 @@
+"""Your prompts -> responses, scheduled by a trained length predictor (resumable).
+
+  python launch/generate.py --config=configs/smollm2_alpaca.py --input=prompts.jsonl \
+      --output=responses.jsonl --predictor=runs/smollm2_alpaca/predictor/distribution/export
+
+Input: JSONL with `prompt`, or Alpaca's `instruction` (+ `input`). Output: JSONL in input order
+with `line`, `prompt`, `response`, `response_tokens`, `finished`. A malformed input line is an
+error naming its line number unless --skip_malformed.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
+                                lock_config=True)
+flags.DEFINE_string("input", None, "prompts JSONL")
+flags.DEFINE_string("output", None, "responses JSONL (written when every chunk is done)")
+flags.DEFINE_string("predictor", None, "a distributional predictor export (none: vanilla "
+                    "fixed batches)")
+flags.DEFINE_enum("strategy", "optimal", ["vbs", "search", "optimal"], "planner")
+flags.DEFINE_integer("chunk", 512, "prompts scheduled together (and written per part)")
+flags.DEFINE_bool("skip_malformed", False, "skip malformed input lines instead of failing")
+flags.mark_flags_as_required(["config", "input", "output"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from lsdist_jax.logs import quiet_libraries
+
+  quiet_libraries()
+  from lsdist_jax.generate_job import run_generate
+
+  summary = run_generate(FLAGS.config, FLAGS.input, FLAGS.output, FLAGS.predictor,
+                         FLAGS.strategy, FLAGS.chunk, FLAGS.skip_malformed)
+  print(summary)
+
+
+if __name__ == "__main__":
+  app.run(main)

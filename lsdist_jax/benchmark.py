@@ -1,0 +1,258 @@
+"""The throughput benchmark: every scheduling strategy on the same requests and seeds, in one run.
+
+Per strategy: predict (prefill hidden + predictor), plan, generate, recover, compile are timed
+apart; samples/s counts everything but compilation (shapes are compiled once in a warm-up pass).
+Responses are compared across strategies: identical on CPU float32, the identical share on GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from lsdist_jax import report
+from lsdist_jax.runner import Runner
+
+DEFAULT_VANILLA_BATCH = 16
+
+
+@dataclasses.dataclass
+class Requests:
+  """What the benchmark serves: n requests over (possibly repeated) prompts."""
+  prompt_ids: list[list[int]]  # [n] token ids (chat format applied)
+  request_ids: np.ndarray  # [n] PRNG identity: copies of one prompt are distinct samples
+  dataset_index: np.ndarray  # [n]
+  hidden: np.ndarray | None = None  # [n, D] prompt hidden states (filled by `predict`)
+  replay_hidden: np.ndarray | None = None  # [n, D] recorded hidden states (length replay)
+
+
+def build_requests(engine, prompts, n_requests: int, samples_per_prompt_id: int = 1000) -> Requests:
+  """Requests over `prompts` (objects with .index and .text); when there are fewer prompts than
+  requests, each prompt is requested several times, each copy its own sample (request id)."""
+  if not prompts:
+    raise ValueError("the benchmark slice holds no prompts")
+  ids = engine.encode([p.text for p in prompts])
+  prompt_ids, request_ids, index = [], [], []
+  for r in range(n_requests):
+    k = r % len(prompts)
+    copy = r // len(prompts)
+    prompt_ids.append(ids[k])
+    request_ids.append(int(prompts[k].index) * samples_per_prompt_id + copy + 7_000_000)
+    index.append(int(prompts[k].index))
+  return Requests(prompt_ids, np.asarray(request_ids, np.int64), np.asarray(index, np.int64))
+
+
+def embed_requests(engine, requests: Requests, layer: int) -> float:
+  """Prefill each distinct prompt once for its hidden state; returns the seconds it took."""
+  t0 = time.perf_counter()
+  unique, inverse = np.unique(requests.dataset_index, return_inverse=True)
+  first = {int(i): k for k, i in reversed(list(enumerate(requests.dataset_index)))}
+  prompts = [requests.prompt_ids[first[int(i)]] for i in unique]
+  hidden = engine.embed(prompts, layer=layer)
+  requests.hidden = hidden[inverse]
+  return time.perf_counter() - t0
+
+
+def _timed(fn, *args, **kwargs):
+  t0 = time.perf_counter()
+  out = fn(*args, **kwargs)
+  return out, time.perf_counter() - t0
+
+
+def compare_responses(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
+  same = sum(list(a) == list(b) for a, b in zip(reference, other))
+  return same / max(len(reference), 1)
+
+
+def summarize(strategy: str, result, seconds: dict, n: int, peak_kv: int) -> dict:
+  busy = seconds["predict"] + seconds["plan"] + seconds["generate"] + seconds["recover"]
+  return {
+      "strategy": strategy,
+      "samples_per_s": n / busy,
+      "tokens_per_s": result.generated_tokens / busy,
+      "effective_token_ratio": result.effective_token_ratio,
+      "seconds_total": busy,
+      "seconds_predict": seconds["predict"],
+      "seconds_plan": seconds["plan"],
+      "seconds_generate": seconds["generate"],
+      "seconds_recover": seconds["recover"],
+      "seconds_compile": seconds["compile"],
+      "batches": sum(b.phase == "main" for b in result.batches),
+      "recovery_batches": sum(b.phase == "recovery" for b in result.batches),
+      "compilations": int(sum(b.compiled for b in result.batches)),
+      "peak_kv_tokens": int(peak_kv),
+      "generated_tokens": result.generated_tokens,
+      "computed_tokens": result.computed_tokens,
+  }
+
+
+def peak_kv_tokens(result) -> int:
+  return max((b.padded_size * b.cache_len for b in result.batches), default=0)
+
+
+def write_outputs(out: dict, workdir: str, name: str = "benchmark") -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  paths = {"json": report.write_json(out, os.path.join(workdir, f"{name}.json"))}
+  md = [f"# {name}", "", f"- device: {out['device']}", f"- date: {out['date']}",
+        f"- model: {out['model']}", f"- requests: {out['prompts']}",
+        f"- KV budget (tokens): {out['kv_budget_tokens']}", f"- length replay: {out['replay']}",
+        "", report.markdown_table(out["rows"])]
+  paths["md"] = os.path.join(workdir, f"{name}.md")
+  with open(paths["md"], "w") as f:
+    f.write("\n".join(md) + "\n")
+  paths["png"] = report.plot_benchmark(out["rows"], os.path.join(workdir, f"{name}.png"),
+                                       title=f"{out['model']} on {out['device']}")
+  return paths
+
+
+def device_name() -> str:
+  device = jax.devices()[0]
+  return getattr(device, "device_kind", str(device))
+
+
+def today() -> str:
+  return datetime.date.today().isoformat()
+
+
+def make_runner(engine, requests: Requests, config, forced_lengths=None) -> Runner:
+  gen = config.generation
+  return Runner(engine, requests.prompt_ids, requests.request_ids.tolist(),
+                temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+                max_seq_len=gen.max_seq_len, forced_lengths=forced_lengths)
+
+
+def log_row(row: dict) -> None:
+  logging.info("%-16s %8.2f samples/s %10.1f tok/s  effective %.3f  predict %.2fs plan %.2fs "
+               "generate %.2fs recover %.2fs", row["strategy"], row["samples_per_s"],
+               row["tokens_per_s"], row["effective_token_ratio"], row["seconds_predict"],
+               row["seconds_plan"], row["seconds_generate"], row["seconds_recover"])
+
+
+# ----------------------------------------------------------------------------- strategies
+
+STRATEGIES = {
+    # name: (planner, predictor kind or None, threshold override)
+    "vanilla:16": ("vanilla", None),
+    "vanilla:best": ("vanilla", None),
+    "sorted": ("sorted", "distribution"),
+    "ssch-scalar-max": ("ssch", "scalar-max"),
+    "ssch-scalar-mean": ("ssch", "scalar-mean"),
+    "ours": ("vbs", "distribution"),
+    "ours-search": ("search", "distribution"),
+    "ours-optimal": ("optimal", "distribution"),
+    "oracle": ("oracle", None),
+}
+
+
+def vanilla_best_batch(cost, options, prompt_len: np.ndarray, max_seq_len: int) -> int:
+  """The largest fixed batch whose full-length cache fits the KV budget (and max_batch)."""
+  size = 1
+  for b in sorted(cost.batch_buckets):
+    if b <= options.max_batch and int(cost.kv_tokens(b, int(prompt_len.max()),
+                                                     max_seq_len)) <= options.kv_budget_tokens:
+      size = b
+  return size
+
+
+def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None = None,
+                  cost=None, out_name: str = "benchmark") -> dict:
+  """Every strategy of config.benchmark.strategies on the same requests and seeds.
+
+  predictor_dirs: {"distribution": export dir, "scalar-max": export dir, ...}.
+  With config.benchmark.replay, every request's EOS is forced at a length sampled for its prompt
+  in the store (length replay), so any model runs with real length statistics."""
+  from lsdist_jax import scheduling
+  from lsdist_jax.collect import load_engine
+  from lsdist_jax.data import load_prompts
+  from lsdist_jax.schedule import Options, with_engine_shapes
+
+  bench = config.benchmark
+  engine = engine or load_engine(config)
+  options = Options.from_config(config.schedule)
+  cost = with_engine_shapes(cost or scheduling.load_cost_model(config), config.engine)
+  predictors = scheduling.load_predictors(predictor_dirs or {}, engine.config.hidden_size,
+                                          int(config.predictor.max_len))
+  data_config = config.data.copy_and_resolve_references()
+  data_config.slice = bench.slice
+  prompts = scheduling.benchmark_prompts(load_prompts(data_config), config)
+  forced = None
+  if bench.replay:
+    requests, forced = scheduling.replay_requests(config, prompts, int(bench.requests),
+                                                  engine.config.vocab_size)
+  else:
+    prompts = scheduling.drop_long_prompts(engine, prompts, config.generation.max_seq_len)
+    requests = build_requests(engine, prompts, int(bench.requests))
+  runner = make_runner(engine, requests, config, forced)
+  prompt_len = np.array([len(p) for p in requests.prompt_ids])
+  logging.info("benchmark: %d requests over %d prompts, KV budget %d tokens, replay=%s",
+               len(prompt_len), len(prompts), options.kv_budget_tokens, bool(bench.replay))
+
+  # Warm-up: compile every shape the strategies will use, untimed (one pass of each).
+  results, rows, reference = {}, [], None
+  names = list(bench.strategies)
+  if "oracle" in names and names[0] == "oracle":
+    raise ValueError("oracle needs a strategy before it whose run gives the true lengths")
+  for repeat in range(int(bench.repeats) + 1):
+    timed = repeat > 0
+    true_length = None
+    for name in names:
+      if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+      planner, kind = STRATEGIES[name]
+      seconds = {"predict": 0.0, "plan": 0.0, "generate": 0.0, "recover": 0.0, "compile": 0.0}
+      sched_options = options
+      if name == "vanilla:16":
+        sched_options = dataclasses.replace(options, fixed_batch=DEFAULT_VANILLA_BATCH)
+      elif name == "vanilla:best":
+        sched_options = dataclasses.replace(options, fixed_batch=vanilla_best_batch(
+            cost, options, prompt_len, config.generation.max_seq_len))
+      elif name == "ours":
+        sched_options = dataclasses.replace(options, fcr=True)
+      pmf = scalar = None
+      if kind is not None:
+        if kind not in predictors:
+          raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
+        (pmf, scalar), seconds["predict"] = _timed(scheduling.predict, engine, requests,
+                                                   predictors[kind], config)
+      sched_requests = scheduling.planner_requests(prompt_len, config.generation.max_seq_len,
+                                                   pmf, scalar, true_length)
+      plan, seconds["plan"] = _timed(scheduling.make_plan, planner, sched_requests, cost,
+                                     sched_options)
+      recover = scheduling.recovery_fn(planner, sched_requests, cost, sched_options)
+      result = runner.run(plan, recover)
+      for key in ("generate", "recover", "compile"):
+        seconds[key] += result.seconds[key]
+      if true_length is None:
+        true_length = np.array([len(t) for t in result.tokens])
+      if reference is None:
+        reference = result.tokens
+      if not timed:
+        continue
+      row = summarize(name, result, seconds, len(prompt_len), peak_kv_tokens(result))
+      row["identical_share"] = compare_responses(reference, result.tokens)
+      row["threshold"] = plan.threshold
+      row["expected_seconds"] = plan.expected_cost
+      results.setdefault(name, []).append(row)
+      log_row(row)
+  for name in names:
+    runs = results[name]
+    row = dict(sorted(runs, key=lambda r: r["samples_per_s"])[len(runs) // 2])  # median repeat
+    row["repeats"] = len(runs)
+    rows.append(row)
+  base = next((r["samples_per_s"] for r in rows if r["strategy"] == "vanilla:16"), None)
+  for row in rows:
+    row["speedup"] = row["samples_per_s"] / base if base else None
+  out = {"device": device_name(), "date": today(), "model": engine.source,
+         "prompts": len(prompt_len), "distinct_prompts": len(prompts),
+         "kv_budget_tokens": int(options.kv_budget_tokens), "replay": bool(bench.replay),
+         "max_seq_len": int(config.generation.max_seq_len),
+         "cost_model": cost.source, "rows": rows}
+  out["files"] = write_outputs(out, workdir, out_name)
+  return out

@@ -1,0 +1,59 @@
+"""The evaluation table of the predictors on the store's test split: distribution, scalar
+baselines (where their exports exist) and the marginal baseline, with JSON and PNG outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from lsdist_jax.predictor import metrics
+from lsdist_jax.predictor.train import load_predictor, load_splits
+
+
+def evaluate_predictors(config, exports: dict, out_dir: str, store_path: str | None = None) -> dict:
+  """exports: {"distribution": dir, "scalar-max": dir, "scalar-mean": dir} (missing ones skipped)."""
+  store_path = store_path or config.collect.store or os.path.join(config.workdir, "store")
+  splits = load_splits(store_path)
+  test, train = splits["test"], splits["train"]
+  if test.hidden.shape[0] == 0:
+    raise ValueError(f"the store at {store_path} has no test prompts")
+  max_len = int(config.predictor.max_len)
+  sigma = float(config.predictor.kde_sigma)
+  lengths = np.minimum(test.lengths, max_len)
+  rows, preds = [], {}
+  for name, path in exports.items():
+    if not path or not os.path.exists(os.path.join(path, "predictor.json")):
+      continue
+    predictor = load_predictor(path, hidden_dim=test.hidden.shape[1], max_len=max_len)
+    if predictor.kind == "distribution":
+      preds[name] = predictor.predict_pmf(test.hidden)
+      rows.append(metrics.evaluate_pmf(name, preds[name], lengths, sigma))
+    else:
+      rows.append(metrics.evaluate_scalar(name, predictor.predict_scalar(test.hidden), lengths))
+  marginal = np.tile(metrics.marginal_pmf(np.minimum(train.lengths, max_len), max_len),
+                     (lengths.shape[0], 1))
+  rows.append(metrics.evaluate_pmf("marginal", marginal, lengths, sigma))
+  os.makedirs(out_dir, exist_ok=True)
+  out = {"test_prompts": int(lengths.shape[0]), "samples_per_prompt": int(lengths.shape[1]),
+         "max_len": max_len, "kde_sigma": sigma, "rows": rows}
+  with open(os.path.join(out_dir, "predictor.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  metrics.reliability_plot(rows, os.path.join(out_dir, "reliability.png"))
+  if "distribution" in preds:
+    metrics.example_plot(preds["distribution"], lengths, os.path.join(out_dir, "examples.png"))
+  return out
+
+
+def table_text(out: dict) -> str:
+  lines = [f"{'model':14s} {'KL':>8s} {'W1':>8s} {'CRPS':>8s} {'cov.5':>6s} {'cov.8':>6s} "
+           f"{'cov.9':>6s} {'MAEmed':>7s} {'MAEmax':>7s}"]
+  fmt = lambda v, w: f"{v:{w}.3f}" if isinstance(v, float) else f"{'-':>{w}s}"
+  for r in out["rows"]:
+    c = r["coverage"]
+    lines.append(f"{r['model']:14s} {fmt(r['kl'], 8)} {fmt(r['w1'], 8)} {fmt(r['crps'], 8)} "
+                 f"{fmt(c['0.5'], 6)} {fmt(c['0.8'], 6)} {fmt(c['0.9'], 6)} "
+                 f"{fmt(r['mae_median'], 7)} {fmt(r['mae_max'], 7)}")
+  return "\n".join(lines)

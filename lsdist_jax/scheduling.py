@@ -1,0 +1,155 @@
+"""Glue between predictors, planners and the runner: predictions for requests, planner inputs,
+recovery callbacks, cost models, length replay. Used by the benchmark and the generate job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import numpy as np
+
+from lsdist_jax.schedule import CostModel, Options, Requests, make_plan, plan_recovery
+
+PREDICTOR_KINDS = ("distribution", "scalar-max", "scalar-mean")
+
+
+def load_cost_model(config) -> CostModel:
+  """config.schedule.cost_model (JSON from launch/profile) or a default for this platform."""
+  path = config.schedule.cost_model
+  if path:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"schedule.cost_model={path!r} does not exist; run "
+                              "launch/benchmark.py --profile to make one")
+    return CostModel.load(path)
+  return CostModel.default_gpu() if jax.default_backend() == "gpu" else CostModel.default_cpu()
+
+
+def load_predictors(dirs: dict, hidden_dim: int, max_len: int) -> dict:
+  from lsdist_jax.predictor import load_predictor
+
+  out = {}
+  for kind, path in dirs.items():
+    if path:
+      out[kind] = load_predictor(path, hidden_dim=hidden_dim, max_len=max_len)
+  return out
+
+
+def load_predictor_or_none(path: str | None):
+  from lsdist_jax.predictor import load_predictor
+
+  return load_predictor(path) if path else None
+
+
+def benchmark_prompts(prompts, config):
+  """The benchmark's prompts: all of its slice, or only those of the store's test split."""
+  split = config.benchmark.split
+  if not split:
+    return prompts
+  from lsdist_jax.data import assign_split
+
+  names = assign_split([p.index for p in prompts], int(config.data.split_seed),
+                       tuple(config.data.split_fractions))
+  kept = [p for p, s in zip(prompts, names) if s == split]
+  if not kept:
+    raise ValueError(f"no prompt of benchmark.slice={config.benchmark.slice!r} is in the "
+                     f"{split!r} split")
+  return kept
+
+
+def drop_long_prompts(engine, prompts, max_seq_len: int):
+  ids = engine.encode([p.text for p in prompts])
+  kept = [p for p, x in zip(prompts, ids) if len(x) < max_seq_len]
+  if len(kept) < len(prompts):
+    logging.warning("benchmark: %d prompts leave no room in max_seq_len=%d; left out",
+                    len(prompts) - len(kept), max_seq_len)
+  return kept
+
+
+def _store(config):
+  from lsdist_jax.store import LengthStore
+
+  return LengthStore.open(config.collect.store or os.path.join(config.workdir, "store"))
+
+
+def replay_requests(config, prompts, n_requests: int, vocab_size: int):
+  """Length replay: requests over the prompts' recorded prompt lengths (token ids are filler of
+  those lengths) with EOS forced at a length sampled for that prompt in the store."""
+  from lsdist_jax.benchmark import Requests as BenchRequests
+
+  data = _store(config).read()
+  row = {int(i): k for k, i in enumerate(data["index"])}
+  prompts = [p for p in prompts if int(p.index) in row]
+  if not prompts:
+    raise ValueError("length replay needs the benchmark prompts in the store; none are")
+  prompt_ids, request_ids, index, forced = [], [], [], []
+  n_samples = data["lengths"].shape[1]
+  for r in range(n_requests):
+    p = prompts[r % len(prompts)]
+    k, copy = row[int(p.index)], r // len(prompts)
+    length = int(data["prompt_len"][k])
+    prompt_ids.append([1] + [3 + (7 * int(p.index) + j) % (vocab_size - 3)
+                             for j in range(length - 1)])
+    request_ids.append(int(p.index) * 1000 + copy + 7_000_000)
+    index.append(int(p.index))
+    forced.append(int(data["lengths"][k, copy % n_samples]))
+  requests = BenchRequests(prompt_ids, np.asarray(request_ids, np.int64),
+                           np.asarray(index, np.int64))
+  requests.replay_hidden = data["hidden"][[row[i] for i in index]]
+  return requests, np.asarray(forced)
+
+
+def predict(engine, requests, predictor, config):
+  """(pmf [n, L+1] or None, scalar [n] or None) for the requests: the prompts' hidden states
+  (prefilled once per distinct prompt) through the predictor. In length replay the predictor
+  reads the hidden states recorded in the store (its model's), while the prefill still runs
+  on this engine so its time is counted."""
+  from lsdist_jax.benchmark import embed_requests
+
+  embed_requests(engine, requests, int(config.collect.hidden_layer))
+  hidden = getattr(requests, "replay_hidden", None)
+  hidden = requests.hidden if hidden is None else hidden
+  if predictor.kind == "distribution":
+    return predictor.predict_pmf(hidden), None
+  return None, predictor.predict_scalar(hidden)
+
+
+def planner_requests(prompt_len, max_seq_len, pmf=None, scalar=None, true_length=None):
+  if pmf is not None and pmf.shape[1] > max_seq_len + 1:
+    pmf = pmf[:, :max_seq_len + 1]
+  return Requests(np.asarray(prompt_len), int(max_seq_len), pmf, scalar, true_length)
+
+
+def recovery_fn(planner: str, requests: Requests, cost: CostModel, options: Options):
+  def recover(unfinished, generated):
+    return plan_recovery(planner, requests, unfinished, generated, cost, options)
+  return recover
+
+
+def schedule_and_run(engine, prompt_ids, request_ids, config, predictor, strategy: str):
+  """Plans one chunk of a user's prompts with the predictor and runs it (the generate job)."""
+  from lsdist_jax.benchmark import Requests as BenchRequests, make_runner
+  from lsdist_jax.schedule import with_engine_shapes
+
+  options = Options.from_config(config.schedule)
+  cost = with_engine_shapes(load_cost_model(config), config.engine)
+  prompt_len = np.array([len(p) for p in prompt_ids])
+  requests = BenchRequests([list(p) for p in prompt_ids], np.asarray(request_ids, np.int64),
+                           np.arange(len(prompt_ids)))
+  pmf = scalar = None
+  planner = strategy
+  if predictor is None:
+    planner = "vanilla"
+    options = dataclasses.replace(options, fixed_batch=max(1, options.fixed_batch))
+  else:
+    pmf, scalar = predict(engine, requests, predictor, config)
+  sched = planner_requests(prompt_len, config.generation.max_seq_len, pmf, scalar)
+  plan = make_plan(planner, sched, cost, options)
+  runner = make_runner(engine, requests, config)
+  return runner.run(plan, recovery_fn(planner, sched, cost, options))
+
+
+__all__ = ["PREDICTOR_KINDS", "load_cost_model", "load_predictors", "predict", "make_plan",
+           "planner_requests", "recovery_fn", "replay_requests", "schedule_and_run"]

@@ -1,0 +1,85 @@
+"""The whole job on the tiny model: collect -> train -> evaluate -> benchmark, and generate."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import tiny  # noqa: E402
+from lsdist_jax.collect import load_engine  # noqa: E402
+from lsdist_jax.generate_job import MalformedInputError, read_prompts, run_generate  # noqa: E402
+from lsdist_jax.pipeline import predictor_exports, run_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine():
+  return load_engine(tiny.get_config())
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, engine):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  summary = run_pipeline(tiny.get_config(), workdir, engine=engine)
+  return workdir, summary
+
+
+def test_every_strategy_returns_identical_responses_to_vanilla(pipeline_run):
+  workdir, summary = pipeline_run
+  rows = {r["strategy"]: r for r in summary["benchmark"]["rows"]}
+  assert set(rows) == {"vanilla:16", "vanilla:best", "ssch-scalar-max", "ours", "ours-search",
+                       "ours-optimal", "oracle"}
+  for name, row in rows.items():
+    assert row["identical_share"] == 1.0, name  # float32 on CPU: exactly the same responses
+    assert 0 < row["effective_token_ratio"] <= 1.0
+    assert row["peak_kv_tokens"] <= summary["benchmark"]["kv_budget_tokens"]
+  assert any(r["recovery_batches"] > 0 for r in rows.values())  # FCR exercised
+  with open(os.path.join(workdir, "benchmark.json")) as f:
+    saved = json.load(f)
+  assert {"device", "date", "model", "prompts", "kv_budget_tokens", "replay", "rows"} <= set(saved)
+  assert os.path.isfile(os.path.join(workdir, "benchmark.png"))
+  assert os.path.isfile(os.path.join(workdir, "benchmark.md"))
+
+
+def test_evaluation_table_has_every_model(pipeline_run):
+  workdir, summary = pipeline_run
+  names = [r["model"] for r in summary["evaluate"]["rows"]]
+  assert names == ["distribution", "scalar-max", "scalar-mean", "marginal"]
+  assert os.path.isfile(os.path.join(workdir, "reliability.png"))
+  assert os.path.isfile(os.path.join(workdir, "length_spread.png"))
+
+
+def test_generate_job_writes_every_response_in_input_order_and_resumes(pipeline_run, engine,
+                                                                       tmp_path):
+  workdir, _ = pipeline_run
+  lines = [json.dumps({"prompt": f"question {i}?"}) if i % 3 else
+           json.dumps({"instruction": f"Do task {i}.", "input": "now" if i % 2 else ""})
+           for i in range(7)]
+  src = tmp_path / "in.jsonl"
+  src.write_text("\n".join(lines) + "\n")
+  out = tmp_path / "out.jsonl"
+  config = tiny.get_config()
+  summary = run_generate(config, str(src), str(out), predictor_exports(workdir)["distribution"],
+                         chunk_size=3, engine=engine, show_progress=False)
+  rows = [json.loads(x) for x in out.read_text().splitlines()]
+  assert [r["line"] for r in rows] == list(range(1, 8)) and summary["prompts"] == 7
+  direct = engine.generate([r["prompt"] for r in rows], max_new_tokens=256,
+                           max_seq_len=config.generation.max_seq_len,
+                           temperature=config.generation.temperature,
+                           top_p=config.generation.top_p, seed=config.generation.seed,
+                           request_ids=[r["line"] for r in rows])
+  assert [r["response_tokens"] for r in rows] == [len(d.token_ids) for d in direct]
+  with pytest.raises(FileExistsError):
+    run_generate(config, str(src), str(out), None, engine=engine, show_progress=False)
+
+
+def test_malformed_input_is_reported_by_line(tmp_path):
+  src = tmp_path / "bad.jsonl"
+  src.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n{"prompt": "fine"}\n')
+  with pytest.raises(MalformedInputError, match=r"bad.jsonl:2.*\n.*bad.jsonl:3"):
+    read_prompts(str(src))
+  assert [p.line for p in read_prompts(str(src), skip_malformed=True)] == [1, 4]
