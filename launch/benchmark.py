@@ -15,6 +15,9 @@ config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py
 flags.DEFINE_string("workdir", None, "the pipeline's workdir (store, predictor exports)")
 flags.DEFINE_bool("profile", False, "profile the engine, fit and save the cost model "
                   "(<workdir>/cost_model.json) and use it")
+flags.DEFINE_list("profile_batches", ["8", "64", "256"], "batch sizes the profile times")
+flags.DEFINE_list("profile_cache", ["256", "1024"], "cache lengths the profile times")
+flags.DEFINE_bool("profile_only", False, "profile, save the cost model, and stop")
 flags.DEFINE_string("name", "benchmark", "output file stem")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -36,7 +39,8 @@ def main(argv):
   engine = collect.load_engine(config)
   cost = None
   if FLAGS.profile:
-    rows = runner.profile_cost(engine, [1, 8, 32, 64, 128, 256], [256, 512, 1024])
+    rows = runner.profile_cost(engine, [int(b) for b in FLAGS.profile_batches],
+                               [int(s) for s in FLAGS.profile_cache])
     cost = CostModel.fit(rows)
     path = os.path.join(workdir, "cost_model.json")
     os.makedirs(workdir, exist_ok=True)
@@ -44,6 +48,12 @@ def main(argv):
     with open(os.path.join(workdir, "cost_profile.json"), "w") as f:
       json.dump(rows, f, indent=1)
     logging.info("cost model saved to %s", path)
+    if FLAGS.profile_only:
+      print(cost.to_json())
+      return
+  elif config.schedule.cost_model == "" and os.path.isfile(os.path.join(workdir,
+                                                                        "cost_model.json")):
+    cost = CostModel.load(os.path.join(workdir, "cost_model.json"))
   out = benchmark.run_benchmark(config, workdir, engine=engine,
                                 predictor_dirs=predictor_exports(workdir), cost=cost,
                                 out_name=FLAGS.name)

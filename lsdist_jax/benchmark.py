@@ -151,6 +151,53 @@ STRATEGIES = {
 }
 
 
+class _ResumeState:
+  """Per-strategy results of a benchmark saved as they finish, so an interrupted benchmark
+  resumes where it stopped; refused when the requests or settings differ."""
+
+  def __init__(self, directory: str, identity: dict):
+    import hashlib
+    import json
+
+    self.directory = directory
+    os.makedirs(directory, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    self.key = digest.hexdigest()[:16]
+    marker = os.path.join(directory, "identity.txt")
+    if os.path.exists(marker):
+      with open(marker) as f:
+        if f.read().strip() != self.key:
+          raise ValueError(f"{directory} holds results of another benchmark (other requests or "
+                           "settings); remove it or choose another --name")
+    else:
+      with open(marker, "w") as f:
+        f.write(self.key)
+
+  def _paths(self, name, repeat):
+    stem = os.path.join(self.directory, f"{name.replace(':', '_')}.r{repeat}")
+    return stem + ".json", stem + ".npz"
+
+  def load(self, name, repeat):
+    import json
+
+    row_path, tok_path = self._paths(name, repeat)
+    if not (os.path.exists(row_path) and os.path.exists(tok_path)):
+      return None
+    with open(row_path) as f:
+      row = json.load(f)
+    data = np.load(tok_path)
+    bounds = np.cumsum(np.concatenate([[0], data["lengths"]]))
+    return row, [data["tokens"][a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+
+  def save(self, name, repeat, row, tokens):
+    row_path, tok_path = self._paths(name, repeat)
+    flat = np.concatenate([np.asarray(t, np.int32) for t in tokens]) if tokens else np.zeros(0)
+    np.savez(tok_path + ".tmp.npz", tokens=flat,
+             lengths=np.array([len(t) for t in tokens], np.int64))
+    os.replace(tok_path + ".tmp.npz", tok_path)
+    report.write_json(row, row_path)
+
+
 def vanilla_best_batch(cost, options, prompt_len: np.ndarray, max_seq_len: int) -> int:
   """The largest fixed batch whose full-length cache fits the KV budget (and max_batch)."""
   size = 1
@@ -194,17 +241,33 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
   logging.info("benchmark: %d requests over %d prompts, KV budget %d tokens, replay=%s",
                len(prompt_len), len(prompts), options.kv_budget_tokens, bool(bench.replay))
 
-  # Warm-up: compile every shape the strategies will use, untimed (one pass of each).
+  # Compilation is timed apart by the engine (ahead-of-time per shape) and left out of samples/s;
+  # the prefill for hidden states and each predictor are compiled here, before any timing.
+  for predictor in predictors.values():
+    scheduling.predict(engine, requests, predictor, config)
   results, rows, reference = {}, [], None
   names = list(bench.strategies)
   if "oracle" in names and names[0] == "oracle":
     raise ValueError("oracle needs a strategy before it whose run gives the true lengths")
-  for repeat in range(int(bench.repeats) + 1):
-    timed = repeat > 0
+  state = _ResumeState(os.path.join(workdir, f"{out_name}_state"), {
+      "requests": [int(x) for x in requests.request_ids], "prompt_len": prompt_len.tolist(),
+      "forced": None if forced is None else [int(x) for x in forced],
+      "kv_budget_tokens": int(options.kv_budget_tokens), "repeats": int(bench.repeats),
+      "generation": dict(config.generation), "model": engine.source})
+  for repeat in range(int(bench.repeats)):
     true_length = None
     for name in names:
       if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+      saved = state.load(name, repeat)
+      if saved is not None:  # done by an earlier, interrupted call of this same benchmark
+        row, tokens = saved
+        true_length = true_length if true_length is not None else np.array(
+            [len(t) for t in tokens])
+        reference = reference if reference is not None else tokens
+        results.setdefault(name, []).append(row)
+        log_row(row)
+        continue
       planner, kind = STRATEGIES[name]
       seconds = {"predict": 0.0, "plan": 0.0, "generate": 0.0, "recover": 0.0, "compile": 0.0}
       sched_options = options
@@ -233,12 +296,11 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
         true_length = np.array([len(t) for t in result.tokens])
       if reference is None:
         reference = result.tokens
-      if not timed:
-        continue
       row = summarize(name, result, seconds, len(prompt_len), peak_kv_tokens(result))
       row["identical_share"] = compare_responses(reference, result.tokens)
       row["threshold"] = plan.threshold
       row["expected_seconds"] = plan.expected_cost
+      state.save(name, repeat, row, result.tokens)
       results.setdefault(name, []).append(row)
       log_row(row)
   for name in names:

@@ -155,6 +155,7 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
 
   chunk_size = int(config.collect.chunk_prompts)
   bar = _progress_bar(len(todo) * n_samples, show_progress)
+  compile_before = engine.generator.compile_seconds
   started = time.perf_counter()
   total_tokens = 0
   chunks = 0
@@ -184,12 +185,16 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
     if stop_after_chunks is not None and chunks >= stop_after_chunks:
       break
   elapsed = time.perf_counter() - started
+  compiling = engine.generator.compile_seconds - compile_before
   summary = dict(store.summary())
   summary.update({"process": process, "processes": n_process, "new_prompts": sum(
       len(todo[s:s + chunk_size]) for s in range(0, min(len(todo), chunks * chunk_size),
                                                  chunk_size)),
                   "new_tokens": total_tokens, "seconds": round(elapsed, 2),
                   "tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1),
+                  "compile_seconds": round(compiling, 2),
+                  "tokens_per_s_excluding_compile": round(
+                      total_tokens / max(elapsed - compiling, 1e-9), 1),
                   "compilations": engine.compile_count, "store": path})
   return summary
 

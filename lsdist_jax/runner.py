@@ -83,12 +83,13 @@ class Runner:
     forced = None
     if self.forced is not None:
       forced = [int(self.forced[m]) for m in members]
-    compiles = gen.compile_count
+    compiles, compile_seconds = gen.compile_count, gen.compile_seconds
     t0 = time.perf_counter()
     result = gen.generate(prompts, cap=cap, max_seq_len=self.max_seq_len,
                           request_ids=[self.request_ids[m] for m in members],
                           start_steps=start_steps, forced_lengths=forced, **self.sampling)
-    elapsed = time.perf_counter() - t0
+    compiling = gen.compile_seconds - compile_seconds
+    elapsed = time.perf_counter() - t0 - compiling
     compiled = gen.compile_count > compiles
     kept = 0
     for i, m in enumerate(members):
@@ -100,7 +101,8 @@ class Runner:
     records.append(BatchRecord(phase, len(members), _bucket(len(members), gen), cap,
                                _cache_len(gen, prompts, cap), result.steps, kept, elapsed,
                                compiled))
-    seconds["compile" if compiled else "recover" if phase == "recovery" else "generate"] += elapsed
+    seconds["compile"] += compiling
+    seconds["recover" if phase == "recovery" else "generate"] += elapsed
 
   def run(self, plan, recover: Callable[[np.ndarray, np.ndarray], Sequence] | None = None,
           max_recovery_rounds: int = 16) -> RunResult:
@@ -172,7 +174,8 @@ def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], 
     for s in cache_lens:
       if s < prompt_len + 2 * steps:
         continue
-      kw = dict(cap=2 * steps, max_seq_len=10**6, cache_len=s, temperature=0.0, top_p=1.0)
+      kw = dict(cap=2 * steps, max_seq_len=engine.config.max_position_embeddings, cache_len=s,
+                temperature=0.0, top_p=1.0)
       gen.generate(prompts, forced_lengths=[1] * b, **kw)  # compile
       times = {}
       for n_steps in (steps, 2 * steps):

@@ -32,7 +32,7 @@ def load_predictors(dirs: dict, hidden_dim: int, max_len: int) -> dict:
 
   out = {}
   for kind, path in dirs.items():
-    if path:
+    if path and os.path.isfile(os.path.join(path, "predictor.json")):
       out[kind] = load_predictor(path, hidden_dim=hidden_dim, max_len=max_len)
   return out
 

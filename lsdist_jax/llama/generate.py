@@ -13,8 +13,8 @@ cap); a row that reached the cap otherwise comes back unfinished, to be continue
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import time
 from typing import Sequence
 
 import jax
@@ -234,13 +234,28 @@ class Generator:
     self.eos_ids = tuple(self.config.eos_token_ids)
     self.filler_id = next(t for t in range(self.config.vocab_size) if t not in self.eos_ids)
     self.params = params
-    self._traces: dict[str, int] = {"generate": 0, "prefill": 0}
     self._fns: dict = {}
+    self._executables: dict = {}
+    self.compile_seconds = 0.0  # time spent compiling, kept apart from running
 
   @property
   def compile_count(self) -> int:
     """Programs compiled so far (each new bucketed shape compiles once)."""
-    return sum(self._traces.values())
+    return len(self._executables)
+
+  def _run(self, name: str, jitted, *args):
+    """Runs `jitted` through an ahead-of-time compiled executable per input shape, so that
+    compilation happens (and is timed) apart from execution."""
+    leaves = jax.tree.leaves(args)
+    key = (name,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves[-12:])
+    key += (len(leaves),)
+    exe = self._executables.get(key)
+    if exe is None:
+      start = time.perf_counter()
+      exe = jitted.lower(*args).compile()
+      self.compile_seconds += time.perf_counter() - start
+      self._executables[key] = exe
+    return exe(*args)
 
   def _data_sharding(self, ndim: int):
     if self.mesh is None:
@@ -264,7 +279,6 @@ class Generator:
         key = key + (batch,)
 
       def traced(*args):
-        self._traces["generate"] += 1
         return _generate_core(*args, model=self.model, cache_len=cache_len,
                               hidden_layer=hidden_layer,
                               top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
@@ -278,7 +292,6 @@ class Generator:
     if key not in self._fns:
 
       def traced(params, tokens, pad_len):
-        self._traces["prefill"] += 1
         return _prefill_hidden(params, tokens, pad_len, model=self.model,
                                hidden_layer=hidden_layer)
 
@@ -357,9 +370,9 @@ class Generator:
 
     fn = self._generate_fn(b, s, hidden_layer)
     args = [self._place(x) for x in (tokens, pad_len, rid, start, limit, active, forced)]
-    out, n_gen, finished, hidden, steps = fn(
-        self.params, *args, jnp.int32(cap), jnp.uint32(seed), jnp.float32(temperature),
-        jnp.float32(top_p))
+    out, n_gen, finished, hidden, steps = self._run(
+        f"generate/{s}/{hidden_layer}", fn, self.params, *args, jnp.int32(cap), jnp.uint32(seed),
+        jnp.float32(temperature), jnp.float32(top_p))
     out, n_gen, finished, hidden = jax.device_get((out, n_gen, finished, hidden))
     return DecodeResult(tokens=np.asarray(out)[:n], num_generated=np.asarray(n_gen)[:n],
                         finished=np.asarray(finished)[:n], hidden=np.asarray(hidden)[:n],
@@ -375,7 +388,7 @@ class Generator:
       if tokens.shape[1] > self.config.max_position_embeddings:
         raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the model's context "
                          f"({self.config.max_position_embeddings})")
-      hidden = self._prefill_fn(hidden_layer)(self.params, self._place(tokens),
-                                              self._place(pad_len))
+      hidden = self._run(f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer), self.params,
+                         self._place(tokens), self._place(pad_len))
       out.append(np.asarray(jax.device_get(hidden))[:len(chunk)])
     return np.concatenate(out, axis=0)
