@@ -107,6 +107,10 @@ class Engine:
     directory (config.json + safetensors + tokenizer), a `.gguf` file, or an orbax export."""
     source = name_or_path
     tokenizer = None
+    if name_or_path.startswith("random:"):
+      # Random weights of a preset's shape (length-replay benchmarks of models we lack).
+      return cls.random(name_or_path.split(":", 1)[1], dtype=dtype, seed=seed,
+                        mesh_config=mesh_config, engine_config=engine_config, **kwargs)
     if name_or_path == "tiny":
       cfg = get_preset("tiny")
       params = init_params(Llama(cfg, jnp.float32, jnp.float32), seed)
@@ -119,7 +123,7 @@ class Engine:
       source = path
     elif name_or_path in PRESETS:
       raise ValueError(f"preset {name_or_path!r} has no bundled weights: pass an HF directory "
-                       "or GGUF file, or use Engine.random() for a random-weight model")
+                       f"or GGUF file, or 'random:{name_or_path}' for random weights")
     elif not os.path.exists(name_or_path):
       raise FileNotFoundError(
           f"model not found: {name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor an "

@@ -83,3 +83,25 @@ def test_malformed_input_is_reported_by_line(tmp_path):
   with pytest.raises(MalformedInputError, match=r"bad.jsonl:2.*\n.*bad.jsonl:3"):
     read_prompts(str(src))
   assert [p.line for p in read_prompts(str(src), skip_malformed=True)] == [1, 4]
+
+
+def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_path):
+  from lsdist_jax.benchmark import run_benchmark
+  from lsdist_jax.store import LengthStore
+
+  workdir, _ = pipeline_run
+  config = tiny.get_config()
+  config.collect.store = os.path.join(workdir, "store")
+  config.model.name = "random:tiny"  # any model runs with the store's length statistics
+  config.benchmark.replay = True
+  config.benchmark.strategies = ("vanilla:16", "ours-optimal", "oracle")
+  out = run_benchmark(config, str(tmp_path), predictor_dirs=predictor_exports(workdir))
+  assert out["replay"] is True
+  data = LengthStore.open(config.collect.store).read()
+  recorded = set(data["lengths"].reshape(-1).tolist())
+  tokens = {r["strategy"]: r["generated_tokens"] for r in out["rows"]}
+  assert len(set(tokens.values())) == 1  # every strategy generated exactly the replayed lengths
+  assert all(r["identical_share"] == 1.0 for r in out["rows"])
+  state = os.path.join(str(tmp_path), "benchmark_state")
+  lengths = np.load(os.path.join(state, "vanilla_16.r0.npz"))["lengths"]
+  assert set(lengths.tolist()) <= recorded
