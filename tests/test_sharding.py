@@ -40,3 +40,15 @@ def test_sharded_generation_equals_unsharded_on_8_fake_devices():
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "SHARDED_OK" in proc.stdout
+
+
+def test_llama2_chat_format_wraps_the_prompt_with_inst_and_bos():
+  from lsdist_jax.engine import char_tokenizer
+  from lsdist_jax.llama.tokenizer import Tokenizer
+
+  tok = Tokenizer(char_tokenizer().hf, chat_format="llama2", bos_token_id=1)
+  assert tok.format("  Say hi. ") == "[INST] Say hi. [/INST]"
+  ids = tok.encode_prompt("Say hi.")
+  assert ids[0] == 1 and tok.decode(ids[1:]) == "[INST] Say hi. [/INST]"
+  auto = Tokenizer(char_tokenizer().hf, chat_format="auto", name="Llama-2-7b-chat-hf")
+  assert auto.chat_format == "llama2"

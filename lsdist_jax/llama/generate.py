@@ -257,26 +257,27 @@ class Generator:
       self._executables[key] = exe
     return exe(*args)
 
-  def _data_sharding(self, ndim: int):
-    if self.mesh is None:
-      return None
-    return NamedSharding(self.mesh, P("data", *([None] * (ndim - 1))))
+  def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
+    spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1),
+                               self.mesh)
+    return NamedSharding(self.mesh, spec)
+
+  def _param_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.params)
 
   def _place(self, x: np.ndarray):
     if self.mesh is None:
       return jnp.asarray(x)
-    spec = shd.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
-    return jax.device_put(x, NamedSharding(self.mesh, spec))
+    return jax.device_put(x, self._batch_sharding(x.shape[0], x.ndim))
 
   def _generate_fn(self, batch: int, cache_len: int, hidden_layer: int):
-    key = ("generate", cache_len, hidden_layer)
+    key = ("generate", cache_len, hidden_layer) + ((batch,) if self.mesh is not None else ())
     if key not in self._fns:
       cache_sharding = None
       if self.mesh is not None:
         cache_shape = (batch, self.config.num_kv_heads, cache_len, self.config.head_dim)
         cs = shd.named_sharding(self.mesh, CACHE_AXES, cache_shape)
         cache_sharding = [{"k": cs, "v": cs}] * self.config.num_layers
-        key = key + (batch,)
 
       def traced(*args):
         return _generate_core(*args, model=self.model, cache_len=cache_len,
@@ -284,7 +285,14 @@ class Generator:
                               top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
                               filler_id=self.filler_id, cache_sharding=cache_sharding)
 
-      self._fns[key] = jax.jit(traced)
+      if self.mesh is None:
+        self._fns[key] = jax.jit(traced)
+      else:  # params stay where they are; batch arrays split over `data`; scalars replicated
+        rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
+        rep = NamedSharding(self.mesh, P())
+        self._fns[key] = jax.jit(
+            traced, in_shardings=(self._param_shardings(), rows2) + (rows,) * 6 + (rep,) * 4,
+            out_shardings=(rows2, rows, rows, rows2, rep))
     return self._fns[key]
 
   def _prefill_fn(self, hidden_layer: int):
@@ -295,7 +303,7 @@ class Generator:
         return _prefill_hidden(params, tokens, pad_len, model=self.model,
                                hidden_layer=hidden_layer)
 
-      self._fns[key] = jax.jit(traced)
+      self._fns[key] = jax.jit(traced)  # shardings follow the placed inputs
     return self._fns[key]
 
   def _pack(self, prompts: Sequence[Sequence[int]]):
