@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import os
 from typing import Any, Sequence
 

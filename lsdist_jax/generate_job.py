@@ -13,7 +13,6 @@ import logging
 import os
 import time
 
-import numpy as np
 
 
 @dataclasses.dataclass

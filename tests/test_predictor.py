@@ -1,7 +1,6 @@
 """Predictors: KDE targets, learning a known rule, checkpoint resume/export/refusal, metrics."""
 
 import os
-import sys
 
 import jax
 import numpy as np

@@ -1,7 +1,6 @@
 """Weight loading: GGUF (quantized, permuted q/k), safetensors, orbax export; clear refusals."""
 
 import dataclasses
-import os
 
 import gguf
 import jax
