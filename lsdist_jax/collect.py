@@ -158,7 +158,7 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
   compile_before = engine.generator.compile_seconds
   started = time.perf_counter()
   total_tokens = 0
-  chunks = 0
+  chunks = new_prompts = 0
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
     chunk_ids = ids[start:start + chunk_size]
@@ -180,6 +180,7 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
     }
     store.write_chunk(f"p{process:04d}-i{chunk[0].index:09d}-n{len(chunk)}", records)
     chunks += 1
+    new_prompts += len(chunk)
     elapsed = time.perf_counter() - started
     bar(len(rows), f"{total_tokens / max(elapsed, 1e-9):,.0f} tok/s")
     if stop_after_chunks is not None and chunks >= stop_after_chunks:
@@ -187,9 +188,7 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
   elapsed = time.perf_counter() - started
   compiling = engine.generator.compile_seconds - compile_before
   summary = dict(store.summary())
-  summary.update({"process": process, "processes": n_process, "new_prompts": sum(
-      len(todo[s:s + chunk_size]) for s in range(0, min(len(todo), chunks * chunk_size),
-                                                 chunk_size)),
+  summary.update({"process": process, "processes": n_process, "new_prompts": new_prompts,
                   "new_tokens": total_tokens, "seconds": round(elapsed, 2),
                   "tokens_per_s": round(total_tokens / max(elapsed, 1e-9), 1),
                   "compile_seconds": round(compiling, 2),

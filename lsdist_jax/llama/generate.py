@@ -43,15 +43,20 @@ def nucleus_size(sorted_probs: jax.Array, top_p: jax.Array) -> jax.Array:
   """Smallest m with sum(sorted_probs[:m]) >= top_p. sorted_probs: [B, K] descending -> [B].
 
   Returns K + 1 where the K given probabilities do not reach top_p."""
-  cum = jnp.cumsum(sorted_probs, axis=-1)
+  return _nucleus_count(jnp.cumsum(sorted_probs, axis=-1), top_p)
+
+
+def _nucleus_count(cum: jax.Array, top_p: jax.Array) -> jax.Array:
+  """nucleus_size from the cumulative sums of the descending probabilities."""
   return 1 + jnp.sum(cum < top_p, axis=-1)
 
 
-def _pick_in_nucleus(sorted_probs, sorted_ids, top_p, u):
-  """Inverse-CDF pick inside the nucleus of descending probabilities. [B, K] -> [B] token ids."""
+def _pick_in_nucleus(sorted_probs, sorted_ids, top_p, u, cum=None):
+  """Inverse-CDF pick inside the nucleus of descending probabilities. [B, K] -> [B] token ids.
+  `cum`: their cumulative sums, if already computed."""
   k = sorted_probs.shape[-1]
-  cum = jnp.cumsum(sorted_probs, axis=-1)
-  m = jnp.minimum(nucleus_size(sorted_probs, top_p), k)
+  cum = jnp.cumsum(sorted_probs, axis=-1) if cum is None else cum
+  m = jnp.minimum(_nucleus_count(cum, top_p), k)
   mass = jnp.take_along_axis(cum, (m - 1)[:, None], axis=-1)[:, 0]
   target = u * mass
   j = jnp.minimum(jnp.sum(cum < target[:, None], axis=-1), m - 1)
@@ -86,8 +91,9 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
 
   def nucleus(_):
     top_probs, top_ids = jax.lax.top_k(probs, k)
-    easy = _pick_in_nucleus(top_probs, top_ids.astype(jnp.int32), top_p, u)
-    hard = nucleus_size(top_probs, top_p) > k  # [B]
+    top_cum = jnp.cumsum(top_probs, axis=-1)
+    easy = _pick_in_nucleus(top_probs, top_ids.astype(jnp.int32), top_p, u, top_cum)
+    hard = _nucleus_count(top_cum, top_p) > k  # [B]
 
     def sort_hard_rows(_):
       rows = jnp.nonzero(hard, size=hard_rows, fill_value=0)[0]

@@ -143,27 +143,36 @@ def _hf_layout(cfg: LlamaConfig, path: tuple[str, ...], raw: np.ndarray) -> np.n
   return raw
 
 
-_HF_NAMES = {
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
-    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
+# Tensor names of the canonical layout in each file format: whole-model tensors, the per-layer
+# pattern, and each per-layer tensor's name within its layer.
+_NAMING = {
+    "hf": {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+           "lm_head": "lm_head.weight", "layer": "model.layers.{layer}.{name}",
+           "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+           "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+           "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
+           "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+           "w_down": "mlp.down_proj.weight"},
+    "gguf": {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
+             "lm_head": "output.weight", "layer": "blk.{layer}.{name}",
+             "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight",
+             "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
+             "wo": "attn_output.weight", "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight",
+             "w_down": "ffn_down.weight"},
 }
 
 
+def tensor_name(path: tuple[str, ...], fmt: str) -> str:
+  """The name, in file format `fmt` ("hf" | "gguf"), of a canonical tensor path."""
+  names = _NAMING[fmt]
+  if not path[0].startswith("layers_"):
+    return names[path[0]]
+  key = path[1] if path[1] in names else path[-1]  # norms by their module, linears by leaf
+  return names["layer"].format(layer=int(path[0].split("_")[1]), name=names[key])
+
+
 def hf_tensor_name(path: tuple[str, ...]) -> str:
-  if path == ("embed",):
-    return "model.embed_tokens.weight"
-  if path == ("final_norm", "scale"):
-    return "model.norm.weight"
-  if path == ("lm_head",):
-    return "lm_head.weight"
-  layer = int(path[0].split("_")[1])
-  if path[1] == "attn_norm":
-    return f"model.layers.{layer}.input_layernorm.weight"
-  if path[1] == "mlp_norm":
-    return f"model.layers.{layer}.post_attention_layernorm.weight"
-  return f"model.layers.{layer}.{_HF_NAMES[path[2]]}"
+  return tensor_name(path, "hf")
 
 
 def load_safetensors_dir(directory: str, cfg: LlamaConfig | None = None):
@@ -232,26 +241,11 @@ def save_safetensors_dir(directory: str, cfg: LlamaConfig, params, hf_config: di
 
 # ---------------------------------------------------------------------------- GGUF
 
-_GGUF_NAMES = {
-    "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-    "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down",
-}
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 
 def gguf_tensor_name(path: tuple[str, ...]) -> str:
-  if path == ("embed",):
-    return "token_embd.weight"
-  if path == ("final_norm", "scale"):
-    return "output_norm.weight"
-  if path == ("lm_head",):
-    return "output.weight"
-  layer = int(path[0].split("_")[1])
-  if path[1] == "attn_norm":
-    return f"blk.{layer}.attn_norm.weight"
-  if path[1] == "mlp_norm":
-    return f"blk.{layer}.ffn_norm.weight"
-  return f"blk.{layer}.{_GGUF_NAMES[path[2]]}.weight"
+  return tensor_name(path, "gguf")
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -229,6 +229,15 @@ def _fixed_batches(order: np.ndarray, size: int, requests: Requests) -> list[Bat
           for i in range(0, len(order), size)]
 
 
+def _fixed_batches_within_budget(order, requests, cost, options) -> list[Batch]:
+  """Fixed-size batches of `order`, uncapped; one that would exceed the KV budget at full
+  length is split (every strategy runs under the same memory)."""
+  batches = []
+  for b in _fixed_batches(order, options.fixed_batch, requests):
+    batches.extend(_split_to_budget(b.members, b.cap, requests, cost, options))
+  return batches
+
+
 def predicted_length(requests: Requests, threshold: float) -> np.ndarray:
   """The length a planner sorts by: the pmf's threshold quantile, else the scalar prediction."""
   if requests.length_pmf is not None:
@@ -244,19 +253,15 @@ def predicted_length(requests: Requests, threshold: float) -> np.ndarray:
 def plan_vanilla(requests, cost, options) -> Plan:
   """Dataset order, fixed batch size, no cap below max_seq_len (a batch that would exceed the KV
   budget at full length is split: every strategy runs under the same memory)."""
-  batches = []
-  for b in _fixed_batches(np.arange(requests.n), options.fixed_batch, requests):
-    batches.extend(_split_to_budget(b.members, b.cap, requests, cost, options))
-  return Plan(batches, "vanilla")
+  return Plan(_fixed_batches_within_budget(np.arange(requests.n), requests, cost, options),
+              "vanilla")
 
 
 def plan_sorted(requests, cost, options) -> Plan:
   key = predicted_length(requests, options.threshold)
   order = np.argsort(key, kind="stable")
-  batches = []
-  for b in _fixed_batches(order, options.fixed_batch, requests):
-    batches.extend(_split_to_budget(b.members, b.cap, requests, cost, options))
-  return Plan(batches, "sorted", options.threshold)
+  return Plan(_fixed_batches_within_budget(order, requests, cost, options), "sorted",
+              options.threshold)
 
 
 def plan_ssch(requests, cost, options) -> Plan:
