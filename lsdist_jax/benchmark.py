@@ -224,8 +224,6 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
   engine = engine or load_engine(config)
   options = Options.from_config(config.schedule)
   cost = with_engine_shapes(cost or scheduling.load_cost_model(config), config.engine)
-  predictors = scheduling.load_predictors(predictor_dirs or {}, engine.config.hidden_size,
-                                          int(config.predictor.max_len))
   data_config = config.data.copy_and_resolve_references()
   data_config.slice = bench.slice
   prompts = scheduling.benchmark_prompts(load_prompts(data_config), config)
@@ -236,6 +234,12 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
   else:
     prompts = scheduling.drop_long_prompts(engine, prompts, config.generation.max_seq_len)
     requests = build_requests(engine, prompts, int(bench.requests))
+  # In length replay the predictors read the store's hidden states (of the model that recorded
+  # the lengths), whatever this engine's width.
+  hidden_dim = (requests.replay_hidden.shape[1] if requests.replay_hidden is not None
+                else engine.config.hidden_size)
+  predictors = scheduling.load_predictors(predictor_dirs or {}, hidden_dim,
+                                          int(config.predictor.max_len))
   runner = make_runner(engine, requests, config, forced)
   prompt_len = np.array([len(p) for p in requests.prompt_ids])
   logging.info("benchmark: %d requests over %d prompts, KV budget %d tokens, replay=%s",

@@ -76,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.predictor.kde_sigma = 32.0
   c.predictor.loss = "kl"  # kl | mse
   c.predictor.input_noise_std = 1.0
+  # Quantile recalibration of the distribution predictor, fitted on the validation prompts
+  # (predictor/calibration.py); the export applies it to every predicted pmf.
+  c.predictor.recalibrate = True
+  c.predictor.recalibration_knots = 21
   c.predictor.optimizer = "adam"  # adam | adamw
   c.predictor.learning_rate = 1e-4
   c.predictor.weight_decay = 0.0

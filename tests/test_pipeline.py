@@ -1,5 +1,6 @@
 """The whole job on the tiny model: collect -> train -> evaluate -> benchmark, and generate."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -11,7 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import tiny  # noqa: E402
+from lsdist_jax import Engine  # noqa: E402
 from lsdist_jax.collect import load_engine  # noqa: E402
+from lsdist_jax.llama.config import get_preset  # noqa: E402
 from lsdist_jax.generate_job import MalformedInputError, read_prompts, run_generate  # noqa: E402
 from lsdist_jax.pipeline import predictor_exports, run_pipeline  # noqa: E402
 
@@ -48,7 +51,8 @@ def test_every_strategy_returns_identical_responses_to_vanilla(pipeline_run):
 def test_evaluation_table_has_every_model(pipeline_run):
   workdir, summary = pipeline_run
   names = [r["model"] for r in summary["evaluate"]["rows"]]
-  assert names == ["distribution", "scalar-max", "scalar-mean", "marginal"]
+  assert names == ["distribution", "distribution-uncalibrated", "scalar-max", "scalar-mean",
+                   "marginal"]
   assert os.path.isfile(os.path.join(workdir, "reliability.png"))
   assert os.path.isfile(os.path.join(workdir, "length_spread.png"))
 
@@ -92,10 +96,15 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   workdir, _ = pipeline_run
   config = tiny.get_config()
   config.collect.store = os.path.join(workdir, "store")
-  config.model.name = "random:tiny"  # any model runs with the store's length statistics
+  # Any model runs with the store's length statistics, here one of another width than the model
+  # that recorded them (the predictors read the recorded hidden states).
+  other = dataclasses.replace(get_preset("tiny"), hidden_size=32, name="tiny-32")
   config.benchmark.replay = True
   config.benchmark.strategies = ("vanilla:16", "ours-optimal", "oracle")
-  out = run_benchmark(config, str(tmp_path), predictor_dirs=predictor_exports(workdir))
+  engine = Engine.random(other, dtype="float32", engine_config=config.engine)
+  out = run_benchmark(config, str(tmp_path), engine=engine,
+                      predictor_dirs=predictor_exports(workdir))
+  assert out["model"] == "random:tiny-32"
   assert out["replay"] is True
   data = LengthStore.open(config.collect.store).read()
   recorded = set(data["lengths"].reshape(-1).tolist())

@@ -9,6 +9,7 @@ import pytest
 from lsdist_jax.config import default_config
 from lsdist_jax.predictor import Split, load_predictor, train_and_evaluate
 from lsdist_jax.predictor import metrics
+from lsdist_jax.predictor.calibration import apply_recalibration, fit_recalibration, pit_values
 from lsdist_jax.predictor.losses import kde_target
 
 MAX_LEN = 128
@@ -147,3 +148,54 @@ def test_metrics_sanity():
   mass = metrics.empirical_pmf(np.full((20, 1), 25), MAX_LEN)
   assert metrics.wasserstein1(mass, lengths) == pytest.approx(scalar["w1"])
   assert metrics.crps(mass, lengths) == pytest.approx(scalar["crps"])
+
+
+def _normal_pmf(mu, sd, max_len=MAX_LEN):
+  t = np.arange(max_len + 1)
+  pmf = np.exp(-0.5 * ((t[None, :] - np.asarray(mu)[:, None]) / np.asarray(sd)[:, None]) ** 2)
+  return pmf / pmf.sum(1, keepdims=True)
+
+
+def test_recalibration_of_a_too_wide_prediction_restores_quantile_coverage():
+  rng = np.random.default_rng(0)
+  mu = rng.uniform(30, 90, size=200)
+  true = _normal_pmf(mu, np.full(200, 6.0))
+  draw = lambda n: np.stack([rng.choice(MAX_LEN + 1, size=n, p=p) for p in true])
+  wide = _normal_pmf(mu + 4.0, np.full(200, 15.0))  # shifted and 2.5x too wide
+  held_out, fresh = draw(32), draw(32)
+  before = metrics.coverage(wide, fresh)
+  assert abs(before["0.1"] - 0.1) > 0.05 and abs(before["0.9"] - 0.9) > 0.05
+  recal = fit_recalibration(pit_values(wide, held_out), knots=21)
+  assert np.all(np.diff(recal["value"]) >= 0) and recal["value"][0] == 0 == 1 - recal["value"][-1]
+  fixed = apply_recalibration(wide, recal)
+  np.testing.assert_allclose(fixed.sum(1), 1.0)
+  after = metrics.coverage(fixed, fresh)
+  assert all(abs(after[q] - float(q)) < 0.05 for q in after), after
+  assert metrics.crps(fixed, fresh) < metrics.crps(wide, fresh)
+
+
+def test_recalibration_of_a_calibrated_prediction_is_near_identity():
+  rng = np.random.default_rng(1)
+  mu = rng.uniform(30, 90, size=300)
+  pmf = _normal_pmf(mu, np.full(300, 8.0))
+  samples = np.stack([rng.choice(MAX_LEN + 1, size=32, p=p) for p in pmf])
+  pit = pit_values(pmf, samples)
+  assert abs(pit.mean() - 0.5) < 0.02 and abs(np.mean(pit <= 0.2) - 0.2) < 0.02
+  recal = fit_recalibration(pit)
+  np.testing.assert_allclose(recal["value"], recal["grid"], atol=0.02)
+  assert apply_recalibration(pmf, None) is pmf
+  with pytest.raises(ValueError, match="held-out samples"):
+    fit_recalibration(np.zeros(0))
+
+
+def test_export_carries_the_recalibration_fitted_on_validation(data, trained):
+  splits, _ = data
+  workdir, _ = trained
+  predictor = load_predictor(os.path.join(workdir, "export"))
+  recal = predictor.meta["recalibration"]
+  raw = predictor.predict_pmf(splits["valid"].hidden, recalibrated=False)
+  expected = fit_recalibration(pit_values(raw, splits["valid"].lengths, 0), 21)
+  np.testing.assert_allclose(recal["value"], expected["value"])
+  test_raw = predictor.predict_pmf(splits["test"].hidden, recalibrated=False)
+  np.testing.assert_allclose(predictor.predict_pmf(splits["test"].hidden),
+                             apply_recalibration(test_raw, recal))

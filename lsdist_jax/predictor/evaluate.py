@@ -31,6 +31,9 @@ def evaluate_predictors(config, exports: dict, out_dir: str, store_path: str | N
     if predictor.kind == "distribution":
       preds[name] = predictor.predict_pmf(test.hidden)
       rows.append(metrics.evaluate_pmf(name, preds[name], lengths, sigma))
+      if predictor.meta.get("recalibration"):  # the same network before recalibration
+        rows.append(metrics.evaluate_pmf(f"{name}-uncalibrated", predictor.predict_pmf(
+            test.hidden, recalibrated=False), lengths, sigma))
     else:
       rows.append(metrics.evaluate_scalar(name, predictor.predict_scalar(test.hidden), lengths))
   marginal = np.tile(metrics.marginal_pmf(np.minimum(train.lengths, max_len), max_len),

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lsdist_jax.predictor.calibration import apply_recalibration, fit_recalibration, pit_values
 from lsdist_jax.predictor.losses import (kde_target, kl_loss, pmf_mse_loss, scalar_mse_loss,
                                          scalar_target)
 from lsdist_jax.predictor.nets import LengthPredictor
@@ -225,14 +226,26 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   best_step = best.latest_step()
   restored = best.restore(best_step, args=ocp.args.StandardRestore(
       {"params": jax.device_get(state["params"])}))
+  best_params = jax.device_get(restored["params"])
+  extra = {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
+           "loss": pc.loss, "kde_sigma": float(pc.kde_sigma)}
+  if spec["kind"] == "distribution" and pc.recalibrate:
+    # Fitted on the validation prompts, which the weights never trained on.
+    raw = Predictor(_export_meta(spec, mean, std), best_params).predict_pmf(valid.hidden)
+    pit = pit_values(raw, np.minimum(valid.lengths, spec["max_len"]), int(config.seed))
+    extra["recalibration"] = fit_recalibration(pit, int(pc.recalibration_knots))
   export_dir = os.path.join(workdir, "export")
-  export_predictor(export_dir, spec, jax.device_get(restored["params"]), mean, std,
-                   {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
-                    "loss": pc.loss, "kde_sigma": float(pc.kde_sigma)})
+  export_predictor(export_dir, spec, best_params, mean, std, extra)
   latest.close()
   best.close()
   return {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
           "epochs": int(pc.epochs), "export": export_dir, "params": jax.device_get(state["params"])}
+
+
+def _export_meta(spec: dict, mean, std, extra=None) -> dict:
+  return dict(spec, format="lsdist_jax.predictor", version=1,
+              input_mean=np.asarray(mean, np.float32).tolist(),
+              input_std=np.asarray(std, np.float32).tolist(), **(extra or {}))
 
 
 def export_predictor(directory: str, spec: dict, params, mean, std, extra=None) -> None:
@@ -243,9 +256,7 @@ def export_predictor(directory: str, spec: dict, params, mean, std, extra=None) 
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "params"), params, force=True)
-  meta = dict(spec, format="lsdist_jax.predictor", version=1,
-              input_mean=np.asarray(mean, np.float32).tolist(),
-              input_std=np.asarray(std, np.float32).tolist(), **(extra or {}))
+  meta = _export_meta(spec, mean, std, extra)
   tmp = os.path.join(directory, EXPORT_META + ".tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f)
@@ -280,13 +291,16 @@ class Predictor:
       outs.append(np.asarray(self._apply(self.params, padded))[:chunk.shape[0]])
     return np.concatenate(outs) if outs else np.zeros((0,))
 
-  def predict_pmf(self, hidden) -> np.ndarray:
+  def predict_pmf(self, hidden, recalibrated: bool = True) -> np.ndarray:
+    """[n, D] -> [n, L+1]; with the export's quantile recalibration applied unless
+    `recalibrated=False` (the network's softmax as trained)."""
     if self.kind != "distribution":
       raise ValueError(f"this is a {self.kind} predictor; use predict_scalar")
     logits = self._run(hidden).astype(np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     pmf = np.exp(logits)
-    return pmf / pmf.sum(axis=1, keepdims=True)
+    pmf /= pmf.sum(axis=1, keepdims=True)
+    return apply_recalibration(pmf, self.meta.get("recalibration")) if recalibrated else pmf
 
   def predict_scalar(self, hidden) -> np.ndarray:
     if self.kind != "scalar":
