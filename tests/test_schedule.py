@@ -123,14 +123,24 @@ def test_ssch_table_and_push_to_next_bucket():
   assert plan.batches[0].cap == 100 + 8 - 10 and plan.batches[1].cap == 300 + 8 - 10
 
 
-def test_recovery_plans_every_unfinished_row_once(requests):
+def test_recovery_plans_every_unfinished_row_once_within_the_budget(requests):
   unfinished = np.arange(0, requests.n, 3)
   generated = np.minimum(requests.room[unfinished] - 1, 20)
-  for name in ("search", "ssch", "optimal"):
-    batches = plan_recovery(name, requests, unfinished, generated, COST, OPTIONS)
-    got = np.concatenate([b.members for b in batches])
-    assert sorted(got.tolist()) == unfinished.tolist()
-    assert all(b.phase == "recovery" and b.cap >= 1 for b in batches)
+  known = dataclasses.replace(requests, length_pmf=None)  # the oracle's requests: no pmf
+  # 3 * 64 rows: at the full cache (prompt block + room) only a batch that pads to a smaller
+  # bucket fits, so the fixed recovery size must account for the padding.
+  options = dataclasses.replace(OPTIONS, kv_budget_tokens=3 * 1000)
+  for name, reqs in (("search", requests), ("ssch", requests), ("optimal", requests),
+                     ("oracle", known)):
+    for opts in (OPTIONS, options):
+      batches = plan_recovery(name, reqs, unfinished, generated, COST, opts)
+      got = np.concatenate([b.members for b in batches])
+      assert sorted(got.tolist()) == unfinished.tolist()
+      assert all(b.phase == "recovery" and b.cap >= 1 for b in batches)
+      for b in batches:
+        rows = np.searchsorted(unfinished, b.members)
+        prompt = int((reqs.prompt_len[b.members] + generated[rows]).max())
+        assert int(COST.kv_tokens(len(b.members), prompt, b.cap)) <= opts.kv_budget_tokens
 
 
 def test_cost_model_fit_recovers_coefficients_and_round_trips(tmp_path):

@@ -461,9 +461,11 @@ def plan_recovery(name: str, requests: Requests, unfinished: np.ndarray, generat
   generated = np.asarray(generated, np.int64)
   sub_prompt = requests.prompt_len[unfinished] + generated
   if requests.length_pmf is None or name in ("vanilla", "sorted", "ssch"):
-    full = int(cost.cache_len(int(sub_prompt.max()), requests.max_seq_len - int(sub_prompt.min())))
-    size = max(1, min(options.max_batch,
-                      options.kv_budget_tokens // max(full, 1)))
+    # The largest fixed size whose padded batch at the worst prompt and full room fits the budget.
+    worst_prompt, worst_cap = int(sub_prompt.max()), requests.max_seq_len - int(sub_prompt.min())
+    size = min(options.max_batch, unfinished.size)
+    while size > 1 and not fits(cost, options, size, worst_prompt, worst_cap):
+      size -= 1
     plain = Requests(sub_prompt, requests.max_seq_len)
     batches = _fixed_batches(np.arange(unfinished.size), size, plain)
   else:
