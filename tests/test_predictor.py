@@ -199,3 +199,32 @@ def test_export_carries_the_recalibration_fitted_on_validation(data, trained):
   test_raw = predictor.predict_pmf(splits["test"].hidden, recalibrated=False)
   np.testing.assert_allclose(predictor.predict_pmf(splits["test"].hidden),
                              apply_recalibration(test_raw, recal))
+
+
+def test_cross_validation_scores_every_prompt_held_out(data, tmp_path):
+  from lsdist_jax.predictor.evaluate import cross_validate
+  from lsdist_jax.store import LengthStore
+
+  splits, _ = data
+  pool = splits["train"]  # 512 prompts whose lengths follow a known rule of hidden[0]
+  meta = {"model": {"name": "synthetic"}, "generation": {"max_seq_len": MAX_LEN + 40},
+          "split_seed": 0, "split_fractions": [0.8, 0.1, 0.1]}
+  store = LengthStore.create_or_open(str(tmp_path / "store"), meta, hidden_dim=8,
+                                     samples_per_prompt=pool.lengths.shape[1])
+  n = 160
+  store.write_chunk("p0", {"index": np.arange(n), "prompt_len": np.full(n, 10),
+                           "lengths": pool.lengths[:n], "finished": np.ones_like(pool.lengths[:n]),
+                           "hidden": pool.hidden[:n]})
+  config = small_config(epochs=25)
+  config.predictor.batch_size = 16
+  out = cross_validate(config, str(tmp_path / "store"), str(tmp_path / "cv"), folds=4)
+  assert out["prompts"] == n and out["folds"] == 4
+  rows = {r["model"]: r for r in out["rows"]}
+  assert set(rows) == {"distribution", "distribution-uncalibrated", "marginal"}
+  assert rows["distribution"]["crps"] < 0.6 * rows["marginal"]["crps"]  # learned out of fold
+  assert all(abs(v - float(q)) < 0.1 for q, v in rows["distribution"]["coverage"].items())
+  assert os.path.isfile(tmp_path / "cv" / "predictor_cv.json")
+  assert sorted(os.listdir(tmp_path / "cv")) == ["fold0", "fold1", "fold2", "fold3",
+                                                  "predictor_cv.json", "reliability_cv.png"]
+  with pytest.raises(ValueError, match="at least 2 folds"):
+    cross_validate(config, str(tmp_path / "store"), str(tmp_path / "cv1"), folds=1)

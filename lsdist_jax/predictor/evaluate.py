@@ -1,5 +1,6 @@
 """The evaluation table of the predictors on the store's test split: distribution, scalar
-baselines (where their exports exist) and the marginal baseline, with JSON and PNG outputs.
+baselines (where their exports exist) and the marginal baseline, with JSON and PNG outputs;
+and the K-fold cross-validated table of the distribution predictor over every prompt.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import numpy as np
 
 from lsdist_jax.predictor import metrics
-from lsdist_jax.predictor.train import load_predictor, load_splits
+from lsdist_jax.predictor.train import Split, load_predictor, load_splits, train_and_evaluate
 
 
 def evaluate_predictors(config, exports: dict, out_dir: str, store_path: str | None = None) -> dict:
@@ -60,3 +61,50 @@ def table_text(out: dict) -> str:
                  f"{fmt(c['0.5'], 6)} {fmt(c['0.8'], 6)} {fmt(c['0.9'], 6)} "
                  f"{fmt(r['mae_median'], 7)} {fmt(r['mae_max'], 7)}")
   return "\n".join(lines)
+
+
+def cross_validate(config, store_path: str, out_dir: str, folds: int = 5, seed: int = 0) -> dict:
+  """K-fold evaluation of the distribution predictor over every prompt of the store: each fold
+  is held out once; the others are split into train and valid (valid: one fold's share) for
+  early stopping and recalibration, exactly as a real training run uses them. The held-out
+  predictions of all folds are scored together, with the marginal of each fold's training pool
+  as the baseline, so calibration is measured on every prompt rather than on the test split."""
+  from lsdist_jax.store import LengthStore
+
+  if folds < 2:
+    raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+
+  data = LengthStore.open(store_path).read()
+  hidden, all_lengths = data["hidden"].astype(np.float32), data["lengths"]
+  n = hidden.shape[0]
+  if n < 2 * folds:
+    raise ValueError(f"the store at {store_path} holds {n} prompts: too few for {folds} folds")
+  max_len = int(config.predictor.max_len)
+  sigma = float(config.predictor.kde_sigma)
+  lengths = np.minimum(all_lengths, max_len)
+  fold = np.random.default_rng(seed).permutation(n) % folds
+  config = config.copy_and_resolve_references()
+  config.predictor.kind = "distribution"
+  preds = {"distribution": np.zeros((n, max_len + 1)),
+           "distribution-uncalibrated": np.zeros((n, max_len + 1)),
+           "marginal": np.zeros((n, max_len + 1))}
+  for k in range(folds):
+    held = np.nonzero(fold == k)[0]
+    pool = np.nonzero(fold != k)[0]
+    valid = pool[fold[pool] == (k + 1) % folds]
+    train = pool[fold[pool] != (k + 1) % folds]
+    result = train_and_evaluate(config, os.path.join(out_dir, f"fold{k}"), {
+        "train": Split(hidden[train], all_lengths[train]),
+        "valid": Split(hidden[valid], all_lengths[valid])})
+    predictor = load_predictor(result["export"])
+    preds["distribution"][held] = predictor.predict_pmf(hidden[held])
+    preds["distribution-uncalibrated"][held] = predictor.predict_pmf(hidden[held],
+                                                                     recalibrated=False)
+    preds["marginal"][held] = metrics.marginal_pmf(lengths[train], max_len)
+  rows = [metrics.evaluate_pmf(name, pred, lengths, sigma) for name, pred in preds.items()]
+  out = {"folds": folds, "prompts": n, "samples_per_prompt": int(lengths.shape[1]),
+         "max_len": max_len, "kde_sigma": sigma, "rows": rows}
+  with open(os.path.join(out_dir, "predictor_cv.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  metrics.reliability_plot(rows, os.path.join(out_dir, "reliability_cv.png"))
+  return out
