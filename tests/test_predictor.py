@@ -194,7 +194,8 @@ def test_export_carries_the_recalibration_fitted_on_validation(data, trained):
   predictor = load_predictor(os.path.join(workdir, "export"))
   recal = predictor.meta["recalibration"]
   raw = predictor.predict_pmf(splits["valid"].hidden, recalibrated=False)
-  expected = fit_recalibration(pit_values(raw, splits["valid"].lengths, 0), 21)
+  expected = fit_recalibration(pit_values(raw, splits["valid"].lengths, 0),
+                               small_config().predictor.recalibration_knots)
   np.testing.assert_allclose(recal["value"], expected["value"])
   test_raw = predictor.predict_pmf(splits["test"].hidden, recalibrated=False)
   np.testing.assert_allclose(predictor.predict_pmf(splits["test"].hidden),
