@@ -23,7 +23,7 @@ def pit_values(pmf: np.ndarray, lengths: np.ndarray, seed: int = 0) -> np.ndarra
   return np.clip(lo + v * (hi - lo), 0.0, 1.0).ravel()
 
 
-def fit_recalibration(pit: np.ndarray, knots: int = 21) -> dict:
+def fit_recalibration(pit: np.ndarray, knots: int = 11) -> dict:
   """R(g) = share of PIT values <= g on `knots` equally spaced g in [0, 1]; R(0) = 0, R(1) = 1.
   Returns {"grid": [...], "value": [...]} (JSON-ready; non-decreasing by construction)."""
   pit = np.asarray(pit, np.float64).ravel()
