@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from lsdist_jax.predictor import metrics
+from lsdist_jax.predictor.calibration import apply_recalibration
 from lsdist_jax.predictor.train import Split, load_predictor, load_splits, train_and_evaluate
 
 
@@ -30,11 +31,12 @@ def evaluate_predictors(config, exports: dict, out_dir: str, store_path: str | N
       continue
     predictor = load_predictor(path, hidden_dim=test.hidden.shape[1], max_len=max_len)
     if predictor.kind == "distribution":
-      preds[name] = predictor.predict_pmf(test.hidden)
+      raw = predictor.predict_pmf(test.hidden, recalibrated=False)
+      recalibration = predictor.meta.get("recalibration")
+      preds[name] = apply_recalibration(raw, recalibration)
       rows.append(metrics.evaluate_pmf(name, preds[name], lengths, sigma))
-      if predictor.meta.get("recalibration"):  # the same network before recalibration
-        rows.append(metrics.evaluate_pmf(f"{name}-uncalibrated", predictor.predict_pmf(
-            test.hidden, recalibrated=False), lengths, sigma))
+      if recalibration:  # the same network before recalibration
+        rows.append(metrics.evaluate_pmf(f"{name}-uncalibrated", raw, lengths, sigma))
     else:
       rows.append(metrics.evaluate_scalar(name, predictor.predict_scalar(test.hidden), lengths))
   marginal = np.tile(metrics.marginal_pmf(np.minimum(train.lengths, max_len), max_len),
@@ -97,9 +99,9 @@ def cross_validate(config, store_path: str, out_dir: str, folds: int = 5, seed: 
         "train": Split(hidden[train], all_lengths[train]),
         "valid": Split(hidden[valid], all_lengths[valid])})
     predictor = load_predictor(result["export"])
-    preds["distribution"][held] = predictor.predict_pmf(hidden[held])
-    preds["distribution-uncalibrated"][held] = predictor.predict_pmf(hidden[held],
-                                                                     recalibrated=False)
+    raw = predictor.predict_pmf(hidden[held], recalibrated=False)
+    preds["distribution-uncalibrated"][held] = raw
+    preds["distribution"][held] = apply_recalibration(raw, predictor.meta.get("recalibration"))
     preds["marginal"][held] = metrics.marginal_pmf(lengths[train], max_len)
   rows = [metrics.evaluate_pmf(name, pred, lengths, sigma) for name, pred in preds.items()]
   out = {"folds": folds, "prompts": n, "samples_per_prompt": int(lengths.shape[1]),
