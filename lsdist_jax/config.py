@@ -41,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.batch_buckets = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
   c.engine.prompt_bucket = 32  # prompt block lengths are rounded up to a multiple of this
   c.engine.cache_bucket = 128  # KV-cache lengths are rounded up to a multiple of this
+  # How a decode step reads the KV cache: auto (the Pallas kernel, which reads only the live
+  # slots of unfinished rows, on one GPU in bf16; XLA elsewhere) | pallas | dot | reduce.
+  c.engine.decode_attention = "auto"
 
   # Sampling, shared by collection, benchmark and generate (the paper: T=0.6, top-p 0.9, 1024).
   c.generation = ml_collections.ConfigDict()

@@ -79,19 +79,23 @@ class Engine:
 
   def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer | None, *,
                dtype: str = "bfloat16", mesh_config=None, engine_config=None,
-               source: str = "", top_k_candidates: int = 16, decode_impl: str = "dot"):
+               source: str = "", top_k_candidates: int = 16, decode_impl: str | None = None):
     if dtype not in DTYPES:
       raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     self.config = config
     self.tokenizer = tokenizer
     self.source = source
     self.dtype = dtype
-    self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
-                       decode_impl=decode_impl)
     self.mesh = None
     if mesh_config is not None or len(jax.local_devices()) > 1:
       mesh = shd.make_mesh(mesh_config)
       self.mesh = mesh if mesh.size > 1 else None
+    if decode_impl is None:
+      decode_impl = (engine_config.get("decode_attention", "auto") if engine_config is not None
+                     else "auto")
+    self.decode_impl = resolve_decode_impl(decode_impl, dtype, self.mesh, config.head_dim)
+    self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
+                       decode_impl=self.decode_impl)
     self.params = self._place_params(params)
     buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
     self.generator = Generator(self.model, self.params, mesh=self.mesh, buckets=buckets,
@@ -244,6 +248,23 @@ class Engine:
   def embed(self, prompts, layer: int = -1) -> np.ndarray:
     """The hidden state of each prompt's last token at `layer` (-1: final norm). [n, D]."""
     return self.generator.embed(self._as_ids(prompts), hidden_layer=layer)
+
+
+DECODE_IMPLS = ("auto", "dot", "reduce", "pallas")
+
+
+def resolve_decode_impl(name: str, dtype: str, mesh, head_dim: int) -> str:
+  """`auto`: the Pallas decode-attention kernel on one GPU in 16-bit floats (it reads only live
+  cache slots), else XLA's batched GEMMs (`dot`). An explicit name is taken as given."""
+  if name not in DECODE_IMPLS:
+    raise ValueError(f"decode attention {name!r}; expected one of {DECODE_IMPLS}")
+  if name != "auto":
+    if name == "pallas" and mesh is not None:
+      raise ValueError("decode attention 'pallas' runs on one device; use 'dot' with a mesh")
+    return name
+  one_gpu = jax.default_backend() == "gpu" and mesh is None
+  pow2 = head_dim & (head_dim - 1) == 0
+  return "pallas" if one_gpu and dtype != "float32" and pow2 else "dot"
 
 
 def nn_unbox(tree):

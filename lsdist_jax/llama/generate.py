@@ -182,7 +182,7 @@ def _generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, 
   def body(carry):
     i, tok, cache, state = carry
     logits, _, cache = model.apply(variables, tok[:, None], cache, p + i - 1, pad_len,
-                                   logits_at="last")
+                                   logits_at="last", active=~state[2])
     tok = choose(logits[:, -1], i)
     state = update(state, tok, i)
     return i + 1, tok, cache, state

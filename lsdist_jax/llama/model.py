@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lsdist_jax.llama.config import LlamaConfig
+from lsdist_jax.llama import decode_attention as pallas_decode
 
 Array = jax.Array
 Cache = list  # [{"k": [B, KVH, S, Dh], "v": [B, KVH, S, Dh]}] * num_layers
@@ -66,11 +67,14 @@ class Attention(nn.Module):
   config: LlamaConfig
   dtype: Any
   param_dtype: Any
-  decode_impl: str = "dot"  # dot | reduce: how a single-token step reads the cache
+  # How a single-token step reads the cache: dot (batched GEMMs over the whole cache), reduce
+  # (multiply-and-sum), pallas (decode_attention.py: only each active row's filled slots).
+  decode_impl: str = "dot"
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array, layer_cache: dict[str, Array],
-               write_index: Array) -> tuple[Array, dict[str, Array]]:
+               write_index: Array, kv_bounds: tuple[Array, Array] | None = None
+               ) -> tuple[Array, dict[str, Array]]:
     cfg = self.config
     d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     groups = h // kvh
@@ -99,7 +103,12 @@ class Attention(nn.Module):
     v_cache = jax.lax.dynamic_update_slice(layer_cache["v"], v_new, start)
 
     q = q.reshape(b, t, kvh, groups, hd)
-    if t == 1 and self.decode_impl == "reduce":
+    if t == 1 and self.decode_impl == "pallas":
+      lo, hi = kv_bounds
+      out = pallas_decode.decode_attention(q[:, 0], k_cache, v_cache, lo, hi,
+                                           interpret=jax.default_backend() == "cpu")
+      out = out.reshape(b, 1, h, hd)
+    elif t == 1 and self.decode_impl == "reduce":
       # Multiply-and-sum over the cache: one fused memory-bound pass, no batched GEMM.
       q1 = q[:, 0].astype(jnp.float32)  # [B, KVH, G, Dh]
       scores = jnp.sum(q1[:, :, :, None, :] * k_cache[:, :, None, :, :].astype(jnp.float32),
@@ -144,11 +153,12 @@ class Block(nn.Module):
   decode_impl: str = "dot"
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, write_index):
+  def __call__(self, x, positions, mask, layer_cache, write_index, kv_bounds=None):
     cfg = self.config
     attn_in = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
     attention = Attention(cfg, self.dtype, self.param_dtype, self.decode_impl, name="attn")
-    attn_out, layer_cache = attention(attn_in, positions, mask, layer_cache, write_index)
+    attn_out, layer_cache = attention(attn_in, positions, mask, layer_cache, write_index,
+                                      kv_bounds)
     x = x + attn_out
     x = x + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
         RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(x))
@@ -160,6 +170,8 @@ class Llama(nn.Module):
 
   __call__(tokens [B, T], cache, write_index (int scalar), pad_len [B]) ->
     (logits [B, T or 1, V] float32, hidden {layer: [B, T or 1, D]}, cache)
+  `active` [B] bool (decode steps): rows whose attention is computed; with the pallas decode
+  attention, a row that is not active reads no cache at all (its outputs are garbage).
   `logits_at="last"` computes the head only for the last position (prefill and decode);
   `hidden_layers` picks which hidden states to return: k in 0..num_layers-1 is block k's output,
   -1 is the final-norm output (the head's input).
@@ -172,7 +184,7 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, cache: Cache, write_index: Array, pad_len: Array,
                logits_at: str = "last", hidden_layers: Sequence[int] = (),
-               hidden_at: str = "last"):
+               hidden_at: str = "last", active: Array | None = None):
     cfg = self.config
     embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        self.param_dtype)
@@ -181,6 +193,11 @@ class Llama(nn.Module):
     query_slots = write_index + jnp.arange(t)
     positions = jnp.maximum(query_slots[None, :] - pad_len[:, None], 0)  # [B, T]
     mask = attention_mask(query_slots, cache_len, pad_len)
+    # Live cache slots of each row for a decode step: [pad_len, write_index] (nothing if done).
+    kv_hi = jnp.full((b,), write_index + t, jnp.int32)
+    if active is not None:
+      kv_hi = jnp.where(active, kv_hi, pad_len)
+    kv_bounds = (pad_len.astype(jnp.int32), kv_hi)
 
     def pick(x):
       return x[:, -1:] if hidden_at == "last" else x
@@ -191,7 +208,7 @@ class Llama(nn.Module):
     for i in range(cfg.num_layers):
       x, layer_cache = Block(cfg, self.dtype, self.param_dtype, self.decode_impl,
                              name=f"layers_{i}")(
-          x, positions, mask, cache[i], write_index)
+          x, positions, mask, cache[i], write_index, kv_bounds)
       new_cache.append(layer_cache)
       if i in hidden_layers:
         hidden[i] = pick(x)
