@@ -129,10 +129,12 @@ def attention_sweep(jax, jnp):
             ("llama-2-7b", 48, 32, 1, 128, 1024, 320, 8)]
   rows = []
   for name, b, kvh, g, dh, cache, fill, layers in shapes:
-    keys = jax.random.split(jax.random.key(0), 3)
+    keys = jax.random.split(jax.random.key(0), 2 * layers + 1)
     q = jax.random.normal(keys[0], (b, kvh, g, dh), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (layers, b, kvh, cache, dh), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (layers, b, kvh, cache, dh), jnp.bfloat16)
+    # one buffer per layer, as in the model (a slice of one stacked array would be copied
+    # before a custom call, and time that copy too)
+    k = [jax.random.normal(key, (b, kvh, cache, dh), jnp.bfloat16) for key in keys[1::2]]
+    v = [jax.random.normal(key, (b, kvh, cache, dh), jnp.bfloat16) for key in keys[2::2]]
     lo = jnp.zeros((b,), jnp.int32)
     hi = jnp.full((b,), fill, jnp.int32)
 

@@ -162,11 +162,15 @@ def _cache_len(gen, prompts, cap):
 
 
 def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], steps: int = 32,
-                 prompt_len: int = 32, repeats: int = 2) -> list[dict]:
+                 prompt_len: int = 32, repeats: int = 2,
+                 active_shares: Sequence[float] = (1.0, 0.25)) -> list[dict]:
   """Decode-step timings of this engine on this device, for fitting the planner's cost model.
 
-  Rows: {"batch", "cache_len", "ms_per_step", "prefill_ms", "prompt_len"}. Each shape runs
-  `steps` forced steps and 2*`steps`; the difference gives ms/step without prefill."""
+  Rows: {"batch", "cache_len", "ms_per_step", "prefill_ms", "prompt_len", "live_tokens"}. Each
+  shape runs `steps` forced steps and 2*`steps`; the difference gives ms/step without prefill.
+  `active_shares`: the share of rows that keep generating (the others end at their first token),
+  so that the live cache tokens vary at a fixed shape (one compiled program) and the fit can tell
+  a whole-cache read from a live-slot read."""
   gen = engine.generator
   rows = []
   for b in batch_sizes:
@@ -177,17 +181,24 @@ def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], 
       kw = dict(cap=2 * steps, max_seq_len=engine.config.max_position_embeddings, cache_len=s,
                 temperature=0.0, top_p=1.0)
       gen.generate(prompts, forced_lengths=[1] * b, **kw)  # compile
-      times = {}
-      for n_steps in (steps, 2 * steps):
-        best = float("inf")
-        for _ in range(repeats):
-          t0 = time.perf_counter()
-          gen.generate(prompts, forced_lengths=[n_steps] * b, **kw)
-          best = min(best, time.perf_counter() - t0)
-        times[n_steps] = best
-      ms_step = 1e3 * (times[2 * steps] - times[steps]) / steps
-      prefill_ms = max(1e3 * times[steps] - ms_step * steps, 0.0)
-      rows.append({"batch": int(b), "cache_len": int(s), "ms_per_step": round(ms_step, 4),
-                   "prefill_ms": round(prefill_ms, 4), "prompt_len": int(prompt_len)})
-      logging.info("profile b=%d S=%d: %.3f ms/step, prefill %.2f ms", b, s, ms_step, prefill_ms)
+      for share in active_shares:
+        active = max(1, int(round(share * b)))
+        times = {}
+        for n_steps in (steps, 2 * steps):
+          forced = [n_steps] * active + [1] * (b - active)
+          best = float("inf")
+          for _ in range(repeats):
+            t0 = time.perf_counter()
+            gen.generate(prompts, forced_lengths=forced, **kw)
+            best = min(best, time.perf_counter() - t0)
+          times[n_steps] = best
+        ms_step = 1e3 * (times[2 * steps] - times[steps]) / steps
+        prefill_ms = max(1e3 * times[steps] - ms_step * steps, 0.0)
+        # steps steps+1 .. 2*steps: an active row reads its prompt + i cache tokens at step i
+        live = active * (prompt_len + 1.5 * steps + 0.5)
+        rows.append({"batch": int(b), "cache_len": int(s), "ms_per_step": round(ms_step, 4),
+                     "prefill_ms": round(prefill_ms, 4), "prompt_len": int(prompt_len),
+                     "live_tokens": round(live, 1)})
+        logging.info("profile b=%d S=%d active=%d: %.3f ms/step, prefill %.2f ms", b, s, active,
+                     ms_step, prefill_ms)
   return rows

@@ -78,3 +78,23 @@ def test_length_replay_runs_to_the_recorded_lengths(tiny_params):
   result = replay.run(Plan([Batch(np.arange(3), 8)]))
   assert [len(t) for t in result.tokens] == forced
   assert result.finished.all()
+
+
+def test_profile_rows_vary_live_tokens_at_one_shape_and_fit_a_cost_model(tiny_params):
+  from lsdist_jax.runner import profile_cost
+  from lsdist_jax.schedule import CostModel
+
+  cfg, params = tiny_params
+  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params,
+                  buckets=Buckets(batch=(4, 8), prompt=8, cache=32))
+  engine = _Engine(gen)
+  engine.config = cfg
+  rows = profile_cost(engine, [4, 8], [64], steps=8, prompt_len=8, repeats=1)
+  assert gen.compile_count == 2  # one program per (batch, cache) shape, whatever the active share
+  assert len(rows) == 4
+  by_share = {(r["batch"], r["live_tokens"]) for r in rows}
+  # a quarter of the rows active reads a quarter of the live tokens (at least one row)
+  assert by_share == {(4, 4 * 20.5), (4, 1 * 20.5), (8, 8 * 20.5), (8, 2 * 20.5)}
+  assert all(set(r) >= {"ms_per_step", "prefill_ms", "cache_len", "prompt_len"} for r in rows)
+  fitted = CostModel.fit(rows)
+  assert len(fitted.step) == 5 and min(fitted.step) >= 0.0

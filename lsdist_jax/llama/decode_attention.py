@@ -20,6 +20,11 @@ _NEG = -1e30  # running-max start: finite, so a fully masked block gives exp(-in
 _MIN_ROWS = 16  # the matrix units' smallest M: query heads of a group are padded up to this
 
 
+def _dot(a, b, contract):
+  """a . b contracting the given dims, accumulated and returned in float32."""
+  return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
 def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, *, block: int, scale: float):
   """One (row, kv head): q_ref [Gp, Dh], k_ref/v_ref [S, Dh], o_ref [Gp, Dh]; slots [lo, hi)."""
   lo = lo_ref[...]
@@ -32,14 +37,14 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, *, block: int, scale: fl
     start = pl.multiple_of(i * block, block)
     k = k_ref[pl.ds(start, block), :]
     v = v_ref[pl.ds(start, block), :]
-    scores = pl.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [Gp, block]
+    scores = _dot(q, k, ((1,), (1,))) * scale  # [Gp, block]
     slots = start + jax.lax.broadcasted_iota(jnp.int32, (gp, block), 1)
     scores = jnp.where((slots >= lo) & (slots < hi), scores, -jnp.inf)
     new_max = jnp.maximum(run_max, jnp.max(scores, axis=1))
     probs = jnp.exp(scores - new_max[:, None])
     rescale = jnp.exp(run_max - new_max)
     denom = denom * rescale + jnp.sum(probs, axis=1)
-    acc = acc * rescale[:, None] + pl.dot(probs.astype(v.dtype), v).astype(jnp.float32)
+    acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)))
     return new_max, denom, acc
 
   init = (jnp.full((gp,), _NEG, jnp.float32), jnp.zeros((gp,), jnp.float32),

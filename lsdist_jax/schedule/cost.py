@@ -1,9 +1,14 @@
-"""Cost model: seconds of a decode step as a function of (batch, cache length), prefill and
-per-batch overhead, fitted from a profiling run of the engine on this device, saved as JSON.
+"""Cost model: seconds of a decode step as a function of (batch, cache length, live cache
+tokens), prefill and per-batch overhead, fitted from a profiling run of the engine on this
+device, saved as JSON.
+
+Two engines, one formula. XLA's decode attention reads every row's whole cache bucket, finished
+rows included (the B x S term); the Pallas kernel reads only the slots unfinished rows have
+filled (the live-token term): a row that has finished costs its batch almost nothing.
 
 Profiling rows (from `lsdist_jax.runner.profile_cost`): {"batch", "cache_len", "ms_per_step",
-"prefill_ms", "prompt_len"}. Also the engine's shape buckets, so costs and memory use the padded
-shapes the engine really runs.
+"prefill_ms", "prompt_len", "live_tokens"}. Also the engine's shape buckets, so costs and memory
+use the padded shapes the engine really runs.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ def round_up(x, multiple: int):
 
 @dataclasses.dataclass
 class CostModel:
-  # step_ms = a + b * B + c * B * S + d * S     (B padded batch, S cache length)
-  step: tuple[float, float, float, float] = (1.3, 0.002, 2.0e-5, 0.0)
+  # step_ms = a + b * B + c * B * S + d * S + e * live
+  #   B padded batch, S cache length, live: cache tokens of unfinished rows this step
+  #   (each row: its prompt + the tokens it generated so far)
+  step: tuple[float, ...] = (1.3, 0.002, 2.0e-5, 0.0, 0.0)
   # prefill_ms = e + f * B * P                  (P prompt block length)
   prefill: tuple[float, float] = (2.0, 2.0e-4)
   batch_overhead_ms: float = 1.0  # host-side work per generate call
@@ -53,19 +60,38 @@ class CostModel:
 
   # --------------------------------------------------------------------------- times (s)
 
-  def step_time(self, batch, cache_len):
-    a, b, c, d = self.step
+  def __post_init__(self):
+    self.step = tuple(float(v) for v in self.step) + (0.0,) * (5 - len(self.step))
+    if len(self.step) != 5:
+      raise ValueError(f"cost model step has {len(self.step)} coefficients; expected 4 or 5")
+
+  @property
+  def live_coef(self) -> float:
+    """ms per live cache token per step (0: the engine reads whole cache buckets)."""
+    return self.step[4]
+
+  def step_time(self, batch, cache_len, live_tokens=0.0):
+    """Seconds of one decode step; without `live_tokens`, the step's live-token cost is left
+    out (add `live_time` of the whole run instead)."""
+    a, b, c, d, e = self.step
     bp = self.padded_batch(batch)
-    return (a + b * bp + c * bp * np.asarray(cache_len) + d * np.asarray(cache_len)) * 1e-3
+    s = np.asarray(cache_len)
+    return (a + b * bp + c * bp * s + d * s + e * np.asarray(live_tokens)) * 1e-3
+
+  def live_time(self, live_token_steps):
+    """Seconds spent reading live cache tokens, summed over steps and rows."""
+    return self.live_coef * np.asarray(live_token_steps) * 1e-3
 
   def prefill_time(self, batch, prompt_len):
     e, f = self.prefill
     return (e + f * self.padded_batch(batch) * self.prompt_block(prompt_len)) * 1e-3
 
-  def batch_time(self, size, max_prompt, cap, steps):
-    """Seconds of one generate call that runs `steps` decode iterations."""
+  def batch_time(self, size, max_prompt, cap, steps, live_token_steps=0.0):
+    """Seconds of one generate call that runs `steps` decode iterations, its unfinished rows
+    reading `live_token_steps` cache tokens in all (sum over steps of the live tokens)."""
     return (self.batch_overhead_ms * 1e-3 + self.prefill_time(size, max_prompt)
-            + np.asarray(steps) * self.step_time(size, self.cache_len(max_prompt, cap)))
+            + np.asarray(steps) * self.step_time(size, self.cache_len(max_prompt, cap))
+            + self.live_time(live_token_steps))
 
   # --------------------------------------------------------------------------- fit / io
 
@@ -77,7 +103,8 @@ class CostModel:
     b = np.array([r["batch"] for r in rows], np.float64)
     s = np.array([r["cache_len"] for r in rows], np.float64)
     y = np.array([r["ms_per_step"] for r in rows], np.float64)
-    x = np.stack([np.ones_like(b), b, b * s, s], axis=1)
+    live = np.array([r.get("live_tokens", 0.0) for r in rows], np.float64)
+    x = np.stack([np.ones_like(b), b, b * s, s, live], axis=1)
     step = _nonneg_lstsq(x, y)
     p = np.array([r.get("prompt_len", 32) for r in rows], np.float64)
     yp = np.array([r.get("prefill_ms", 0.0) for r in rows], np.float64)
@@ -112,7 +139,7 @@ class CostModel:
   @classmethod
   def default_cpu(cls) -> "CostModel":
     """Rough CPU figures for the tiny/SmolLM2 models (a decode step of tens of ms)."""
-    return cls(step=(20.0, 0.5, 1.0e-3, 0.0), prefill=(10.0, 0.02), batch_overhead_ms=5.0,
+    return cls(step=(20.0, 0.5, 1.0e-3, 0.0, 0.0), prefill=(10.0, 0.02), batch_overhead_ms=5.0,
                source="default-cpu")
 
   @classmethod

@@ -119,10 +119,32 @@ class _Prepared:
     self.log_f = dist.log_cdf(self.pmf)
     surv = dist.survival(self.pmf)
     self.surv = surv
-    self.csum = np.concatenate([np.zeros((surv.shape[0], 1)), np.cumsum(surv, axis=1)], axis=1)
+    zero = np.zeros((surv.shape[0], 1))
+    self.csum = np.concatenate([zero, np.cumsum(surv, axis=1)], axis=1)
+    t = np.arange(self.bins, dtype=np.float64)
+    self.tcsum = np.concatenate([zero, np.cumsum(t * surv, axis=1)], axis=1)
     self.prompt = requests.prompt_len
     self.token_cost = _recovery_token_cost(requests, cost, options)
+    self.recovery_rows = _recovery_rows(requests, cost, options)
     self.cost = cost
+
+  def reprefill_time(self, context):
+    """Seconds a recovered row adds to its recovery batch's prefill (its prompt + the tokens
+    generated before the cap, run again); the call's fixed cost is shared by the batch."""
+    e, f = self.cost.prefill
+    return (f * np.asarray(context) + e / self.recovery_rows) * 1e-3
+
+  def live_work(self, rows: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Expected cache tokens request r reads over the steps it runs in a batch capped at c:
+    step i (1..min(L, c)) reads its prompt + i tokens, so E = sum_{i<=c} P(L >= i) (p + i).
+    rows: [n], caps: broadcastable to [n, k] -> [n, k]."""
+    rows = np.asarray(rows)[:, None]
+    caps = np.minimum(np.asarray(caps), self.bins)
+    reach = np.take_along_axis(self.csum[rows[:, 0]], np.broadcast_to(caps, (rows.shape[0],) +
+                                                                      np.shape(caps)[-1:]), 1)
+    moment = np.take_along_axis(self.tcsum[rows[:, 0]], np.broadcast_to(
+        caps, (rows.shape[0],) + np.shape(caps)[-1:]), 1)
+    return self.prompt[rows] * reach + moment + reach
 
   def batch_cost(self, members: np.ndarray, cap: int) -> float:
     """Expected seconds of one batch: its run to min(max length, cap) steps, plus the recovery
@@ -131,19 +153,28 @@ class _Prepared:
     f_max = np.exp(self.log_f[members, :cap].sum(axis=0))
     steps = float(np.sum(1.0 - f_max))
     prompt = self.prompt[members]
-    own = float(self.cost.batch_time(len(members), int(prompt.max()), cap, steps))
+    live = float(self.live_work(members, np.array([cap])).sum()) if self.cost.live_coef else 0.0
+    own = float(self.cost.batch_time(len(members), int(prompt.max()), cap, steps, live))
     tail = float((self.csum[members, -1] - self.csum[members, cap]).sum())
     failed = self.surv[members, cap] if cap < self.bins - 1 else np.zeros(len(members))
-    reprefill = float((failed * self.cost.prefill_time(1, prompt + cap)).sum()) / 4.0
+    reprefill = float((failed * self.reprefill_time(prompt + cap)).sum())
     return own + tail * self.token_cost + reprefill
 
 
-def _recovery_token_cost(requests: Requests, cost: CostModel, options: Options) -> float:
-  """Seconds per token generated in recovery: recovery batches hold the long tail at the full
-  cache length, as many rows as the budget allows."""
+def _recovery_rows(requests: Requests, cost: CostModel, options: Options) -> int:
+  """Rows of a recovery batch: the long tail at the full cache length, as many as the KV budget
+  (and max_batch) allow."""
   full = int(requests.max_seq_len)
-  rows = max(1, min(options.max_batch, options.kv_budget_tokens // int(cost.cache_len(0, full))))
-  return float(cost.step_time(rows, cost.cache_len(0, full)) / rows)
+  return max(1, min(options.max_batch, options.kv_budget_tokens // int(cost.cache_len(0, full))))
+
+
+def _recovery_token_cost(requests: Requests, cost: CostModel, options: Options) -> float:
+  """Seconds per token generated in recovery (recovery batches of `_recovery_rows` at the full
+  cache length); a recovered row has already generated past its cap, so its live cache is
+  taken as 3/4 of the full length."""
+  full = int(requests.max_seq_len)
+  rows = _recovery_rows(requests, cost, options)
+  return float(cost.step_time(rows, cost.cache_len(0, full), rows * 0.75 * full) / rows)
 
 
 def _with_known_lengths(requests: Requests) -> Requests:
@@ -360,8 +391,13 @@ def _optimal_dp(requests: Requests, cost: CostModel, options: Options) -> Plan:
   prefix_log = np.concatenate([np.zeros((1, bins)), np.cumsum(log_f, axis=0)])
   tails = prep.csum[order, -1][:, None] - prep.csum[order][:, caps]  # [n, G]
   fails = np.where(caps[None, :] < bins - 1, prep.surv[order][:, np.minimum(caps, bins - 1)], 0.0)
-  extra = tails * prep.token_cost + fails * cost.prefill_time(1, prompt[:, None] + caps) / 4.0
-  prefix_extra = np.concatenate([np.zeros((1, caps.size)), np.cumsum(extra, axis=0)])
+  extra = tails * prep.token_cost + fails * prep.reprefill_time(prompt[:, None] + caps)
+  # the live-cache reads of each member: at a grid cap, or (last column) to its own end
+  live = np.zeros((n, caps.size + 1))
+  if cost.live_coef:
+    live = cost.live_time(prep.live_work(order, np.append(caps, bins)[None, :]))
+  extra = np.concatenate([extra, np.zeros((n, 1))], axis=1) + live
+  prefix_extra = np.concatenate([np.zeros((1, caps.size + 1)), np.cumsum(extra, axis=0)])
   # One more cap per batch: the longest length any member can have (its pmf's support), which
   # needs no recovery; for known lengths (oracle) that is the exact batch maximum.
   support = (bins - 1) - np.argmax(prep.pmf[order][:, ::-1] > 0, axis=1)
@@ -386,8 +422,8 @@ def _optimal_dp(requests: Requests, cost: CostModel, options: Options) -> Plan:
     steps_upto = np.concatenate([np.zeros((starts.size, 1)), np.cumsum(1.0 - f_max, axis=1)], 1)
     steps = np.take_along_axis(steps_upto, np.minimum(cap, bins), axis=1)
     time = cost.batch_time(size[:, None], max_prompt[:, None], cap, steps)
-    extra = prefix_extra[j][None, :] - prefix_extra[starts]  # recovery cost at grid caps
-    extra = np.concatenate([extra, np.zeros((starts.size, 1))], axis=1)  # none at the support
+    # recovery and live-cache cost at grid caps; at the support only live cache (no recovery)
+    extra = prefix_extra[j][None, :] - prefix_extra[starts]
     total = best[starts][:, None] + time + extra
     ok = ((size[:, None] <= options.max_batch)
           & (cost.kv_tokens(size[:, None], max_prompt[:, None], cap) <= options.kv_budget_tokens))
