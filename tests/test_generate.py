@@ -168,3 +168,18 @@ def test_greedy_is_argmax():
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(5, 30)), jnp.float32)
   got = sample_tokens(logits, jnp.full((5,), 0.3), jnp.float32(0.0), jnp.float32(0.9))
   assert np.array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
+
+
+@pytest.mark.parametrize("levels", [None, 3], ids=["distinct", "many-ties"])
+def test_chunked_top_k_equals_lax_top_k(levels):
+  from lsdist_jax.llama.generate import top_k
+
+  rng = np.random.default_rng(9)
+  values = rng.normal(size=(16, 5000)).astype(np.float32)
+  if levels:  # heavy ties across chunks: the lower index must still win
+    values = np.floor(values * levels) / levels
+  values[3, 4990:] = 50.0  # the top of one row sits in the last, partial chunk
+  want_v, want_i = jax.lax.top_k(jnp.asarray(values), 16)
+  got_v, got_i = top_k(jnp.asarray(values), 16, chunk=64)
+  np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+  np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))

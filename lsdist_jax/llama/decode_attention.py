@@ -58,8 +58,8 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, *, block: int, scale: fl
 
 # (block, num_warps, num_stages) by head_dim; `launch/bench_engine.py --attention_sweep` times
 # the alternatives on a GPU (docs/BENCHMARKS.md has the H100 figures behind these).
-TUNING: dict[int, tuple[int, int, int]] = {64: (64, 4, 2), 128: (64, 4, 2)}
-_DEFAULT_TUNING = (64, 4, 2)
+TUNING: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3)}
+_DEFAULT_TUNING = (64, 4, 3)
 
 
 def block_size(cache_len: int, preferred: int = 64) -> int:
