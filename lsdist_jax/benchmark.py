@@ -208,6 +208,19 @@ def vanilla_best_batch(cost, options, prompt_len: np.ndarray, max_seq_len: int) 
   return size
 
 
+def strategy_options(name: str, options, cost, prompt_len: np.ndarray, max_seq_len: int):
+  """The planner options a strategy runs with: vanilla's fixed batch (16, or the largest that
+  fits the KV budget at full length), FCR for `ours`; the config's options otherwise."""
+  if name == "vanilla:16":
+    return dataclasses.replace(options, fixed_batch=DEFAULT_VANILLA_BATCH)
+  if name == "vanilla:best":
+    return dataclasses.replace(options, fixed_batch=vanilla_best_batch(cost, options, prompt_len,
+                                                                       max_seq_len))
+  if name == "ours":
+    return dataclasses.replace(options, fcr=True)
+  return options
+
+
 def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None = None,
                   cost=None, out_name: str = "benchmark") -> dict:
   """Every strategy of config.benchmark.strategies on the same requests and seeds.
@@ -274,14 +287,8 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
         continue
       planner, kind = STRATEGIES[name]
       seconds = {"predict": 0.0, "plan": 0.0, "generate": 0.0, "recover": 0.0, "compile": 0.0}
-      sched_options = options
-      if name == "vanilla:16":
-        sched_options = dataclasses.replace(options, fixed_batch=DEFAULT_VANILLA_BATCH)
-      elif name == "vanilla:best":
-        sched_options = dataclasses.replace(options, fixed_batch=vanilla_best_batch(
-            cost, options, prompt_len, config.generation.max_seq_len))
-      elif name == "ours":
-        sched_options = dataclasses.replace(options, fcr=True)
+      sched_options = strategy_options(name, options, cost, prompt_len,
+                                       config.generation.max_seq_len)
       pmf = scalar = None
       if kind is not None:
         if kind not in predictors:

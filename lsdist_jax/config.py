@@ -83,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (predictor/calibration.py); the export applies it to every predicted pmf.
   c.predictor.recalibrate = True
   c.predictor.recalibration_knots = 11  # chosen by 5-fold CV on the SmolLM2 store (BENCHMARKS.md)
+  # > 0: the map is also fitted on out-of-fold predictions of the training prompts (K extra
+  # trainings, each without one fold), not only on the few validation prompts.
+  c.predictor.recalibration_folds = 0
   c.predictor.optimizer = "adam"  # adam | adamw
   c.predictor.learning_rate = 1e-4
   c.predictor.weight_decay = 0.0

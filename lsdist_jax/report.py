@@ -72,7 +72,9 @@ def plot_collection(store_path: str, out_dir: str, n_prompts: int = 6) -> list[s
 
 BENCH_COLUMNS = [("strategy", "strategy"), ("samples_per_s", "samples/s"),
                  ("tokens_per_s", "tokens/s"), ("effective_token_ratio", "effective"),
-                 ("speedup", "× vanilla:16"), ("seconds_total", "total s"),
+                 ("speedup", "× vanilla:16"), ("x_vanilla_best", "× vanilla:best"),
+                 ("x_oracle", "× oracle"), ("seconds", "seconds"),
+                 ("expected_seconds", "expected s"), ("seconds_total", "total s"),
                  ("seconds_predict", "predict s"), ("seconds_plan", "plan s"),
                  ("seconds_generate", "generate s"), ("seconds_recover", "recover s"),
                  ("seconds_compile", "compile s"), ("batches", "batches"),
@@ -89,7 +91,9 @@ def markdown_table(rows: Sequence[dict], columns=BENCH_COLUMNS) -> str:
     cells = []
     for key, _ in present:
       value = row.get(key, "")
-      if isinstance(value, float):
+      if value is None:
+        value = "—"
+      elif isinstance(value, float):
         value = f"{value:,.3f}" if abs(value) < 100 else f"{value:,.1f}"
       cells.append(str(value))
     body.append("| " + " | ".join(cells) + " |")

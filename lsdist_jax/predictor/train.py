@@ -230,16 +230,44 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   extra = {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
            "loss": pc.loss, "kde_sigma": float(pc.kde_sigma)}
   if spec["kind"] == "distribution" and pc.recalibrate:
-    # Fitted on the validation prompts, which the weights never trained on.
+    # Fitted on prompts the weights never trained on: the validation prompts, and with
+    # recalibration_folds > 0 also every training prompt, scored by a model trained without it.
     raw = Predictor(_export_meta(spec, mean, std), best_params).predict_pmf(valid.hidden)
-    pit = pit_values(raw, np.minimum(valid.lengths, spec["max_len"]), int(config.seed))
-    extra["recalibration"] = fit_recalibration(pit, int(pc.recalibration_knots))
+    pit = [pit_values(raw, np.minimum(valid.lengths, spec["max_len"]), int(config.seed))]
+    pit += _out_of_fold_pit(config, workdir, train, valid, int(pc.recalibration_folds))
+    extra["recalibration"] = fit_recalibration(np.concatenate(pit),
+                                               int(pc.recalibration_knots))
+    extra["recalibration_samples"] = int(sum(p.size for p in pit))
   export_dir = os.path.join(workdir, "export")
   export_predictor(export_dir, spec, best_params, mean, std, extra)
   latest.close()
   best.close()
   return {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
           "epochs": int(pc.epochs), "export": export_dir, "params": jax.device_get(state["params"])}
+
+
+def _out_of_fold_pit(config, workdir: str, train: Split, valid: Split, folds: int) -> list:
+  """PIT values of every training prompt's samples under a network trained (with the same
+  settings, early-stopped on the same validation prompts) on the other folds of the training
+  set. Each fold's run lives in <workdir>/recalibration/fold<k> and resumes like any other."""
+  if folds <= 0:
+    return []
+  n = train.hidden.shape[0]
+  if n < 2 * folds:
+    raise ValueError(f"predictor.recalibration_folds={folds} needs at least {2 * folds} "
+                     f"training prompts, got {n}")
+  fold_config = config.copy_and_resolve_references()
+  fold_config.predictor.recalibrate = False
+  fold = np.random.default_rng([int(config.seed), 7]).permutation(n) % folds
+  max_len = int(config.predictor.max_len)
+  out = []
+  for k in range(folds):
+    held, rest = np.nonzero(fold == k)[0], np.nonzero(fold != k)[0]
+    result = train_and_evaluate(fold_config, os.path.join(workdir, "recalibration", f"fold{k}"), {
+        "train": Split(train.hidden[rest], train.lengths[rest]), "valid": valid})
+    raw = load_predictor(result["export"]).predict_pmf(train.hidden[held])
+    out.append(pit_values(raw, np.minimum(train.lengths[held], max_len), int(config.seed) + k + 1))
+  return out
 
 
 def _export_meta(spec: dict, mean, std, extra=None) -> dict:

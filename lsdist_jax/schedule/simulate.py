@@ -1,0 +1,66 @@
+"""A plan replayed against known response lengths under the cost model: the seconds the runner
+would spend, without an engine (numpy only). For planner research, and to size a GPU run first.
+
+It follows the runner's rules: a batch runs until its longest member ends or `cap` steps; a row
+that reaches the cap is continued by recovery batches from prompt + what it generated; at step i
+an unfinished row reads its prompt + i cache tokens (the live-token term of the cost model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lsdist_jax.schedule.cost import CostModel
+from lsdist_jax.schedule.planners import Batch, Plan, Requests
+
+
+@dataclasses.dataclass
+class SimResult:
+  seconds: float
+  batches: int  # main batches
+  recovery_batches: int
+  generated_tokens: int  # sum of the true lengths (each generated once)
+  computed_tokens: int  # padded rows x (steps + 1), as the runner counts them
+
+  @property
+  def effective_token_ratio(self) -> float:
+    return self.generated_tokens / max(self.computed_tokens, 1)
+
+
+def simulate(plan: Plan, requests: Requests, true_length: np.ndarray, cost: CostModel,
+             recover: Callable[[np.ndarray, np.ndarray], Sequence[Batch]] | None = None,
+             max_recovery_rounds: int = 16) -> SimResult:
+  """Seconds of `plan` (then its recovery rounds) when request r generates true_length[r]
+  tokens (at most its room); `recover(unfinished, generated)` plans each recovery round."""
+  true_length = np.minimum(np.asarray(true_length, np.int64), requests.room)
+  generated = np.zeros(requests.n, np.int64)
+  done = np.zeros(requests.n, bool)
+  totals = {"seconds": 0.0, "computed": 0, "main": 0, "recovery": 0}
+
+  def run(members: np.ndarray, cap: int, phase: str) -> None:
+    prompt = requests.prompt_len[members] + generated[members]
+    cap = int(max(1, min(cap, requests.max_seq_len - int(prompt.min()))))
+    steps_row = np.minimum(true_length[members] - generated[members], cap)  # [m]
+    steps = int(steps_row.max())
+    live = float((steps_row * prompt + steps_row * (steps_row + 1) / 2).sum())
+    totals["seconds"] += float(cost.batch_time(len(members), int(prompt.max()), cap, steps, live))
+    totals["computed"] += int(cost.padded_batch(len(members))) * (steps + 1)
+    totals[phase] += 1
+    generated[members] += steps_row
+    done[members] = generated[members] >= true_length[members]
+
+  for batch in plan.batches:
+    run(np.asarray(batch.members, np.int64), int(batch.cap), "main")
+  for round_ in range(max_recovery_rounds + 1):
+    pending = np.nonzero(~done)[0]
+    if pending.size == 0:
+      break
+    if round_ == max_recovery_rounds or recover is None:
+      raise RuntimeError(f"{pending.size} requests unfinished after {round_} recovery rounds")
+    for batch in recover(pending, generated[pending]):
+      run(np.asarray(batch.members, np.int64), int(batch.cap), "recovery")
+  return SimResult(totals["seconds"], totals["main"], totals["recovery"],
+                   int(true_length.sum()), totals["computed"])
