@@ -93,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.predictor.batch_size = 256
   c.predictor.epochs = 100
   c.predictor.eval_every = 1
+  c.predictor.checkpoint_every = 10  # epochs between orbax saves (latest, and best if improved)
   c.predictor.checkpoint = ""  # default: <workdir>/predictor
 
   # Scheduling.

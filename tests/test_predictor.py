@@ -1,5 +1,6 @@
 """Predictors: KDE targets, learning a known rule, checkpoint resume/export/refusal, metrics."""
 
+import json
 import os
 
 import jax
@@ -87,10 +88,14 @@ def test_resumed_training_equals_an_uninterrupted_run(data, trained, tmp_path):
   workdir = str(tmp_path / "resumed")
   stopped = train_and_evaluate(small_config(), workdir, splits, stop_after_epochs=11)
   assert stopped == {"stopped_at_epoch": 11}
+  # checkpoints are every 10 epochs: epoch 11 was lost with the "crash" and is run again
   resumed = train_and_evaluate(small_config(), workdir, splits)
   for a, b in zip(jax.tree.leaves(uninterrupted["params"]), jax.tree.leaves(resumed["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+  with open(os.path.join(workdir, "train_log.jsonl")) as f:
+    epochs = [json.loads(line)["epoch"] for line in f]
+  assert epochs == list(range(1, small_config().predictor.epochs + 1))
 
 
 def test_export_reloads_identically_and_refuses_other_shapes(data, trained):
@@ -229,3 +234,29 @@ def test_cross_validation_scores_every_prompt_held_out(data, tmp_path):
                                                   "predictor_cv.json", "reliability_cv.png"]
   with pytest.raises(ValueError, match="at least 2 folds"):
     cross_validate(config, str(tmp_path / "store"), str(tmp_path / "cv1"), folds=1)
+
+
+def test_out_of_fold_recalibration_uses_every_training_prompt(data, tmp_path):
+  """With recalibration_folds=K the map is fitted on the validation samples plus every training
+  sample, each scored by a network trained without its fold; that network's fold runs are
+  resumable workdirs of their own, and the map it gives still calibrates held-out prompts."""
+  splits, _ = data
+  small = {"train": Split(splits["train"].hidden[:96], splits["train"].lengths[:96]),
+           "valid": splits["valid"]}
+  config = small_config(epochs=8)
+  config.predictor.recalibration_folds = 3
+  train_and_evaluate(config, str(tmp_path / "run"), small)
+  meta = load_predictor(str(tmp_path / "run" / "export")).meta
+  samples = splits["valid"].lengths.size + small["train"].lengths.size
+  assert meta["recalibration_samples"] == samples
+  for k in range(3):
+    assert os.path.isfile(str(tmp_path / "run" / "recalibration" / f"fold{k}" / "export" /
+                              "predictor.json"))
+  predictor = load_predictor(str(tmp_path / "run" / "export"))
+  test = splits["test"]
+  pit = pit_values(predictor.predict_pmf(test.hidden), test.lengths, 1)
+  for q in (0.5, 0.8, 0.9):
+    assert abs(float(np.mean(pit <= q)) - q) < 0.1
+  config.predictor.recalibration_folds = 60
+  with pytest.raises(ValueError, match="recalibration_folds=60 needs at least 120"):
+    train_and_evaluate(config, str(tmp_path / "bad"), small)

@@ -157,6 +157,10 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   if data is None:
     data = load_splits(config.collect.store or os.path.join(config.workdir, "store"))
   train, valid = data["train"], data["valid"]
+  folds = int(pc.recalibration_folds) if pc.kind == "distribution" and pc.recalibrate else 0
+  if folds and train.hidden.shape[0] < 2 * folds:
+    raise ValueError(f"predictor.recalibration_folds={folds} needs at least {2 * folds} "
+                     f"training prompts, got {train.hidden.shape[0]}")
   hidden_dim = train.hidden.shape[1]
   spec = predictor_spec(config, hidden_dim)
   mean = train.hidden.mean(axis=0)
@@ -191,8 +195,11 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   state = jax.device_put(state, trainer.replicated)
 
   log_path = os.path.join(workdir, "train_log.jsonl")
+  _truncate_log(log_path, int(state["epoch"]))  # epochs after the checkpoint are run again
   key = jax.random.key(int(config.seed) + 1)
   epochs_run = 0
+  every = max(1, int(pc.checkpoint_every))
+  pending_best = None  # (epoch, params) of a best not yet on disk
   for epoch in range(int(state["epoch"]), int(pc.epochs)):
     t0 = time.perf_counter()
     perm = np.random.default_rng([int(config.seed), epoch]).permutation(x_train.shape[0])
@@ -210,10 +217,17 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
     state = dict(state, epoch=np.full((), epoch + 1, np.int32),
                  best_valid=np.full((), min(valid_loss, float(state["best_valid"])), np.float32))
     if improved:
-      best.save(epoch + 1, args=ocp.args.StandardSave({"params": state["params"]}))
-      best.wait_until_finished()
-    latest.save(epoch + 1, args=ocp.args.StandardSave(state))
-    latest.wait_until_finished()
+      pending_best = (epoch + 1, jax.device_get(state["params"]))
+    if (epoch + 1) % every == 0 or epoch + 1 == int(pc.epochs):
+      # Best before latest: a run resumed from this latest finds the best it has seen on disk.
+      # Epochs are deterministic, so a run resumed after a crash between checkpoints repeats
+      # the lost epochs exactly and reaches the same best.
+      if pending_best is not None:
+        best.save(pending_best[0], args=ocp.args.StandardSave({"params": pending_best[1]}))
+        best.wait_until_finished()
+        pending_best = None
+      latest.save(epoch + 1, args=ocp.args.StandardSave(state))
+      latest.wait_until_finished()
     record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
               "best": improved, "seconds": round(time.perf_counter() - t0, 3)}
     with open(log_path, "a") as f:
@@ -234,7 +248,7 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
     # recalibration_folds > 0 also every training prompt, scored by a model trained without it.
     raw = Predictor(_export_meta(spec, mean, std), best_params).predict_pmf(valid.hidden)
     pit = [pit_values(raw, np.minimum(valid.lengths, spec["max_len"]), int(config.seed))]
-    pit += _out_of_fold_pit(config, workdir, train, valid, int(pc.recalibration_folds))
+    pit += _out_of_fold_pit(config, workdir, train, valid, folds)
     extra["recalibration"] = fit_recalibration(np.concatenate(pit),
                                                int(pc.recalibration_knots))
     extra["recalibration_samples"] = int(sum(p.size for p in pit))
@@ -246,6 +260,16 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
           "epochs": int(pc.epochs), "export": export_dir, "params": jax.device_get(state["params"])}
 
 
+def _truncate_log(path: str, epochs_done: int) -> None:
+  """Keeps the log's records of the epochs a resumed run does not repeat."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+  with open(path, "w") as f:
+    f.writelines(kept)
+
+
 def _out_of_fold_pit(config, workdir: str, train: Split, valid: Split, folds: int) -> list:
   """PIT values of every training prompt's samples under a network trained (with the same
   settings, early-stopped on the same validation prompts) on the other folds of the training
@@ -253,9 +277,6 @@ def _out_of_fold_pit(config, workdir: str, train: Split, valid: Split, folds: in
   if folds <= 0:
     return []
   n = train.hidden.shape[0]
-  if n < 2 * folds:
-    raise ValueError(f"predictor.recalibration_folds={folds} needs at least {2 * folds} "
-                     f"training prompts, got {n}")
   fold_config = config.copy_and_resolve_references()
   fold_config.predictor.recalibrate = False
   fold = np.random.default_rng([int(config.seed), 7]).permutation(n) % folds
