@@ -31,4 +31,7 @@ def get_config():
   c.benchmark.slice = "12048:20240"
   c.benchmark.requests = 8192
   c.schedule.kv_budget_tokens = 48 * 1024
+  # Step costs of this model shape with the Pallas decode attention, profiled on an H100
+  # (docs/BENCHMARKS.md); on another device run `launch/benchmark.py --profile` and point here.
+  c.schedule.cost_model = "docs/results/cost_model_7b_pallas_h100.json"
   return c

@@ -48,6 +48,7 @@ def small_config(kind="distribution", epochs=30):
   c.predictor.learning_rate = 3e-3
   c.predictor.batch_size = 64
   c.predictor.epochs = epochs
+  c.predictor.recalibration_folds = 0  # the map from the validation prompts (one test uses K)
   return c
 
 
@@ -153,6 +154,21 @@ def test_metrics_sanity():
   mass = metrics.empirical_pmf(np.full((20, 1), 25), MAX_LEN)
   assert metrics.wasserstein1(mass, lengths) == pytest.approx(scalar["w1"])
   assert metrics.crps(mass, lengths) == pytest.approx(scalar["crps"])
+
+
+def test_coverage_interval_holds_the_figure_and_narrows_with_more_prompts():
+  rng = np.random.default_rng(3)
+  mu = rng.uniform(30, 90, 400)
+  lengths = np.clip(np.rint(mu[:, None] + 10 * rng.normal(size=(400, 16))), 0, MAX_LEN)
+  pred = _normal_pmf(mu, np.full(400, 10.0))
+  widths = {}
+  for n in (10, 400):
+    ci = metrics.coverage_interval(pred[:n], lengths[:n])
+    cov = metrics.coverage(pred[:n], lengths[:n], (0.5, 0.8, 0.9))
+    for q in ("0.5", "0.8", "0.9"):
+      assert ci[q][0] <= cov[q] <= ci[q][1]
+    widths[n] = ci["0.5"][1] - ci["0.5"][0]
+  assert widths[400] < widths[10] / 3  # ~ 1 / sqrt(prompts)
 
 
 def _normal_pmf(mu, sd, max_len=MAX_LEN):

@@ -54,13 +54,29 @@ def coverage(pred: np.ndarray, lengths: np.ndarray, qs=COVERAGE_QS) -> dict[str,
   return {f"{q:.1f}": float(np.mean(lengths <= quantiles(pred, q)[:, None])) for q in qs}
 
 
+def coverage_interval(pred: np.ndarray, lengths: np.ndarray, qs=(0.5, 0.8, 0.9),
+                      draws: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+  """A bootstrap interval of each coverage figure over prompts (prompts resampled with
+  replacement, each with all its samples): how much the figure owes to which prompts were held
+  out. With few test prompts it is wide. {q: [lo, hi]}."""
+  rng = np.random.default_rng(seed)
+  picks = rng.integers(0, pred.shape[0], size=(draws, pred.shape[0]))
+  out = {}
+  for q in qs:
+    per_prompt = np.mean(lengths <= quantiles(pred, q)[:, None], axis=1)  # [P]
+    boot = per_prompt[picks].mean(axis=1)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    out[f"{q:.1f}"] = [round(float(lo), 4), round(float(hi), 4)]
+  return out
+
+
 def evaluate_pmf(name: str, pred: np.ndarray, lengths: np.ndarray, sigma: float) -> dict:
   max_len = pred.shape[1] - 1
   target = kde_target(lengths, max_len, sigma)
   cov = coverage(pred, lengths)
   return {"model": name, "kl": kl(target, pred), "w1": wasserstein1(pred, lengths),
           "crps": crps(pred, lengths), "coverage": {k: cov[k] for k in ("0.5", "0.8", "0.9")},
-          "coverage_all": cov,
+          "coverage_all": cov, "coverage_ci95": coverage_interval(pred, lengths),
           "mae_median": float(np.mean(np.abs(quantiles(pred, 0.5)
                                              - np.median(lengths, axis=1)))),
           "mae_max": float(np.mean(np.abs(quantiles(pred, MAX_Q) - lengths.max(axis=1))))}
@@ -70,6 +86,7 @@ def evaluate_scalar(name: str, pred: np.ndarray, lengths: np.ndarray) -> dict:
   err = np.abs(lengths - pred[:, None])
   return {"model": name, "kl": None, "w1": float(err.mean()), "crps": float(err.mean()),
           "coverage": {"0.5": None, "0.8": None, "0.9": None}, "coverage_all": None,
+          "coverage_ci95": None,
           "mae_median": float(np.mean(np.abs(pred - np.median(lengths, axis=1)))),
           "mae_max": float(np.mean(np.abs(pred - lengths.max(axis=1))))}
 
