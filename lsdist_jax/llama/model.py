@@ -105,8 +105,9 @@ class Attention(nn.Module):
     q = q.reshape(b, t, kvh, groups, hd)
     if t == 1 and self.decode_impl == "pallas":
       lo, hi = kv_bounds
+      # Triton lowering on GPUs; Pallas' interpreter anywhere else (CPU tests)
       out = pallas_decode.decode_attention(q[:, 0], k_cache, v_cache, lo, hi,
-                                           interpret=jax.default_backend() == "cpu")
+                                           interpret=jax.default_backend() != "gpu")
       out = out.reshape(b, 1, h, hd)
     elif t == 1 and self.decode_impl == "reduce":
       # Multiply-and-sum over the cache: one fused memory-bound pass, no batched GEMM.
@@ -170,8 +171,8 @@ class Llama(nn.Module):
 
   __call__(tokens [B, T], cache, write_index (int scalar), pad_len [B]) ->
     (logits [B, T or 1, V] float32, hidden {layer: [B, T or 1, D]}, cache)
-  `active` [B] bool (decode steps): rows whose attention is computed; with the pallas decode
-  attention, a row that is not active reads no cache at all (its outputs are garbage).
+  `active` [B] bool (decode steps): rows still generating; with the pallas decode attention a
+  row that is not active reads no cache at all (its outputs are then meaningless).
   `logits_at="last"` computes the head only for the last position (prefill and decode);
   `hidden_layers` picks which hidden states to return: k in 0..num_layers-1 is block k's output,
   -1 is the final-norm output (the head's input).
