@@ -138,13 +138,12 @@ class _Prepared:
     """Expected cache tokens request r reads over the steps it runs in a batch capped at c:
     step i (1..min(L, c)) reads its prompt + i tokens, so E = sum_{i<=c} P(L >= i) (p + i).
     rows: [n], caps: broadcastable to [n, k] -> [n, k]."""
-    rows = np.asarray(rows)[:, None]
+    rows = np.asarray(rows)
     caps = np.minimum(np.asarray(caps), self.bins)
-    reach = np.take_along_axis(self.csum[rows[:, 0]], np.broadcast_to(caps, (rows.shape[0],) +
-                                                                      np.shape(caps)[-1:]), 1)
-    moment = np.take_along_axis(self.tcsum[rows[:, 0]], np.broadcast_to(
-        caps, (rows.shape[0],) + np.shape(caps)[-1:]), 1)
-    return self.prompt[rows] * reach + moment + reach
+    at = np.broadcast_to(caps, (rows.size,) + np.shape(caps)[-1:])  # [n, k] column per cap
+    reach = np.take_along_axis(self.csum[rows], at, 1)  # sum_{t<c} P(L > t)
+    moment = np.take_along_axis(self.tcsum[rows], at, 1)  # sum_{t<c} t P(L > t)
+    return self.prompt[rows][:, None] * reach + moment + reach
 
   def batch_cost(self, members: np.ndarray, cap: int) -> float:
     """Expected seconds of one batch: its run to min(max length, cap) steps, plus the recovery
