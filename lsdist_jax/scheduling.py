@@ -110,7 +110,11 @@ def predict(engine, requests, predictor, config):
 
   embed_requests(engine, requests, int(config.collect.hidden_layer))
   hidden = getattr(requests, "replay_hidden", None)
-  hidden = requests.hidden if hidden is None else hidden
+  return predict_hidden(predictor, requests.hidden if hidden is None else hidden)
+
+
+def predict_hidden(predictor, hidden):
+  """(pmf [n, L+1], None) from a distribution predictor, (None, scalar [n]) from a scalar one."""
   if predictor.kind == "distribution":
     return predictor.predict_pmf(hidden), None
   return None, predictor.predict_scalar(hidden)
@@ -151,5 +155,5 @@ def schedule_and_run(engine, prompt_ids, request_ids, config, predictor, strateg
   return runner.run(plan, recovery_fn(planner, sched, cost, options))
 
 
-__all__ = ["PREDICTOR_KINDS", "load_cost_model", "load_predictors", "predict", "make_plan",
-           "planner_requests", "recovery_fn", "replay_requests", "schedule_and_run"]
+__all__ = ["PREDICTOR_KINDS", "load_cost_model", "load_predictors", "predict", "predict_hidden",
+           "make_plan", "planner_requests", "recovery_fn", "replay_requests", "schedule_and_run"]

@@ -71,11 +71,7 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
     elif kind is not None:
       if kind not in predictors:
         raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
-      predictor = predictors[kind]
-      if predictor.kind == "distribution":
-        pmf = predictor.predict_pmf(reqs.hidden)
-      else:
-        scalar = predictor.predict_scalar(reqs.hidden)
+      pmf, scalar = scheduling.predict_hidden(predictors[kind], reqs.hidden)
     sched = scheduling.planner_requests(reqs.prompt_len, max_seq_len, pmf, scalar,
                                         reqs.true_length if planner == "oracle" else None)
     opts = strategy_options(name, options, cost, reqs.prompt_len, max_seq_len)
