@@ -211,6 +211,121 @@ def _generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, 
   return out[:, :g], n_gen, finished, hidden_state, steps - 1
 
 
+# ----------------------------------------------------------------------------------- slot refill
+#
+# Continuous decoding: B slots over one KV cache of S tokens per row. A request is *inserted*
+# into a free slot (its prompt prefilled and its cache moved to the slot's start), then every
+# decode step advances each unfinished slot by one token at its own cache position; when enough
+# slots are free the host inserts the next requests. Sampling is keyed by (seed, request id,
+# token index) as above, so a response is the same as from `_generate_core`.
+#
+# State (a dict of device arrays, per slot [B]): cache; tok (the token to feed next); plen (the
+# context length at insertion); rid, start (PRNG identity and tokens generated before this
+# insertion); n_gen (accepted tokens in this slot); cap; limit (room to max_seq_len); forced
+# (length replay, -1 off); done; finished (EOS); out [B, S + 1] (accepted tokens).
+
+
+def _slot_state(batch: int, cache_len: int, *, model: Llama) -> dict:
+  zeros = jnp.zeros((batch,), jnp.int32)
+  return {"cache": init_cache(model.config, batch, cache_len, model.dtype), "tok": zeros,
+          "plen": jnp.ones((batch,), jnp.int32), "rid": jnp.zeros((batch,), jnp.uint32),
+          "start": zeros, "n_gen": zeros, "cap": zeros, "limit": zeros,
+          "forced": jnp.full((batch,), -1, jnp.int32), "done": jnp.ones((batch,), bool),
+          "finished": jnp.zeros((batch,), bool),
+          "out": jnp.zeros((batch, cache_len + 1), jnp.int32)}
+
+
+def _choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p, *,
+            top_k_candidates, eos, filler_id):
+  """The token of each row at its token index `steps` (with length replay)."""
+  u = request_uniforms(seed, request_ids, steps)
+  tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates)
+  replay = forced_len >= 0
+  tok = jnp.where(replay & (steps >= forced_len), eos[0], tok)
+  return jnp.where(replay & (steps < forced_len) & jnp.isin(tok, eos), filler_id, tok)
+
+
+def _slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps, caps, limits,
+                 forced_len, seed, temperature, top_p, *, model: Llama, top_k_candidates: int,
+                 eos_ids: tuple[int, ...], filler_id: int):
+  """Prefills `tokens` ([k, P] left-padded contexts) and places row i in slot slots[i] (a slot
+  index >= B drops the row: bucket padding). Its cache moves to the slot's start, so the slot
+  holds context position j at cache slot j; its first token is sampled here."""
+  k, p = tokens.shape
+  b, s_len = state["out"].shape[0], state["out"].shape[1] - 1
+  if p > s_len:
+    raise ValueError(f"a context block of {p} tokens does not fit cache_len={s_len}")
+  small = init_cache(model.config, k, p, model.dtype)
+  logits, _, small = model.apply({"params": params}, tokens, small, jnp.zeros((), jnp.int32),
+                                 pad_len, logits_at="last")
+  eos = jnp.asarray(eos_ids, jnp.int32)
+  tok = _choose(logits[:, -1], request_ids, start_steps, forced_len, seed, temperature, top_p,
+                top_k_candidates=top_k_candidates, eos=eos, filler_id=filler_id)
+  # Row i's context sits at [pad_len[i], P): gather it to [0, P - pad_len[i]).
+  src = jnp.minimum(jnp.arange(p)[None, :] + pad_len[:, None], p - 1)[:, None, :, None]
+  cols = jnp.arange(p)[None, :]
+  cache = []
+  for layer, new in zip(state["cache"], small):
+    moved = {}
+    for name in ("k", "v"):
+      rows = jnp.take_along_axis(new[name], src, axis=2).transpose(0, 2, 1, 3)  # [k, P, KVH, Dh]
+      moved[name] = layer[name].at[slots[:, None], :, cols].set(rows, mode="drop")
+    cache.append(moved)
+  plen = (p - pad_len).astype(jnp.int32)
+  is_eos = jnp.isin(tok, eos)
+  accept = ~is_eos & (caps > 0) & (limits > 0)
+  n_gen = accept.astype(jnp.int32)
+  done = is_eos | (n_gen >= limits) | (caps <= 0)
+  out_rows = jnp.zeros((k, s_len + 1), jnp.int32).at[:, 0].set(jnp.where(accept, tok, 0))
+
+  def put(x, value):
+    return x.at[slots].set(value.astype(x.dtype), mode="drop")
+
+  return {"cache": cache, "tok": put(state["tok"], tok), "plen": put(state["plen"], plen),
+          "rid": put(state["rid"], request_ids), "start": put(state["start"], start_steps),
+          "n_gen": put(state["n_gen"], n_gen), "cap": put(state["cap"], caps),
+          "limit": put(state["limit"], limits), "forced": put(state["forced"], forced_len),
+          "done": put(state["done"], done), "finished": put(state["finished"], is_eos),
+          "out": put(state["out"], out_rows)}
+
+
+def _slot_decode(params, state, free_target, seed, temperature, top_p, *, model: Llama,
+                 top_k_candidates: int, eos_ids: tuple[int, ...], filler_id: int):
+  """Decode steps until at least `free_target` slots are done (or all are). -> (state, steps)"""
+  eos = jnp.asarray(eos_ids, jnp.int32)
+  b, width = state["out"].shape
+  rows = jnp.arange(b)
+  pad = jnp.zeros((b,), jnp.int32)
+
+  def cond(carry):
+    _, st = carry
+    return (jnp.sum(st["done"]) < free_target) & jnp.any(~st["done"])
+
+  def body(carry):
+    steps, st = carry
+    done, n_gen = st["done"], st["n_gen"]
+    # The token fed now is the row's token n_gen - 1, at cache slot plen + n_gen - 1.
+    where = jnp.maximum(st["plen"] + n_gen - 1, 0)
+    logits, _, cache = model.apply({"params": params}, st["tok"][:, None], st["cache"], where, pad,
+                                   logits_at="last", active=~done)
+    tok = _choose(logits[:, -1], st["rid"], st["start"] + n_gen, st["forced"], seed,
+                  temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
+                  filler_id=filler_id)
+    is_eos = jnp.isin(tok, eos)
+    newly_finished = ~done & is_eos
+    accept = ~done & ~is_eos & (n_gen < st["cap"])
+    col = jnp.minimum(n_gen, width - 1)
+    out = st["out"].at[rows, col].set(jnp.where(accept, tok, st["out"][rows, col]))
+    new_n = n_gen + accept.astype(jnp.int32)
+    new_done = done | newly_finished | (new_n >= st["limit"]) | (n_gen >= st["cap"])
+    st = dict(st, cache=cache, tok=jnp.where(done, st["tok"], tok), n_gen=new_n, out=out,
+              done=new_done, finished=st["finished"] | newly_finished)
+    return steps + 1, st
+
+  steps, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+  return state, steps
+
+
 def _prefill_hidden(params, tokens, pad_len, *, model: Llama, hidden_layer: int):
   b, p = tokens.shape
   cache = init_cache(model.config, b, p, model.dtype)
@@ -425,3 +540,107 @@ class Generator:
                          self._place(tokens), self._place(pad_len))
       out.append(np.asarray(jax.device_get(hidden))[:len(chunk)])
     return np.concatenate(out, axis=0)
+
+  # ------------------------------------------------------------------------- slot refill
+
+  def open_slots(self, slots: int, cache_len: int, *, max_seq_len: int, seed: int = 0,
+                 temperature: float = 0.6, top_p: float = 0.9) -> "SlotBatch":
+    """A continuous batch of `slots` rows (rounded up to a batch bucket) over `cache_len` KV
+    slots per row, with fixed sampling settings. See `SlotBatch`."""
+    if self.mesh is not None and self.mesh.size > 1:
+      raise ValueError("continuous (slot-refill) decoding runs on one device; this engine is "
+                       f"sharded over a mesh of {self.mesh.size} devices")
+    b = batch_bucket(int(slots), self.buckets.batch)
+    s = round_up(int(cache_len), self.buckets.cache)
+    key = ("slot_state", b, s)
+    if key not in self._fns:
+      self._fns[key] = jax.jit(lambda: _slot_state(b, s, model=self.model))
+    return SlotBatch(self, self._fns[key](), b, s, max_seq_len=int(max_seq_len),
+                     sampling=(jnp.uint32(seed), jnp.float32(temperature), jnp.float32(top_p)))
+
+  def _slot_fn(self, kind: str):
+    if kind not in self._fns:
+      core = _slot_insert if kind == "slot_insert" else _slot_decode
+      kw = dict(model=self.model, top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
+                filler_id=self.filler_id)
+      self._fns[kind] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(1,))
+    return self._fns[kind]
+
+
+@dataclasses.dataclass
+class SlotRead:
+  """What the host reads back after a decode call, per slot."""
+  tokens: np.ndarray  # [B, S + 1] accepted tokens in [:num_generated]
+  num_generated: np.ndarray  # [B] in this slot
+  done: np.ndarray  # [B]
+  finished: np.ndarray  # [B] ended with EOS
+
+
+class SlotBatch:
+  """Continuous decoding on one engine: `insert` requests into free slots, `decode` until enough
+  slots are free, `read` the slots back. A slot's row may generate at most
+  min(cache_len - context, max_seq_len - context) tokens; one that reaches it comes back done
+  but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
+
+  def __init__(self, generator: Generator, state: dict, slots: int, cache_len: int, *,
+               max_seq_len: int, sampling: tuple):
+    self.generator, self.state = generator, state
+    self.slots, self.cache_len, self.max_seq_len = slots, cache_len, max_seq_len
+    self.sampling = sampling
+    self.steps = 0  # decode steps run so far
+
+  def room(self, context_len: int) -> int:
+    """Tokens a context of this length may generate in a slot (<= 0: it does not fit)."""
+    return min(self.cache_len - context_len, self.max_seq_len - context_len)
+
+  def insert(self, slot_ids: Sequence[int], contexts: Sequence[Sequence[int]],
+             request_ids: Sequence[int], start_steps: Sequence[int],
+             forced_lengths: Sequence[int] | None = None) -> None:
+    """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots."""
+    gen = self.generator
+    n = len(contexts)
+    if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
+      raise ValueError(f"insert needs one slot, request id and start step per context "
+                       f"({len(slot_ids)}, {len(request_ids)}, {len(start_steps)} for {n})")
+    if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
+      raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
+    tokens, pad_len, lengths, k, p = gen._pack(contexts)
+    room = np.minimum(self.cache_len - lengths, self.max_seq_len - lengths)
+    if (room < 1).any():
+      i = int(np.argmin(room))
+      raise ValueError(f"context {i} of {int(lengths[i])} tokens leaves no room in this slot "
+                       f"batch (cache_len={self.cache_len}, max_seq_len={self.max_seq_len})")
+    if p > self.cache_len:
+      raise ValueError(f"a context block of {p} tokens exceeds cache_len={self.cache_len}")
+
+    def per_row(values, fill, dtype):
+      arr = np.full((k,), fill, dtype)
+      arr[:n] = np.asarray(values, dtype)
+      return arr
+
+    slots = per_row(slot_ids, self.slots, np.int32)  # bucket padding rows: dropped
+    forced = per_row(forced_lengths if forced_lengths is not None else [-1] * n, -1, np.int32)
+    caps = per_row(room, 0, np.int32)
+    limits = per_row(self.max_seq_len - lengths, 0, np.int32)
+    args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
+                                     per_row(request_ids, 0, np.uint32),
+                                     per_row(start_steps, 0, np.int32), caps, limits, forced)]
+    self.state = gen._run(f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}",
+                          gen._slot_fn("slot_insert"), gen.params, self.state, *args,
+                          *self.sampling)
+
+  def decode(self, free_target: int) -> int:
+    """Runs decode steps until at least `free_target` slots are done (or all are); returns the
+    steps run."""
+    gen = self.generator
+    self.state, steps = gen._run(f"slot_decode/{self.slots}/{self.cache_len}",
+                                 gen._slot_fn("slot_decode"), gen.params, self.state,
+                                 jnp.int32(free_target), *self.sampling)
+    steps = int(steps)
+    self.steps += steps
+    return steps
+
+  def read(self) -> SlotRead:
+    st = jax.device_get({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
+    return SlotRead(np.asarray(st["out"]), np.asarray(st["n_gen"]), np.asarray(st["done"]),
+                    np.asarray(st["finished"]))

@@ -58,9 +58,11 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 def attention_mask(query_slots: Array, cache_len: int, pad_len: Array) -> Array:
-  """[B, T, S] bool: query at slot q (row b) sees key slot s iff pad_len[b] <= s <= q."""
+  """[B, T, S] bool: query at slot q (row b) sees key slot s iff pad_len[b] <= s <= q.
+  query_slots: [T] (every row at the same slots) or [B, T] (per row)."""
   key_slots = jnp.arange(cache_len)[None, None, :]
-  return (key_slots <= query_slots[None, :, None]) & (key_slots >= pad_len[:, None, None])
+  query = query_slots[None, :, None] if query_slots.ndim == 1 else query_slots[:, :, None]
+  return (key_slots <= query) & (key_slots >= pad_len[:, None, None])
 
 
 class Attention(nn.Module):
@@ -97,10 +99,18 @@ class Attention(nn.Module):
     cache_dtype = layer_cache["k"].dtype
     k_new = k.transpose(0, 2, 1, 3).astype(cache_dtype)  # [B, KVH, T, Dh]
     v_new = v.transpose(0, 2, 1, 3).astype(cache_dtype)
-    zero = jnp.zeros((), jnp.int32)
-    start = (zero, zero, write_index.astype(jnp.int32), zero)
-    k_cache = jax.lax.dynamic_update_slice(layer_cache["k"], k_new, start)
-    v_cache = jax.lax.dynamic_update_slice(layer_cache["v"], v_new, start)
+    if jnp.ndim(write_index) == 0:
+      zero = jnp.zeros((), jnp.int32)
+      start = (zero, zero, write_index.astype(jnp.int32), zero)
+      k_cache = jax.lax.dynamic_update_slice(layer_cache["k"], k_new, start)
+      v_cache = jax.lax.dynamic_update_slice(layer_cache["v"], v_new, start)
+    else:  # one token per row, each at its own slot (slot-refill decoding); beyond S: dropped
+      if t != 1:
+        raise ValueError(f"a per-row write_index writes one token per row, got {t}")
+      rows = jnp.arange(b)
+      slot = write_index.astype(jnp.int32)
+      k_cache = layer_cache["k"].at[rows, :, slot].set(k_new[:, :, 0], mode="drop")
+      v_cache = layer_cache["v"].at[rows, :, slot].set(v_new[:, :, 0], mode="drop")
 
     q = q.reshape(b, t, kvh, groups, hd)
     if t == 1 and self.decode_impl == "pallas":
@@ -169,7 +179,8 @@ class Block(nn.Module):
 class Llama(nn.Module):
   """Decoder-only LLaMA.
 
-  __call__(tokens [B, T], cache, write_index (int scalar), pad_len [B]) ->
+  __call__(tokens [B, T], cache, write_index (int scalar, or [B] for one token per row each
+  at its own slot), pad_len [B]) ->
     (logits [B, T or 1, V] float32, hidden {layer: [B, T or 1, D]}, cache)
   `active` [B] bool (decode steps): rows still generating; with the pallas decode attention a
   row that is not active reads no cache at all (its outputs are then meaningless).
@@ -191,11 +202,15 @@ class Llama(nn.Module):
                        self.param_dtype)
     b, t = tokens.shape
     cache_len = cache[0]["k"].shape[2]
-    query_slots = write_index + jnp.arange(t)
-    positions = jnp.maximum(query_slots[None, :] - pad_len[:, None], 0)  # [B, T]
+    if jnp.ndim(write_index) == 0:
+      query_slots = write_index + jnp.arange(t)
+      positions = jnp.maximum(query_slots[None, :] - pad_len[:, None], 0)  # [B, T]
+    else:  # [B]: each row at its own slot
+      query_slots = write_index[:, None] + jnp.arange(t)[None, :]
+      positions = jnp.maximum(query_slots - pad_len[:, None], 0)
     mask = attention_mask(query_slots, cache_len, pad_len)
     # Live cache slots of each row for a decode step: [pad_len, write_index] (nothing if done).
-    kv_hi = jnp.full((b,), write_index + t, jnp.int32)
+    kv_hi = jnp.broadcast_to(write_index + t, (b,)).astype(jnp.int32)
     if active is not None:
       kv_hi = jnp.where(active, kv_hi, pad_len)
     kv_bounds = (pad_len.astype(jnp.int32), kv_hi)
