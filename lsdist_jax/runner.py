@@ -16,7 +16,7 @@ import numpy as np
 
 @dataclasses.dataclass
 class BatchRecord:
-  phase: str  # "main" | "recovery"
+  phase: str  # "main" | "recovery" (static batches; for continuous plans one decode call)
   size: int  # real rows
   padded_size: int  # rows after the batch bucket
   cap: int
@@ -25,6 +25,7 @@ class BatchRecord:
   generated: int  # tokens kept from this batch
   seconds: float
   compiled: bool  # this call compiled a new program
+  computed: int | None = None  # row-steps computed, where not padded_size * (steps + 1)
 
 
 @dataclasses.dataclass
@@ -41,7 +42,8 @@ class RunResult:
   @property
   def computed_tokens(self) -> int:
     """Row-steps the device computed (padding rows and finished rows included)."""
-    return int(sum(b.padded_size * (b.steps + 1) for b in self.batches))
+    return int(sum(b.padded_size * (b.steps + 1) if b.computed is None else b.computed
+                   for b in self.batches))
 
   @property
   def effective_token_ratio(self) -> float:
@@ -142,6 +144,99 @@ class Runner:
         self._run_batch(np.asarray(batch.members, np.int64), int(batch.cap), "recovery",
                         generated, finished, done, records, seconds)
     return RunResult(generated, finished, records, seconds)
+
+
+  # ------------------------------------------------------------------------ continuous plans
+
+  def run_continuous(self, plan, final_phase: Callable | None = None,
+                     max_extra_phases: int = 16) -> RunResult:
+    """Runs a continuous plan (`schedule/continuous.py`): phase by phase, `phase.slots` rows
+    decode over `phase.cache_len` cache slots each; whenever `phase.refill` slots are free the
+    next queued requests are inserted. A row that reaches its slot's room (or does not fit it)
+    moves to the front of the next phase's queue, continued from its context; rows left after
+    the last phase run in phases `final_phase(contexts, rooms)` returns (their queue)."""
+    n = len(self.prompt_ids)
+    seen = np.zeros(n, np.int64)
+    for phase in plan.phases:
+      np.add.at(seen, np.asarray(phase.members, np.int64), 1)
+    if (seen != 1).any():
+      bad = np.nonzero(seen != 1)[0][:5].tolist()
+      raise ValueError(f"plan does not hold every request exactly once (e.g. requests {bad})")
+    generated: list[list[int]] = [[] for _ in range(n)]
+    finished = np.zeros(n, bool)
+    records: list[BatchRecord] = []
+    seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
+    carried: list[int] = []
+    phases = list(plan.phases)
+    k = extra = 0
+    while k < len(phases) or carried:
+      if k < len(phases):
+        phase, name = phases[k], "main"
+      else:
+        if extra == max_extra_phases or final_phase is None:
+          raise RuntimeError(f"{len(carried)} requests still unfinished after the plan's phases "
+                             f"and {extra} more")
+        rows = np.asarray(carried, np.int64)
+        contexts = self.prompt_len[rows] + np.array([len(generated[r]) for r in rows])
+        phase, name = final_phase(contexts, self.max_seq_len - contexts), "recovery"
+        extra += 1
+      queue = carried + [int(m) for m in phase.members]
+      carried = self._run_phase(phase, queue, name, generated, finished, records, seconds)
+      k += 1
+    return RunResult(generated, finished, records, seconds)
+
+  def _run_phase(self, phase, queue: list[int], name: str, generated, finished, records,
+                 seconds) -> list[int]:
+    """One phase of a continuous plan; returns the rows to continue in the next phase."""
+    gen = self.engine.generator
+    batch = gen.open_slots(int(phase.slots), int(phase.cache_len), max_seq_len=self.max_seq_len,
+                           **self.sampling)
+    occupant = [-1] * batch.slots
+    carried: list[int] = []
+    pending = list(queue)
+    while True:
+      compiles, compile_seconds = gen.compile_count, gen.compile_seconds
+      t0 = time.perf_counter()
+      free = [j for j, r in enumerate(occupant) if r < 0]
+      take = []
+      while pending and len(take) < len(free):
+        r = pending.pop(0)
+        if batch.room(int(self.prompt_len[r]) + len(generated[r])) < 1:
+          carried.append(r)  # its context does not fit this phase's slots
+        else:
+          take.append(r)
+      if take:
+        batch.insert(free[:len(take)], [self.prompt_ids[r] + generated[r] for r in take],
+                     [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
+                     None if self.forced is None else [int(self.forced[r]) for r in take])
+        for j, r in zip(free, take):
+          occupant[j] = r
+      busy = sum(r >= 0 for r in occupant)
+      if busy == 0:
+        break
+      steps = batch.decode(int(phase.refill) if pending else batch.slots)
+      read = batch.read()
+      kept = 0
+      for j, r in enumerate(occupant):
+        if r >= 0 and read.done[j]:
+          new = read.tokens[j, :read.num_generated[j]].tolist()
+          generated[r] += new
+          kept += len(new)
+          finished[r] = bool(read.finished[j])
+          occupant[j] = -1
+          if not finished[r] and self.prompt_len[r] + len(generated[r]) < self.max_seq_len:
+            carried.append(r)
+      compiling = gen.compile_seconds - compile_seconds
+      elapsed = time.perf_counter() - t0 - compiling
+      inserted = _bucket(len(take), gen) if take else 0
+      # cap -1: each slot's row has its own (the room its context leaves in the slot)
+      records.append(BatchRecord(name, busy, batch.slots, -1, batch.cache_len, steps, kept,
+                                 elapsed,
+                                 gen.compile_count > compiles,
+                                 computed=batch.slots * steps + inserted))
+      seconds["compile"] += compiling
+      seconds["recover" if name == "recovery" else "generate"] += elapsed
+    return carried
 
 
 @dataclasses.dataclass

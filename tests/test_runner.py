@@ -98,3 +98,39 @@ def test_profile_rows_vary_live_tokens_at_one_shape_and_fit_a_cost_model(tiny_pa
   assert all(set(r) >= {"ms_per_step", "prefill_ms", "cache_len", "prompt_len"} for r in rows)
   fitted = CostModel.fit(rows)
   assert len(fitted.step) == 5 and min(fitted.step) >= 0.0
+
+
+@dataclasses.dataclass
+class Phase:
+  members: np.ndarray
+  cache_len: int
+  slots: int
+  refill: int
+
+
+@dataclasses.dataclass
+class ContinuousPlan:
+  phases: list
+
+
+def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
+  vanilla = runner.run(Plan([Batch(np.arange(12), 72)]))
+  order = np.random.default_rng(1).permutation(12)
+  # 32-token slots cap most rows; they continue in the 64-token phase, then in an extra phase
+  plan = ContinuousPlan([Phase(order[:7], 32, 4, 1), Phase(order[7:], 64, 2, 2)])
+  extra = []
+
+  def final_phase(contexts, rooms):
+    extra.append(len(contexts))
+    return Phase(np.zeros(0, np.int64), 96, 4, 1)
+
+  result = runner.run_continuous(plan, final_phase)
+  assert result.tokens == vanilla.tokens
+  assert (result.finished == vanilla.finished).all()
+  assert any(r.phase == "main" for r in result.batches)
+  assert extra and any(r.phase == "recovery" for r in result.batches)
+  assert result.generated_tokens == vanilla.generated_tokens
+  assert sum(r.generated for r in result.batches) == result.generated_tokens
+  assert 0 < result.effective_token_ratio <= 1.0
+  with pytest.raises(ValueError, match="exactly once"):
+    runner.run_continuous(ContinuousPlan([Phase(order[:7], 32, 4, 1)]))
