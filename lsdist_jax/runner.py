@@ -192,19 +192,17 @@ class Runner:
     batch = gen.open_slots(int(phase.slots), int(phase.cache_len), max_seq_len=self.max_seq_len,
                            **self.sampling)
     occupant = [-1] * batch.slots
-    carried: list[int] = []
-    pending = list(queue)
+    # Rows whose context does not fit this phase's slots go straight on to the next phase.
+    fits = [batch.room(int(self.prompt_len[r]) + len(generated[r])) >= 1 for r in queue]
+    carried = [r for r, ok in zip(queue, fits) if not ok]
+    pending = [r for r, ok in zip(queue, fits) if ok]
+    refill = max(1, min(int(phase.refill), batch.slots))
     while True:
       compiles, compile_seconds = gen.compile_count, gen.compile_seconds
       t0 = time.perf_counter()
       free = [j for j, r in enumerate(occupant) if r < 0]
-      take = []
-      while pending and len(take) < len(free):
-        r = pending.pop(0)
-        if batch.room(int(self.prompt_len[r]) + len(generated[r])) < 1:
-          carried.append(r)  # its context does not fit this phase's slots
-        else:
-          take.append(r)
+      take = pending[:len(free)]
+      del pending[:len(take)]
       if take:
         batch.insert(free[:len(take)], [self.prompt_ids[r] + generated[r] for r in take],
                      [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
@@ -214,7 +212,7 @@ class Runner:
       busy = sum(r >= 0 for r in occupant)
       if busy == 0:
         break
-      steps = batch.decode(int(phase.refill) if pending else batch.slots)
+      steps = batch.decode(refill if pending else batch.slots)
       read = batch.read()
       kept = 0
       for j, r in enumerate(occupant):

@@ -1,0 +1,322 @@
+"""Continuous (slot-refill) plans: the event simulator against a plain step-by-step replay of the
+runner's rules, against the static simulator where the two must agree, and the planners'
+coverage, KV budget, oracle and search properties."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from lsdist_jax.schedule import CostModel, Options, Requests, dist, make_plan, plan_recovery
+from lsdist_jax.schedule.continuous import (CONTINUOUS_PLANNERS, ContinuousPlan, Phase,
+                                            expected_seconds, final_phase, make_continuous_plan,
+                                            plan_continuous, plan_continuous_oracle,
+                                            sample_lengths, simulate_continuous, slots_for)
+from lsdist_jax.schedule.planners import Batch, Plan
+from lsdist_jax.schedule.simulate import simulate
+
+# Nonzero B x S and S terms, so the cache length a phase runs at shows in its time.
+COST = CostModel(step=(1.0, 0.01, 1e-4, 0.003, 2e-4), prefill=(1.0, 1e-3), batch_overhead_ms=0.5,
+                 batch_buckets=(1, 2, 4, 8, 16, 32, 64), prompt_bucket=16, cache_bucket=32)
+OPTIONS = Options(kv_budget_tokens=64 * 160, max_batch=64, fixed_batch=16)
+NAMES = sorted(CONTINUOUS_PLANNERS)
+
+
+def random_requests(n=300, max_len=256, seed=0, max_seq_len=320):
+  rng = np.random.default_rng(seed)
+  mu = rng.lognormal(3.5, 0.8, n).clip(2, max_len - 10)
+  lengths = np.arange(max_len + 1)
+  pmf = np.exp(-0.5 * ((lengths[None] - mu[:, None]) / (0.3 * mu[:, None] + 3)) ** 2)
+  pmf /= pmf.sum(1, keepdims=True)
+  true = np.array([rng.choice(max_len + 1, p=p) for p in pmf])
+  return Requests(rng.integers(5, 60, n), max_seq_len, pmf, scalar_length=pmf.argmax(1),
+                  true_length=true)
+
+
+@pytest.fixture(scope="module")
+def requests():
+  return random_requests()
+
+
+@pytest.fixture(scope="module")
+def plans(requests):
+  return {name: make_continuous_plan(name, requests, COST, OPTIONS) for name in NAMES}
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_simulate(plan, req, true_length, cost, options):
+  """The runner's rules step by step, in plain python (slow; tiny cases only)."""
+  true = np.minimum(np.asarray(true_length), req.room)
+  gen = np.zeros(req.n, np.int64)
+  out = {"seconds": 0.0, "computed": 0, "steps": 0, "inserts": 0, "decodes": 0, "carried": 0}
+  overhead = cost.batch_overhead_ms * 1e-3
+  phases, carried, extra, k = list(plan.phases), [], 0, 0
+  while k < len(phases) or carried:
+    if k >= len(phases):
+      ctx = np.array([req.prompt_len[r] + gen[r] for r in carried])
+      phases.append(final_phase(ctx, req.max_seq_len - ctx, cost, options))
+      extra += 1
+    phase = phases[k]
+    k += 1
+    size, refill = phase.slots, min(phase.refill, phase.slots)
+    queue, next_carried = [], []
+    for r in carried + [int(x) for x in phase.members]:
+      if req.prompt_len[r] + gen[r] >= phase.cache_len:
+        next_carried.append(r)  # does not fit this cache: on to the next phase
+      else:
+        queue.append(r)
+    slots = [None] * size
+
+    def done(s):
+      return gen[s["row"]] == true[s["row"]] or s["j"] == s["cap"]
+
+    def insert():
+      free = [i for i in range(size) if slots[i] is None]
+      take = queue[:len(free)]
+      del queue[:len(take)]
+      for i, r in zip(free, take):
+        c = int(req.prompt_len[r] + gen[r])
+        slots[i] = {"row": r, "ctx": c, "j": 0,
+                    "cap": min(phase.cache_len - c, req.max_seq_len - c)}
+      c_max = max(slots[i]["ctx"] for i in free[:len(take)])
+      out["seconds"] += overhead + float(cost.prefill_time(len(take), c_max))
+      out["computed"] += int(cost.padded_batch(len(take)))
+      out["inserts"] += 1
+
+    if queue:
+      insert()
+    while any(s is not None for s in slots):
+      steps, live = 0, 0
+      while True:  # one decode call
+        free = sum(1 for s in slots if s is None or done(s))
+        if (queue and free >= refill) or (not queue and free == size):
+          break
+        for s in slots:
+          if s is not None and not done(s):
+            s["j"] += 1
+            gen[s["row"]] += 1
+            live += s["ctx"] + s["j"]
+        steps += 1
+      if steps:
+        out["seconds"] += (overhead + steps * float(cost.step_time(size, phase.cache_len))
+                           + float(cost.live_time(live)))
+        out["computed"] += int(cost.padded_batch(size)) * steps
+        out["steps"] += steps
+        out["decodes"] += 1
+      for i in range(size):  # the done rows leave, in slot order
+        s = slots[i]
+        if s is not None and done(s):
+          if gen[s["row"]] < true[s["row"]]:
+            next_carried.append(s["row"])
+          slots[i] = None
+      if queue:
+        insert()
+    carried = next_carried
+    out["carried"] += len(carried)
+  assert (gen == true).all()
+  out.update(phases=len(phases), extra=extra, generated=int(true.sum()))
+  return out
+
+
+def random_case(seed):
+  """A few requests in a random plan: phases of random caches (some too short for a prompt),
+  slots and refills; short caches cap rows, and max_seq_len leaves some for the final phase."""
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(4, 22))
+  max_seq_len = 96
+  prompt = rng.integers(1, 40, n)
+  true = rng.integers(0, 70, n)  # some beyond their room: clipped
+  req = Requests(prompt, max_seq_len, true_length=true)
+  n_phases = int(rng.integers(1, 4))
+  where = rng.integers(0, n_phases, n)
+  caches = np.sort(rng.choice([32, 48, 64, 96], n_phases))
+  phases = []
+  for k in range(n_phases):
+    members = rng.permutation(np.flatnonzero(where == k))
+    slots = int(rng.integers(1, 6))
+    phases.append(Phase(members, int(caches[k]), slots, int(rng.integers(1, slots + 2))))
+  return req, true, ContinuousPlan(phases, "random")
+
+
+SMALL_COST = dataclasses.replace(COST, batch_buckets=(1, 2, 4, 8), prompt_bucket=8,
+                                 cache_bucket=16)
+SMALL_OPTIONS = Options(kv_budget_tokens=8 * 128, max_batch=8)
+
+
+def test_event_simulator_matches_a_step_by_step_replay():
+  seen_capped = seen_extra = seen_unfit = 0
+  for seed in range(150):
+    req, true, plan = random_case(seed)
+    got = simulate_continuous(plan, req, true, SMALL_COST, SMALL_OPTIONS)
+    want = reference_simulate(plan, req, true, SMALL_COST, SMALL_OPTIONS)
+    assert got.seconds == pytest.approx(want["seconds"], rel=1e-9), seed
+    assert (got.computed_tokens, got.decode_steps, got.insert_calls, got.decode_calls,
+            got.carried_rows, got.batches, got.recovery_batches) == (
+                want["computed"], want["steps"], want["inserts"], want["decodes"],
+                want["carried"], want["phases"], want["extra"]), seed
+    assert got.generated_tokens == want["generated"] == int(np.minimum(true, req.room).sum())
+    seen_capped += got.carried_rows > 0
+    seen_extra += got.recovery_batches > 0
+    seen_unfit += any((req.prompt_len[p.members] >= p.cache_len).any() for p in plan.phases)
+  # the cases covered carrying, the extra final phase and rows too long for their cache
+  assert seen_capped > 20 and seen_extra > 10 and seen_unfit > 10
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_planned_plans_replay_the_same_step_by_step(name):
+  req = random_requests(n=50, seed=3)
+  options = dataclasses.replace(OPTIONS, kv_budget_tokens=16 * 160)
+  plan = (plan_continuous(req, COST, options, threshold=0.3) if name == "continuous"
+          else make_continuous_plan(name, req, COST, options))
+  got = simulate_continuous(plan, req, req.true_length, COST, options)
+  want = reference_simulate(plan, req, req.true_length, COST, options)
+  assert got.seconds == pytest.approx(want["seconds"], rel=1e-9)
+  assert (got.computed_tokens, got.decode_steps, got.carried_rows) == (
+      want["computed"], want["steps"], want["carried"])
+  if name == "continuous":
+    assert got.carried_rows > 0
+
+
+def test_one_full_phase_costs_the_static_batch_plus_one_call_overhead():
+  """One phase holding every request (slots = n, a cache for each whole room): the same steps,
+  live tokens, prefill and computed tokens as the static batch with cap = the room. Continuous
+  execution makes two calls (insert, then one decode call) where the static batch makes one
+  generate call, so it costs exactly one batch_overhead more."""
+  rng = np.random.default_rng(5)
+  for n in (1, 7, 20, 32):
+    prompt = rng.integers(3, 50, n)
+    true = rng.integers(0, 300, n)
+    req = Requests(prompt, 240, true_length=true)
+    room = int(req.room.max())
+    cache_len = int(COST.cache_len(int(prompt.max()), room))
+    static = simulate(Plan([Batch(np.arange(n), room)], "static"), req, true, COST)
+    for refill in (1, n):
+      plan = ContinuousPlan([Phase(rng.permutation(n), cache_len, n, refill)], "one")
+      got = simulate_continuous(plan, req, true, COST, OPTIONS)
+      assert got.seconds == pytest.approx(static.seconds + COST.batch_overhead_ms * 1e-3,
+                                          rel=1e-12)
+      assert got.computed_tokens == static.computed_tokens
+      assert got.generated_tokens == static.generated_tokens
+      assert (got.insert_calls, got.carried_rows, got.recovery_batches) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_request_in_exactly_one_phase_within_the_kv_budget(requests, plans, name):
+  plan = plans[name]
+  assert sorted(plan.members().tolist()) == list(range(requests.n))
+  caches = [p.cache_len for p in plan.phases]
+  assert caches == sorted(set(caches))  # short caches first, one phase each
+  for p in plan.phases:
+    assert p.slots * p.cache_len <= OPTIONS.kv_budget_tokens and p.slots <= OPTIONS.max_batch
+    assert int(COST.padded_batch(p.slots)) == p.slots  # a batch bucket: no padded rows
+    assert 1 <= p.refill <= p.slots
+    assert (requests.prompt_len[p.members] < p.cache_len).all()
+  result = simulate_continuous(plan, requests, requests.true_length, COST, OPTIONS)
+  assert result.generated_tokens == int(np.minimum(requests.true_length, requests.room).sum())
+  assert result.seconds > 0 and 0 < result.effective_token_ratio <= 1
+
+
+def test_phase_admission_is_longest_key_first_and_covers_the_key(requests):
+  plan = plan_continuous(requests, COST, OPTIONS, threshold=0.7)
+  key = np.minimum(dist.quantile(requests.length_pmf, 0.7), requests.room)
+  for p in plan.phases:
+    assert (np.diff(key[p.members]) <= 0).all()
+    cap = np.minimum(p.cache_len - requests.prompt_len[p.members], requests.room[p.members])
+    assert (cap >= np.minimum(key[p.members] + OPTIONS.fcr_slack, requests.room[p.members])).all()
+
+
+def test_the_oracle_without_a_key_cap_never_caps_a_row(requests, plans):
+  uncapped = plan_continuous_oracle(requests, COST, OPTIONS, key_caps=(None,))
+  result = simulate_continuous(uncapped, requests, requests.true_length, COST, OPTIONS)
+  assert result.carried_rows == 0 and result.recovery_batches == 0
+  assert result.seconds == pytest.approx(uncapped.expected_cost, rel=1e-12)
+  # the oracle also tries cascades (keys capped at K): never slower than without
+  oracle = plans["continuous-oracle"]
+  assert oracle.expected_cost <= uncapped.expected_cost
+  assert oracle.expected_cost == pytest.approx(simulate_continuous(
+      oracle, requests, requests.true_length, COST, OPTIONS).seconds, rel=1e-12)
+
+
+def test_vanilla_is_one_uncapped_phase_in_dataset_order(requests, plans):
+  (phase,) = plans["continuous-vanilla"].phases
+  assert phase.members.tolist() == list(range(requests.n))
+  assert phase.slots == slots_for(phase.cache_len, COST, OPTIONS)
+  result = simulate_continuous(plans["continuous-vanilla"], requests, requests.true_length, COST,
+                               OPTIONS)
+  assert result.carried_rows == 0 and result.batches == 1
+
+
+def test_search_expects_no_more_than_the_plain_plan_under_the_same_samples(requests, plans):
+  searched = plans["continuous-search"]
+  samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(0), 2)
+  plain = plan_continuous(requests, COST, OPTIONS, threshold=0.6)
+  plain_cost = expected_seconds(plain, requests, samples, COST, OPTIONS)
+  assert searched.expected_cost <= plain_cost + 1e-12
+  assert searched.expected_cost == pytest.approx(
+      expected_seconds(searched, requests, samples, COST, OPTIONS), rel=1e-12)
+  # the table holds the plain plan's own candidate at the same expected cost
+  row = [r for r in searched.notes["search"] if r[0] == 0.6 and r[1] == 1 / 8 and r[2] == 2.0]
+  assert len(row) == 1 and row[0][3] == pytest.approx(plain_cost, rel=1e-12)
+
+
+def test_sampled_lengths_follow_the_pmf_within_room():
+  rng = np.random.default_rng(7)
+  pmf = rng.dirichlet(np.ones(30) * 0.5, size=4)
+  draws = sample_lengths(pmf, np.random.default_rng(1), 100_000)
+  assert draws.shape == (100_000, 4) and draws.min() >= 0 and draws.max() <= 29
+  for i in range(4):
+    np.testing.assert_allclose(np.bincount(draws[:, i], minlength=30) / 1e5, pmf[i], atol=6e-3)
+  req = Requests(np.array([5, 20]), 30, length_pmf=np.ones((2, 40)))
+  within = sample_lengths(req.pmf_within_room(), np.random.default_rng(2), 2000)
+  assert (within <= req.room[None, :]).all() and (within == req.room[None, :]).any(axis=0).all()
+
+
+def test_final_phase_holds_every_row_and_fits_the_budget():
+  ctx = np.array([40, 200, 7])
+  rooms = 320 - ctx
+  phase = final_phase(ctx, rooms, COST, OPTIONS)
+  assert (np.minimum(phase.cache_len - ctx, rooms) == rooms).all()  # nothing can be capped
+  assert phase.slots * phase.cache_len <= OPTIONS.kv_budget_tokens
+  assert phase.slots == 4 and phase.refill == 1  # the bucket that holds 3 rows
+  with pytest.raises(ValueError, match="kv_budget_tokens"):
+    final_phase(ctx, rooms, COST, dataclasses.replace(OPTIONS, kv_budget_tokens=100))
+
+
+def test_rows_left_after_the_last_phase_get_extra_phases_then_an_error():
+  req = Requests(np.array([10, 10, 10]), 200, true_length=np.array([5, 150, 60]))
+  plan = ContinuousPlan([Phase(np.arange(3), 64, 2, 1)], "short")
+  result = simulate_continuous(plan, req, req.true_length, COST, OPTIONS)
+  assert (result.batches, result.recovery_batches, result.carried_rows) == (2, 1, 2)
+  assert result.generated_tokens == 215
+  with pytest.raises(RuntimeError, match="unfinished"):
+    simulate_continuous(plan, req, req.true_length, COST, OPTIONS, max_extra_phases=0)
+
+
+def test_unknown_planner_and_unfitting_budget_are_clear_errors(requests):
+  with pytest.raises(ValueError, match="continuous-oracle"):
+    make_continuous_plan("continuous-magic", requests, COST, OPTIONS)
+  with pytest.raises(ValueError, match="kv_budget_tokens"):
+    make_continuous_plan("continuous-vanilla", requests, COST,
+                         dataclasses.replace(OPTIONS, kv_budget_tokens=200))
+
+
+def test_on_a_bimodal_workload_under_a_binding_budget_continuous_beats_static_oracle():
+  """Few long responses among many short ones: a static batch holds its KV cache until its
+  longest row ends, a slot is refilled as soon as its row ends. (True for the SmolLM2 H100 cost
+  model; with the 7B model's fixed per-call prefill cost the static oracle can win.)"""
+  rng = np.random.default_rng(0)
+  n = 300
+  long = rng.random(n) < 0.3
+  true = np.where(long, rng.integers(300, 520, n), rng.integers(5, 60, n))
+  req = Requests(rng.integers(10, 60, n), 640, true_length=true)
+  cost = CostModel.default_gpu()
+  options = Options(kv_budget_tokens=32 * 640, max_batch=256)
+  static_plan = make_plan("oracle", req, cost, options)
+  static = simulate(static_plan, req, true, cost,
+                    lambda u, g: plan_recovery("oracle", req, u, g, cost, options))
+  plan = make_continuous_plan("continuous-oracle", req, cost, options)
+  continuous = simulate_continuous(plan, req, true, cost, options)
+  assert continuous.generated_tokens == static.generated_tokens
+  assert continuous.seconds < 0.85 * static.seconds
