@@ -148,7 +148,12 @@ STRATEGIES = {
     "ours-search": ("search", "distribution"),
     "ours-optimal": ("optimal", "distribution"),
     "oracle": ("oracle", None),
+    # continuous (slot-refill) execution, schedule/continuous.py
+    "continuous-vanilla": ("continuous-vanilla", None),
+    "ours-continuous": ("continuous-search", "distribution"),
+    "oracle-continuous": ("continuous-oracle", None),
 }
+NEEDS_TRUE_LENGTHS = ("oracle", "continuous-oracle")
 
 
 class _ResumeState:
@@ -264,8 +269,8 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
     scheduling.predict(engine, requests, predictor, config)
   results, rows, reference = {}, [], None
   names = list(bench.strategies)
-  if "oracle" in names and names[0] == "oracle":
-    raise ValueError("oracle needs a strategy before it whose run gives the true lengths")
+  if names and STRATEGIES.get(names[0], ("",))[0] in NEEDS_TRUE_LENGTHS:
+    raise ValueError(f"{names[0]} needs a strategy before it whose run gives the true lengths")
   state = _ResumeState(os.path.join(workdir, f"{out_name}_state"), {
       "requests": [int(x) for x in requests.request_ids], "prompt_len": prompt_len.tolist(),
       "forced": None if forced is None else [int(x) for x in forced],
@@ -297,10 +302,9 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
                                                    predictors[kind], config)
       sched_requests = scheduling.planner_requests(prompt_len, config.generation.max_seq_len,
                                                    pmf, scalar, true_length)
-      plan, seconds["plan"] = _timed(scheduling.make_plan, planner, sched_requests, cost,
+      plan, seconds["plan"] = _timed(scheduling.plan_any, planner, sched_requests, cost,
                                      sched_options)
-      recover = scheduling.recovery_fn(planner, sched_requests, cost, sched_options)
-      result = runner.run(plan, recover)
+      result = scheduling.run_plan(runner, planner, plan, sched_requests, cost, sched_options)
       for key in ("generate", "recover", "compile"):
         seconds[key] += result.seconds[key]
       if true_length is None:

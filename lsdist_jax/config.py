@@ -117,6 +117,9 @@ def default_config() -> ml_collections.ConfigDict:
       "ours-search",
       "ours-optimal",
       "oracle",
+      "continuous-vanilla",
+      "ours-continuous",
+      "oracle-continuous",
   )
   c.benchmark.requests = 2048
   c.benchmark.repeats = 1

@@ -132,6 +132,29 @@ def recovery_fn(planner: str, requests: Requests, cost: CostModel, options: Opti
   return recover
 
 
+def is_continuous(planner: str) -> bool:
+  from lsdist_jax.schedule.continuous import CONTINUOUS_PLANNERS
+  return planner in CONTINUOUS_PLANNERS
+
+
+def plan_any(planner: str, requests: Requests, cost: CostModel, options: Options):
+  """A static plan (schedule.PLANNERS) or a continuous one (schedule.continuous), by name."""
+  if is_continuous(planner):
+    from lsdist_jax.schedule.continuous import make_continuous_plan
+    return make_continuous_plan(planner, requests, cost, options)
+  return make_plan(planner, requests, cost, options)
+
+
+def run_plan(runner, planner: str, plan, requests: Requests, cost: CostModel, options: Options):
+  """Executes `plan` with `runner`: static batches with FCR recovery planned by `planner`, or
+  continuous phases with the final-phase rule for rows left at the end."""
+  if is_continuous(planner):
+    from lsdist_jax.schedule.continuous import final_phase
+    return runner.run_continuous(plan, lambda contexts, rooms: final_phase(contexts, rooms, cost,
+                                                                            options))
+  return runner.run(plan, recovery_fn(planner, requests, cost, options))
+
+
 def schedule_and_run(engine, prompt_ids, request_ids, config, predictor, strategy: str):
   """Plans one chunk of a user's prompts with the predictor and runs it (the generate job)."""
   from lsdist_jax.benchmark import Requests as BenchRequests, make_runner
@@ -150,10 +173,11 @@ def schedule_and_run(engine, prompt_ids, request_ids, config, predictor, strateg
   else:
     pmf, scalar = predict(engine, requests, predictor, config)
   sched = planner_requests(prompt_len, config.generation.max_seq_len, pmf, scalar)
-  plan = make_plan(planner, sched, cost, options)
+  plan = plan_any(planner, sched, cost, options)
   runner = make_runner(engine, requests, config)
-  return runner.run(plan, recovery_fn(planner, sched, cost, options))
+  return run_plan(runner, planner, plan, sched, cost, options)
 
 
-__all__ = ["PREDICTOR_KINDS", "load_cost_model", "load_predictors", "predict", "predict_hidden",
-           "make_plan", "planner_requests", "recovery_fn", "replay_requests", "schedule_and_run"]
+__all__ = ["PREDICTOR_KINDS", "is_continuous", "load_cost_model", "load_predictors", "make_plan",
+           "plan_any", "planner_requests", "predict", "predict_hidden", "recovery_fn",
+           "replay_requests", "run_plan", "schedule_and_run"]

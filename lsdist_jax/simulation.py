@@ -11,8 +11,9 @@ import dataclasses
 import numpy as np
 
 from lsdist_jax import scheduling
-from lsdist_jax.benchmark import STRATEGIES, strategy_options
-from lsdist_jax.schedule import CostModel, Options, make_plan
+from lsdist_jax.benchmark import NEEDS_TRUE_LENGTHS, STRATEGIES, strategy_options
+from lsdist_jax.schedule import CostModel, Options
+from lsdist_jax.schedule.continuous import simulate_continuous
 from lsdist_jax.schedule.simulate import simulate
 
 EXACT = "exact-distribution"
@@ -73,11 +74,14 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
         raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
       pmf, scalar = scheduling.predict_hidden(predictors[kind], reqs.hidden)
     sched = scheduling.planner_requests(reqs.prompt_len, max_seq_len, pmf, scalar,
-                                        reqs.true_length if planner == "oracle" else None)
+                                        reqs.true_length if planner in NEEDS_TRUE_LENGTHS else None)
     opts = strategy_options(name, options, cost, reqs.prompt_len, max_seq_len)
-    plan = make_plan(planner, sched, cost, opts)
-    result = simulate(plan, sched, reqs.true_length, cost,
-                      scheduling.recovery_fn(planner, sched, cost, opts))
+    plan = scheduling.plan_any(planner, sched, cost, opts)
+    if scheduling.is_continuous(planner):
+      result = simulate_continuous(plan, sched, reqs.true_length, cost, opts)
+    else:
+      result = simulate(plan, sched, reqs.true_length, cost,
+                        scheduling.recovery_fn(planner, sched, cost, opts))
     rows.append({"strategy": name, "samples_per_s": n_requests / result.seconds,
                  "tokens_per_s": result.generated_tokens / result.seconds,
                  "seconds": result.seconds, "expected_seconds": plan.expected_cost,

@@ -35,7 +35,8 @@ def test_every_strategy_returns_identical_responses_to_vanilla(pipeline_run):
   workdir, summary = pipeline_run
   rows = {r["strategy"]: r for r in summary["benchmark"]["rows"]}
   assert set(rows) == {"vanilla:16", "vanilla:best", "ssch-scalar-max", "ours", "ours-search",
-                       "ours-optimal", "oracle"}
+                       "ours-optimal", "oracle", "continuous-vanilla", "ours-continuous",
+                       "oracle-continuous"}
   for name, row in rows.items():
     assert row["identical_share"] == 1.0, name  # float32 on CPU: exactly the same responses
     assert 0 < row["effective_token_ratio"] <= 1.0
@@ -100,7 +101,7 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   # that recorded them (the predictors read the recorded hidden states).
   other = dataclasses.replace(get_preset("tiny"), hidden_size=32, name="tiny-32")
   config.benchmark.replay = True
-  config.benchmark.strategies = ("vanilla:16", "ours-optimal", "oracle")
+  config.benchmark.strategies = ("vanilla:16", "ours-optimal", "oracle", "ours-continuous")
   engine = Engine.random(other, dtype="float32", engine_config=config.engine)
   out = run_benchmark(config, str(tmp_path), engine=engine,
                       predictor_dirs=predictor_exports(workdir))

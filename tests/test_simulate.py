@@ -101,7 +101,27 @@ def tiny_store(tmp_path_factory):
   config.benchmark.split = "test"
   workdir = str(root / "run")
   config.benchmark.strategies = ("vanilla:16", "vanilla:best", "ssch-scalar-max", "ours",
-                                 "ours-search", "ours-optimal", "oracle")
+                                 "ours-search", "ours-optimal", "oracle", "continuous-vanilla",
+                                 "ours-continuous", "oracle-continuous")
   for name in ("distribution", "scalar-max"):
     train.train_and_evaluate(predictor_config(config, name), predictor_workdir(workdir, name))
   return store_dir, predictor_exports(workdir), config
+
+
+def test_the_oracle_recovers_its_capped_rows_on_their_true_lengths():
+  """An oracle plan may cap a long row on purpose; its recovery is planned on the true remaining
+  lengths (point masses), never slower than fixed batches at the full cache."""
+  req, true = _requests(n=200, seed=3)
+  plan = make_plan("oracle", req, COST, OPTIONS)
+  rounds = []
+
+  def recover(unfinished, generated):
+    rounds.append(len(unfinished))
+    assert (generated < np.minimum(true, req.room)[unfinished]).all()
+    return plan_recovery("oracle", req, unfinished, generated, COST, OPTIONS)
+
+  result = simulate(plan, req, true, COST, recover)
+  assert result.generated_tokens == int(true.sum()) and rounds
+  fixed = simulate(plan, req, true, COST,
+                   lambda u, g: plan_recovery("vanilla", req, u, g, COST, OPTIONS))
+  assert result.seconds < fixed.seconds

@@ -605,6 +605,12 @@ class SlotBatch:
     if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
       raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
     tokens, pad_len, lengths, k, p = gen._pack(contexts)
+    # Context blocks of prompt_bucket x 2^i: continued rows bring long contexts of any length,
+    # and every block length is a program to compile.
+    block = gen.buckets.prompt * 2 ** max(0, math.ceil(math.log2(p / gen.buckets.prompt)))
+    if p < block <= self.cache_len:
+      tokens = np.pad(tokens, ((0, 0), (block - p, 0)), constant_values=gen.pad_id)
+      pad_len, p = pad_len + (block - p), block
     room = np.minimum(self.cache_len - lengths, self.max_seq_len - lengths)
     if (room < 1).any():
       i = int(np.argmin(room))

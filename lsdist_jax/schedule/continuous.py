@@ -55,6 +55,7 @@ CONTINUOUS_SEARCH_THRESHOLDS = tuple(float(t) for t in SEARCH_THRESHOLDS
 MIN_PHASE_FACTOR = 2.0  # a phase with fewer members than this x its slots merges into the next
 PHASE_FACTORS = (1.0, 2.0, 4.0, 8.0)  # the min_phase_factor values the searches try
 MAX_EXTRA_PHASES = 16
+SEARCH_KEY_CAPS = (None, 128, 256, 512)  # the key caps continuous-search tries
 
 
 @dataclass
@@ -349,7 +350,8 @@ def _phases_key(phases: list[Phase]) -> tuple:
 def _search(candidates, evaluate, strategy: str) -> ContinuousPlan:
   """The candidate plan of least `evaluate(plan)`. candidates: (phases, refill fraction,
   threshold, notes); the table row of each is (notes' first value, fraction, min_phase_factor,
-  seconds). Identical phase lists (many thresholds give the same phases) are evaluated once."""
+  seconds, key cap). Identical phase lists (many thresholds give the same phases) are evaluated
+  once."""
   best, table, seen = None, [], {}
   for phases, fraction, threshold, notes in candidates:
     plan = ContinuousPlan(_with_refill(phases, fraction), strategy, threshold,
@@ -359,7 +361,7 @@ def _search(candidates, evaluate, strategy: str) -> ContinuousPlan:
       seen[key] = evaluate(plan)
     plan.expected_cost = seen[key]
     table.append((next(iter(notes.values())), float(fraction), notes["min_phase_factor"],
-                  plan.expected_cost))
+                  plan.expected_cost, notes.get("key_cap")))
     if best is None or plan.expected_cost < best.expected_cost:
       best = plan
   best.notes["search"] = table
@@ -370,23 +372,31 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
                            rng_seed: int = 0, draws: int = 2,
                            thresholds=CONTINUOUS_SEARCH_THRESHOLDS,
                            refill_fractions=REFILL_FRACTIONS,
-                           phase_factors=PHASE_FACTORS) -> ContinuousPlan:
-  """The probabilistic planner: the threshold, refill fraction and min_phase_factor whose plan
-  has the least expected time, estimated by simulating each candidate on the same `draws` sets
-  of lengths sampled from the predicted pmfs (seed `rng_seed`; common random numbers). notes:
-  search = [(threshold, refill fraction, min_phase_factor, expected seconds)]."""
+                           phase_factors=PHASE_FACTORS,
+                           key_caps=SEARCH_KEY_CAPS) -> ContinuousPlan:
+  """The probabilistic planner: the threshold, key cap, refill fraction and min_phase_factor
+  whose plan has the least expected time, estimated by simulating each candidate on the same
+  `draws` sets of lengths sampled from the predicted pmfs (seed `rng_seed`; common random
+  numbers). A key cap K admits a request whose quantile is longer than K to a short, wide cache
+  first (it carries on to a longer one), as the oracle may. notes: search = [(threshold,
+  refill fraction, min_phase_factor, expected seconds, key cap)]."""
   if requests.length_pmf is None:
     raise ValueError("continuous-search needs predicted pmfs")
   samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(rng_seed), draws)
 
   def candidates():
     for t in thresholds:
-      key = np.minimum(predicted_length(requests, float(t)), requests.room)
-      for factor in phase_factors:
-        phases = continuous_phases(requests, key, cost, options, min_phase_factor=factor)
-        for fraction in refill_fractions:
-          yield phases, fraction, float(t), {"threshold": float(t),
-                                             "min_phase_factor": float(factor)}
+      quantile = np.minimum(predicted_length(requests, float(t)), requests.room)
+      for key_cap in key_caps:
+        if key_cap is not None and key_cap >= int(quantile.max()):
+          continue
+        key = quantile if key_cap is None else np.minimum(quantile, int(key_cap))
+        for factor in phase_factors:
+          phases = continuous_phases(requests, key, cost, options, min_phase_factor=factor)
+          for fraction in refill_fractions:
+            yield phases, fraction, float(t), {"threshold": float(t),
+                                               "min_phase_factor": float(factor),
+                                               "key_cap": key_cap}
 
   best = _search(candidates(), lambda plan: expected_seconds(plan, requests, samples, cost,
                                                              options), "continuous-search")
@@ -401,7 +411,7 @@ def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options
   (a cascade: a row longer than K starts in a short, wide cache and carries on, as a static
   plan's recovery does); the key cap, refill fraction and min_phase_factor with the least
   simulated time on the true lengths. With K = None nothing is capped. notes: search =
-  [(key cap, refill fraction, min_phase_factor, seconds)]."""
+  [(key cap, refill fraction, min_phase_factor, seconds, key cap)]."""
   if requests.true_length is None:
     raise ValueError("continuous-oracle needs the true lengths")
   true = np.minimum(np.asarray(requests.true_length, np.int64), requests.room)
