@@ -17,7 +17,10 @@ flags.DEFINE_string("input", None, "prompts JSONL")
 flags.DEFINE_string("output", None, "responses JSONL (written when every chunk is done)")
 flags.DEFINE_string("predictor", None, "a distributional predictor export (none: vanilla "
                     "fixed batches)")
-flags.DEFINE_enum("strategy", "optimal", ["vbs", "search", "optimal"], "planner")
+flags.DEFINE_enum("strategy", "continuous-search", ["continuous-search", "vbs", "search",
+                                                     "optimal"],
+                  "planner: continuous-search refills finished rows' slots (the fastest on "
+                  "docs/BENCHMARKS.md's runs); the others run static batches with FCR")
 flags.DEFINE_integer("chunk", 512, "prompts scheduled together (and written per part)")
 flags.DEFINE_bool("skip_malformed", False, "skip malformed input lines instead of failing")
 flags.mark_flags_as_required(["config", "input", "output"])

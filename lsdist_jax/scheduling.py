@@ -167,8 +167,8 @@ def schedule_and_run(engine, prompt_ids, request_ids, config, predictor, strateg
                            np.arange(len(prompt_ids)))
   pmf = scalar = None
   planner = strategy
-  if predictor is None:
-    planner = "vanilla"
+  if predictor is None:  # no predictor: dataset order (slots refilled, or fixed batches)
+    planner = "continuous-vanilla" if is_continuous(strategy) else "vanilla"
     options = dataclasses.replace(options, fixed_batch=max(1, options.fixed_batch))
   else:
     pmf, scalar = predict(engine, requests, predictor, config)

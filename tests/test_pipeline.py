@@ -78,6 +78,14 @@ def test_generate_job_writes_every_response_in_input_order_and_resumes(pipeline_
                            top_p=config.generation.top_p, seed=config.generation.seed,
                            request_ids=[r["line"] for r in rows])
   assert [r["response_tokens"] for r in rows] == [len(d.token_ids) for d in direct]
+  # static batches with FCR, and no predictor at all: the very same responses (float32)
+  for strategy, predictor in (("search", predictor_exports(workdir)["distribution"]),
+                              ("continuous-search", None)):
+    other = tmp_path / f"{strategy}-{predictor is None}.jsonl"
+    run_generate(config, str(src), str(other), predictor, strategy=strategy, chunk_size=4,
+                 engine=engine, show_progress=False)
+    assert [json.loads(x)["response"] for x in other.read_text().splitlines()] == [
+        r["response"] for r in rows]
   with pytest.raises(FileExistsError):
     run_generate(config, str(src), str(out), None, engine=engine, show_progress=False)
 
