@@ -36,8 +36,10 @@ class Row:
 
 def load_engine(config):
   """The LLM named by config.model, placed on this process's devices."""
-  from lsdist_jax.engine import Engine
+  from lsdist_jax.engine import Engine, use_compilation_cache
 
+  if config.engine.get("compilation_cache"):
+    use_compilation_cache(config.engine.compilation_cache)
   return Engine.load(config.model.path or config.model.name, dtype=config.model.dtype,
                      chat_format=config.model.chat_format, mesh_config=config.mesh,
                      engine_config=config.engine, seed=config.seed)

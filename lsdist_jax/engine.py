@@ -253,6 +253,15 @@ class Engine:
 DECODE_IMPLS = ("auto", "dot", "reduce", "pallas")
 
 
+def use_compilation_cache(directory: str) -> None:
+  """Keeps every compiled program in `directory` (JAX's persistent compilation cache), so that
+  later processes load it instead of compiling again. Process-wide; call before compiling."""
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def resolve_decode_impl(name: str, dtype: str, mesh, head_dim: int) -> str:
   """`auto`: the Pallas decode-attention kernel on one GPU in 16-bit floats (it reads only live
   cache slots), else XLA's batched GEMMs (`dot`). An explicit name is taken as given."""

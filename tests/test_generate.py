@@ -183,3 +183,30 @@ def test_chunked_top_k_equals_lax_top_k(levels):
   got_v, got_i = top_k(jnp.asarray(values), 16, chunk=64)
   np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
   np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+
+
+def test_compilation_cache_serves_the_next_process(tmp_path):
+  """engine.compilation_cache: the first process writes its programs, a second one with the same
+  shapes finds every one of them there (writes nothing new)."""
+  import os
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = (
+      "import sys; sys.path.insert(0, sys.argv[2])\n"
+      "from configs import tiny\n"
+      "from lsdist_jax.collect import load_engine\n"
+      "c = tiny.get_config(); c.engine.compilation_cache = sys.argv[1]\n"
+      "e = load_engine(c)\n"
+      "out = e.generate(['hello'], max_new_tokens=3, temperature=0.0, top_p=1.0, seed=0)\n"
+      "print(out[0].token_ids)\n")
+  cache = tmp_path / "xla"
+  runs = []
+  for _ in range(2):
+    done = subprocess.run([sys.executable, "-c", script, str(cache), repo], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs.append((done.stdout.strip().splitlines()[-1], sorted(os.listdir(cache))))
+  assert runs[0][1] and runs[1][1] == runs[0][1]
+  assert runs[1][0] == runs[0][0]
