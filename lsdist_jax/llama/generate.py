@@ -545,26 +545,49 @@ class Generator:
 
   def open_slots(self, slots: int, cache_len: int, *, max_seq_len: int, seed: int = 0,
                  temperature: float = 0.6, top_p: float = 0.9) -> "SlotBatch":
-    """A continuous batch of `slots` rows (rounded up to a batch bucket) over `cache_len` KV
-    slots per row, with fixed sampling settings. See `SlotBatch`."""
-    if self.mesh is not None and self.mesh.size > 1:
-      raise ValueError("continuous (slot-refill) decoding runs on one device; this engine is "
-                       f"sharded over a mesh of {self.mesh.size} devices")
+    """A continuous batch of `slots` rows (rounded up to a batch bucket, and to a multiple of
+    the mesh's data axis) over `cache_len` KV slots per row, with fixed sampling settings. On a
+    mesh the slots are split over `data` and the cache's kv heads over `model`. See
+    `SlotBatch`."""
     b = batch_bucket(int(slots), self.buckets.batch)
+    if self.mesh is not None:
+      b = round_up(b, self.mesh.shape["data"])
     s = round_up(int(cache_len), self.buckets.cache)
     key = ("slot_state", b, s)
     if key not in self._fns:
-      self._fns[key] = jax.jit(lambda: _slot_state(b, s, model=self.model))
+      self._fns[key] = jax.jit(lambda: _slot_state(b, s, model=self.model),
+                               out_shardings=self._slot_shardings(b, s))
     return SlotBatch(self, self._fns[key](), b, s, max_seq_len=int(max_seq_len),
                      sampling=(jnp.uint32(seed), jnp.float32(temperature), jnp.float32(top_p)))
 
-  def _slot_fn(self, kind: str):
-    if kind not in self._fns:
+  def _slot_shardings(self, batch: int, cache_len: int):
+    """Shardings of a slot state on the mesh (None without one)."""
+    if self.mesh is None:
+      return None
+    cache_shape = (batch, self.config.num_kv_heads, cache_len, self.config.head_dim)
+    cs = shd.named_sharding(self.mesh, CACHE_AXES, cache_shape)
+    rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
+    state = {name: rows for name in ("tok", "plen", "rid", "start", "n_gen", "cap", "limit",
+                                     "forced", "done", "finished")}
+    return dict(state, cache=[{"k": cs, "v": cs}] * self.config.num_layers, out=rows2)
+
+  def _slot_fn(self, kind: str, batch: int, cache_len: int):
+    key = (kind,) + ((batch, cache_len) if self.mesh is not None else ())
+    if key not in self._fns:
       core = _slot_insert if kind == "slot_insert" else _slot_decode
       kw = dict(model=self.model, top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
                 filler_id=self.filler_id)
-      self._fns[kind] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(1,))
-    return self._fns[kind]
+      if self.mesh is None:
+        self._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(1,))
+      else:  # the state keeps its shardings from call to call; the other inputs are replicated
+        state = self._slot_shardings(batch, cache_len)
+        rep = NamedSharding(self.mesh, P())
+        extra = 8 if kind == "slot_insert" else 1
+        self._fns[key] = jax.jit(
+            lambda *a: core(*a, **kw), donate_argnums=(1,),
+            in_shardings=(self._param_shardings(), state) + (rep,) * (extra + 3),
+            out_shardings=state if kind == "slot_insert" else (state, rep))
+    return self._fns[key]
 
 
 @dataclasses.dataclass
@@ -577,7 +600,7 @@ class SlotRead:
 
 
 class SlotBatch:
-  """Continuous decoding on one engine: `insert` requests into free slots, `decode` until enough
+  """Continuous decoding on one engine (one device or a mesh): `insert` requests into free slots, `decode` until enough
   slots are free, `read` the slots back. A slot's row may generate at most
   min(cache_len - context, max_seq_len - context) tokens; one that reaches it comes back done
   but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
@@ -632,7 +655,8 @@ class SlotBatch:
                                      per_row(request_ids, 0, np.uint32),
                                      per_row(start_steps, 0, np.int32), caps, limits, forced)]
     self.state = gen._run(f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}",
-                          gen._slot_fn("slot_insert"), gen.params, self.state, *args,
+                          gen._slot_fn("slot_insert", self.slots, self.cache_len), gen.params,
+                          self.state, *args,
                           *self.sampling)
 
   def decode(self, free_target: int) -> int:
@@ -640,7 +664,8 @@ class SlotBatch:
     steps run."""
     gen = self.generator
     self.state, steps = gen._run(f"slot_decode/{self.slots}/{self.cache_len}",
-                                 gen._slot_fn("slot_decode"), gen.params, self.state,
+                                 gen._slot_fn("slot_decode", self.slots, self.cache_len),
+                                 gen.params, self.state,
                                  jnp.int32(free_target), *self.sampling)
     steps = int(steps)
     self.steps += steps
