@@ -116,12 +116,7 @@ class Runner:
     done = np.zeros(n, bool)
     records: list[BatchRecord] = []
     seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
-    seen = np.zeros(n, np.int64)
-    for batch in plan.batches:
-      np.add.at(seen, np.asarray(batch.members, np.int64), 1)
-    if (seen != 1).any():
-      bad = np.nonzero(seen != 1)[0][:5].tolist()
-      raise ValueError(f"plan does not hold every request exactly once (e.g. requests {bad})")
+    _check_each_once(n, plan.batches)
     for batch in plan.batches:
       self._run_batch(np.asarray(batch.members, np.int64), int(batch.cap), "main", generated,
                       finished, done, records, seconds)
@@ -156,12 +151,7 @@ class Runner:
     moves to the front of the next phase's queue, continued from its context; rows left after
     the last phase run in phases `final_phase(contexts, rooms)` returns (their queue)."""
     n = len(self.prompt_ids)
-    seen = np.zeros(n, np.int64)
-    for phase in plan.phases:
-      np.add.at(seen, np.asarray(phase.members, np.int64), 1)
-    if (seen != 1).any():
-      bad = np.nonzero(seen != 1)[0][:5].tolist()
-      raise ValueError(f"plan does not hold every request exactly once (e.g. requests {bad})")
+    _check_each_once(n, plan.phases)
     generated: list[list[int]] = [[] for _ in range(n)]
     finished = np.zeros(n, bool)
     records: list[BatchRecord] = []
@@ -235,6 +225,16 @@ class Runner:
       seconds["compile"] += compiling
       seconds["recover" if name == "recovery" else "generate"] += elapsed
     return carried
+
+
+def _check_each_once(n: int, groups) -> None:
+  """Every request of 0..n-1 in exactly one of `groups` (batches or phases, with .members)."""
+  seen = np.zeros(n, np.int64)
+  for group in groups:
+    np.add.at(seen, np.asarray(group.members, np.int64), 1)
+  if (seen != 1).any():
+    bad = np.nonzero(seen != 1)[0][:5].tolist()
+    raise ValueError(f"plan does not hold every request exactly once (e.g. requests {bad})")
 
 
 @dataclasses.dataclass

@@ -9,16 +9,9 @@ import pytest
 from lsdist_jax.schedule import CostModel, Options, Requests, dist, expected_cost, make_plan
 from lsdist_jax.schedule.planners import SEARCH_THRESHOLDS, plan_recovery, plan_vbs
 
+from conftest import random_requests  # noqa: E402
 
-def random_requests(n=300, max_len=256, seed=0, max_seq_len=320):
-  rng = np.random.default_rng(seed)
-  mu = rng.lognormal(3.5, 0.8, n).clip(2, max_len - 10)
-  lengths = np.arange(max_len + 1)
-  pmf = np.exp(-0.5 * ((lengths[None] - mu[:, None]) / (0.3 * mu[:, None] + 3)) ** 2)
-  pmf /= pmf.sum(1, keepdims=True)
-  true = np.array([rng.choice(max_len + 1, p=p) for p in pmf])
-  return Requests(rng.integers(5, 60, n), max_seq_len, pmf, scalar_length=pmf.argmax(1),
-                  true_length=true)
+
 
 
 COST = CostModel(step=(1.0, 0.01, 1e-4, 0.0), prefill=(1.0, 1e-3), batch_overhead_ms=0.5,
