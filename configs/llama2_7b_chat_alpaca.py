@@ -10,6 +10,7 @@ from lsdist_jax.config import default_config
 def get_config():
   c = default_config()
   c.workdir = "runs/llama2_7b_chat_alpaca"
+  c.engine.compilation_cache = "runs/xla_cache"  # a 7B program compiles in ~20 s: keep them
   c.model.name = "llama-2-7b"
   c.model.path = ""  # an HF directory of Llama-2-7b-chat (safetensors + tokenizer)
   c.model.chat_format = "llama2"

@@ -17,6 +17,8 @@ flags.DEFINE_bool("profile", False, "profile the engine, fit and save the cost m
                   "(<workdir>/cost_model.json) and use it")
 flags.DEFINE_list("profile_batches", ["8", "64", "256"], "batch sizes the profile times")
 flags.DEFINE_list("profile_cache", ["256", "1024"], "cache lengths the profile times")
+flags.DEFINE_list("profile_prompts", ["32"], "prompt lengths the profile times (several give "
+                  "the prefill's per-token cost)")
 flags.DEFINE_bool("profile_only", False, "profile, save the cost model, and stop")
 flags.DEFINE_string("name", "benchmark", "output file stem")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -40,7 +42,8 @@ def main(argv):
   cost = None
   if FLAGS.profile:
     rows = runner.profile_cost(engine, [int(b) for b in FLAGS.profile_batches],
-                               [int(s) for s in FLAGS.profile_cache])
+                               [int(s) for s in FLAGS.profile_cache],
+                               prompt_len=[int(p) for p in FLAGS.profile_prompts])
     cost = CostModel.fit(rows)
     path = os.path.join(workdir, "cost_model.json")
     os.makedirs(workdir, exist_ok=True)

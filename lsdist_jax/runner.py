@@ -255,7 +255,7 @@ def _cache_len(gen, prompts, cap):
 
 
 def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], steps: int = 32,
-                 prompt_len: int = 32, repeats: int = 2,
+                 prompt_len: int | Sequence[int] = 32, repeats: int = 2,
                  active_shares: Sequence[float] = (1.0, 0.25)) -> list[dict]:
   """Decode-step timings of this engine on this device, for fitting the planner's cost model.
 
@@ -263,7 +263,18 @@ def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], 
   shape runs `steps` forced steps and 2*`steps`; the difference gives ms/step without prefill.
   `active_shares`: the share of rows that keep generating (the others end at their first token),
   so that the live cache tokens vary at a fixed shape (one compiled program) and the fit can tell
-  a whole-cache read from a live-slot read."""
+  a whole-cache read from a live-slot read. Several `prompt_len`s give the prefill fit its
+  per-token slope (continued rows re-prefill long contexts)."""
+  lens = [int(prompt_len)] if np.ndim(prompt_len) == 0 else [int(p) for p in prompt_len]
+  rows = []
+  for p in lens:
+    rows += _profile_prompt_len(engine, batch_sizes, cache_lens, steps, p, repeats,
+                                active_shares)
+  return rows
+
+
+def _profile_prompt_len(engine, batch_sizes, cache_lens, steps, prompt_len, repeats,
+                        active_shares) -> list[dict]:
   gen = engine.generator
   rows = []
   for b in batch_sizes:

@@ -98,6 +98,11 @@ def test_profile_rows_vary_live_tokens_at_one_shape_and_fit_a_cost_model(tiny_pa
   assert all(set(r) >= {"ms_per_step", "prefill_ms", "cache_len", "prompt_len"} for r in rows)
   fitted = CostModel.fit(rows)
   assert len(fitted.step) == 5 and min(fitted.step) >= 0.0
+  # two prompt lengths: rows of each, for the prefill's per-token slope
+  two = profile_cost(engine, [4], [64], steps=8, prompt_len=(8, 24), repeats=1,
+                     active_shares=(1.0,))
+  assert [r["prompt_len"] for r in two] == [8, 24]
+  assert len(CostModel.fit(rows + two).prefill) == 2
 
 
 @dataclasses.dataclass
