@@ -9,7 +9,8 @@ import pytest
 
 from lsdist_jax.schedule import CostModel, Options, Requests, dist, make_plan, plan_recovery
 from lsdist_jax.schedule.continuous import (CONTINUOUS_PLANNERS, ContinuousPlan, Phase,
-                                            expected_seconds, final_phase, make_continuous_plan,
+                                            expected_seconds, final_phase, insert_block,
+                                            make_continuous_plan,
                                             plan_continuous, plan_continuous_oracle,
                                             sample_lengths, simulate_continuous, slots_for)
 from lsdist_jax.schedule.planners import Batch, Plan
@@ -74,7 +75,8 @@ def reference_simulate(plan, req, true_length, cost, options):
         slots[i] = {"row": r, "ctx": c, "j": 0,
                     "cap": min(phase.cache_len - c, req.max_seq_len - c)}
       c_max = max(slots[i]["ctx"] for i in free[:len(take)])
-      out["seconds"] += overhead + float(cost.prefill_time(len(take), c_max))
+      block = insert_block(c_max, phase.cache_len, cost)
+      out["seconds"] += overhead + float(cost.prefill_time(len(take), block))
       out["computed"] += int(cost.padded_batch(len(take)))
       out["inserts"] += 1
 
@@ -188,8 +190,11 @@ def test_one_full_phase_costs_the_static_batch_plus_one_call_overhead():
     for refill in (1, n):
       plan = ContinuousPlan([Phase(rng.permutation(n), cache_len, n, refill)], "one")
       got = simulate_continuous(plan, req, true, COST, OPTIONS)
-      assert got.seconds == pytest.approx(static.seconds + COST.batch_overhead_ms * 1e-3,
-                                          rel=1e-12)
+      # the insert pads its context block to prompt_bucket x 2^i (fewer programs)
+      padding = float(COST.prefill_time(n, insert_block(int(prompt.max()), cache_len, COST))
+                      - COST.prefill_time(n, int(prompt.max())))
+      assert got.seconds == pytest.approx(static.seconds + COST.batch_overhead_ms * 1e-3
+                                          + padding, rel=1e-12)
       assert got.computed_tokens == static.computed_tokens
       assert got.generated_tokens == static.generated_tokens
       assert (got.insert_calls, got.carried_rows, got.recovery_batches) == (1, 0, 0)
@@ -314,3 +319,16 @@ def test_on_a_bimodal_workload_under_a_binding_budget_continuous_beats_static_or
   continuous = simulate_continuous(plan, req, true, cost, options)
   assert continuous.generated_tokens == static.generated_tokens
   assert continuous.seconds < static.seconds
+
+
+def test_insert_block_is_the_engines_padding():
+  """The simulator's insert block equals what SlotBatch.insert pads a context block to."""
+  import math
+
+  pb = COST.prompt_bucket
+  for c_max in (1, 15, 16, 17, 40, 100, 200):
+    for cache_len in (64, 128, 256):
+      block = -(-c_max // pb) * pb
+      pow2 = pb * 2 ** max(0, math.ceil(math.log2(block / pb)))
+      expected = pow2 if block < pow2 <= cache_len else block
+      assert int(insert_block(c_max, cache_len, COST)) == expected, (c_max, cache_len)

@@ -27,8 +27,9 @@ The runner's rules (`simulate_continuous` follows them exactly):
   rows, the runner appends `final_phase(...)` (a cache that holds every row's whole room, so
   nothing is capped) with those rows as its queue; at most 16 such extra phases.
 * Seconds: each insert call of k rows whose longest context is c_max costs batch_overhead +
-  prefill_time(k, c_max); each decode call costs batch_overhead + steps * step_time(B, S) plus the
-  live-token cost: at its j-th decode step in a slot a row reads c + j cache tokens.
+  prefill_time(k, insert_block(c_max)) (the engine pads the block to prompt_bucket x 2^i);
+  each decode call costs batch_overhead + steps * step_time(B, S) plus the live-token cost: at
+  its j-th decode step in a slot a row reads c + j cache tokens.
 * Computed tokens: padded_batch(B) per decode step, plus padded_batch(k) per insert call (the
   token the prefill samples). Generated tokens: the true lengths, each clipped to its room.
 """
@@ -127,6 +128,16 @@ def slot_cache_len(contexts, tokens, cost: CostModel):
   return round_up(need, int(cost.cache_bucket))
 
 
+def insert_block(contexts, cache_len: int, cost: CostModel) -> np.ndarray:
+  """The context block an insert call prefills (as `SlotBatch.insert` pads it): the prompt
+  block of the longest context, rounded up to prompt_bucket x 2^i where that fits the cache
+  (fewer programs to compile). Elementwise over insert calls' longest contexts."""
+  block = np.asarray(cost.prompt_block(np.asarray(contexts, np.int64)), np.int64)
+  pb = int(cost.prompt_bucket)
+  pow2 = pb * 2 ** np.ceil(np.log2(np.maximum(block, pb) / pb)).astype(np.int64)
+  return np.where(pow2 <= int(cache_len), pow2, block)
+
+
 def final_phase(contexts: np.ndarray, rooms: np.ndarray, cost: CostModel,
                 options: Options) -> Phase:
   """The phase the runner appends for the rows the last phase left (contexts c, rooms
@@ -216,7 +227,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   ks = np.asarray(insert_k, np.int64)
   overhead = cost.batch_overhead_ms * 1e-3
   seconds = (overhead * (ks.size + decodes)
-             + float(np.sum(cost.prefill_time(ks, np.asarray(insert_ctx, np.int64))))
+             + float(np.sum(cost.prefill_time(ks, insert_block(insert_ctx, cache, cost))))
              + steps * float(cost.step_time(slots, cache)) + float(cost.live_time(live)))
   tally.seconds += seconds
   tally.phase_seconds.append(seconds)
