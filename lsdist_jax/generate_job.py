@@ -91,8 +91,8 @@ def done_chunks(output: str, n_chunks: int) -> set[int]:
 
 
 def run_generate(config, input_path: str, output_path: str, predictor_path: str | None = None,
-                 strategy: str = "continuous-search", chunk_size: int = 512, skip_malformed: bool = False,
-                 engine=None, show_progress: bool = True) -> dict:
+                 strategy: str = "continuous-search", chunk_size: int = 512,
+                 skip_malformed: bool = False, engine=None, show_progress: bool = True) -> dict:
   """Generates a response for every prompt of `input_path`; returns a throughput summary."""
   from lsdist_jax import scheduling
   from lsdist_jax.collect import load_engine

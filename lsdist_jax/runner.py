@@ -140,7 +140,6 @@ class Runner:
                         generated, finished, done, records, seconds)
     return RunResult(generated, finished, records, seconds)
 
-
   # ------------------------------------------------------------------------ continuous plans
 
   def run_continuous(self, plan, final_phase: Callable | None = None,
@@ -219,8 +218,7 @@ class Runner:
       inserted = _bucket(len(take), gen) if take else 0
       # cap -1: each slot's row has its own (the room its context leaves in the slot)
       records.append(BatchRecord(name, busy, batch.slots, -1, batch.cache_len, steps, kept,
-                                 elapsed,
-                                 gen.compile_count > compiles,
+                                 elapsed, gen.compile_count > compiles,
                                  computed=batch.slots * steps + inserted))
       seconds["compile"] += compiling
       seconds["recover" if name == "recovery" else "generate"] += elapsed

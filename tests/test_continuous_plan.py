@@ -323,12 +323,12 @@ def test_on_a_bimodal_workload_under_a_binding_budget_continuous_beats_static_or
 
 def test_insert_block_is_the_engines_padding():
   """The simulator's insert block equals what SlotBatch.insert pads a context block to."""
-  import math
+  from lsdist_jax.llama.generate import context_block
 
   pb = COST.prompt_bucket
   for c_max in (1, 15, 16, 17, 40, 100, 200):
     for cache_len in (64, 128, 256):
       block = -(-c_max // pb) * pb
-      pow2 = pb * 2 ** max(0, math.ceil(math.log2(block / pb)))
-      expected = pow2 if block < pow2 <= cache_len else block
-      assert int(insert_block(c_max, cache_len, COST)) == expected, (c_max, cache_len)
+      assert int(insert_block(c_max, cache_len, COST)) == context_block(block, pb, cache_len)
+  assert [int(insert_block(c, s, COST)) for c, s in ((40, 256), (200, 256), (200, 128))] == [
+      64, 256, 208]

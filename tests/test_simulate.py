@@ -6,7 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lsdist_jax.schedule import CostModel, Options, Requests, expected_cost, make_plan, plan_recovery
+from lsdist_jax.schedule import (CostModel, Options, Requests, expected_cost, make_plan,
+                                 plan_recovery)
 from lsdist_jax.schedule.planners import Batch, Plan
 from lsdist_jax.schedule.simulate import simulate
 

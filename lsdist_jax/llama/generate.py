@@ -145,6 +145,17 @@ class DecodeResult:
   steps: int  # decode iterations run (model evaluations after prefill)
 
 
+def _choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p, *,
+            top_k_candidates, eos, filler_id):
+  """The token of each row at its token index `steps` (with length replay)."""
+  u = request_uniforms(seed, request_ids, steps)
+  tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates)
+  # Length replay: EOS exactly at the recorded length, never before it.
+  replay = forced_len >= 0
+  tok = jnp.where(replay & (steps >= forced_len), eos[0], tok)
+  return jnp.where(replay & (steps < forced_len) & jnp.isin(tok, eos), filler_id, tok)
+
+
 def _generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, active,
                    forced_len, cap, seed, temperature, top_p, *, model: Llama, cache_len: int,
                    hidden_layer: int, top_k_candidates: int, eos_ids: tuple[int, ...],
@@ -165,14 +176,8 @@ def _generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, 
   cap = jnp.minimum(cap, g)
 
   def choose(logits_last, i):
-    u = request_uniforms(seed, request_ids, start_step + i)
-    tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates)
-    # Length replay: EOS exactly at the recorded length, never before it.
-    step = start_step + i
-    replay = forced_len >= 0
-    tok = jnp.where(replay & (step >= forced_len), eos[0], tok)
-    tok = jnp.where(replay & (step < forced_len) & jnp.isin(tok, eos), filler_id, tok)
-    return tok
+    return _choose(logits_last, request_ids, start_step + i, forced_len, seed, temperature, top_p,
+                   top_k_candidates=top_k_candidates, eos=eos, filler_id=filler_id)
 
   def update(state, tok, i):
     out, n_gen, done, finished = state
@@ -235,16 +240,6 @@ def _slot_state(batch: int, cache_len: int, *, model: Llama) -> dict:
           "out": jnp.zeros((batch, cache_len + 1), jnp.int32)}
 
 
-def _choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p, *,
-            top_k_candidates, eos, filler_id):
-  """The token of each row at its token index `steps` (with length replay)."""
-  u = request_uniforms(seed, request_ids, steps)
-  tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates)
-  replay = forced_len >= 0
-  tok = jnp.where(replay & (steps >= forced_len), eos[0], tok)
-  return jnp.where(replay & (steps < forced_len) & jnp.isin(tok, eos), filler_id, tok)
-
-
 def _slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps, caps, limits,
                  forced_len, seed, temperature, top_p, *, model: Llama, top_k_candidates: int,
                  eos_ids: tuple[int, ...], filler_id: int):
@@ -252,9 +247,7 @@ def _slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps
   index >= B drops the row: bucket padding). Its cache moves to the slot's start, so the slot
   holds context position j at cache slot j; its first token is sampled here."""
   k, p = tokens.shape
-  b, s_len = state["out"].shape[0], state["out"].shape[1] - 1
-  if p > s_len:
-    raise ValueError(f"a context block of {p} tokens does not fit cache_len={s_len}")
+  s_len = state["out"].shape[1] - 1
   small = init_cache(model.config, k, p, model.dtype)
   logits, _, small = model.apply({"params": params}, tokens, small, jnp.zeros((), jnp.int32),
                                  pad_len, logits_at="last")
@@ -599,11 +592,19 @@ class SlotRead:
   finished: np.ndarray  # [B] ended with EOS
 
 
+def context_block(block: int, prompt_bucket: int, cache_len: int) -> int:
+  """The length an insert call prefills a packed context block of `block` tokens (a multiple of
+  prompt_bucket) at: prompt_bucket x 2^i, where that fits the cache. Continued rows bring long
+  contexts of any length, and every block length is a program to compile."""
+  pow2 = prompt_bucket * 2 ** max(0, math.ceil(math.log2(block / prompt_bucket)))
+  return pow2 if block < pow2 <= cache_len else block
+
+
 class SlotBatch:
-  """Continuous decoding on one engine (one device or a mesh): `insert` requests into free slots, `decode` until enough
-  slots are free, `read` the slots back. A slot's row may generate at most
-  min(cache_len - context, max_seq_len - context) tokens; one that reaches it comes back done
-  but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
+  """Continuous decoding on one engine (one device or a mesh): `insert` requests into free
+  slots, `decode` until enough slots are free, `read` the slots back. A slot's row may generate
+  at most min(cache_len - context, max_seq_len - context) tokens; one that reaches it comes back
+  done but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
 
   def __init__(self, generator: Generator, state: dict, slots: int, cache_len: int, *,
                max_seq_len: int, sampling: tuple):
@@ -612,9 +613,10 @@ class SlotBatch:
     self.sampling = sampling
     self.steps = 0  # decode steps run so far
 
-  def room(self, context_len: int) -> int:
-    """Tokens a context of this length may generate in a slot (<= 0: it does not fit)."""
-    return min(self.cache_len - context_len, self.max_seq_len - context_len)
+  def room(self, context_len):
+    """Tokens a context of this length may generate in a slot (<= 0: it does not fit).
+    Elementwise."""
+    return np.minimum(self.cache_len - context_len, self.max_seq_len - context_len)
 
   def insert(self, slot_ids: Sequence[int], contexts: Sequence[Sequence[int]],
              request_ids: Sequence[int], start_steps: Sequence[int],
@@ -628,13 +630,11 @@ class SlotBatch:
     if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
       raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
     tokens, pad_len, lengths, k, p = gen._pack(contexts)
-    # Context blocks of prompt_bucket x 2^i: continued rows bring long contexts of any length,
-    # and every block length is a program to compile.
-    block = gen.buckets.prompt * 2 ** max(0, math.ceil(math.log2(p / gen.buckets.prompt)))
-    if p < block <= self.cache_len:
+    block = context_block(p, gen.buckets.prompt, self.cache_len)
+    if block > p:
       tokens = np.pad(tokens, ((0, 0), (block - p, 0)), constant_values=gen.pad_id)
       pad_len, p = pad_len + (block - p), block
-    room = np.minimum(self.cache_len - lengths, self.max_seq_len - lengths)
+    room = self.room(lengths)
     if (room < 1).any():
       i = int(np.argmin(room))
       raise ValueError(f"context {i} of {int(lengths[i])} tokens leaves no room in this slot "
@@ -656,8 +656,7 @@ class SlotBatch:
                                      per_row(start_steps, 0, np.int32), caps, limits, forced)]
     self.state = gen._run(f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}",
                           gen._slot_fn("slot_insert", self.slots, self.cache_len), gen.params,
-                          self.state, *args,
-                          *self.sampling)
+                          self.state, *args, *self.sampling)
 
   def decode(self, free_target: int) -> int:
     """Runs decode steps until at least `free_target` slots are done (or all are); returns the

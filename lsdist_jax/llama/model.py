@@ -59,10 +59,9 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 def attention_mask(query_slots: Array, cache_len: int, pad_len: Array) -> Array:
   """[B, T, S] bool: query at slot q (row b) sees key slot s iff pad_len[b] <= s <= q.
-  query_slots: [T] (every row at the same slots) or [B, T] (per row)."""
+  query_slots: [1, T] (every row at the same slots) or [B, T] (per row)."""
   key_slots = jnp.arange(cache_len)[None, None, :]
-  query = query_slots[None, :, None] if query_slots.ndim == 1 else query_slots[:, :, None]
-  return (key_slots <= query) & (key_slots >= pad_len[:, None, None])
+  return (key_slots <= query_slots[:, :, None]) & (key_slots >= pad_len[:, None, None])
 
 
 class Attention(nn.Module):
@@ -202,12 +201,9 @@ class Llama(nn.Module):
                        self.param_dtype)
     b, t = tokens.shape
     cache_len = cache[0]["k"].shape[2]
-    if jnp.ndim(write_index) == 0:
-      query_slots = write_index + jnp.arange(t)
-      positions = jnp.maximum(query_slots[None, :] - pad_len[:, None], 0)  # [B, T]
-    else:  # [B]: each row at its own slot
-      query_slots = write_index[:, None] + jnp.arange(t)[None, :]
-      positions = jnp.maximum(query_slots - pad_len[:, None], 0)
+    # [1, T] (a scalar write_index: every row at the same slots) or [B, T] (one per row)
+    query_slots = jnp.reshape(write_index, (-1, 1)) + jnp.arange(t)[None, :]
+    positions = jnp.maximum(query_slots - pad_len[:, None], 0)  # [B, T]
     mask = attention_mask(query_slots, cache_len, pad_len)
     # Live cache slots of each row for a decode step: [pad_len, write_index] (nothing if done).
     kv_hi = jnp.broadcast_to(write_index + t, (b,)).astype(jnp.int32)

@@ -494,7 +494,7 @@ def plan_recovery(name: str, requests: Requests, unfinished: np.ndarray, generat
   options = options or Options()
   unfinished = np.asarray(unfinished, np.int64)
   generated = np.asarray(generated, np.int64)
-  if name == "oracle" and requests.length_pmf is None and requests.true_length is not None:
+  if name == "oracle" and requests.true_length is not None:
     requests = _with_known_lengths(requests)  # the oracle plans its recovery on true lengths too
   sub_prompt = requests.prompt_len[unfinished] + generated
   if requests.length_pmf is None or name in ("vanilla", "sorted", "ssch"):
