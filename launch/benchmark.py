@@ -2,10 +2,23 @@
 
   python launch/benchmark.py --config=configs/smollm2_alpaca.py --workdir=runs/smollm2_alpaca
   python launch/benchmark.py --config=... --profile   # fit the cost model on this device first
+  python launch/benchmark.py --config=... --workers=4 --devices=0,1   # see below
+
+--workers=N runs N processes that share the list of strategies (each takes the next one not
+taken), spread over --devices (GPU ids; each worker sees one) or all on the default device. Each
+device call runs under a per-device lock and is synced before the lock is released, and the
+time waiting for it is left out: one worker's timed work never overlaps another's on the same
+device, while the others compile, plan and prepare. Compilation, which dominates short
+benchmarks, so overlaps the runs. The process that starts the workers writes the report from
+their saved results (the same requests, seeds and settings for every strategy). Worker logs:
+<workdir>/<name>_state/worker<k>.log.
 """
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,12 +34,82 @@ flags.DEFINE_list("profile_prompts", ["32"], "prompt lengths the profile times (
                   "the prefill's per-token cost)")
 flags.DEFINE_bool("profile_only", False, "profile, save the cost model, and stop")
 flags.DEFINE_string("name", "benchmark", "output file stem")
+flags.DEFINE_integer("workers", 1, "processes sharing the strategies (see the module doc)")
+flags.DEFINE_list("devices", [], "GPU ids the workers are spread over (CUDA_VISIBLE_DEVICES); "
+                  "empty: all workers on the default device")
+flags.DEFINE_string("lock_dir", "", "where the per-device lock files live (default: the "
+                    "benchmark's state folder); benchmarks run side by side on the same GPUs "
+                    "pass the same folder, so their timed calls never overlap either")
+flags.DEFINE_bool("worker", False, "internal: run as one of --workers")
+flags.DEFINE_string("device_lock", "", "internal: the lock file of this worker's device")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+_PARENT_ONLY = ("--workers", "--devices", "--profile", "--worker", "--device_lock", "--lock_dir")
+
+
+def _child_argv(extra):
+  """This command line for a child process: the parent's own flags dropped, `extra` added."""
+  argv = [a for a in sys.argv[1:] if not a.split("=", 1)[0].startswith(_PARENT_ONLY)]
+  return [sys.executable, os.path.abspath(sys.argv[0])] + argv + extra
+
+
+def run_workers(workdir: str, name: str) -> None:
+  """Profiles first if asked (one child), then starts the workers and waits for them, printing
+  each strategy as its result is saved; a failed worker stops the others."""
+  from lsdist_jax import benchmark
+
+  if FLAGS.profile:
+    profile = [f"--profile_{k}={','.join(getattr(FLAGS, 'profile_' + k))}"
+               for k in ("batches", "cache", "prompts")]
+    env = dict(os.environ)
+    if FLAGS.devices:
+      env["CUDA_VISIBLE_DEVICES"] = FLAGS.devices[0]
+    subprocess.run(_child_argv(["--profile", "--profile_only"] + profile), env=env, check=True)
+  benchmark.clear_claims(workdir, name)
+  directory = benchmark.state_dir(workdir, name)
+  os.makedirs(directory, exist_ok=True)
+  procs = []
+  for k in range(FLAGS.workers):
+    device = FLAGS.devices[k % len(FLAGS.devices)] if FLAGS.devices else "default"
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if FLAGS.devices:
+      env["CUDA_VISIBLE_DEVICES"] = device
+    os.makedirs(FLAGS.lock_dir or directory, exist_ok=True)
+    lock = os.path.join(FLAGS.lock_dir or directory, f"device_{device}.lock")
+    log = open(os.path.join(directory, f"worker{k}.log"), "w")
+    procs.append((subprocess.Popen(_child_argv(["--worker", f"--device_lock={lock}"]),
+                                   env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    logging.info("worker %d on device %s (log %s)", k, device, log.name)
+  seen = set(benchmark.saved_strategies(workdir, name))
+  try:
+    while any(p.poll() is None for p, _ in procs):
+      failed = [k for k, (p, _) in enumerate(procs) if p.returncode not in (None, 0)]
+      if failed:
+        raise RuntimeError(f"benchmark worker {failed[0]} failed (exit "
+                           f"{procs[failed[0]][0].returncode}); see its log in {directory}")
+      now = set(benchmark.saved_strategies(workdir, name))
+      for stem in sorted(now - seen):
+        logging.info("done: %s (%d saved)", stem, len(now))
+      seen = now
+      time.sleep(2.0)
+    failed = [k for k, (p, _) in enumerate(procs) if p.returncode != 0]
+    if failed:
+      raise RuntimeError(f"benchmark worker {failed[0]} failed (exit "
+                         f"{procs[failed[0]][0].returncode}); see its log in {directory}")
+  finally:
+    for p, log in procs:
+      if p.poll() is None:
+        p.terminate()
+        p.wait()
+      log.close()
+
+
 def main(argv):
   del argv
+  if FLAGS.workers > 1 and not FLAGS.worker:
+    run_workers(FLAGS.workdir, FLAGS.name)  # then report below, every result loaded
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()
@@ -39,8 +122,10 @@ def main(argv):
   if not config.collect.store:
     config.collect.store = os.path.join(workdir, "store")
   engine = collect.load_engine(config)
+  if FLAGS.worker:
+    engine.generator.device_lock = FLAGS.device_lock or None
   cost = None
-  if FLAGS.profile:
+  if FLAGS.profile and FLAGS.workers <= 1:
     rows = runner.profile_cost(engine, [int(b) for b in FLAGS.profile_batches],
                                [int(s) for s in FLAGS.profile_cache],
                                prompt_len=[int(p) for p in FLAGS.profile_prompts])
@@ -59,8 +144,9 @@ def main(argv):
     cost = CostModel.load(os.path.join(workdir, "cost_model.json"))
   out = benchmark.run_benchmark(config, workdir, engine=engine,
                                 predictor_dirs=predictor_exports(workdir), cost=cost,
-                                out_name=FLAGS.name)
-  print(report.markdown_table(out["rows"]))
+                                out_name=FLAGS.name, worker=FLAGS.worker)
+  if not FLAGS.worker:
+    print(report.markdown_table(out["rows"]))
 
 
 if __name__ == "__main__":

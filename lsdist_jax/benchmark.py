@@ -194,6 +194,24 @@ class _ResumeState:
     bounds = np.cumsum(np.concatenate([[0], data["lengths"]]))
     return row, [data["tokens"][a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
+  def claim(self, name, repeat) -> bool:
+    """Atomically takes (name, repeat) for this process (benchmark workers share the list of
+    strategies); False if another worker took it."""
+    try:
+      os.close(os.open(self._paths(name, repeat)[0] + ".claim", os.O_CREAT | os.O_EXCL))
+      return True
+    except FileExistsError:
+      return False
+
+  def wait(self, name, repeat, timeout_s: float = 6 * 3600, poll_s: float = 2.0):
+    """Waits for another worker's result of (name, repeat)."""
+    deadline = time.monotonic() + timeout_s
+    while (saved := self.load(name, repeat)) is None:
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"no result of {name!r} (repeat {repeat}) after {timeout_s:.0f} s")
+      time.sleep(poll_s)
+    return saved
+
   def save(self, name, repeat, row, tokens):
     row_path, tok_path = self._paths(name, repeat)
     flat = np.concatenate([np.asarray(t, np.int32) for t in tokens]) if tokens else np.zeros(0)
@@ -201,6 +219,29 @@ class _ResumeState:
              lengths=np.array([len(t) for t in tokens], np.int64))
     os.replace(tok_path + ".tmp.npz", tok_path)
     report.write_json(row, row_path)
+
+
+def state_dir(workdir: str, out_name: str = "benchmark") -> str:
+  return os.path.join(workdir, f"{out_name}_state")
+
+
+def clear_claims(workdir: str, out_name: str = "benchmark") -> None:
+  """Drops the claims of workers that are gone (an interrupted run): their strategies run
+  again; finished strategies keep their saved results."""
+  directory = state_dir(workdir, out_name)
+  if os.path.isdir(directory):
+    for entry in os.listdir(directory):
+      if entry.endswith(".claim"):
+        os.remove(os.path.join(directory, entry))
+
+
+def saved_strategies(workdir: str, out_name: str = "benchmark") -> list[str]:
+  """Stems (strategy.r<repeat>) of the results saved so far."""
+  directory = state_dir(workdir, out_name)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(e[:-len(".npz")] for e in os.listdir(directory)
+                if e.endswith(".npz") and not e.endswith(".tmp.npz"))
 
 
 def vanilla_best_batch(cost, options, prompt_len: np.ndarray, max_seq_len: int) -> int:
@@ -227,12 +268,17 @@ def strategy_options(name: str, options, cost, prompt_len: np.ndarray, max_seq_l
 
 
 def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None = None,
-                  cost=None, out_name: str = "benchmark") -> dict:
+                  cost=None, out_name: str = "benchmark",
+                  worker: bool = False) -> dict:
   """Every strategy of config.benchmark.strategies on the same requests and seeds.
 
   predictor_dirs: {"distribution": export dir, "scalar-max": export dir, ...}.
   With config.benchmark.replay, every request's EOS is forced at a length sampled for its prompt
-  in the store (length replay), so any model runs with real length statistics."""
+  in the store (length replay), so any model runs with real length statistics.
+  Results are saved per strategy as they finish (`<workdir>/<out_name>_state`): a rerun resumes.
+  worker=True: one of several processes sharing the list (`launch/benchmark.py --workers`):
+  it runs the strategies it claims first and reports only what is done; identical shares and
+  the true lengths (oracles) come from the first strategy's result, whichever worker runs it."""
   from lsdist_jax import scheduling
   from lsdist_jax.collect import load_engine
   from lsdist_jax.data import load_prompts
@@ -252,73 +298,90 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
   else:
     prompts = scheduling.drop_long_prompts(engine, prompts, config.generation.max_seq_len)
     requests = build_requests(engine, prompts, int(bench.requests))
-  # In length replay the predictors read the store's hidden states (of the model that recorded
-  # the lengths), whatever this engine's width.
-  hidden_dim = (requests.replay_hidden.shape[1] if requests.replay_hidden is not None
-                else engine.config.hidden_size)
-  predictors = scheduling.load_predictors(predictor_dirs or {}, hidden_dim,
-                                          int(config.predictor.max_len))
-  runner = make_runner(engine, requests, config, forced)
-  prompt_len = np.array([len(p) for p in requests.prompt_ids])
-  logging.info("benchmark: %d requests over %d prompts, KV budget %d tokens, replay=%s",
-               len(prompt_len), len(prompts), options.kv_budget_tokens, bool(bench.replay))
-
-  # Compilation is timed apart by the engine (ahead-of-time per shape) and left out of samples/s;
-  # the prefill for hidden states and each predictor are compiled here, before any timing.
-  for predictor in predictors.values():
-    scheduling.predict(engine, requests, predictor, config)
-  results, rows, reference = {}, [], None
   names = list(bench.strategies)
-  if names and STRATEGIES.get(names[0], ("",))[0] in NEEDS_TRUE_LENGTHS:
+  for name in names:
+    if name not in STRATEGIES:
+      raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+  if names and STRATEGIES[names[0]][0] in NEEDS_TRUE_LENGTHS:
     raise ValueError(f"{names[0]} needs a strategy before it whose run gives the true lengths")
-  state = _ResumeState(os.path.join(workdir, f"{out_name}_state"), {
+  prompt_len = np.array([len(p) for p in requests.prompt_ids])
+  state = _ResumeState(state_dir(workdir, out_name), {
       "requests": [int(x) for x in requests.request_ids], "prompt_len": prompt_len.tolist(),
       "forced": None if forced is None else [int(x) for x in forced],
       "kv_budget_tokens": int(options.kv_budget_tokens), "repeats": int(bench.repeats),
       "generation": dict(config.generation), "model": engine.source})
-  for repeat in range(int(bench.repeats)):
-    true_length = None
+  repeats = range(int(bench.repeats))
+  to_run = [(n, r) for r in repeats for n in names if state.load(n, r) is None]
+  runner = predictors = None
+  if to_run:
+    # In length replay the predictors read the store's hidden states (of the model that
+    # recorded the lengths), whatever this engine's width.
+    hidden_dim = (requests.replay_hidden.shape[1] if requests.replay_hidden is not None
+                  else engine.config.hidden_size)
+    predictors = scheduling.load_predictors(predictor_dirs or {}, hidden_dim,
+                                            int(config.predictor.max_len))
+    runner = make_runner(engine, requests, config, forced)
+    logging.info("benchmark: %d requests over %d prompts, KV budget %d tokens, replay=%s",
+                 len(prompt_len), len(prompts), options.kv_budget_tokens, bool(bench.replay))
+    # Compilation is timed apart by the engine (ahead-of-time per shape) and left out of
+    # samples/s; the prefill for hidden states and each predictor are compiled here, first.
+    for predictor in predictors.values():
+      scheduling.predict(engine, requests, predictor, config)
+
+  def run_one(name, true_length):
+    planner, kind = STRATEGIES[name]
+    seconds = {"predict": 0.0, "plan": 0.0, "generate": 0.0, "recover": 0.0, "compile": 0.0}
+    sched_options = strategy_options(name, options, cost, prompt_len,
+                                     config.generation.max_seq_len)
+    pmf = scalar = None
+    if kind is not None:
+      if kind not in predictors:
+        raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
+      gen = engine.generator
+      wait0 = gen.wait_seconds
+      (pmf, scalar), seconds["predict"] = _timed(scheduling.predict, engine, requests,
+                                                 predictors[kind], config)
+      seconds["predict"] -= gen.wait_seconds - wait0  # a device shared with other workers
+    sched_requests = scheduling.planner_requests(prompt_len, config.generation.max_seq_len,
+                                                 pmf, scalar, true_length)
+    plan, seconds["plan"] = _timed(scheduling.plan_any, planner, sched_requests, cost,
+                                   sched_options)
+    result = scheduling.run_plan(runner, planner, plan, sched_requests, cost, sched_options)
+    for key in ("generate", "recover", "compile"):
+      seconds[key] += result.seconds[key]
+    row = summarize(name, result, seconds, len(prompt_len), peak_kv_tokens(result))
+    row["threshold"] = plan.threshold
+    row["expected_seconds"] = plan.expected_cost
+    return row, result.tokens
+
+  results, rows = {}, []
+  for repeat in repeats:
+    done = {}  # name -> (row, tokens)
     for name in names:
-      if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
       saved = state.load(name, repeat)
-      if saved is not None:  # done by an earlier, interrupted call of this same benchmark
-        row, tokens = saved
-        true_length = true_length if true_length is not None else np.array(
-            [len(t) for t in tokens])
-        reference = reference if reference is not None else tokens
-        results.setdefault(name, []).append(row)
-        log_row(row)
+      if saved is None and (not worker or state.claim(name, repeat)):
+        true_length = None
+        if STRATEGIES[name][0] in NEEDS_TRUE_LENGTHS:
+          first = done.get(names[0]) or state.wait(names[0], repeat)
+          true_length = np.array([len(t) for t in first[1]])
+        saved = run_one(name, true_length)
+        state.save(name, repeat, *saved)
+        log_row(saved[0])
+      if saved is not None:
+        done[name] = saved
+    if worker and names[0] not in done:  # the reference is another worker's
+      done[names[0]] = state.load(names[0], repeat) or done.get(names[0])
+    reference = done.get(names[0])
+    for name in names:
+      if done.get(name) is None:
         continue
-      planner, kind = STRATEGIES[name]
-      seconds = {"predict": 0.0, "plan": 0.0, "generate": 0.0, "recover": 0.0, "compile": 0.0}
-      sched_options = strategy_options(name, options, cost, prompt_len,
-                                       config.generation.max_seq_len)
-      pmf = scalar = None
-      if kind is not None:
-        if kind not in predictors:
-          raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
-        (pmf, scalar), seconds["predict"] = _timed(scheduling.predict, engine, requests,
-                                                   predictors[kind], config)
-      sched_requests = scheduling.planner_requests(prompt_len, config.generation.max_seq_len,
-                                                   pmf, scalar, true_length)
-      plan, seconds["plan"] = _timed(scheduling.plan_any, planner, sched_requests, cost,
-                                     sched_options)
-      result = scheduling.run_plan(runner, planner, plan, sched_requests, cost, sched_options)
-      for key in ("generate", "recover", "compile"):
-        seconds[key] += result.seconds[key]
-      if true_length is None:
-        true_length = np.array([len(t) for t in result.tokens])
-      if reference is None:
-        reference = result.tokens
-      row = summarize(name, result, seconds, len(prompt_len), peak_kv_tokens(result))
-      row["identical_share"] = compare_responses(reference, result.tokens)
-      row["threshold"] = plan.threshold
-      row["expected_seconds"] = plan.expected_cost
-      state.save(name, repeat, row, result.tokens)
+      row, tokens = done[name]
+      row = dict(row, identical_share=(compare_responses(reference[1], tokens)
+                                       if reference is not None else None))
       results.setdefault(name, []).append(row)
-      log_row(row)
   for name in names:
+    if name not in results:
+      continue
     runs = results[name]
     row = dict(sorted(runs, key=lambda r: r["samples_per_s"])[len(runs) // 2])  # median repeat
     row["repeats"] = len(runs)
@@ -331,5 +394,6 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
          "kv_budget_tokens": int(options.kv_budget_tokens), "replay": bool(bench.replay),
          "max_seq_len": int(config.generation.max_seq_len),
          "cost_model": cost.source, "rows": rows}
-  out["files"] = write_outputs(out, workdir, out_name)
+  if not worker:  # workers leave the report to the process that started them
+    out["files"] = write_outputs(out, workdir, out_name)
   return out

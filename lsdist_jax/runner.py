@@ -85,13 +85,11 @@ class Runner:
     forced = None
     if self.forced is not None:
       forced = [int(self.forced[m]) for m in members]
-    compiles, compile_seconds = gen.compile_count, gen.compile_seconds
-    t0 = time.perf_counter()
+    compiles, clock = gen.compile_count, _Clock(gen)
     result = gen.generate(prompts, cap=cap, max_seq_len=self.max_seq_len,
                           request_ids=[self.request_ids[m] for m in members],
                           start_steps=start_steps, forced_lengths=forced, **self.sampling)
-    compiling = gen.compile_seconds - compile_seconds
-    elapsed = time.perf_counter() - t0 - compiling
+    compiling, elapsed = clock.split()
     compiled = gen.compile_count > compiles
     kept = 0
     for i, m in enumerate(members):
@@ -187,8 +185,7 @@ class Runner:
     pending = [r for r, ok in zip(queue, fits) if ok]
     refill = max(1, min(int(phase.refill), batch.slots))
     while True:
-      compiles, compile_seconds = gen.compile_count, gen.compile_seconds
-      t0 = time.perf_counter()
+      compiles, clock = gen.compile_count, _Clock(gen)
       free = [j for j, r in enumerate(occupant) if r < 0]
       take = pending[:len(free)]
       del pending[:len(take)]
@@ -213,8 +210,7 @@ class Runner:
           occupant[j] = -1
           if not finished[r] and self.prompt_len[r] + len(generated[r]) < self.max_seq_len:
             carried.append(r)
-      compiling = gen.compile_seconds - compile_seconds
-      elapsed = time.perf_counter() - t0 - compiling
+      compiling, elapsed = clock.split()
       inserted = _bucket(len(take), gen) if take else 0
       # cap -1: each slot's row has its own (the room its context leaves in the slot)
       records.append(BatchRecord(name, busy, batch.slots, -1, batch.cache_len, steps, kept,
@@ -223,6 +219,22 @@ class Runner:
       seconds["compile"] += compiling
       seconds["recover" if name == "recovery" else "generate"] += elapsed
     return carried
+
+
+class _Clock:
+  """Times engine calls from its creation: `split()` -> (compile seconds, run seconds), the run
+  excluding compilation and any wait for a device shared with other processes."""
+
+  def __init__(self, gen):
+    self.gen = gen
+    self.start = time.perf_counter()
+    self.compile0 = gen.compile_seconds
+    self.wait0 = getattr(gen, "wait_seconds", 0.0)
+
+  def split(self) -> tuple[float, float]:
+    compiling = self.gen.compile_seconds - self.compile0
+    waiting = getattr(self.gen, "wait_seconds", 0.0) - self.wait0
+    return compiling, time.perf_counter() - self.start - compiling - waiting
 
 
 def _check_each_once(n: int, groups) -> None:

@@ -123,3 +123,36 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   state = os.path.join(str(tmp_path), "benchmark_state")
   lengths = np.load(os.path.join(state, "vanilla_16.r0.npz"))["lengths"]
   assert set(lengths.tolist()) <= recorded
+
+
+def test_benchmark_workers_share_the_strategies_and_match_one_process(pipeline_run, tmp_path):
+  """`launch/benchmark.py --workers=2`: two processes take the strategies between them (each
+  once) and the starting process reports them all, with the responses of the one-process run."""
+  import shutil
+  import subprocess
+
+  workdir, summary = pipeline_run
+  shutil.copytree(os.path.join(workdir, "predictor"), str(tmp_path / "predictor"))
+  strategies = ("vanilla:best", "ours-search", "oracle", "ours-continuous")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "benchmark.py"),
+       f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={tmp_path}",
+       f"--config.collect.store={os.path.join(workdir, 'store')}",
+       f"--config.benchmark.strategies={strategies!r}", "--workers=2"],
+      env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(tmp_path / "benchmark.json") as f:
+    rows = {r["strategy"]: r for r in json.load(f)["rows"]}
+  assert set(rows) == set(strategies)
+  assert all(r["identical_share"] == 1.0 for r in rows.values())
+  state = tmp_path / "benchmark_state"
+  claims = sorted(p.name for p in state.iterdir() if p.name.endswith(".claim"))
+  assert claims == sorted(f"{s.replace(':', '_')}.r0.json.claim" for s in strategies)
+  logs = [(state / f"worker{k}.log").read_text() for k in range(2)]
+  ran = [sum(f"{s:<16s}" in log for s in strategies) for log in logs]
+  assert sum(ran) == len(strategies)  # each strategy ran in exactly one worker
+  single = np.load(os.path.join(workdir, "benchmark_state", "vanilla_best.r0.npz"))
+  both = np.load(state / "vanilla_best.r0.npz")
+  assert (single["tokens"] == both["tokens"]).all()
+  assert (single["lengths"] == both["lengths"]).all()

@@ -139,3 +139,40 @@ def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
   assert 0 < result.effective_token_ratio <= 1.0
   with pytest.raises(ValueError, match="exactly once"):
     runner.run_continuous(ContinuousPlan([Phase(order[:7], 32, 4, 1)]))
+
+
+def test_device_lock_serialises_calls_and_its_wait_is_not_timed(runner, tmp_path):
+  """Benchmark workers sharing a device: a call waits for the lock, and the runner leaves the
+  wait out of the batch's time."""
+  import fcntl
+  import threading
+  import time
+
+  gen = runner.engine.generator
+  plan = Plan([Batch(np.arange(12), 72)])
+  free = runner.run(plan)  # compiled, unlocked
+  lock = str(tmp_path / "device.lock")
+  held = threading.Event()
+
+  def hold(seconds=1.5):
+    with open(lock, "a") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      held.set()
+      time.sleep(seconds)
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+  gen.device_lock, wait0 = lock, gen.wait_seconds
+  try:
+    other = threading.Thread(target=hold)
+    other.start()
+    held.wait()
+    start = time.perf_counter()
+    locked = runner.run(plan)
+    wall = time.perf_counter() - start
+    other.join()
+  finally:
+    gen.device_lock = None
+  waited = gen.wait_seconds - wait0
+  assert waited > 1.0  # the call waited for the other holder
+  assert locked.tokens == free.tokens
+  assert locked.seconds["generate"] < wall - 1.0  # ... and that wait is not counted

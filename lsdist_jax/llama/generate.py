@@ -12,6 +12,7 @@ cap); a row that reached the cap otherwise comes back unfinished, to be continue
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -370,6 +371,10 @@ class Generator:
     self._fns: dict = {}
     self._executables: dict = {}
     self.compile_seconds = 0.0  # time spent compiling, kept apart from running
+    # Several processes sharing one device (benchmark workers): each call runs under this file
+    # lock and is synced before it is released; the time spent waiting for it is counted here.
+    self.device_lock: str | None = None
+    self.wait_seconds = 0.0
 
   @property
   def compile_count(self) -> int:
@@ -388,7 +393,12 @@ class Generator:
       exe = jitted.lower(*args).compile()
       self.compile_seconds += time.perf_counter() - start
       self._executables[key] = exe
-    return exe(*args)
+    if self.device_lock is None:
+      return exe(*args)
+    with _exclusive(self.device_lock) as waited:
+      out = jax.block_until_ready(exe(*args))
+    self.wait_seconds += waited()
+    return out
 
   def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
     spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1),
@@ -581,6 +591,22 @@ class Generator:
             in_shardings=(self._param_shardings(), state) + (rep,) * (extra + 3),
             out_shardings=state if kind == "slot_insert" else (state, rep))
     return self._fns[key]
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+  """Holds an exclusive lock on `path` (created if missing); yields a callable giving the
+  seconds spent waiting for it."""
+  import fcntl
+
+  start = time.perf_counter()
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    waited = time.perf_counter() - start
+    try:
+      yield lambda: waited
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclasses.dataclass
