@@ -11,7 +11,9 @@ time waiting for it is left out: one worker's timed work never overlaps another'
 device, while the others compile, plan and prepare. Compilation, which dominates short
 benchmarks, so overlaps the runs. The process that starts the workers writes the report from
 their saved results (the same requests, seeds and settings for every strategy). Worker logs:
-<workdir>/<name>_state/worker<k>.log.
+<workdir>/<name>_state/worker<k>.log. Workers on one device share its memory (none preallocates):
+choose --workers so that their models and KV budgets fit. --report_only writes the report from whatever results are
+saved (e.g. after an interrupted run), with no engine.
 """
 
 import json
@@ -40,9 +42,11 @@ flags.DEFINE_list("devices", [], "GPU ids the workers are spread over (CUDA_VISI
 flags.DEFINE_string("lock_dir", "", "where the per-device lock files live (default: the "
                     "benchmark's state folder); benchmarks run side by side on the same GPUs "
                     "pass the same folder, so their timed calls never overlap either")
+flags.DEFINE_bool("report_only", False, "write the report from the results saved so far "
+                  "(<workdir>/<name>_state), with no engine; missing strategies are listed")
 flags.DEFINE_bool("worker", False, "internal: run as one of --workers")
 flags.DEFINE_string("device_lock", "", "internal: the lock file of this worker's device")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -108,6 +112,16 @@ def run_workers(workdir: str, name: str) -> None:
 
 def main(argv):
   del argv
+  if FLAGS.report_only:
+    from lsdist_jax import benchmark, report
+
+    out = benchmark.report_from_state(FLAGS.workdir, FLAGS.name, allow_missing=True)
+    print(report.markdown_table(out["rows"]))
+    if out.get("not_run"):
+      print("not run:", ", ".join(out["not_run"]))
+    return
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required (except with --report_only)")
   if FLAGS.workers > 1 and not FLAGS.worker:
     run_workers(FLAGS.workdir, FLAGS.name)  # then report below, every result loaded
   from lsdist_jax.logs import quiet_libraries

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import time
@@ -162,7 +163,6 @@ class _ResumeState:
 
   def __init__(self, directory: str, identity: dict):
     import hashlib
-    import json
 
     self.directory = directory
     os.makedirs(directory, exist_ok=True)
@@ -179,20 +179,13 @@ class _ResumeState:
         f.write(self.key)
 
   def _paths(self, name, repeat):
-    stem = os.path.join(self.directory, f"{name.replace(':', '_')}.r{repeat}")
-    return stem + ".json", stem + ".npz"
+    return _saved_paths(self.directory, name, repeat)
 
   def load(self, name, repeat):
-    import json
+    return _load_saved(self.directory, name, repeat)
 
-    row_path, tok_path = self._paths(name, repeat)
-    if not (os.path.exists(row_path) and os.path.exists(tok_path)):
-      return None
-    with open(row_path) as f:
-      row = json.load(f)
-    data = np.load(tok_path)
-    bounds = np.cumsum(np.concatenate([[0], data["lengths"]]))
-    return row, [data["tokens"][a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+  def has(self, name, repeat) -> bool:
+    return all(os.path.exists(p) for p in self._paths(name, repeat))
 
   def claim(self, name, repeat) -> bool:
     """Atomically takes (name, repeat) for this process (benchmark workers share the list of
@@ -212,6 +205,13 @@ class _ResumeState:
       time.sleep(poll_s)
     return saved
 
+  def write_meta(self, meta: dict) -> None:
+    """What the report needs besides the rows (device, model, requests, strategy order)."""
+    path = os.path.join(self.directory, "meta.json")
+    tmp = f"{path}.{os.getpid()}.tmp"  # workers write it too
+    report.write_json(meta, tmp)
+    os.replace(tmp, path)
+
   def save(self, name, repeat, row, tokens):
     row_path, tok_path = self._paths(name, repeat)
     flat = np.concatenate([np.asarray(t, np.int32) for t in tokens]) if tokens else np.zeros(0)
@@ -219,6 +219,23 @@ class _ResumeState:
              lengths=np.array([len(t) for t in tokens], np.int64))
     os.replace(tok_path + ".tmp.npz", tok_path)
     report.write_json(row, row_path)
+
+
+def _saved_paths(directory: str, name: str, repeat: int) -> tuple[str, str]:
+  stem = os.path.join(directory, f"{name.replace(':', '_')}.r{repeat}")
+  return stem + ".json", stem + ".npz"
+
+
+def _load_saved(directory: str, name: str, repeat: int):
+  """(row, responses) saved for (strategy, repeat), or None."""
+  row_path, tok_path = _saved_paths(directory, name, repeat)
+  if not (os.path.exists(row_path) and os.path.exists(tok_path)):
+    return None
+  with open(row_path) as f:
+    row = json.load(f)
+  data = np.load(tok_path)
+  bounds = np.cumsum(np.concatenate([[0], data["lengths"]]))
+  return row, [data["tokens"][a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def state_dir(workdir: str, out_name: str = "benchmark") -> str:
@@ -311,7 +328,13 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       "kv_budget_tokens": int(options.kv_budget_tokens), "repeats": int(bench.repeats),
       "generation": dict(config.generation), "model": engine.source})
   repeats = range(int(bench.repeats))
-  to_run = [(n, r) for r in repeats for n in names if state.load(n, r) is None]
+  state.write_meta({
+      "device": device_name(), "date": today(), "model": engine.source,
+      "prompts": len(prompt_len), "distinct_prompts": len(prompts),
+      "kv_budget_tokens": int(options.kv_budget_tokens), "replay": bool(bench.replay),
+      "max_seq_len": int(config.generation.max_seq_len), "cost_model": cost.source,
+      "strategies": names, "repeats": int(bench.repeats)})
+  to_run = [(n, r) for r in repeats for n in names if not state.has(n, r)]
   runner = predictors = None
   if to_run:
     # In length replay the predictors read the store's hidden states (of the model that
@@ -354,31 +377,50 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
     row["expected_seconds"] = plan.expected_cost
     return row, result.tokens
 
-  results, rows = {}, []
   for repeat in repeats:
-    done = {}  # name -> (row, tokens)
+    first = None  # the first strategy's (row, tokens): the oracles' true lengths
     for name in names:
-      saved = state.load(name, repeat)
-      if saved is None and (not worker or state.claim(name, repeat)):
-        true_length = None
-        if STRATEGIES[name][0] in NEEDS_TRUE_LENGTHS:
-          first = done.get(names[0]) or state.wait(names[0], repeat)
-          true_length = np.array([len(t) for t in first[1]])
-        saved = run_one(name, true_length)
-        state.save(name, repeat, *saved)
-        log_row(saved[0])
-      if saved is not None:
-        done[name] = saved
-    if worker and names[0] not in done:  # the reference is another worker's
-      done[names[0]] = state.load(names[0], repeat) or done.get(names[0])
-    reference = done.get(names[0])
-    for name in names:
-      if done.get(name) is None:
+      if state.has(name, repeat) or (worker and not state.claim(name, repeat)):
         continue
-      row, tokens = done[name]
-      row = dict(row, identical_share=(compare_responses(reference[1], tokens)
-                                       if reference is not None else None))
+      true_length = None
+      if STRATEGIES[name][0] in NEEDS_TRUE_LENGTHS:
+        first = first or state.load(names[0], repeat) or state.wait(names[0], repeat)
+        true_length = np.array([len(t) for t in first[1]])
+      row, tokens = run_one(name, true_length)
+      state.save(name, repeat, row, tokens)
+      log_row(row)
+  # Workers leave the report to the process that started them.
+  return report_from_state(workdir, out_name, write=not worker, allow_missing=worker)
+
+
+def report_from_state(workdir: str, out_name: str = "benchmark", write: bool = True,
+                      allow_missing: bool = False) -> dict:
+  """The benchmark's report from its saved per-strategy results, with no engine: each
+  strategy's median repeat, identical shares against the first strategy's responses, speedups
+  over vanilla:16. Missing results are an error unless allow_missing (then listed in
+  "not_run")."""
+  directory = state_dir(workdir, out_name)
+  meta_path = os.path.join(directory, "meta.json")
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"no benchmark results in {directory} (missing meta.json)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  names, results, missing = meta["strategies"], {}, []
+  for repeat in range(int(meta["repeats"])):
+    reference = _load_saved(directory, names[0], repeat)
+    for name in names:
+      saved = _load_saved(directory, name, repeat)
+      if saved is None:
+        missing.append(f"{name} (repeat {repeat})")
+        continue
+      row, tokens = saved
+      row["identical_share"] = (compare_responses(reference[1], tokens)
+                                if reference is not None else None)
       results.setdefault(name, []).append(row)
+  if missing and not allow_missing:
+    raise ValueError(f"{directory} has no saved result for {', '.join(missing)}: run the "
+                     "benchmark (it resumes) before reporting")
+  rows = []
   for name in names:
     if name not in results:
       continue
@@ -389,11 +431,11 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
   base = next((r["samples_per_s"] for r in rows if r["strategy"] == "vanilla:16"), None)
   for row in rows:
     row["speedup"] = row["samples_per_s"] / base if base else None
-  out = {"device": device_name(), "date": today(), "model": engine.source,
-         "prompts": len(prompt_len), "distinct_prompts": len(prompts),
-         "kv_budget_tokens": int(options.kv_budget_tokens), "replay": bool(bench.replay),
-         "max_seq_len": int(config.generation.max_seq_len),
-         "cost_model": cost.source, "rows": rows}
-  if not worker:  # workers leave the report to the process that started them
+  out = {k: meta[k] for k in ("device", "date", "model", "prompts", "distinct_prompts",
+                              "kv_budget_tokens", "replay", "max_seq_len", "cost_model")}
+  out["rows"] = rows
+  if missing:
+    out["not_run"] = missing
+  if write:
     out["files"] = write_outputs(out, workdir, out_name)
   return out

@@ -152,7 +152,36 @@ def test_benchmark_workers_share_the_strategies_and_match_one_process(pipeline_r
   logs = [(state / f"worker{k}.log").read_text() for k in range(2)]
   ran = [sum(f"{s:<16s}" in log for s in strategies) for log in logs]
   assert sum(ran) == len(strategies)  # each strategy ran in exactly one worker
+  # The report again from the saved results alone (no engine), as after an interrupted run.
+  os.remove(tmp_path / "benchmark.json")
+  again = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "benchmark.py"), f"--workdir={tmp_path}",
+       "--report_only"], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert again.returncode == 0, again.stderr[-3000:]
+  with open(tmp_path / "benchmark.json") as f:
+    assert {r["strategy"]: r for r in json.load(f)["rows"]} == rows
   single = np.load(os.path.join(workdir, "benchmark_state", "vanilla_best.r0.npz"))
   both = np.load(state / "vanilla_best.r0.npz")
   assert (single["tokens"] == both["tokens"]).all()
   assert (single["lengths"] == both["lengths"]).all()
+
+
+def test_report_from_saved_results_names_what_is_missing(pipeline_run, tmp_path):
+  import shutil
+
+  from lsdist_jax.benchmark import report_from_state
+
+  workdir, summary = pipeline_run
+  out = report_from_state(workdir, write=False)
+  expected = {r["strategy"]: r["samples_per_s"] for r in summary["benchmark"]["rows"]}
+  assert {r["strategy"]: r["samples_per_s"] for r in out["rows"]} == expected
+  assert out["kv_budget_tokens"] == summary["benchmark"]["kv_budget_tokens"]
+  shutil.copytree(os.path.join(workdir, "benchmark_state"), str(tmp_path / "benchmark_state"))
+  os.remove(tmp_path / "benchmark_state" / "ours-search.r0.npz")
+  with pytest.raises(ValueError, match="ours-search"):
+    report_from_state(str(tmp_path))
+  partial = report_from_state(str(tmp_path), write=False, allow_missing=True)
+  assert partial["not_run"] == ["ours-search (repeat 0)"]
+  assert len(partial["rows"]) == len(expected) - 1
+  with pytest.raises(FileNotFoundError, match="meta.json"):
+    report_from_state(str(tmp_path / "nowhere"))
