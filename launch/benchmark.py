@@ -18,9 +18,7 @@ saved (e.g. after an interrupted run), with no engine.
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -59,57 +57,6 @@ def _child_argv(extra):
   return [sys.executable, os.path.abspath(sys.argv[0])] + argv + extra
 
 
-def run_workers(workdir: str, name: str) -> None:
-  """Profiles first if asked (one child), then starts the workers and waits for them, printing
-  each strategy as its result is saved; a failed worker stops the others."""
-  from lsdist_jax import benchmark
-
-  if FLAGS.profile:
-    profile = [f"--profile_{k}={','.join(getattr(FLAGS, 'profile_' + k))}"
-               for k in ("batches", "cache", "prompts")]
-    env = dict(os.environ)
-    if FLAGS.devices:
-      env["CUDA_VISIBLE_DEVICES"] = FLAGS.devices[0]
-    subprocess.run(_child_argv(["--profile", "--profile_only"] + profile), env=env, check=True)
-  benchmark.clear_claims(workdir, name)
-  directory = benchmark.state_dir(workdir, name)
-  os.makedirs(directory, exist_ok=True)
-  procs = []
-  for k in range(FLAGS.workers):
-    device = FLAGS.devices[k % len(FLAGS.devices)] if FLAGS.devices else "default"
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    if FLAGS.devices:
-      env["CUDA_VISIBLE_DEVICES"] = device
-    os.makedirs(FLAGS.lock_dir or directory, exist_ok=True)
-    lock = os.path.join(FLAGS.lock_dir or directory, f"device_{device}.lock")
-    log = open(os.path.join(directory, f"worker{k}.log"), "w")
-    procs.append((subprocess.Popen(_child_argv(["--worker", f"--device_lock={lock}"]),
-                                   env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    logging.info("worker %d on device %s (log %s)", k, device, log.name)
-  seen = set(benchmark.saved_strategies(workdir, name))
-  try:
-    while any(p.poll() is None for p, _ in procs):
-      failed = [k for k, (p, _) in enumerate(procs) if p.returncode not in (None, 0)]
-      if failed:
-        raise RuntimeError(f"benchmark worker {failed[0]} failed (exit "
-                           f"{procs[failed[0]][0].returncode}); see its log in {directory}")
-      now = set(benchmark.saved_strategies(workdir, name))
-      for stem in sorted(now - seen):
-        logging.info("done: %s (%d saved)", stem, len(now))
-      seen = now
-      time.sleep(2.0)
-    failed = [k for k, (p, _) in enumerate(procs) if p.returncode != 0]
-    if failed:
-      raise RuntimeError(f"benchmark worker {failed[0]} failed (exit "
-                         f"{procs[failed[0]][0].returncode}); see its log in {directory}")
-  finally:
-    for p, log in procs:
-      if p.poll() is None:
-        p.terminate()
-        p.wait()
-      log.close()
-
-
 def main(argv):
   del argv
   if FLAGS.report_only:
@@ -123,7 +70,17 @@ def main(argv):
   if FLAGS.config is None:
     raise app.UsageError("--config is required (except with --report_only)")
   if FLAGS.workers > 1 and not FLAGS.worker:
-    run_workers(FLAGS.workdir, FLAGS.name)  # then report below, every result loaded
+    from lsdist_jax import benchmark
+
+    profile = None
+    if FLAGS.profile:
+      profile = _child_argv(["--profile", "--profile_only"] + [
+          f"--profile_{k}={','.join(getattr(FLAGS, 'profile_' + k))}"
+          for k in ("batches", "cache", "prompts")])
+    benchmark.run_workers(lambda lock: _child_argv(["--worker", f"--device_lock={lock}"]),
+                          FLAGS.workdir, FLAGS.name, FLAGS.workers, FLAGS.devices,
+                          lock_dir=FLAGS.lock_dir, profile_command=profile)
+    # then the report below, every result loaded
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()

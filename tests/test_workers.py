@@ -1,0 +1,41 @@
+"""Benchmark workers' orchestration (`benchmark.run_workers`) with stand-in worker commands."""
+
+import os
+import sys
+
+import pytest
+
+from lsdist_jax.benchmark import run_workers, state_dir
+
+
+def _command(out_dir, code=0):
+  """A stand-in worker: records its lock path and visible device, then exits with `code`."""
+  script = ("import os, sys; open(os.path.join(sys.argv[1], str(os.getpid())), 'w').write("
+            "sys.argv[2] + ' ' + os.environ.get('CUDA_VISIBLE_DEVICES', '-')); sys.exit(%d)" % code)
+  return lambda lock: [sys.executable, "-c", script, str(out_dir), lock]
+
+
+def test_workers_are_dealt_devices_with_one_lock_each(tmp_path):
+  out = tmp_path / "seen"
+  out.mkdir()
+  workdir = tmp_path / "work"
+  run_workers(_command(out), str(workdir), "bench", 3, devices=["4", "7"], poll_s=0.05)
+  seen = sorted(p.read_text() for p in out.iterdir())
+  locks = os.path.join(state_dir(str(workdir), "bench"), "device_%s.lock")
+  assert seen == sorted([f"{locks % '4'} 4", f"{locks % '7'} 7", f"{locks % '4'} 4"])
+  assert all((tmp_path / "work" / "bench_state" / f"worker{k}.log").exists() for k in range(3))
+
+
+def test_a_failed_worker_is_reported_with_its_log(tmp_path):
+  with pytest.raises(RuntimeError, match=r"worker 0 failed \(exit 3\).*worker0.log"):
+    run_workers(_command(tmp_path, code=3), str(tmp_path / "work"), "bench", 1, poll_s=0.05)
+
+
+def test_claims_of_an_interrupted_run_are_dropped(tmp_path):
+  directory = state_dir(str(tmp_path), "bench")
+  os.makedirs(directory)
+  open(os.path.join(directory, "ours.r0.json.claim"), "w").close()
+  run_workers(_command(tmp_path), str(tmp_path), "bench", 1, lock_dir=str(tmp_path / "locks"),
+              poll_s=0.05)
+  assert not os.path.exists(os.path.join(directory, "ours.r0.json.claim"))
+  assert (tmp_path / "locks").is_dir()
