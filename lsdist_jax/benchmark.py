@@ -169,14 +169,12 @@ class _ResumeState:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     self.key = digest.hexdigest()[:16]
     marker = os.path.join(directory, "identity.txt")
-    if os.path.exists(marker):
-      with open(marker) as f:
-        if f.read().strip() != self.key:
-          raise ValueError(f"{directory} holds results of another benchmark (other requests or "
-                           "settings); remove it or choose another --name")
-    else:
-      with open(marker, "w") as f:
-        f.write(self.key)
+    if not os.path.exists(marker):  # written whole: workers start together and read it
+      _write_whole(marker, self.key)
+    with open(marker) as f:
+      if f.read().strip() != self.key:
+        raise ValueError(f"{directory} holds results of another benchmark (other requests or "
+                         "settings); remove it or choose another --name")
 
   def _paths(self, name, repeat):
     return _saved_paths(self.directory, name, repeat)
@@ -207,10 +205,8 @@ class _ResumeState:
 
   def write_meta(self, meta: dict) -> None:
     """What the report needs besides the rows (device, model, requests, strategy order)."""
-    path = os.path.join(self.directory, "meta.json")
-    tmp = f"{path}.{os.getpid()}.tmp"  # workers write it too
-    report.write_json(meta, tmp)
-    os.replace(tmp, path)
+    _write_whole(os.path.join(self.directory, "meta.json"),  # workers write it too
+                 json.dumps(meta, indent=1, default=str))
 
   def save(self, name, repeat, row, tokens):
     row_path, tok_path = self._paths(name, repeat)
@@ -219,6 +215,16 @@ class _ResumeState:
              lengths=np.array([len(t) for t in tokens], np.int64))
     os.replace(tok_path + ".tmp.npz", tok_path)
     report.write_json(row, row_path)
+
+
+def _write_whole(path: str, text: str) -> None:
+  """Writes `path` so that a concurrent reader sees the old file or the whole new one."""
+  import tempfile
+
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def _saved_paths(directory: str, name: str, repeat: int) -> tuple[str, str]:

@@ -39,3 +39,29 @@ def test_claims_of_an_interrupted_run_are_dropped(tmp_path):
               poll_s=0.05)
   assert not os.path.exists(os.path.join(directory, "ours.r0.json.claim"))
   assert (tmp_path / "locks").is_dir()
+
+
+def test_state_of_another_benchmark_is_refused_and_workers_starting_together_agree(tmp_path):
+  import threading
+
+  from lsdist_jax.benchmark import _ResumeState
+
+  for attempt in range(5):
+    directory = str(tmp_path / f"state{attempt}")
+    errors, start = [], threading.Barrier(12)
+
+    def open_state():
+      start.wait()
+      try:
+        _ResumeState(directory, {"requests": [1, 2, 3]})
+      except ValueError as e:
+        errors.append(e)
+
+    threads = [threading.Thread(target=open_state) for _ in range(12)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    assert not errors  # never a half-written identity
+  with pytest.raises(ValueError, match="another benchmark"):
+    _ResumeState(directory, {"requests": [1, 2, 4]})
