@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from lsdist_jax import report
-from lsdist_jax.runner import Runner
+from lsdist_jax.runner import EngineClock, Runner
 
 DEFAULT_VANILLA_BATCH = 16
 
@@ -170,7 +170,7 @@ class _ResumeState:
     self.key = digest.hexdigest()[:16]
     marker = os.path.join(directory, "identity.txt")
     if not os.path.exists(marker):  # written whole: workers start together and read it
-      _write_whole(marker, self.key)
+      report.write_text(marker, self.key)
     with open(marker) as f:
       if f.read().strip() != self.key:
         raise ValueError(f"{directory} holds results of another benchmark (other requests or "
@@ -183,7 +183,7 @@ class _ResumeState:
     return _load_saved(self.directory, name, repeat)
 
   def has(self, name, repeat) -> bool:
-    return all(os.path.exists(p) for p in self._paths(name, repeat))
+    return _is_saved(self.directory, name, repeat)
 
   def claim(self, name, repeat) -> bool:
     """Atomically takes (name, repeat) for this process (benchmark workers share the list of
@@ -205,8 +205,7 @@ class _ResumeState:
 
   def write_meta(self, meta: dict) -> None:
     """What the report needs besides the rows (device, model, requests, strategy order)."""
-    _write_whole(os.path.join(self.directory, "meta.json"),  # workers write it too
-                 json.dumps(meta, indent=1, default=str))
+    report.write_json(meta, os.path.join(self.directory, "meta.json"))  # workers write it too
 
   def save(self, name, repeat, row, tokens):
     row_path, tok_path = self._paths(name, repeat)
@@ -217,26 +216,20 @@ class _ResumeState:
     report.write_json(row, row_path)
 
 
-def _write_whole(path: str, text: str) -> None:
-  """Writes `path` so that a concurrent reader sees the old file or the whole new one."""
-  import tempfile
-
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _saved_paths(directory: str, name: str, repeat: int) -> tuple[str, str]:
   stem = os.path.join(directory, f"{name.replace(':', '_')}.r{repeat}")
   return stem + ".json", stem + ".npz"
 
 
+def _is_saved(directory: str, name: str, repeat: int) -> bool:
+  return all(os.path.exists(p) for p in _saved_paths(directory, name, repeat))
+
+
 def _load_saved(directory: str, name: str, repeat: int):
   """(row, responses) saved for (strategy, repeat), or None."""
-  row_path, tok_path = _saved_paths(directory, name, repeat)
-  if not (os.path.exists(row_path) and os.path.exists(tok_path)):
+  if not _is_saved(directory, name, repeat):
     return None
+  row_path, tok_path = _saved_paths(directory, name, repeat)
   with open(row_path) as f:
     row = json.load(f)
   data = np.load(tok_path)
@@ -421,11 +414,9 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
     if kind is not None:
       if kind not in predictors:
         raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
-      gen = engine.generator
-      wait0 = gen.wait_seconds
-      (pmf, scalar), seconds["predict"] = _timed(scheduling.predict, engine, requests,
-                                                 predictors[kind], config)
-      seconds["predict"] -= gen.wait_seconds - wait0  # a device shared with other workers
+      clock = EngineClock(engine.generator)  # leaves out any wait for a shared device
+      pmf, scalar = scheduling.predict(engine, requests, predictors[kind], config)
+      _, seconds["predict"] = clock.split()
     sched_requests = scheduling.planner_requests(prompt_len, config.generation.max_seq_len,
                                                  pmf, scalar, true_length)
     plan, seconds["plan"] = _timed(scheduling.plan_any, planner, sched_requests, cost,

@@ -119,9 +119,16 @@ def plot_benchmark(rows: Sequence[dict], path: str, title: str = "") -> str:
   return path
 
 
-def write_json(obj, path: str) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
+def write_text(path: str, text: str) -> str:
+  """Writes `path` whole: a concurrent reader (or writer) sees the old file or a whole new one."""
+  import tempfile
+
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
   os.replace(tmp, path)
   return path
+
+
+def write_json(obj, path: str) -> str:
+  return write_text(path, json.dumps(obj, indent=1))

@@ -85,12 +85,11 @@ class Runner:
     forced = None
     if self.forced is not None:
       forced = [int(self.forced[m]) for m in members]
-    compiles, clock = gen.compile_count, _Clock(gen)
+    clock = EngineClock(gen)
     result = gen.generate(prompts, cap=cap, max_seq_len=self.max_seq_len,
                           request_ids=[self.request_ids[m] for m in members],
                           start_steps=start_steps, forced_lengths=forced, **self.sampling)
     compiling, elapsed = clock.split()
-    compiled = gen.compile_count > compiles
     kept = 0
     for i, m in enumerate(members):
       new = result.tokens[i, :result.num_generated[i]].tolist()
@@ -100,7 +99,7 @@ class Runner:
       done[m] = finished[m] or self.prompt_len[m] + len(generated[m]) >= self.max_seq_len
     records.append(BatchRecord(phase, len(members), _bucket(len(members), gen), cap,
                                _cache_len(gen, prompts, cap), result.steps, kept, elapsed,
-                               compiled))
+                               clock.compiled))
     seconds["compile"] += compiling
     seconds["recover" if phase == "recovery" else "generate"] += elapsed
 
@@ -185,7 +184,7 @@ class Runner:
     pending = [r for r, ok in zip(queue, fits) if ok]
     refill = max(1, min(int(phase.refill), batch.slots))
     while True:
-      compiles, clock = gen.compile_count, _Clock(gen)
+      clock = EngineClock(gen)
       free = [j for j, r in enumerate(occupant) if r < 0]
       take = pending[:len(free)]
       del pending[:len(take)]
@@ -214,26 +213,31 @@ class Runner:
       inserted = _bucket(len(take), gen) if take else 0
       # cap -1: each slot's row has its own (the room its context leaves in the slot)
       records.append(BatchRecord(name, busy, batch.slots, -1, batch.cache_len, steps, kept,
-                                 elapsed, gen.compile_count > compiles,
+                                 elapsed, clock.compiled,
                                  computed=batch.slots * steps + inserted))
       seconds["compile"] += compiling
       seconds["recover" if name == "recovery" else "generate"] += elapsed
     return carried
 
 
-class _Clock:
-  """Times engine calls from its creation: `split()` -> (compile seconds, run seconds), the run
-  excluding compilation and any wait for a device shared with other processes."""
+class EngineClock:
+  """Times a generator's calls from its creation: `split()` -> (compile seconds, run seconds),
+  the run excluding compilation and any wait for a device shared with other processes;
+  `compiled`: whether those calls compiled a new program."""
 
   def __init__(self, gen):
     self.gen = gen
     self.start = time.perf_counter()
-    self.compile0 = gen.compile_seconds
-    self.wait0 = getattr(gen, "wait_seconds", 0.0)
+    self.compile0, self.count0 = gen.compile_seconds, gen.compile_count
+    self.wait0 = gen.wait_seconds
+
+  @property
+  def compiled(self) -> bool:
+    return self.gen.compile_count > self.count0
 
   def split(self) -> tuple[float, float]:
     compiling = self.gen.compile_seconds - self.compile0
-    waiting = getattr(self.gen, "wait_seconds", 0.0) - self.wait0
+    waiting = self.gen.wait_seconds - self.wait0
     return compiling, time.perf_counter() - self.start - compiling - waiting
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lsdist_jax import report
 from lsdist_jax.llama.config import LlamaConfig, from_gguf_metadata, from_hf_config
 
 EXPORT_META = "lsdist_model.json"
@@ -318,10 +319,8 @@ def export_orbax(directory: str, cfg: LlamaConfig, params, extra: dict | None = 
     ckptr.save(os.path.join(directory, EXPORT_PARAMS), params, force=True)
   meta = {"format": "lsdist_jax.llama", "version": 1, "config": cfg.fingerprint()}
   meta.update(extra or {})
-  tmp = os.path.join(directory, EXPORT_META + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, os.path.join(directory, EXPORT_META))  # written last: marks a complete export
+  # written last, whole: marks a complete export
+  report.write_json(meta, os.path.join(directory, EXPORT_META))
 
 
 def is_orbax_export(path: str) -> bool:

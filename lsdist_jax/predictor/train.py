@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lsdist_jax import report
 from lsdist_jax.predictor.calibration import apply_recalibration, fit_recalibration, pit_values
 from lsdist_jax.predictor.losses import (kde_target, kl_loss, pmf_mse_loss, scalar_mse_loss,
                                          scalar_target)
@@ -306,10 +307,7 @@ def export_predictor(directory: str, spec: dict, params, mean, std, extra=None) 
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "params"), params, force=True)
   meta = _export_meta(spec, mean, std, extra)
-  tmp = os.path.join(directory, EXPORT_META + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f)
-  os.replace(tmp, os.path.join(directory, EXPORT_META))
+  report.write_json(meta, os.path.join(directory, EXPORT_META))  # written last, whole
 
 
 class Predictor:
