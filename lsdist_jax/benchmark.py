@@ -483,6 +483,7 @@ def report_from_state(workdir: str, out_name: str = "benchmark", write: bool = T
   base = next((r["samples_per_s"] for r in rows if r["strategy"] == "vanilla:16"), None)
   for row in rows:
     row["speedup"] = row["samples_per_s"] / base if base else None
+  report.add_ratios(rows)
   out = {k: meta[k] for k in ("device", "date", "model", "prompts", "distinct_prompts",
                               "kv_budget_tokens", "replay", "max_seq_len", "cost_model")}
   out["rows"] = rows

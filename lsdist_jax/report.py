@@ -73,13 +73,28 @@ def plot_collection(store_path: str, out_dir: str, n_prompts: int = 6) -> list[s
 BENCH_COLUMNS = [("strategy", "strategy"), ("samples_per_s", "samples/s"),
                  ("tokens_per_s", "tokens/s"), ("effective_token_ratio", "effective"),
                  ("speedup", "× vanilla:16"), ("x_vanilla_best", "× vanilla:best"),
-                 ("x_oracle", "× oracle"), ("seconds", "seconds"),
+                 ("x_oracle", "× oracle"), ("x_oracle_continuous", "× oracle-continuous"),
+                 ("seconds", "seconds"),
                  ("expected_seconds", "expected s"), ("seconds_total", "total s"),
                  ("seconds_predict", "predict s"), ("seconds_plan", "plan s"),
                  ("seconds_generate", "generate s"), ("seconds_recover", "recover s"),
                  ("seconds_compile", "compile s"), ("batches", "batches"),
                  ("recovery_batches", "recovery batches"), ("compilations", "compiles"),
                  ("peak_kv_tokens", "peak KV tokens"), ("identical_share", "identical")]
+
+
+RATIO_REFERENCES = ("vanilla:best", "oracle", "oracle-continuous")
+
+
+def add_ratios(rows: Sequence[dict], references: Sequence[str] = RATIO_REFERENCES) -> None:
+  """Each row's samples/s as a ratio to every reference strategy present (in place):
+  `x_vanilla_best`, `x_oracle`, `x_oracle_continuous`; None where the reference did not run."""
+  by_name = {r["strategy"]: r["samples_per_s"] for r in rows}
+  for row in rows:
+    for ref in references:
+      base = by_name.get(ref)
+      row["x_" + ref.replace(":", "_").replace("-", "_")] = (
+          row["samples_per_s"] / base if base else None)
 
 
 def markdown_table(rows: Sequence[dict], columns=BENCH_COLUMNS) -> str:

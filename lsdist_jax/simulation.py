@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from lsdist_jax import scheduling
+from lsdist_jax import report, scheduling
 from lsdist_jax.benchmark import NEEDS_TRUE_LENGTHS, STRATEGIES, strategy_options
 from lsdist_jax.schedule import CostModel, Options
 from lsdist_jax.schedule.continuous import simulate_continuous
@@ -88,10 +88,6 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
                  "effective_token_ratio": result.effective_token_ratio,
                  "batches": result.batches, "recovery_batches": result.recovery_batches,
                  "generated_tokens": result.generated_tokens})
-  by_name = {r["strategy"]: r["samples_per_s"] for r in rows}
-  for row in rows:
-    for ref in ("vanilla:best", "oracle"):
-      row[f"x_{ref.replace(':', '_')}"] = (row["samples_per_s"] / by_name[ref] if ref in by_name
-                                            else None)
+  report.add_ratios(rows)
   return {"requests": n_requests, "kv_budget_tokens": int(options.kv_budget_tokens),
           "cost_model": cost.source, "rows": rows}

@@ -176,6 +176,12 @@ def test_report_from_saved_results_names_what_is_missing(pipeline_run, tmp_path)
   expected = {r["strategy"]: r["samples_per_s"] for r in summary["benchmark"]["rows"]}
   assert {r["strategy"]: r["samples_per_s"] for r in out["rows"]} == expected
   assert out["kv_budget_tokens"] == summary["benchmark"]["kv_budget_tokens"]
+  by_name = {r["strategy"]: r for r in out["rows"]}
+  for row in out["rows"]:  # ratios to the references that ran, in the same run
+    assert row["x_vanilla_best"] == pytest.approx(
+        row["samples_per_s"] / by_name["vanilla:best"]["samples_per_s"])
+    assert row["x_oracle"] == pytest.approx(
+        row["samples_per_s"] / by_name["oracle"]["samples_per_s"])
   shutil.copytree(os.path.join(workdir, "benchmark_state"), str(tmp_path / "benchmark_state"))
   os.remove(tmp_path / "benchmark_state" / "ours-search.r0.npz")
   with pytest.raises(ValueError, match="ours-search"):
