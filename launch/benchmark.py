@@ -84,7 +84,7 @@ def main(argv):
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()
-  from lsdist_jax import benchmark, collect, report, runner
+  from lsdist_jax import benchmark, collect, report, runner, scheduling
   from lsdist_jax.pipeline import predictor_exports
   from lsdist_jax.schedule import CostModel
 
@@ -100,7 +100,8 @@ def main(argv):
     rows = runner.profile_cost(engine, [int(b) for b in FLAGS.profile_batches],
                                [int(s) for s in FLAGS.profile_cache],
                                prompt_len=[int(p) for p in FLAGS.profile_prompts])
-    cost = CostModel.fit(rows)
+    cost = CostModel.fit(rows, device=scheduling.device_kind(),
+                         model=scheduling.model_shape(engine))
     path = os.path.join(workdir, "cost_model.json")
     os.makedirs(workdir, exist_ok=True)
     cost.save(path)

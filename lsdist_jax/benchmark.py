@@ -15,7 +15,6 @@ import os
 import time
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from lsdist_jax import report
@@ -111,11 +110,6 @@ def write_outputs(out: dict, workdir: str, name: str = "benchmark") -> dict:
   paths["png"] = report.plot_benchmark(out["rows"], os.path.join(workdir, f"{name}.png"),
                                        title=f"{out['model']} on {out['device']}")
   return paths
-
-
-def device_name() -> str:
-  device = jax.devices()[0]
-  return getattr(device, "device_kind", str(device))
 
 
 def today() -> str:
@@ -358,7 +352,11 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
   bench = config.benchmark
   engine = engine or load_engine(config)
   options = Options.from_config(config.schedule)
-  cost = with_engine_shapes(cost or scheduling.load_cost_model(config), config.engine)
+  if cost is None:
+    cost = scheduling.load_cost_model(config, engine)
+  else:
+    scheduling.warn_cost_model(cost, engine, cost.source)
+  cost = with_engine_shapes(cost, config.engine)
   data_config = config.data.copy_and_resolve_references()
   data_config.slice = bench.slice
   prompts = scheduling.benchmark_prompts(load_prompts(data_config), config)
@@ -383,10 +381,11 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       "generation": dict(config.generation), "model": engine.source})
   repeats = range(int(bench.repeats))
   state.write_meta({
-      "device": device_name(), "date": today(), "model": engine.source,
+      "device": scheduling.device_kind(), "date": today(), "model": engine.source,
       "prompts": len(prompt_len), "distinct_prompts": len(prompts),
       "kv_budget_tokens": int(options.kv_budget_tokens), "replay": bool(bench.replay),
-      "max_seq_len": int(config.generation.max_seq_len), "cost_model": cost.source,
+      "max_seq_len": int(config.generation.max_seq_len),
+      "cost_model": cost.source + (f" (profiled on {cost.device})" if cost.device else ""),
       "strategies": names, "repeats": int(bench.repeats)})
   to_run = [(n, r) for r in repeats for n in names if not state.has(n, r)]
   runner = predictors = None

@@ -16,15 +16,49 @@ from lsdist_jax.schedule import CostModel, Options, Requests, make_plan, plan_re
 PREDICTOR_KINDS = ("distribution", "scalar-max", "scalar-mean")
 
 
-def load_cost_model(config) -> CostModel:
-  """config.schedule.cost_model (JSON from launch/profile) or a default for this platform."""
+def load_cost_model(config, engine=None) -> CostModel:
+  """config.schedule.cost_model (JSON from launch/profile) or a default for this platform.
+  With `engine`, a model profiled on another device or model shape is named in a warning."""
   path = config.schedule.cost_model
   if path:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"schedule.cost_model={path!r} does not exist; run "
                               "launch/benchmark.py --profile to make one")
-    return CostModel.load(path)
-  return CostModel.default_gpu() if jax.default_backend() == "gpu" else CostModel.default_cpu()
+    cost = CostModel.load(path)
+  else:
+    cost = CostModel.default_gpu() if jax.default_backend() == "gpu" else CostModel.default_cpu()
+  if engine is not None:
+    warn_cost_model(cost, engine, path or cost.source)
+  return cost
+
+
+def device_kind() -> str:
+  device = jax.devices()[0]
+  return getattr(device, "device_kind", str(device))
+
+
+def model_shape(engine) -> str:
+  """What a decode step's time depends on: the model's shape and dtype (not its weights)."""
+  c = engine.config
+  return (f"{c.num_layers} layers, hidden {c.hidden_size}, ffn {c.intermediate_size}, "
+          f"heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}, vocab {c.vocab_size}, "
+          f"{engine.dtype}")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_cost_model(cost: CostModel, engine, name: str) -> list[str]:
+  """Logs (once per process and message) why `cost` may not fit this engine and device; plans
+  would then rank shapes by another device's or model's step times. Returns the reasons."""
+  reasons = cost.mismatches(device_kind(), model_shape(engine))
+  for reason in reasons:
+    message = (f"cost model {name}: {reason}; plans are ranked by its step times - profile "
+               "this device and model (launch/benchmark.py --profile) for real work")
+    if message not in _WARNED:
+      _WARNED.add(message)
+      logging.warning("%s", message)
+  return reasons
 
 
 def load_predictors(dirs: dict, hidden_dim: int, max_len: int) -> dict:
@@ -161,7 +195,7 @@ def schedule_and_run(engine, prompt_ids, request_ids, config, predictor, strateg
   from lsdist_jax.schedule import with_engine_shapes
 
   options = Options.from_config(config.schedule)
-  cost = with_engine_shapes(load_cost_model(config), config.engine)
+  cost = with_engine_shapes(load_cost_model(config, engine), config.engine)
   prompt_len = np.array([len(p) for p in prompt_ids])
   requests = BenchRequests([list(p) for p in prompt_ids], np.asarray(request_ids, np.int64),
                            np.arange(len(prompt_ids)))
@@ -178,6 +212,6 @@ def schedule_and_run(engine, prompt_ids, request_ids, config, predictor, strateg
   return run_plan(runner, planner, plan, sched, cost, options)
 
 
-__all__ = ["PREDICTOR_KINDS", "is_continuous", "load_cost_model", "load_predictors", "make_plan",
-           "plan_any", "planner_requests", "predict", "predict_hidden", "recovery_fn",
-           "replay_requests", "run_plan", "schedule_and_run"]
+__all__ = ["PREDICTOR_KINDS", "device_kind", "is_continuous", "load_cost_model", "load_predictors",
+           "make_plan", "model_shape", "plan_any", "planner_requests", "predict", "predict_hidden",
+           "recovery_fn", "replay_requests", "run_plan", "schedule_and_run", "warn_cost_model"]

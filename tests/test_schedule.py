@@ -187,6 +187,42 @@ def test_cost_model_fit_recovers_coefficients_and_round_trips(tmp_path, step):
   assert CostModel.from_json(json.dumps({"step": [1.0, 0.1, 1e-3, 0.0]})).step[4] == 0.0
 
 
+def test_a_cost_model_from_another_device_or_model_is_named_in_a_warning(tmp_path, caplog):
+  import logging
+  import types
+
+  from lsdist_jax import scheduling
+  from lsdist_jax.config import default_config
+
+  from conftest import tiny_config
+
+  engine = types.SimpleNamespace(config=tiny_config(), dtype="float32")
+  here, shape = scheduling.device_kind(), scheduling.model_shape(engine)
+  config = default_config()
+  cases = [(here, shape, []), ("", "", []),  # "": unknown (models saved before these fields)
+           ("Some Other GPU", shape, ["Some Other GPU"]),
+           (here, "32 layers, hidden 4096", ["32 layers, hidden 4096"]),
+           ("Some Other GPU", "another", ["Some Other GPU", "another"])]
+  for i, (device, model, expected) in enumerate(cases):
+    path = tmp_path / f"cost{i}.json"
+    dataclasses.replace(COST, device=device, model=model).save(str(path))
+    config.schedule.cost_model = str(path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      cost = scheduling.load_cost_model(config, engine)
+    assert (cost.device, cost.model) == (device, model)  # round-trips through the JSON
+    reasons = cost.mismatches(here, shape)
+    assert len(reasons) == len(expected)
+    for reason, name in zip(reasons, expected):
+      assert name in reason
+    warned = [r.getMessage() for r in caplog.records if "cost model" in r.getMessage()]
+    assert len(warned) == len(expected) and all(str(path) in w for w in warned)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # once per process: no second warning
+      scheduling.load_cost_model(config, engine)
+    assert not [r for r in caplog.records if "cost model" in r.getMessage()]
+
+
 def test_bad_requests_are_named():
   with pytest.raises(ValueError, match="leaves no room"):
     Requests(np.array([5, 400]), 400)

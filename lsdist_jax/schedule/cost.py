@@ -37,6 +37,9 @@ class CostModel:
   prompt_bucket: int = 32
   cache_bucket: int = 128
   source: str = "default"
+  # what the profile ran on ("" where unknown: defaults and models saved before these fields)
+  device: str = ""  # jax device kind, e.g. "NVIDIA H100 80GB HBM3"
+  model: str = ""  # the model's shape and dtype (step times depend on nothing else)
 
   # --------------------------------------------------------------------------- shapes
 
@@ -92,6 +95,16 @@ class CostModel:
     return (self.batch_overhead_ms * 1e-3 + self.prefill_time(size, max_prompt)
             + np.asarray(steps) * self.step_time(size, self.cache_len(max_prompt, cap))
             + self.live_time(live_token_steps))
+
+  def mismatches(self, device: str, model: str) -> list[str]:
+    """Why this model may not describe a run on `device` with `model`: it was profiled on
+    another device or another model shape. Empty where it matches or is not known."""
+    out = []
+    if self.device and device and self.device != device:
+      out.append(f"profiled on {self.device}, this run is on {device}")
+    if self.model and model and self.model != model:
+      out.append(f"profiled for the model {self.model}, this run's is {model}")
+    return out
 
   # --------------------------------------------------------------------------- fit / io
 
