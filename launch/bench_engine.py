@@ -243,9 +243,9 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from lsdist_jax.engine import Engine, find_smollm2_gguf
+  from lsdist_jax.scheduling import device_kind
 
-  device = jax.devices()[0]
-  device_name = getattr(device, "device_kind", str(device))
+  device_name = device_kind()
   logging.info("device %s, jax %s", device_name, jax.__version__)
   bandwidth = copy_bandwidth_bytes_per_s(jax, jnp)
   print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")

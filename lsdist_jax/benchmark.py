@@ -447,9 +447,9 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
 def report_from_state(workdir: str, out_name: str = "benchmark", write: bool = True,
                       allow_missing: bool = False) -> dict:
   """The benchmark's report from its saved per-strategy results, with no engine: each
-  strategy's median repeat, identical shares against the first strategy's responses, speedups
-  over vanilla:16. Missing results are an error unless allow_missing (then listed in
-  "not_run")."""
+  strategy's median repeat, identical shares against the first strategy's responses, ratios
+  of samples/s to vanilla:16 (`speedup`), vanilla:best and the oracles. Missing results are an
+  error unless allow_missing (then listed in "not_run")."""
   directory = state_dir(workdir, out_name)
   meta_path = os.path.join(directory, "meta.json")
   if not os.path.isfile(meta_path):
@@ -479,10 +479,7 @@ def report_from_state(workdir: str, out_name: str = "benchmark", write: bool = T
     row = dict(sorted(runs, key=lambda r: r["samples_per_s"])[len(runs) // 2])  # median repeat
     row["repeats"] = len(runs)
     rows.append(row)
-  base = next((r["samples_per_s"] for r in rows if r["strategy"] == "vanilla:16"), None)
-  for row in rows:
-    row["speedup"] = row["samples_per_s"] / base if base else None
-  report.add_ratios(rows)
+  report.add_ratios(rows, {"vanilla:16": "speedup", **report.RATIO_REFERENCES})
   out = {k: meta[k] for k in ("device", "date", "model", "prompts", "distinct_prompts",
                               "kv_budget_tokens", "replay", "max_seq_len", "cost_model")}
   out["rows"] = rows

@@ -83,18 +83,19 @@ BENCH_COLUMNS = [("strategy", "strategy"), ("samples_per_s", "samples/s"),
                  ("peak_kv_tokens", "peak KV tokens"), ("identical_share", "identical")]
 
 
-RATIO_REFERENCES = ("vanilla:best", "oracle", "oracle-continuous")
+# reference strategy -> the row key of samples/s as a ratio to it
+RATIO_REFERENCES = {"vanilla:best": "x_vanilla_best", "oracle": "x_oracle",
+                    "oracle-continuous": "x_oracle_continuous"}
 
 
-def add_ratios(rows: Sequence[dict], references: Sequence[str] = RATIO_REFERENCES) -> None:
-  """Each row's samples/s as a ratio to every reference strategy present (in place):
-  `x_vanilla_best`, `x_oracle`, `x_oracle_continuous`; None where the reference did not run."""
+def add_ratios(rows: Sequence[dict], references: dict[str, str] = RATIO_REFERENCES) -> None:
+  """Each row's samples/s as a ratio to each reference strategy (in place), under the key
+  `references` gives it; None where the reference did not run."""
   by_name = {r["strategy"]: r["samples_per_s"] for r in rows}
   for row in rows:
-    for ref in references:
+    for ref, key in references.items():
       base = by_name.get(ref)
-      row["x_" + ref.replace(":", "_").replace("-", "_")] = (
-          row["samples_per_s"] / base if base else None)
+      row[key] = row["samples_per_s"] / base if base else None
 
 
 def markdown_table(rows: Sequence[dict], columns=BENCH_COLUMNS) -> str:

@@ -396,9 +396,8 @@ class Generator:
     if self.device_lock is None:
       return exe(*args)
     with _exclusive(self.device_lock) as waited:
-      out = jax.block_until_ready(exe(*args))
-    self.wait_seconds += waited()
-    return out
+      self.wait_seconds += waited
+      return jax.block_until_ready(exe(*args))
 
   def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
     spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1),
@@ -595,8 +594,8 @@ class Generator:
 
 @contextlib.contextmanager
 def _exclusive(path: str):
-  """Holds an exclusive lock on `path` (created if missing); yields a callable giving the
-  seconds spent waiting for it."""
+  """Holds an exclusive lock on `path` (created if missing); yields the seconds spent waiting
+  for it."""
   import fcntl
 
   start = time.perf_counter()
@@ -604,7 +603,7 @@ def _exclusive(path: str):
     fcntl.flock(f, fcntl.LOCK_EX)
     waited = time.perf_counter() - start
     try:
-      yield lambda: waited
+      yield waited
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
 
