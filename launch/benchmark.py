@@ -16,12 +16,13 @@ choose --workers so that their models and KV budgets fit. --report_only writes t
 saved (e.g. after an interrupted run), with no engine.
 """
 
-import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from lsdist_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
@@ -59,67 +60,58 @@ def _child_argv(extra):
 
 def main(argv):
   del argv
-  if FLAGS.report_only:
-    from lsdist_jax import benchmark, report
+  from lsdist_jax import report
+  from lsdist_jax.benchmark.report import report_from_state
+  from lsdist_jax.errors import ConfigError
 
-    out = benchmark.report_from_state(FLAGS.workdir, FLAGS.name, allow_missing=True)
+  if FLAGS.report_only:
+    out = report_from_state(FLAGS.workdir, FLAGS.name, allow_missing=True)
     print(report.markdown_table(out["rows"]))
     if out.get("not_run"):
       print("not run:", ", ".join(out["not_run"]))
     return
   if FLAGS.config is None:
-    raise app.UsageError("--config is required (except with --report_only)")
+    raise ConfigError("--config is required (except with --report_only)")
   if FLAGS.workers > 1 and not FLAGS.worker:
-    from lsdist_jax import benchmark
+    from lsdist_jax.benchmark.workers import run_workers
 
     profile = None
     if FLAGS.profile:
       profile = _child_argv(["--profile", "--profile_only"] + [
           f"--profile_{k}={','.join(getattr(FLAGS, 'profile_' + k))}"
           for k in ("batches", "cache", "prompts")])
-    benchmark.run_workers(lambda lock: _child_argv(["--worker", f"--device_lock={lock}"]),
-                          FLAGS.workdir, FLAGS.name, FLAGS.workers, FLAGS.devices,
-                          lock_dir=FLAGS.lock_dir, profile_command=profile)
+    run_workers(lambda lock: _child_argv(["--worker", f"--device_lock={lock}"]), FLAGS.workdir,
+                FLAGS.name, FLAGS.workers, FLAGS.devices, lock_dir=FLAGS.lock_dir,
+                profile_command=profile)
     # then the report below, every result loaded
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()
-  from lsdist_jax import benchmark, collect, report, runner, scheduling
-  from lsdist_jax.pipeline import predictor_exports
-  from lsdist_jax.schedule import CostModel
+  from lsdist_jax import paths
+  from lsdist_jax.benchmark.profile import profile_and_save
+  from lsdist_jax.benchmark.run import run_benchmark
+  from lsdist_jax.engine import load_engine
 
   config = FLAGS.config
   workdir = FLAGS.workdir
-  if not config.collect.store:
-    config.collect.store = os.path.join(workdir, "store")
-  engine = collect.load_engine(config)
+  config.collect.store = paths.store(config, workdir)
+  engine = load_engine(config)
   if FLAGS.worker:
     engine.generator.device_lock = FLAGS.device_lock or None
   cost = None
   if FLAGS.profile and FLAGS.workers <= 1:
-    rows = runner.profile_cost(engine, [int(b) for b in FLAGS.profile_batches],
-                               [int(s) for s in FLAGS.profile_cache],
-                               prompt_len=[int(p) for p in FLAGS.profile_prompts])
-    cost = CostModel.fit(rows, device=scheduling.device_kind(),
-                         model=scheduling.model_shape(engine))
-    path = os.path.join(workdir, "cost_model.json")
-    os.makedirs(workdir, exist_ok=True)
-    cost.save(path)
-    with open(os.path.join(workdir, "cost_profile.json"), "w") as f:
-      json.dump(rows, f, indent=1)
-    logging.info("cost model saved to %s", path)
+    ints = lambda values: [int(v) for v in values]
+    cost = profile_and_save(engine, workdir, ints(FLAGS.profile_batches),
+                            ints(FLAGS.profile_cache), ints(FLAGS.profile_prompts))
     if FLAGS.profile_only:
       print(cost.to_json())
       return
-  elif config.schedule.cost_model == "" and os.path.isfile(os.path.join(workdir,
-                                                                        "cost_model.json")):
-    cost = CostModel.load(os.path.join(workdir, "cost_model.json"))
-  out = benchmark.run_benchmark(config, workdir, engine=engine,
-                                predictor_dirs=predictor_exports(workdir), cost=cost,
-                                out_name=FLAGS.name, worker=FLAGS.worker)
+  out = run_benchmark(config, workdir, engine=engine,
+                      predictor_dirs=paths.predictor_exports(workdir), cost=cost,
+                      out_name=FLAGS.name, worker=FLAGS.worker)
   if not FLAGS.worker:
     print(report.markdown_table(out["rows"]))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

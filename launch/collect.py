@@ -4,11 +4,12 @@
   python launch/collect.py --config=configs/smollm2_alpaca.py:gpu --config.data.slice=0:2000
 """
 
-import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lsdist_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
@@ -24,13 +25,13 @@ def main(argv):
 
   quiet_libraries()
   from lsdist_jax import collect, report
+  from lsdist_jax.files import write_json
 
   config = FLAGS.config
   workdir = FLAGS.workdir or config.workdir
   summary = collect.collect(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "collect_summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  write_json(summary, os.path.join(workdir, "collect_summary.json"))
   print(report.collect_summary_text(summary))
   if FLAGS.plots:
     paths = report.plot_collection(summary["store"], workdir)
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

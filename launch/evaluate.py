@@ -4,8 +4,10 @@
   python launch/evaluate.py ... --cv_folds=5   # also: K-fold evaluation over every prompt
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from lsdist_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
@@ -25,11 +27,12 @@ def main(argv):
 
   quiet_libraries()
   import os
-  from lsdist_jax.pipeline import predictor_exports
+  from lsdist_jax import paths
   from lsdist_jax.predictor.evaluate import cross_validate, evaluate_predictors, table_text
 
-  store = FLAGS.store or FLAGS.config.collect.store or os.path.join(FLAGS.workdir, "store")
-  out = evaluate_predictors(FLAGS.config, predictor_exports(FLAGS.workdir), FLAGS.workdir, store)
+  store = FLAGS.store or paths.store(FLAGS.config, FLAGS.workdir)
+  out = evaluate_predictors(FLAGS.config, paths.predictor_exports(FLAGS.workdir), FLAGS.workdir,
+                            store)
   print(table_text(out))
   if FLAGS.cv_folds > 1:
     cv = cross_validate(FLAGS.config, store, os.path.join(FLAGS.workdir, "cv"), FLAGS.cv_folds)
@@ -38,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

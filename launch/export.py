@@ -3,8 +3,10 @@
   python launch/export.py --config=configs/smollm2_alpaca.py --out=exports/smollm2
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from lsdist_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
@@ -18,7 +20,7 @@ def main(argv):
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()
-  from lsdist_jax.collect import load_engine
+  from lsdist_jax.engine import load_engine
 
   engine = load_engine(FLAGS.config)
   engine.export(FLAGS.out)
@@ -26,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,26 +3,32 @@
   python launch/generate.py --config=configs/smollm2_alpaca.py --input=prompts.jsonl \
       --output=responses.jsonl --predictor=runs/smollm2_alpaca/predictor/distribution/export
 
-Input: JSONL with `prompt`, or Alpaca's `instruction` (+ `input`). Output: JSONL in input order
-with `line`, `prompt`, `response`, `response_tokens`, `finished`. A malformed input line is an
-error naming its line number unless --skip_malformed.
+Input: JSONL with `prompt`, or Alpaca's `instruction` (+ `input`), and any fields of your own.
+Output: JSONL in input order: your fields plus `line`, `prompt`, `response`, `response_tokens`,
+`finished`. A malformed input line, or a prompt too long for generation.max_seq_len, is an error
+naming its line, unless --skip_malformed / --skip_long (then skipped and counted). An
+interrupted run resumes from `<output>.parts/`, redoing only what no longer matches.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from lsdist_jax import cli
+from lsdist_jax.serve.strategies import JOB_PLANNERS
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
 flags.DEFINE_string("input", None, "prompts JSONL")
 flags.DEFINE_string("output", None, "responses JSONL (written when every chunk is done)")
 flags.DEFINE_string("predictor", None, "a distributional predictor export (none: vanilla "
-                    "fixed batches)")
-flags.DEFINE_enum("strategy", "continuous-search", ["continuous-search", "vbs", "search",
-                                                     "optimal"],
+                    "fixed batches, or plain slot refill for continuous-search)")
+flags.DEFINE_enum("strategy", "continuous-search", list(JOB_PLANNERS),
                   "planner: continuous-search refills finished rows' slots (the fastest on "
                   "docs/BENCHMARKS.md's runs); the others run static batches with FCR")
 flags.DEFINE_integer("chunk", 512, "prompts scheduled together (and written per part)")
 flags.DEFINE_bool("skip_malformed", False, "skip malformed input lines instead of failing")
+flags.DEFINE_bool("skip_long", False, "skip prompts too long for generation.max_seq_len "
+                  "instead of failing")
 flags.mark_flags_as_required(["config", "input", "output"])
 FLAGS = flags.FLAGS
 
@@ -32,12 +38,12 @@ def main(argv):
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()
-  from lsdist_jax.generate_job import run_generate
+  from lsdist_jax.serve.job import run_generate
 
   summary = run_generate(FLAGS.config, FLAGS.input, FLAGS.output, FLAGS.predictor,
-                         FLAGS.strategy, FLAGS.chunk, FLAGS.skip_malformed)
+                         FLAGS.strategy, FLAGS.chunk, FLAGS.skip_malformed, FLAGS.skip_long)
   print(summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

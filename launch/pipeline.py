@@ -4,8 +4,10 @@
   python launch/pipeline.py --config=configs/smollm2_alpaca.py:gpu --workdir=runs/gpu
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from lsdist_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
@@ -26,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,16 +5,17 @@
       --requests=256,2048 --out=simulation.json
 """
 
-import json
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from lsdist_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "the pipeline's workdir (predictor exports under "
                     "<workdir>/predictor/<name>/export)")
-flags.DEFINE_string("store", None, "length store (default: config.collect.store)")
+flags.DEFINE_string("store", None, "length store (default: config.collect.store or "
+                    "<workdir>/store)")
 flags.DEFINE_list("requests", ["2048"], "request counts to simulate")
 flags.DEFINE_string("out", "", "write the JSON here")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -26,25 +27,24 @@ def main(argv):
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()
-  from lsdist_jax import report, scheduling
-  from lsdist_jax.pipeline import predictor_exports
-  from lsdist_jax.schedule import with_engine_shapes
-  from lsdist_jax.simulation import simulate_strategies
+  from lsdist_jax import paths, report
+  from lsdist_jax.benchmark.simulate import simulate_strategies
+  from lsdist_jax.files import write_json
+  from lsdist_jax.serve.plan import load_cost_model
 
   config = FLAGS.config
-  store = FLAGS.store or config.collect.store
-  cost = with_engine_shapes(scheduling.load_cost_model(config), config.engine)
+  store = FLAGS.store or paths.store(config, FLAGS.workdir)
+  cost = load_cost_model(config, FLAGS.workdir)
   runs = []
   for n in FLAGS.requests:
-    out = simulate_strategies(config, store, predictor_exports(FLAGS.workdir), cost, int(n))
-    out["cost_model_file"] = config.schedule.cost_model
+    out = simulate_strategies(config, store, paths.predictor_exports(FLAGS.workdir), cost, int(n))
+    out["cost_model_file"] = paths.cost_model(config, FLAGS.workdir)
     print(f"\n{n} requests, KV budget {out['kv_budget_tokens']} tokens (simulated)")
     print(report.markdown_table(out["rows"]))
     runs.append(out)
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"store": store, "runs": runs}, f, indent=1)
+    write_json({"store": store, "runs": runs}, FLAGS.out)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

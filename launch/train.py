@@ -5,8 +5,10 @@
       --config.predictor.scalar_target=max --workdir=runs/smollm2/predictor/scalar-max
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from lsdist_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                 lock_config=True)
@@ -32,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

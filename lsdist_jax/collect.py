@@ -18,6 +18,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from lsdist_jax import paths
 from lsdist_jax.config import LENGTH_CONVENTION, check_config
 
 STORE_VERSION = 1
@@ -32,17 +33,6 @@ class Row:
   generated: list[int] = dataclasses.field(default_factory=list)
   finished: bool = False
   done: bool = False
-
-
-def load_engine(config):
-  """The LLM named by config.model, placed on this process's devices."""
-  from lsdist_jax.engine import Engine, use_compilation_cache
-
-  if config.engine.get("compilation_cache"):
-    use_compilation_cache(config.engine.compilation_cache)
-  return Engine.load(config.model.path or config.model.name, dtype=config.model.dtype,
-                     chat_format=config.model.chat_format, mesh_config=config.mesh,
-                     engine_config=config.engine, seed=config.seed)
 
 
 def store_meta(config, engine) -> dict:
@@ -128,7 +118,9 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
   check_config(config)
   shd.maybe_initialize_distributed(config.mesh)
   workdir = workdir or config.workdir
-  path = config.collect.store or os.path.join(workdir, "store")
+  path = paths.store(config, workdir)
+  from lsdist_jax.engine import load_engine
+
   engine = engine or load_engine(config)
   n_samples = int(config.collect.samples_per_prompt)
   max_seq_len = int(config.generation.max_seq_len)

@@ -6,6 +6,9 @@ that is not in this schema is refused (`check_config`) with the dotted name that
 
 from __future__ import annotations
 
+import functools
+import types
+
 import ml_collections
 
 # The length convention, stated once (DESIGN.md): a response's length is the number of tokens the
@@ -97,9 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.predictor.schedule = "constant"  # constant | cosine
   c.predictor.batch_size = 256
   c.predictor.epochs = 100
-  c.predictor.eval_every = 1
   c.predictor.checkpoint_every = 10  # epochs between orbax saves (latest, and best if improved)
-  c.predictor.checkpoint = ""  # default: <workdir>/predictor
 
   # Scheduling.
   c.schedule = ml_collections.ConfigDict()
@@ -109,6 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.schedule.fixed_batch = 16
   c.schedule.ssch_cell = 100
   c.schedule.fcr_slack = 8
+  # Failure collection and recovery (the paper's FCR): a static batch stops at its cap and its
+  # unfinished rows are recovered later; False runs every batch to its full length.
+  c.schedule.fcr = True
+  c.schedule.recovery_threshold = 0.9  # the quantile recovery batches are planned at
   c.schedule.cost_model = ""  # JSON from a profiling run; empty: the built-in default
 
   # Benchmark.
@@ -131,6 +136,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.benchmark.slice = "12048:20240"
   c.benchmark.split = ""  # "test": keep only prompts of the store's test split (unseen in training)
   return c
+
+
+@functools.lru_cache(maxsize=None)
+def defaults(section: str) -> types.MappingProxyType:
+  """The default values of one section of the schema (read-only), for the library's own
+  dataclasses (planner options, shape buckets), so that defaults live in this file only."""
+  return types.MappingProxyType(default_config()[section].to_dict())
 
 
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

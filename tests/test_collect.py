@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from lsdist_jax import collect as collect_lib
-from lsdist_jax.collect import collect, load_engine, request_id
+from lsdist_jax.collect import collect, request_id
+from lsdist_jax.engine import load_engine
 from lsdist_jax.data import load_prompts
 from lsdist_jax.store import LengthStore
 

@@ -13,7 +13,7 @@ from lsdist_jax.schedule.continuous import (CONTINUOUS_PLANNERS, ContinuousPlan,
                                             make_continuous_plan,
                                             plan_continuous, plan_continuous_oracle,
                                             sample_lengths, simulate_continuous, slots_for)
-from lsdist_jax.schedule.planners import Batch, Plan
+from lsdist_jax.schedule.types import Batch, Plan
 from lsdist_jax.schedule.simulate import simulate
 
 # Nonzero B x S and S terms, so the cache length a phase runs at shows in its time.
@@ -323,7 +323,7 @@ def test_on_a_bimodal_workload_under_a_binding_budget_continuous_beats_static_or
 
 def test_insert_block_is_the_engines_padding():
   """The simulator's insert block equals what SlotBatch.insert pads a context block to."""
-  from lsdist_jax.llama.generate import context_block
+  from lsdist_jax.shapes import context_block
 
   pb = COST.prompt_bucket
   for c_max in (1, 15, 16, 17, 40, 100, 200):

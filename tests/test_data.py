@@ -15,8 +15,11 @@ def test_prompt_text_joins_instruction_and_input():
   assert prompt_text({"instruction": "Sum these.", "input": "1, 2"}) == "Sum these.\n1, 2"
   assert prompt_text({"instruction": "Say hi.", "input": ""}) == "Say hi."
   assert prompt_text({"prompt": "plain"}) == "plain"
-  with pytest.raises(KeyError, match="neither"):
+  with pytest.raises(ValueError, match="needs a string field"):
     prompt_text({"text": "x"})
+  # one rule for every reader: a record with both fields is refused, never silently resolved
+  with pytest.raises(ValueError, match="both 'prompt' and 'instruction'"):
+    prompt_text({"prompt": "a", "instruction": "b"})
 
 
 def test_shipped_copy_is_the_original_opening_records():

@@ -8,7 +8,8 @@ import pytest
 
 from lsdist_jax.engine import resolve_decode_impl
 from lsdist_jax.llama.decode_attention import block_size, decode_attention, reference
-from lsdist_jax.llama.generate import Buckets, Generator
+from lsdist_jax.llama.generator import Generator
+from lsdist_jax.shapes import Buckets
 from lsdist_jax.llama.model import Llama
 
 

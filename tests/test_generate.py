@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsdist_jax.llama.generate import Buckets, Generator, nucleus_size, sample_tokens
+from lsdist_jax.llama.generator import Generator
+from lsdist_jax.llama.sampling import nucleus_size, sample_tokens
+from lsdist_jax.shapes import Buckets
 from lsdist_jax.llama.model import Llama, init_cache
 
 SAMPLING = dict(temperature=0.8, top_p=0.9, seed=7)
@@ -172,7 +174,7 @@ def test_greedy_is_argmax():
 
 @pytest.mark.parametrize("levels", [None, 3], ids=["distinct", "many-ties"])
 def test_chunked_top_k_equals_lax_top_k(levels):
-  from lsdist_jax.llama.generate import top_k
+  from lsdist_jax.llama.sampling import top_k
 
   rng = np.random.default_rng(9)
   values = rng.normal(size=(16, 5000)).astype(np.float32)
@@ -196,7 +198,7 @@ def test_compilation_cache_serves_the_next_process(tmp_path):
   script = (
       "import sys; sys.path.insert(0, sys.argv[2])\n"
       "from configs import tiny\n"
-      "from lsdist_jax.collect import load_engine\n"
+      "from lsdist_jax.engine import load_engine\n"
       "c = tiny.get_config(); c.engine.compilation_cache = sys.argv[1]\n"
       "e = load_engine(c)\n"
       "out = e.generate(['hello'], max_new_tokens=3, temperature=0.0, top_p=1.0, seed=0)\n"

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_config
 from lsdist_jax.llama import weights as wts
-from lsdist_jax.llama.generate import Generator
+from lsdist_jax.llama.generator import Generator
 from lsdist_jax.llama.model import Llama, init_cache, init_params
 
 

@@ -13,10 +13,12 @@ sys.path.insert(0, REPO)
 
 from configs import tiny  # noqa: E402
 from lsdist_jax import Engine  # noqa: E402
-from lsdist_jax.collect import load_engine  # noqa: E402
+from lsdist_jax.engine import load_engine  # noqa: E402
 from lsdist_jax.llama.config import get_preset  # noqa: E402
-from lsdist_jax.generate_job import MalformedInputError, read_prompts, run_generate  # noqa: E402
-from lsdist_jax.pipeline import predictor_exports, run_pipeline  # noqa: E402
+from lsdist_jax.serve.inputs import MalformedInputError, read_prompts
+from lsdist_jax.serve.job import run_generate  # noqa: E402
+from lsdist_jax.paths import predictor_exports
+from lsdist_jax.pipeline import run_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +97,12 @@ def test_malformed_input_is_reported_by_line(tmp_path):
   src.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n{"prompt": "fine"}\n')
   with pytest.raises(MalformedInputError, match=r"bad.jsonl:2.*\n.*bad.jsonl:3"):
     read_prompts(str(src))
-  assert [p.line for p in read_prompts(str(src), skip_malformed=True)] == [1, 4]
+  prompts, skipped = read_prompts(str(src), skip_malformed=True)
+  assert [p.line for p in prompts] == [1, 4] and len(skipped) == 2
 
 
 def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_path):
-  from lsdist_jax.benchmark import run_benchmark
+  from lsdist_jax.benchmark.run import run_benchmark
   from lsdist_jax.store import LengthStore
 
   workdir, _ = pipeline_run
@@ -169,7 +172,7 @@ def test_benchmark_workers_share_the_strategies_and_match_one_process(pipeline_r
 def test_report_from_saved_results_names_what_is_missing(pipeline_run, tmp_path):
   import shutil
 
-  from lsdist_jax.benchmark import report_from_state
+  from lsdist_jax.benchmark.report import report_from_state
 
   workdir, summary = pipeline_run
   out = report_from_state(workdir, write=False)

@@ -12,6 +12,7 @@ from lsdist_jax.predictor import Split, load_predictor, train_and_evaluate
 from lsdist_jax.predictor import metrics
 from lsdist_jax.predictor.calibration import apply_recalibration, fit_recalibration, pit_values
 from lsdist_jax.predictor.losses import kde_target
+from lsdist_jax.schedule import dist
 
 MAX_LEN = 128
 
@@ -78,8 +79,8 @@ def test_training_beats_the_marginal_and_recovers_the_rule(data, trained):
   base = metrics.evaluate_pmf("marginal", marginal, splits["test"].lengths, 2.0)
   assert ours["kl"] < 0.5 * base["kl"] and ours["crps"] < 0.6 * base["crps"]
   # quantiles of Normal(mu, 8): median ~ mu, q0.9 ~ mu + 10.3
-  assert np.median(np.abs(metrics.quantiles(pred, 0.5) - mu)) < 4.0
-  assert np.median(np.abs(metrics.quantiles(pred, 0.9) - (mu + 10.25))) < 5.0
+  assert np.median(np.abs(dist.quantile(pred, 0.5) - mu)) < 4.0
+  assert np.median(np.abs(dist.quantile(pred, 0.9) - (mu + 10.25))) < 5.0
   assert all(abs(ours["coverage"][q] - float(q)) < 0.1 for q in ("0.5", "0.8", "0.9"))
 
 
@@ -141,7 +142,7 @@ def test_scalar_predictor_learns_the_max(data, tmp_path):
 def test_metrics_sanity():
   rng = np.random.default_rng(0)
   lengths = rng.integers(5, 100, size=(20, 30))
-  perfect = metrics.empirical_pmf(lengths, MAX_LEN)
+  perfect = dist.empirical_pmf(lengths, MAX_LEN)
   marginal = np.tile(metrics.marginal_pmf(lengths, MAX_LEN), (20, 1))
   good = metrics.evaluate_pmf("perfect", perfect, lengths, 0.0)
   bad = metrics.evaluate_pmf("marginal", marginal, lengths, 0.0)
@@ -151,7 +152,7 @@ def test_metrics_sanity():
   scalar = metrics.evaluate_scalar("s", point, lengths)
   assert scalar["w1"] == pytest.approx(np.abs(lengths - 25).mean())
   # a point-mass pmf scores the same W1 and CRPS as the scalar
-  mass = metrics.empirical_pmf(np.full((20, 1), 25), MAX_LEN)
+  mass = dist.empirical_pmf(np.full((20, 1), 25), MAX_LEN)
   assert metrics.wasserstein1(mass, lengths) == pytest.approx(scalar["w1"])
   assert metrics.crps(mass, lengths) == pytest.approx(scalar["crps"])
 

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsdist_jax.llama.generate import Buckets, Generator
+from lsdist_jax.llama.generator import Generator
+from lsdist_jax.shapes import Buckets
 from lsdist_jax.llama.model import Llama
-from lsdist_jax.runner import Runner
+from lsdist_jax.serve.runner import Runner
 
 
 @dataclasses.dataclass
@@ -81,7 +82,7 @@ def test_length_replay_runs_to_the_recorded_lengths(tiny_params):
 
 
 def test_profile_rows_vary_live_tokens_at_one_shape_and_fit_a_cost_model(tiny_params):
-  from lsdist_jax.runner import profile_cost
+  from lsdist_jax.benchmark.profile import profile_cost
   from lsdist_jax.schedule import CostModel
 
   cfg, params = tiny_params

@@ -191,13 +191,14 @@ def test_a_cost_model_from_another_device_or_model_is_named_in_a_warning(tmp_pat
   import logging
   import types
 
-  from lsdist_jax import scheduling
   from lsdist_jax.config import default_config
+  from lsdist_jax.engine import device_kind, model_shape
+  from lsdist_jax.serve.plan import load_cost_model
 
   from conftest import tiny_config
 
   engine = types.SimpleNamespace(config=tiny_config(), dtype="float32")
-  here, shape = scheduling.device_kind(), scheduling.model_shape(engine)
+  here, shape = device_kind(), model_shape(engine)
   config = default_config()
   cases = [(here, shape, []), ("", "", []),  # "": unknown (models saved before these fields)
            ("Some Other GPU", shape, ["Some Other GPU"]),
@@ -209,7 +210,7 @@ def test_a_cost_model_from_another_device_or_model_is_named_in_a_warning(tmp_pat
     config.schedule.cost_model = str(path)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-      cost = scheduling.load_cost_model(config, engine)
+      cost = load_cost_model(config, engine=engine)
     assert (cost.device, cost.model) == (device, model)  # round-trips through the JSON
     reasons = cost.mismatches(here, shape)
     assert len(reasons) == len(expected)
@@ -219,7 +220,7 @@ def test_a_cost_model_from_another_device_or_model_is_named_in_a_warning(tmp_pat
     assert len(warned) == len(expected) and all(str(path) in w for w in warned)
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # once per process: no second warning
-      scheduling.load_cost_model(config, engine)
+      load_cost_model(config, engine=engine)
     assert not [r for r in caplog.records if "cost model" in r.getMessage()]
 
 

@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, ml_collections
     jax.config.update("jax_default_matmul_precision", "highest")
     from lsdist_jax.engine import Engine
-    from lsdist_jax.llama.generate import Generator
+    from lsdist_jax.llama.generator import Generator
     assert len(jax.devices()) == 8
     mesh_config = ml_collections.ConfigDict({"data": 2, "model": 4})
     sharded = Engine.load("tiny", dtype="float32", mesh_config=mesh_config)

@@ -8,7 +8,7 @@ import pytest
 
 from lsdist_jax.schedule import (CostModel, Options, Requests, expected_cost, make_plan,
                                  plan_recovery)
-from lsdist_jax.schedule.planners import Batch, Plan
+from lsdist_jax.schedule.types import Batch, Plan
 from lsdist_jax.schedule.simulate import simulate
 
 COST = CostModel(step=(1.0, 0.01, 1e-4, 0.0, 2e-4), prefill=(1.0, 1e-3), batch_overhead_ms=0.5,
@@ -60,7 +60,7 @@ def test_rows_at_max_seq_len_end_without_recovery_forever():
 
 
 def test_every_strategy_runs_on_a_store_and_generates_the_same_tokens(tiny_store):
-  from lsdist_jax.simulation import EXACT, simulate_strategies
+  from lsdist_jax.benchmark.simulate import EXACT, simulate_strategies
 
   store, exports, config = tiny_store
   out = simulate_strategies(config, store, exports, dataclasses.replace(COST), 96)
@@ -75,7 +75,8 @@ def test_every_strategy_runs_on_a_store_and_generates_the_same_tokens(tiny_store
 def tiny_store(tmp_path_factory):
   """A synthetic store (lengths depend on the hidden state) and a briefly trained predictor."""
   from lsdist_jax.config import default_config
-  from lsdist_jax.pipeline import predictor_config, predictor_exports, predictor_workdir
+  from lsdist_jax.paths import predictor_exports, predictor_workdir
+  from lsdist_jax.pipeline import predictor_config
   from lsdist_jax.predictor import train
   from lsdist_jax.store import LengthStore
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsdist_jax.llama.generate import Buckets, Generator
+from lsdist_jax.llama.generator import Generator
+from lsdist_jax.shapes import Buckets
 from lsdist_jax.llama.model import Llama, init_cache
 
 SAMPLING = dict(temperature=0.8, top_p=0.9, seed=7)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lsdist_jax import store as store_lib
-from lsdist_jax.store import LengthStore, empirical_pmf
+from lsdist_jax.schedule.dist import empirical_pmf
+from lsdist_jax.store import LengthStore
 
 META = {"model": {"name": "tiny"}, "generation": {"temperature": 0.6, "top_p": 0.9, "seed": 1,
                                                   "max_seq_len": 96},

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from lsdist_jax.benchmark import run_workers, state_dir
+from lsdist_jax.benchmark.workers import run_workers
+from lsdist_jax.paths import benchmark_state as state_dir
 
 
 def _command(out_dir, code=0):
@@ -44,7 +45,7 @@ def test_claims_of_an_interrupted_run_are_dropped(tmp_path):
 def test_state_of_another_benchmark_is_refused_and_workers_starting_together_agree(tmp_path):
   import threading
 
-  from lsdist_jax.benchmark import _ResumeState
+  from lsdist_jax.benchmark.state import ResumeState as _ResumeState
 
   for attempt in range(5):
     directory = str(tmp_path / f"state{attempt}")

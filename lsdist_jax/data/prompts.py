@@ -19,13 +19,22 @@ class Prompt:
 
 
 def prompt_text(record: dict) -> str:
-  """`instruction`, plus "\\n" + `input` when input is not empty; or a plain `prompt` field."""
-  if "instruction" in record:
+  """The prompt of a record, the one rule everywhere (collection, benchmark, generate job): a
+  string `prompt`, or Alpaca's string `instruction` plus "\\n" + `input` when input is not
+  empty. A record with both fields is refused (which one is meant is not ours to guess)."""
+  has_prompt, has_instruction = "prompt" in record, "instruction" in record
+  if has_prompt and has_instruction:
+    raise ValueError("has both 'prompt' and 'instruction'; keep one")
+  if has_instruction:
     extra = record.get("input") or ""
+    if not isinstance(record["instruction"], str) or not isinstance(extra, str):
+      raise ValueError("'instruction' and 'input' must be strings")
     return record["instruction"] + ("\n" + extra if extra else "")
-  if "prompt" in record:
+  if has_prompt:
+    if not isinstance(record["prompt"], str):
+      raise ValueError("'prompt' must be a string")
     return record["prompt"]
-  raise KeyError(f"record has neither 'instruction' nor 'prompt': keys {sorted(record)}")
+  raise ValueError("needs a string field 'prompt' or 'instruction'")
 
 
 def parse_slice(spec: str) -> slice:

@@ -58,8 +58,18 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, *, block: int, scale: fl
 
 # (block, num_warps, num_stages) by head_dim; `launch/bench_engine.py --attention_sweep` times
 # the alternatives on a GPU (docs/BENCHMARKS.md has the H100 figures behind these).
-TUNING: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3)}
+_TUNING: dict[int, tuple[int, int, int]] = {64: (64, 4, 3), 128: (64, 4, 3)}
 _DEFAULT_TUNING = (64, 4, 3)
+
+
+def tuning() -> dict[int, tuple[int, int, int]]:
+  """The kernel's (block, num_warps, num_stages) by head_dim (a copy)."""
+  return dict(_TUNING)
+
+
+def set_tuning(head_dim: int, block: int, num_warps: int, num_stages: int) -> None:
+  """Sets the kernel's launch settings for one head_dim (programs compiled after this use it)."""
+  _TUNING[int(head_dim)] = (int(block), int(num_warps), int(num_stages))
 
 
 def block_size(cache_len: int, preferred: int = 64) -> int:
@@ -85,7 +95,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lo: j
     raise ValueError(f"cache shapes {k_cache.shape}/{v_cache.shape} do not match q {q.shape}")
   if dh & (dh - 1):
     raise ValueError(f"decode_attention needs a power-of-two head_dim, got {dh}")
-  tuned_block, tuned_warps, tuned_stages = TUNING.get(dh, _DEFAULT_TUNING)
+  tuned_block, tuned_warps, tuned_stages = _TUNING.get(dh, _DEFAULT_TUNING)
   block = block or block_size(s, tuned_block)
   num_warps = num_warps or tuned_warps
   num_stages = num_stages or tuned_stages

@@ -12,11 +12,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lsdist_jax import report
+from lsdist_jax import exports
 from lsdist_jax.llama.config import LlamaConfig, from_gguf_metadata, from_hf_config
 
 EXPORT_META = "lsdist_model.json"
-EXPORT_PARAMS = "params"
+EXPORT_FORMAT = "lsdist_jax.llama"
 
 
 class CheckpointMismatchError(ValueError):
@@ -311,32 +311,19 @@ def load_gguf(path: str, cfg: LlamaConfig | None = None):
 
 def export_orbax(directory: str, cfg: LlamaConfig, params, extra: dict | None = None) -> None:
   """Writes params (orbax) + the model config (JSON) so `load_orbax` restores them elsewhere."""
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, EXPORT_PARAMS), params, force=True)
-  meta = {"format": "lsdist_jax.llama", "version": 1, "config": cfg.fingerprint()}
+  meta = {"format": EXPORT_FORMAT, "version": 1, "config": cfg.fingerprint()}
   meta.update(extra or {})
-  # written last, whole: marks a complete export
-  report.write_json(meta, os.path.join(directory, EXPORT_META))
+  exports.save(directory, params, meta, EXPORT_META)
 
 
 def is_orbax_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, EXPORT_META))
+  return exports.is_export(path, EXPORT_META)
 
 
 def load_orbax(directory: str, cfg: LlamaConfig | None = None):
   """(cfg, params, meta) from `export_orbax`; refuses an export of another model shape."""
-  import orbax.checkpoint as ocp
-
   directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, EXPORT_META)
-  if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"not an lsdist_jax model export (no {EXPORT_META}): {directory}")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = exports.read_meta(directory, EXPORT_META, EXPORT_FORMAT, "lsdist_jax model export")
   saved = LlamaConfig.from_dict(meta["config"])
   if cfg is not None:
     diff = {k: (v, cfg.fingerprint()[k]) for k, v in saved.fingerprint().items()
@@ -346,8 +333,7 @@ def load_orbax(directory: str, cfg: LlamaConfig | None = None):
           f"{directory} holds a checkpoint of another model: " +
           ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items()))
   cfg = cfg or saved
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.join(directory, EXPORT_PARAMS))
+  restored = exports.restore_params(directory, what="model export")
   flat = canonical(saved, restored)
   params = _assemble(cfg, lambda p: ("/".join(p), flat[p]) if p in flat else _missing(directory, p),
                      directory)

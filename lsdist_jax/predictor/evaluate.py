@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from lsdist_jax import paths
 from lsdist_jax.predictor import metrics
 from lsdist_jax.predictor.calibration import apply_recalibration
 from lsdist_jax.predictor.train import Split, load_predictor, load_splits, train_and_evaluate
@@ -17,7 +18,7 @@ from lsdist_jax.predictor.train import Split, load_predictor, load_splits, train
 
 def evaluate_predictors(config, exports: dict, out_dir: str, store_path: str | None = None) -> dict:
   """exports: {"distribution": dir, "scalar-max": dir, "scalar-mean": dir} (missing ones skipped)."""
-  store_path = store_path or config.collect.store or os.path.join(config.workdir, "store")
+  store_path = store_path or paths.store(config)
   splits = load_splits(store_path)
   test, train = splits["test"], splits["train"]
   if test.hidden.shape[0] == 0:

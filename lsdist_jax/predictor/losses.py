@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsdist_jax.store import empirical_pmf
+from lsdist_jax.schedule.dist import empirical_pmf
 
 
 def kernel_matrix(max_len: int, sigma: float) -> np.ndarray:
@@ -45,16 +45,31 @@ def scalar_target(lengths: np.ndarray, which: str) -> np.ndarray:
   return np.quantile(lengths, q, axis=1).astype(np.float32)
 
 
-def kl_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
-  """KL(target || softmax(logits)), summed over bins, mean over the batch."""
+def kl_per_example(logits: jax.Array, target: jax.Array) -> jax.Array:
+  """KL(target || softmax(logits)) of each example, summed over bins. [B, L+1] -> [B]."""
   log_q = jax.nn.log_softmax(logits, axis=-1)
   log_p = jnp.log(jnp.maximum(target, 1e-30))
-  return jnp.mean(jnp.sum(jnp.where(target > 0, target * (log_p - log_q), 0.0), axis=-1))
+  return jnp.sum(jnp.where(target > 0, target * (log_p - log_q), 0.0), axis=-1)
 
 
-def pmf_mse_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.sum((jax.nn.softmax(logits, axis=-1) - target) ** 2, axis=-1))
+def pmf_mse_per_example(logits: jax.Array, target: jax.Array) -> jax.Array:
+  """Squared error of softmax(logits) against the target, summed over bins. -> [B]."""
+  return jnp.sum((jax.nn.softmax(logits, axis=-1) - target) ** 2, axis=-1)
 
 
-def scalar_mse_loss(pred: jax.Array, target: jax.Array, max_len: int) -> jax.Array:
-  return jnp.mean((pred - target) ** 2) / float(max_len) ** 2
+def scalar_mse_per_example(pred: jax.Array, target: jax.Array, max_len: int) -> jax.Array:
+  """Squared error of a predicted length, in units of max_len. [B] -> [B]."""
+  return (pred - target) ** 2 / float(max_len) ** 2
+
+
+def per_example_loss(kind: str, loss: str, out: jax.Array, target: jax.Array,
+                     max_len: int) -> jax.Array:
+  """The training loss of each example for a predictor `kind` (distribution | scalar) and a
+  distribution `loss` (kl | mse). -> [B]."""
+  if kind == "scalar":
+    return scalar_mse_per_example(out, target, max_len)
+  if loss == "kl":
+    return kl_per_example(out, target)
+  if loss == "mse":
+    return pmf_mse_per_example(out, target)
+  raise ValueError(f"predictor.loss {loss!r}: expected 'kl' or 'mse'")

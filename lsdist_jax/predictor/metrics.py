@@ -11,18 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from lsdist_jax.predictor.losses import kde_target
-from lsdist_jax.store import empirical_pmf
+from lsdist_jax.schedule.dist import cdf, empirical_pmf, quantile
 
 COVERAGE_QS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_Q = 0.99
-
-
-def _cdf(pmf):
-  return np.minimum(np.cumsum(pmf, axis=-1), 1.0)
-
-
-def quantiles(pmf: np.ndarray, q: float) -> np.ndarray:
-  return np.minimum((_cdf(pmf) < q - 1e-12).sum(axis=-1), pmf.shape[-1] - 1)
 
 
 def kl(target: np.ndarray, pred: np.ndarray) -> float:
@@ -35,12 +27,12 @@ def kl(target: np.ndarray, pred: np.ndarray) -> float:
 def wasserstein1(pred: np.ndarray, lengths: np.ndarray) -> float:
   """Mean over prompts of sum_t |F_pred(t) - F_samples(t)|."""
   emp = empirical_pmf(lengths, pred.shape[1] - 1)
-  return float(np.mean(np.abs(_cdf(pred) - _cdf(emp)).sum(axis=1)))
+  return float(np.mean(np.abs(cdf(pred) - cdf(emp)).sum(axis=1)))
 
 
 def crps(pred: np.ndarray, lengths: np.ndarray) -> float:
   """Mean over prompts and samples of sum_t (F_pred(t) - 1[y <= t])^2."""
-  f = _cdf(pred)  # [P, L+1]
+  f = cdf(pred)  # [P, L+1]
   t = np.arange(pred.shape[1])
   total = 0.0
   for j in range(lengths.shape[1]):
@@ -51,7 +43,7 @@ def crps(pred: np.ndarray, lengths: np.ndarray) -> float:
 
 def coverage(pred: np.ndarray, lengths: np.ndarray, qs=COVERAGE_QS) -> dict[str, float]:
   """For each q: the share of sampled lengths at or below the predicted q-quantile."""
-  return {f"{q:.1f}": float(np.mean(lengths <= quantiles(pred, q)[:, None])) for q in qs}
+  return {f"{q:.1f}": float(np.mean(lengths <= quantile(pred, q)[:, None])) for q in qs}
 
 
 def coverage_interval(pred: np.ndarray, lengths: np.ndarray, qs=(0.5, 0.8, 0.9),
@@ -63,7 +55,7 @@ def coverage_interval(pred: np.ndarray, lengths: np.ndarray, qs=(0.5, 0.8, 0.9),
   picks = rng.integers(0, pred.shape[0], size=(draws, pred.shape[0]))
   out = {}
   for q in qs:
-    per_prompt = np.mean(lengths <= quantiles(pred, q)[:, None], axis=1)  # [P]
+    per_prompt = np.mean(lengths <= quantile(pred, q)[:, None], axis=1)  # [P]
     boot = per_prompt[picks].mean(axis=1)
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     out[f"{q:.1f}"] = [round(float(lo), 4), round(float(hi), 4)]
@@ -77,9 +69,9 @@ def evaluate_pmf(name: str, pred: np.ndarray, lengths: np.ndarray, sigma: float)
   return {"model": name, "kl": kl(target, pred), "w1": wasserstein1(pred, lengths),
           "crps": crps(pred, lengths), "coverage": {k: cov[k] for k in ("0.5", "0.8", "0.9")},
           "coverage_all": cov, "coverage_ci95": coverage_interval(pred, lengths),
-          "mae_median": float(np.mean(np.abs(quantiles(pred, 0.5)
+          "mae_median": float(np.mean(np.abs(quantile(pred, 0.5)
                                              - np.median(lengths, axis=1)))),
-          "mae_max": float(np.mean(np.abs(quantiles(pred, MAX_Q) - lengths.max(axis=1))))}
+          "mae_max": float(np.mean(np.abs(quantile(pred, MAX_Q) - lengths.max(axis=1))))}
 
 
 def evaluate_scalar(name: str, pred: np.ndarray, lengths: np.ndarray) -> dict:

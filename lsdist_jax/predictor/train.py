@@ -17,10 +17,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lsdist_jax import report
+from lsdist_jax import exports, paths
 from lsdist_jax.predictor.calibration import apply_recalibration, fit_recalibration, pit_values
-from lsdist_jax.predictor.losses import (kde_target, kl_loss, pmf_mse_loss, scalar_mse_loss,
-                                         scalar_target)
+from lsdist_jax.predictor.losses import kde_target, per_example_loss, scalar_target
 from lsdist_jax.predictor.nets import LengthPredictor
 
 EXPORT_META = "predictor.json"
@@ -88,23 +87,17 @@ class _Trainer:
     self.train_step = jax.jit(self._train_step)
     self.eval_loss = jax.jit(self._loss_sum)
 
+  def _per_example(self, out, y):
+    return per_example_loss(self.spec["kind"], self.loss_name, out, y, self.spec["max_len"])
+
   def loss(self, params, x, y, train, key):
     out = self.model.apply({"params": params}, x, train=train, rngs={"dropout": key})
-    if self.spec["kind"] == "scalar":
-      return scalar_mse_loss(out, y, self.spec["max_len"])
-    return kl_loss(out, y) if self.loss_name == "kl" else pmf_mse_loss(out, y)
+    return jnp.mean(self._per_example(out, y))
 
   def _loss_sum(self, params, x, y, weight):
     """Sum of per-example losses (weight 0 for padding rows)."""
     out = self.model.apply({"params": params}, x, train=False)
-    if self.spec["kind"] == "scalar":
-      per = (out - y) ** 2 / float(self.spec["max_len"]) ** 2
-    elif self.loss_name == "kl":
-      log_q = jax.nn.log_softmax(out, axis=-1)
-      per = jnp.sum(jnp.where(y > 0, y * (jnp.log(jnp.maximum(y, 1e-30)) - log_q), 0.0), -1)
-    else:
-      per = jnp.sum((jax.nn.softmax(out, -1) - y) ** 2, -1)
-    return jnp.sum(per * weight)
+    return jnp.sum(self._per_example(out, y) * weight)
 
   def _train_step(self, state, x, y, key):
     noise_key, dropout_key = jax.random.split(key)
@@ -156,7 +149,7 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
 
   pc = config.predictor
   if data is None:
-    data = load_splits(config.collect.store or os.path.join(config.workdir, "store"))
+    data = load_splits(paths.store(config))
   train, valid = data["train"], data["valid"]
   folds = int(pc.recalibration_folds) if pc.kind == "distribution" and pc.recalibrate else 0
   if folds and train.hidden.shape[0] < 2 * folds:
@@ -292,22 +285,18 @@ def _out_of_fold_pit(config, workdir: str, train: Split, valid: Split, folds: in
   return out
 
 
+EXPORT_FORMAT = "lsdist_jax.predictor"
+
+
 def _export_meta(spec: dict, mean, std, extra=None) -> dict:
-  return dict(spec, format="lsdist_jax.predictor", version=1,
+  return dict(spec, format=EXPORT_FORMAT, version=1,
               input_mean=np.asarray(mean, np.float32).tolist(),
               input_std=np.asarray(std, np.float32).tolist(), **(extra or {}))
 
 
 def export_predictor(directory: str, spec: dict, params, mean, std, extra=None) -> None:
   """params (orbax) + predictor.json (spec, input normalisation), the JSON written last."""
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, "params"), params, force=True)
-  meta = _export_meta(spec, mean, std, extra)
-  report.write_json(meta, os.path.join(directory, EXPORT_META))  # written last, whole
+  exports.save(directory, params, _export_meta(spec, mean, std, extra), EXPORT_META)
 
 
 class Predictor:
@@ -358,15 +347,11 @@ class Predictor:
 def load_predictor(directory: str, hidden_dim: int | None = None,
                    max_len: int | None = None) -> Predictor:
   """Restores an export; refuses one made for another hidden size or length range."""
-  import orbax.checkpoint as ocp
-
   directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, EXPORT_META)
-  if not os.path.isfile(meta_path):
+  if not exports.is_export(directory, EXPORT_META):
     raise FileNotFoundError(f"no predictor export at {directory} (missing {EXPORT_META}); "
                             "train one with launch/train.py")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = exports.read_meta(directory, EXPORT_META, EXPORT_FORMAT, "predictor export")
   if hidden_dim is not None and int(meta["hidden_dim"]) != int(hidden_dim):
     raise ValueError(f"predictor at {directory} takes hidden states of size {meta['hidden_dim']},"
                      f" but this model's are {hidden_dim}: it was trained for another model")
@@ -376,6 +361,4 @@ def load_predictor(directory: str, hidden_dim: int | None = None,
   abstract = jax.eval_shape(lambda: LengthPredictor(
       meta["kind"], int(meta["max_len"]), tuple(meta["hidden_sizes"]), 0.0).init(
           jax.random.key(0), jnp.zeros((2, int(meta["hidden_dim"]))))["params"])
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(directory, "params"), abstract)
-  return Predictor(meta, params)
+  return Predictor(meta, exports.restore_params(directory, abstract, what="predictor export"))

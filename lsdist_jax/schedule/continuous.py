@@ -43,10 +43,11 @@ from typing import Callable
 import numpy as np
 
 from lsdist_jax.schedule import dist
-from lsdist_jax.schedule.cost import CostModel, round_up
-from lsdist_jax.schedule.planners import (CAP_GRID, SEARCH_THRESHOLDS, Options, Requests,
-                                          predicted_length)
+from lsdist_jax.schedule.cost import CostModel
+from lsdist_jax.schedule.planners import CAP_GRID, SEARCH_THRESHOLDS, predicted_length
+from lsdist_jax.schedule.types import Options, Requests
 from lsdist_jax.schedule.simulate import SimResult
+from lsdist_jax.shapes import context_block, round_up_array
 
 REFILL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)  # refill m = this fraction of the slots
 DEFAULT_REFILL_FRACTION = 1 / 8
@@ -125,7 +126,7 @@ def slot_cache_len(contexts, tokens, cost: CostModel):
   """The smallest cache length (a multiple of cost.cache_bucket) in which a row of context c can
   generate `tokens` (>= 1) more: c + tokens <= S (so also c < S). Elementwise."""
   need = np.asarray(contexts, np.int64) + np.maximum(np.asarray(tokens, np.int64), 1)
-  return round_up(need, int(cost.cache_bucket))
+  return round_up_array(need, int(cost.cache_bucket))
 
 
 def insert_block(contexts, cache_len: int, cost: CostModel) -> np.ndarray:
@@ -133,9 +134,7 @@ def insert_block(contexts, cache_len: int, cost: CostModel) -> np.ndarray:
   block of the longest context, rounded up to prompt_bucket x 2^i where that fits the cache
   (fewer programs to compile). Elementwise over insert calls' longest contexts."""
   block = np.asarray(cost.prompt_block(np.asarray(contexts, np.int64)), np.int64)
-  pb = int(cost.prompt_bucket)
-  pow2 = pb * 2 ** np.ceil(np.log2(np.maximum(block, pb) / pb)).astype(np.int64)
-  return np.where(pow2 <= int(cache_len), pow2, block)
+  return np.asarray(context_block(block, int(cost.prompt_bucket), int(cache_len)), np.int64)
 
 
 def final_phase(contexts: np.ndarray, rooms: np.ndarray, cost: CostModel,

@@ -6,7 +6,7 @@ Two engines, one formula. XLA's decode attention reads every row's whole cache b
 rows included (the B x S term); the Pallas kernel reads only the slots unfinished rows have
 filled (the live-token term): a row that has finished costs its batch almost nothing.
 
-Profiling rows (from `lsdist_jax.runner.profile_cost`): {"batch", "cache_len", "ms_per_step",
+Profiling rows (from `lsdist_jax.benchmark.profile.profile_cost`): {"batch", "cache_len", "ms_per_step",
 "prefill_ms", "prompt_len", "live_tokens"}. Also the engine's shape buckets, so costs and memory
 use the padded shapes the engine really runs.
 """
@@ -19,9 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def round_up(x, multiple: int):
-  return np.maximum(multiple, np.ceil(np.asarray(x) / multiple).astype(np.int64) * multiple)
+from lsdist_jax.shapes import Buckets, batch_bucket_array, round_up_array
 
 
 @dataclasses.dataclass
@@ -33,9 +31,10 @@ class CostModel:
   # prefill_ms = e + f * B * P                  (P prompt block length)
   prefill: tuple[float, float] = (2.0, 2.0e-4)
   batch_overhead_ms: float = 1.0  # host-side work per generate call
-  batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-  prompt_bucket: int = 32
-  cache_bucket: int = 128
+  # the engine's shape buckets (defaults: config.py's `engine` section)
+  batch_buckets: tuple[int, ...] = dataclasses.field(default_factory=lambda: Buckets().batch)
+  prompt_bucket: int = dataclasses.field(default_factory=lambda: Buckets().prompt)
+  cache_bucket: int = dataclasses.field(default_factory=lambda: Buckets().cache)
   source: str = "default"
   # what the profile ran on ("" where unknown: defaults and models saved before these fields)
   device: str = ""  # jax device kind, e.g. "NVIDIA H100 80GB HBM3"
@@ -44,18 +43,13 @@ class CostModel:
   # --------------------------------------------------------------------------- shapes
 
   def padded_batch(self, b):
-    b = np.asarray(b, np.int64)
-    buckets = np.asarray(sorted(self.batch_buckets), np.int64)
-    idx = np.searchsorted(buckets, b)
-    big = buckets[-1]
-    return np.where(idx < buckets.size, buckets[np.minimum(idx, buckets.size - 1)],
-                    round_up(b, int(big)))
+    return batch_bucket_array(b, self.batch_buckets)
 
   def prompt_block(self, p):
-    return round_up(p, self.prompt_bucket)
+    return round_up_array(p, self.prompt_bucket)
 
   def cache_len(self, max_prompt, cap):
-    return round_up(self.prompt_block(max_prompt) + np.asarray(cap), self.cache_bucket)
+    return round_up_array(self.prompt_block(max_prompt) + np.asarray(cap), self.cache_bucket)
 
   def kv_tokens(self, size, max_prompt, cap):
     """KV-cache tokens a batch holds: padded batch x cache length."""
@@ -129,8 +123,8 @@ class CostModel:
     return json.dumps(dataclasses.asdict(self), indent=1)
 
   def save(self, path: str) -> None:
-    with open(path, "w") as f:
-      f.write(self.to_json())
+    from lsdist_jax.files import write_text
+    write_text(path, self.to_json())
 
   @classmethod
   def from_json(cls, text: str) -> "CostModel":

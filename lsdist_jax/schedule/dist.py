@@ -111,6 +111,16 @@ def fail_prob(pmf: np.ndarray, cap: np.ndarray | int) -> np.ndarray:
                   np.take_along_axis(s, np.minimum(c, pmf.shape[-1] - 1)[..., None], -1)[..., 0])
 
 
+def empirical_pmf(lengths: np.ndarray, max_len: int) -> np.ndarray:
+  """Per-prompt histogram of sampled lengths, normalised. lengths: [P, N] -> [P, max_len + 1]
+  (lengths above max_len count in the last bin)."""
+  lengths = np.clip(np.asarray(lengths, np.int64), 0, max_len)
+  p, n = lengths.shape
+  pmf = np.zeros((p, max_len + 1), np.float64)
+  np.add.at(pmf, (np.repeat(np.arange(p), n), lengths.reshape(-1)), 1.0)
+  return pmf / max(n, 1)
+
+
 def point_masses(lengths: np.ndarray, max_len: int) -> np.ndarray:
   """One-hot pmfs of known lengths. [n] -> [n, max_len + 1]."""
   lengths = np.clip(np.asarray(lengths, np.int64), 0, max_len)

@@ -15,6 +15,8 @@ import numpy as np
 
 from lsdist_jax.schedule import dist
 from lsdist_jax.schedule.cost import CostModel
+from lsdist_jax.schedule.types import Batch, Options, Plan, Requests
+from lsdist_jax.shapes import Buckets
 
 SSCH_TABLE = ((200, 256), (400, 128), (600, 64), (800, 32))  # total length <= k -> batch size
 SSCH_LAST = 16
@@ -22,89 +24,6 @@ SEARCH_THRESHOLDS = np.round(np.arange(0.10, 0.995, 0.01), 2)  # 0.10 ... 0.99 (
 RECOVERY_MIN_CAP = 32
 CAP_GRID = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768,
             896, 1024, 1280, 1536, 2048)
-
-
-@dataclasses.dataclass
-class Batch:
-  members: np.ndarray  # request indices
-  cap: int  # the most tokens a member may generate in this batch
-  phase: str = "main"
-
-
-@dataclasses.dataclass
-class Plan:
-  batches: list[Batch]
-  strategy: str
-  threshold: float | None = None
-  expected_cost: float | None = None  # seconds, from the cost model and the pmfs
-  notes: dict = dataclasses.field(default_factory=dict)
-
-  def members(self) -> np.ndarray:
-    return np.concatenate([b.members for b in self.batches]) if self.batches else np.zeros(0, int)
-
-
-@dataclasses.dataclass
-class Requests:
-  prompt_len: np.ndarray  # [n]
-  max_seq_len: int
-  length_pmf: np.ndarray | None = None  # [n, M+1] predicted pmf of the response length
-  scalar_length: np.ndarray | None = None  # [n] a scalar prediction (baselines)
-  true_length: np.ndarray | None = None  # [n] known lengths (oracle)
-
-  def __post_init__(self):
-    self.prompt_len = np.asarray(self.prompt_len, np.int64)
-    n = self.prompt_len.size
-    if (self.prompt_len >= self.max_seq_len).any():
-      i = int(np.argmax(self.prompt_len >= self.max_seq_len))
-      raise ValueError(f"request {i}: prompt of {self.prompt_len[i]} tokens leaves no room in "
-                       f"max_seq_len={self.max_seq_len}")
-    for name in ("length_pmf", "scalar_length", "true_length"):
-      value = getattr(self, name)
-      if value is not None and len(value) != n:
-        raise ValueError(f"{name} has {len(value)} rows for {n} requests")
-    if self.length_pmf is not None:
-      self.length_pmf = dist.normalize(self.length_pmf)
-
-  @property
-  def n(self) -> int:
-    return int(self.prompt_len.size)
-
-  @property
-  def room(self) -> np.ndarray:
-    """The most tokens each request can generate (max_seq_len - prompt)."""
-    return self.max_seq_len - self.prompt_len
-
-  def pmf_within_room(self) -> np.ndarray:
-    """The predicted pmf with mass beyond each request's room folded onto the room."""
-    pmf = self.length_pmf
-    bins = pmf.shape[1]
-    room = np.minimum(self.room, bins - 1)
-    over = np.arange(bins)[None, :] >= room[:, None]
-    folded = np.where(over, 0.0, pmf)
-    folded[np.arange(self.n), room] = np.where(over, pmf, 0.0).sum(axis=1)
-    return folded
-
-  def subset(self, rows: np.ndarray) -> "Requests":
-    pick = lambda x: None if x is None else np.asarray(x)[rows]
-    return Requests(self.prompt_len[rows], self.max_seq_len, pick(self.length_pmf),
-                    pick(self.scalar_length), pick(self.true_length))
-
-
-@dataclasses.dataclass
-class Options:
-  threshold: float = 0.6
-  kv_budget_tokens: int = 262144
-  max_batch: int = 256
-  fixed_batch: int = 16
-  ssch_cell: int = 100
-  fcr_slack: int = 8
-  fcr: bool = True
-  recovery_threshold: float = 0.9
-
-  @classmethod
-  def from_config(cls, schedule_config) -> "Options":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: schedule_config[k] for k in schedule_config.keys() if k in fields})
 
 
 # ----------------------------------------------------------------------------- expected cost
@@ -196,28 +115,20 @@ def expected_cost(plan: Plan, requests: Requests, cost: CostModel,
 # ----------------------------------------------------------------------------- builders
 
 
-def _cap_for(lengths: np.ndarray, room: np.ndarray, slack: int, fcr: bool) -> int:
-  if not fcr:
-    return int(room.max())
-  return int(max(1, min(int(lengths.max()) + slack, int(room.max()))))
-
-
 def fits(cost: CostModel, options: Options, size: int, max_prompt: int, cap: int) -> bool:
   return (size <= options.max_batch
           and int(cost.kv_tokens(size, max_prompt, cap)) <= options.kv_budget_tokens)
 
 
 class _Shapes:
-  """Scalar versions of the cost model's padded shapes, for tight python loops."""
+  """The cost model's padded shapes with python ints, for tight python loops."""
 
   def __init__(self, cost: CostModel, max_batch: int):
     self.padded = cost.padded_batch(np.arange(max_batch + 2)).tolist()
-    self.pb, self.cb = cost.prompt_bucket, cost.cache_bucket
+    self.buckets = Buckets(tuple(cost.batch_buckets), cost.prompt_bucket, cost.cache_bucket)
 
   def kv(self, size: int, max_prompt: int, cap: int) -> int:
-    block = max(self.pb, -(-max_prompt // self.pb) * self.pb)
-    cache = max(self.cb, -(-(block + cap) // self.cb) * self.cb)
-    return self.padded[size] * cache
+    return self.padded[size] * self.buckets.cache_len(max_prompt, cap)
 
 
 def budget_batches(order: np.ndarray, key_len: np.ndarray, requests: Requests, cost: CostModel,

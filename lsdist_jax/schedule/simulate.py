@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lsdist_jax.schedule.cost import CostModel
-from lsdist_jax.schedule.planners import Batch, Plan, Requests
+from lsdist_jax.schedule.types import Batch, Plan, Requests
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""The runner: executes a plan with the engine's `generate`, recovers capped rows, times each phase.
+"""The runner: executes a plan with the engine's `generate`, recovers capped rows, times each
+phase.
 
 It never decides anything: batch members, caps and recovery batches come from the planner. Every
 request comes back exactly once, finished (EOS) or at max_seq_len.
@@ -7,7 +8,6 @@ request comes back exactly once, finished (EOS) or at max_seq_len.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from typing import Callable, Sequence
 
@@ -97,9 +97,9 @@ class Runner:
       kept += len(new)
       finished[m] = bool(result.finished[i])
       done[m] = finished[m] or self.prompt_len[m] + len(generated[m]) >= self.max_seq_len
-    records.append(BatchRecord(phase, len(members), _bucket(len(members), gen), cap,
-                               _cache_len(gen, prompts, cap), result.steps, kept, elapsed,
-                               clock.compiled))
+    cache_len = gen.buckets.cache_len(max(len(x) for x in prompts), cap)
+    records.append(BatchRecord(phase, len(members), gen.buckets.batch_size(len(members)), cap,
+                               cache_len, result.steps, kept, elapsed, clock.compiled))
     seconds["compile"] += compiling
     seconds["recover" if phase == "recovery" else "generate"] += elapsed
 
@@ -210,7 +210,7 @@ class Runner:
           if not finished[r] and self.prompt_len[r] + len(generated[r]) < self.max_seq_len:
             carried.append(r)
       compiling, elapsed = clock.split()
-      inserted = _bucket(len(take), gen) if take else 0
+      inserted = gen.buckets.batch_size(len(take)) if take else 0
       # cap -1: each slot's row has its own (the room its context leaves in the slot)
       records.append(BatchRecord(name, busy, batch.slots, -1, batch.cache_len, steps, kept,
                                  elapsed, clock.compiled,
@@ -255,68 +255,3 @@ def _check_each_once(n: int, groups) -> None:
 class _Batch:
   members: np.ndarray
   cap: int
-
-
-def _bucket(n, gen):
-  from lsdist_jax.llama.generate import batch_bucket
-  return batch_bucket(n, gen.buckets.batch)
-
-
-def _cache_len(gen, prompts, cap):
-  from lsdist_jax.llama.generate import round_up
-  p = round_up(max(len(x) for x in prompts), gen.buckets.prompt)
-  return round_up(p + cap, gen.buckets.cache)
-
-
-def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], steps: int = 32,
-                 prompt_len: int | Sequence[int] = 32, repeats: int = 2,
-                 active_shares: Sequence[float] = (1.0, 0.25)) -> list[dict]:
-  """Decode-step timings of this engine on this device, for fitting the planner's cost model.
-
-  Rows: {"batch", "cache_len", "ms_per_step", "prefill_ms", "prompt_len", "live_tokens"}. Each
-  shape runs `steps` forced steps and 2*`steps`; the difference gives ms/step without prefill.
-  `active_shares`: the share of rows that keep generating (the others end at their first token),
-  so that the live cache tokens vary at a fixed shape (one compiled program) and the fit can tell
-  a whole-cache read from a live-slot read. Several `prompt_len`s give the prefill fit its
-  per-token slope (continued rows re-prefill long contexts)."""
-  lens = [int(prompt_len)] if np.ndim(prompt_len) == 0 else [int(p) for p in prompt_len]
-  rows = []
-  for p in lens:
-    rows += _profile_prompt_len(engine, batch_sizes, cache_lens, steps, p, repeats,
-                                active_shares)
-  return rows
-
-
-def _profile_prompt_len(engine, batch_sizes, cache_lens, steps, prompt_len, repeats,
-                        active_shares) -> list[dict]:
-  gen = engine.generator
-  rows = []
-  for b in batch_sizes:
-    prompts = [[1] + [10 + (i + j) % 50 for j in range(prompt_len - 1)] for i in range(b)]
-    for s in cache_lens:
-      if s < prompt_len + 2 * steps:
-        continue
-      kw = dict(cap=2 * steps, max_seq_len=engine.config.max_position_embeddings, cache_len=s,
-                temperature=0.0, top_p=1.0)
-      gen.generate(prompts, forced_lengths=[1] * b, **kw)  # compile
-      for share in active_shares:
-        active = max(1, int(round(share * b)))
-        times = {}
-        for n_steps in (steps, 2 * steps):
-          forced = [n_steps] * active + [1] * (b - active)
-          best = float("inf")
-          for _ in range(repeats):
-            t0 = time.perf_counter()
-            gen.generate(prompts, forced_lengths=forced, **kw)
-            best = min(best, time.perf_counter() - t0)
-          times[n_steps] = best
-        ms_step = 1e3 * (times[2 * steps] - times[steps]) / steps
-        prefill_ms = max(1e3 * times[steps] - ms_step * steps, 0.0)
-        # steps steps+1 .. 2*steps: an active row reads its prompt + i cache tokens at step i
-        live = active * (prompt_len + 1.5 * steps + 0.5)
-        rows.append({"batch": int(b), "cache_len": int(s), "ms_per_step": round(ms_step, 4),
-                     "prefill_ms": round(prefill_ms, 4), "prompt_len": int(prompt_len),
-                     "live_tokens": round(live, 1)})
-        logging.info("profile b=%d S=%d active=%d: %.3f ms/step, prefill %.2f ms", b, s, active,
-                     ms_step, prefill_ms)
-  return rows

@@ -1,0 +1,82 @@
+"""The benchmark's strategies simulated on a length store: each plan replayed against the store's
+recorded lengths under a cost model (`schedule/simulate.py`), with no engine. Adds
+`exact-distribution`: the DP planner given each prompt's own sampled-length distribution, the
+best a length *distribution* can tell a planner (it cannot say which sample will be long).
+
+Imports no JAX itself: predictions come from the predictor exports (loaded only when a strategy
+needs one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lsdist_jax import report
+from lsdist_jax.schedule import CostModel, Options, dist
+from lsdist_jax.schedule.continuous import simulate_continuous
+from lsdist_jax.schedule.simulate import simulate
+from lsdist_jax.serve import plan as serve_plan
+from lsdist_jax.serve.requests import store_requests
+from lsdist_jax.serve.strategies import (NEEDS_TRUE_LENGTHS, STRATEGIES, is_continuous,
+                                         strategy_options)
+
+EXACT = "exact-distribution"
+
+
+def split_rows(data: dict, split: str) -> np.ndarray:
+  """Store rows of `split` (every row for ""), in store order."""
+  rows = np.arange(len(data["index"])) if not split else np.nonzero(data["split"] == split)[0]
+  if rows.size == 0:
+    raise ValueError(f"the store has no {split!r} prompts")
+  return rows
+
+
+def exact_pmfs(data: dict, rows: np.ndarray, max_len: int) -> np.ndarray:
+  """Each row's recorded lengths as a pmf (its exact length distribution). [len(rows), L+1]"""
+  return dist.empirical_pmf(np.minimum(np.asarray(data["lengths"])[rows], max_len), max_len)
+
+
+def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: CostModel,
+                        n_requests: int, strategies=None) -> dict:
+  """Simulated samples/s of each strategy (config.benchmark.strategies by default, then
+  exact-distribution) on `n_requests` store requests; ratios against vanilla:best and oracle."""
+  from lsdist_jax.store import LengthStore
+
+  max_seq_len = int(config.generation.max_seq_len)
+  max_len = int(config.predictor.max_len)
+  options = Options.from_config(config.schedule)
+  data = LengthStore.open(store_path).read()
+  rows = split_rows(data, config.benchmark.split)
+  reqs = store_requests(data, rows, n_requests, max_len)
+  exact = exact_pmfs(data, rows, max_len)[np.arange(n_requests) % rows.size]
+  hidden = reqs.predictor_input()
+  predictors = serve_plan.load_predictors(predictor_dirs, hidden.shape[1], max_len)
+  out_rows = []
+  for name in list(strategies or config.benchmark.strategies) + [EXACT]:
+    planner, kind = ("optimal", None) if name == EXACT else STRATEGIES[name]
+    pmf = scalar = None
+    if name == EXACT:
+      pmf = exact
+    elif kind is not None:
+      if kind not in predictors:
+        raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
+      pmf, scalar = serve_plan.predict_hidden(predictors[kind], hidden)
+    true_length = reqs.recorded_length
+    sched = serve_plan.planner_requests(reqs.prompt_len, max_seq_len, pmf, scalar,
+                                        true_length if planner in NEEDS_TRUE_LENGTHS else None)
+    opts = strategy_options(name, options, cost, reqs.prompt_len, max_seq_len)
+    plan = serve_plan.plan_any(planner, sched, cost, opts)
+    if is_continuous(planner):
+      result = simulate_continuous(plan, sched, true_length, cost, opts)
+    else:
+      result = simulate(plan, sched, true_length, cost,
+                        serve_plan.recovery_fn(planner, sched, cost, opts))
+    out_rows.append({"strategy": name, "samples_per_s": n_requests / result.seconds,
+                     "tokens_per_s": result.generated_tokens / result.seconds,
+                     "seconds": result.seconds, "expected_seconds": plan.expected_cost,
+                     "effective_token_ratio": result.effective_token_ratio,
+                     "batches": result.batches, "recovery_batches": result.recovery_batches,
+                     "generated_tokens": result.generated_tokens})
+  report.add_ratios(out_rows)
+  return {"requests": n_requests, "kv_budget_tokens": int(options.kv_budget_tokens),
+          "cost_model": cost.source, "rows": out_rows}

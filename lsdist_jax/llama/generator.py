@@ -1,0 +1,359 @@
+"""`Generator`: compiles the decode loops over bucketed shapes (one program per shape, counted and
+timed apart from running), places batches on the mesh, and runs static batches (`generate`,
+`embed`) or continuous slot-refill batches (`SlotBatch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lsdist_jax import sharding as shd
+from lsdist_jax.files import exclusive
+from lsdist_jax.llama import decode
+from lsdist_jax.llama.decode import DecodeResult
+from lsdist_jax.llama.model import CACHE_AXES, Llama
+from lsdist_jax.shapes import Buckets, batch_bucket, context_block, round_up
+
+
+class Generator:
+  """Runs the decode loops (`decode.py`) over bucketed shapes, counts compilations, places data
+  on the mesh."""
+
+  def __init__(self, model: Llama, params, *, mesh: Mesh | None = None,
+               buckets: Buckets | None = None, pad_id: int = 0, top_k_candidates: int = 16):
+    self.model = model
+    self.config = model.config
+    self.mesh = mesh
+    self.buckets = buckets or Buckets()
+    self.pad_id = pad_id
+    self.top_k_candidates = top_k_candidates
+    self.eos_ids = tuple(self.config.eos_token_ids)
+    self.filler_id = next(t for t in range(self.config.vocab_size) if t not in self.eos_ids)
+    self.params = params
+    self._fns: dict = {}
+    self._executables: dict = {}
+    self.compile_seconds = 0.0  # time spent compiling, kept apart from running
+    # Several processes sharing one device (benchmark workers): each call runs under this file
+    # lock and is synced before it is released; the time spent waiting for it is counted here.
+    self.device_lock: str | None = None
+    self.wait_seconds = 0.0
+
+  @property
+  def compile_count(self) -> int:
+    """Programs compiled so far (each new bucketed shape compiles once)."""
+    return len(self._executables)
+
+  def _run(self, name: str, jitted, *args):
+    """Runs `jitted` through an ahead-of-time compiled executable per input shape, so that
+    compilation happens (and is timed) apart from execution."""
+    leaves = jax.tree.leaves(args)
+    key = (name,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves[-12:])
+    key += (len(leaves),)
+    exe = self._executables.get(key)
+    if exe is None:
+      start = time.perf_counter()
+      exe = jitted.lower(*args).compile()
+      self.compile_seconds += time.perf_counter() - start
+      self._executables[key] = exe
+    if self.device_lock is None:
+      return exe(*args)
+    with exclusive(self.device_lock) as waited:
+      self.wait_seconds += waited
+      return jax.block_until_ready(exe(*args))
+
+  def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
+    spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1),
+                               self.mesh)
+    return NamedSharding(self.mesh, spec)
+
+  def _param_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.params)
+
+  def _place(self, x: np.ndarray):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, self._batch_sharding(x.shape[0], x.ndim))
+
+  def _generate_fn(self, batch: int, cache_len: int, hidden_layer: int):
+    key = ("generate", cache_len, hidden_layer) + ((batch,) if self.mesh is not None else ())
+    if key not in self._fns:
+      cache_sharding = None
+      if self.mesh is not None:
+        cache_shape = (batch, self.config.num_kv_heads, cache_len, self.config.head_dim)
+        cs = shd.named_sharding(self.mesh, CACHE_AXES, cache_shape)
+        cache_sharding = [{"k": cs, "v": cs}] * self.config.num_layers
+
+      def traced(*args):
+        return decode.generate_core(*args, model=self.model, cache_len=cache_len,
+                              hidden_layer=hidden_layer,
+                              top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
+                              filler_id=self.filler_id, cache_sharding=cache_sharding)
+
+      if self.mesh is None:
+        self._fns[key] = jax.jit(traced)
+      else:  # params stay where they are; batch arrays split over `data`; scalars replicated
+        rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
+        rep = NamedSharding(self.mesh, P())
+        self._fns[key] = jax.jit(
+            traced, in_shardings=(self._param_shardings(), rows2) + (rows,) * 6 + (rep,) * 4,
+            out_shardings=(rows2, rows, rows, rows2, rep))
+    return self._fns[key]
+
+  def _prefill_fn(self, hidden_layer: int):
+    key = ("prefill", hidden_layer)
+    if key not in self._fns:
+
+      def traced(params, tokens, pad_len):
+        return decode.prefill_hidden(params, tokens, pad_len, model=self.model,
+                               hidden_layer=hidden_layer)
+
+      self._fns[key] = jax.jit(traced)  # shardings follow the placed inputs
+    return self._fns[key]
+
+  def _pack(self, prompts: Sequence[Sequence[int]]):
+    """Left-pads prompts into [B, P] with B, P rounded up to buckets. Padding rows are inert."""
+    n = len(prompts)
+    if n == 0:
+      raise ValueError("no prompts given")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() < 1:
+      raise ValueError(f"prompt {int(lengths.argmin())} is empty")
+    b = batch_bucket(n, self.buckets.batch)
+    if self.mesh is not None:
+      b = round_up(b, self.mesh.shape["data"])
+    p = round_up(int(lengths.max()), self.buckets.prompt)
+    tokens = np.full((b, p), self.pad_id, np.int32)
+    pad_len = np.full((b,), p, np.int32)
+    for i, prompt in enumerate(prompts):
+      tokens[i, p - len(prompt):] = prompt
+      pad_len[i] = p - len(prompt)
+    return tokens, pad_len, lengths, b, p
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, cap: int, max_seq_len: int,
+               seed: int = 0, temperature: float = 0.6, top_p: float = 0.9,
+               request_ids: Sequence[int] | None = None,
+               start_steps: Sequence[int] | None = None,
+               forced_lengths: Sequence[int] | None = None,
+               hidden_layer: int = -1, cache_len: int | None = None) -> DecodeResult:
+    """Generates for one batch of token-id prompts.
+
+    cap: the most tokens any row may generate in this call (a traced value: changing it does
+      not recompile). max_seq_len: prompt + response limit; a row whose prompt (here: the
+      original prompt plus any partial response being continued) leaves no room is refused.
+    request_ids / start_steps: the PRNG identity of each row and how many tokens it already
+      generated in earlier calls (continuation), so that sampling continues identically.
+    forced_lengths: length replay; row r emits EOS at exactly that many generated tokens.
+    cache_len: the KV-cache length; default prompt block + cap rounded up to the cache bucket.
+    """
+    n = len(prompts)
+    tokens, pad_len, lengths, b, p = self._pack(prompts)
+    too_long = np.nonzero(lengths >= max_seq_len)[0]
+    if too_long.size:
+      i = int(too_long[0])
+      raise ValueError(f"prompt {i} has {int(lengths[i])} tokens, which leaves no room in "
+                       f"max_seq_len={max_seq_len} (prompt + response)")
+    if self.config.max_position_embeddings and max_seq_len > self.config.max_position_embeddings:
+      raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context "
+                       f"({self.config.max_position_embeddings} positions)")
+    cap = int(min(cap, max_seq_len - int(lengths.min())))
+    if cap < 1:
+      raise ValueError(f"cap must be >= 1, got {cap}")
+    s = cache_len or round_up(p + cap, self.buckets.cache)
+    if s < p + cap:
+      raise ValueError(f"cache_len={s} is smaller than prompt block {p} + cap {cap}")
+
+    def per_row(values, default, dtype):
+      arr = np.full((b,), default, dtype)
+      if values is not None:
+        if len(values) != n:
+          raise ValueError(f"expected {n} per-row values, got {len(values)}")
+        arr[:n] = np.asarray(values, dtype)
+      return arr
+
+    rid = per_row(request_ids if request_ids is not None else range(n), 0, np.uint32)
+    start = per_row(start_steps, 0, np.int32)
+    limit = np.zeros((b,), np.int32)
+    limit[:n] = max_seq_len - lengths
+    active = np.zeros((b,), bool)
+    active[:n] = True
+    forced = per_row(forced_lengths, -1, np.int32)
+    if forced_lengths is not None:
+      forced[:n] = np.where(forced[:n] >= 0, forced[:n], -1)
+
+    fn = self._generate_fn(b, s, hidden_layer)
+    args = [self._place(x) for x in (tokens, pad_len, rid, start, limit, active, forced)]
+    out, n_gen, finished, hidden, steps = self._run(
+        f"generate/{s}/{hidden_layer}", fn, self.params, *args, jnp.int32(cap), jnp.uint32(seed),
+        jnp.float32(temperature), jnp.float32(top_p))
+    out, n_gen, finished, hidden = jax.device_get((out, n_gen, finished, hidden))
+    return DecodeResult(tokens=np.asarray(out)[:n], num_generated=np.asarray(n_gen)[:n],
+                        finished=np.asarray(finished)[:n], hidden=np.asarray(hidden)[:n],
+                        steps=int(steps))
+
+  def embed(self, prompts: Sequence[Sequence[int]], hidden_layer: int = -1,
+            max_batch: int = 64) -> np.ndarray:
+    """The hidden state of each prompt's last token at `hidden_layer`. -> [n, D] float32."""
+    out = []
+    for start in range(0, len(prompts), max_batch):
+      chunk = prompts[start:start + max_batch]
+      tokens, pad_len, _, _, _ = self._pack(chunk)
+      if tokens.shape[1] > self.config.max_position_embeddings:
+        raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the model's context "
+                         f"({self.config.max_position_embeddings})")
+      hidden = self._run(f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer), self.params,
+                         self._place(tokens), self._place(pad_len))
+      out.append(np.asarray(jax.device_get(hidden))[:len(chunk)])
+    return np.concatenate(out, axis=0)
+
+  def last_logits(self, prompts: Sequence[Sequence[int]]) -> jax.Array:
+    """The next-token logits after each prompt, on the device. -> [n, V] float32."""
+    key = ("logits",)
+    if key not in self._fns:
+      self._fns[key] = jax.jit(lambda params, tokens, pad_len: decode.prefill_logits(
+          params, tokens, pad_len, model=self.model))
+    tokens, pad_len, _, _, _ = self._pack(prompts)
+    logits = self._run("logits", self._fns[key], self.params, self._place(tokens),
+                       self._place(pad_len))
+    return logits[:len(prompts)]
+
+  # ------------------------------------------------------------------------- slot refill
+
+  def open_slots(self, slots: int, cache_len: int, *, max_seq_len: int, seed: int = 0,
+                 temperature: float = 0.6, top_p: float = 0.9) -> "SlotBatch":
+    """A continuous batch of `slots` rows (rounded up to a batch bucket, and to a multiple of
+    the mesh's data axis) over `cache_len` KV slots per row, with fixed sampling settings. On a
+    mesh the slots are split over `data` and the cache's kv heads over `model`. See
+    `SlotBatch`."""
+    b = batch_bucket(int(slots), self.buckets.batch)
+    if self.mesh is not None:
+      b = round_up(b, self.mesh.shape["data"])
+    s = round_up(int(cache_len), self.buckets.cache)
+    key = ("slot_state", b, s)
+    if key not in self._fns:
+      self._fns[key] = jax.jit(lambda: decode.slot_state(b, s, model=self.model),
+                               out_shardings=self._slot_shardings(b, s))
+    return SlotBatch(self, self._fns[key](), b, s, max_seq_len=int(max_seq_len),
+                     sampling=(jnp.uint32(seed), jnp.float32(temperature), jnp.float32(top_p)))
+
+  def _slot_shardings(self, batch: int, cache_len: int):
+    """Shardings of a slot state on the mesh (None without one)."""
+    if self.mesh is None:
+      return None
+    cache_shape = (batch, self.config.num_kv_heads, cache_len, self.config.head_dim)
+    cs = shd.named_sharding(self.mesh, CACHE_AXES, cache_shape)
+    rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
+    state = {name: rows for name in ("tok", "plen", "rid", "start", "n_gen", "cap", "limit",
+                                     "forced", "done", "finished")}
+    return dict(state, cache=[{"k": cs, "v": cs}] * self.config.num_layers, out=rows2)
+
+  def _slot_fn(self, kind: str, batch: int, cache_len: int):
+    key = (kind,) + ((batch, cache_len) if self.mesh is not None else ())
+    if key not in self._fns:
+      core = decode.slot_insert if kind == "slot_insert" else decode.slot_decode
+      kw = dict(model=self.model, top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
+                filler_id=self.filler_id)
+      if self.mesh is None:
+        self._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(1,))
+      else:  # the state keeps its shardings from call to call; the other inputs are replicated
+        state = self._slot_shardings(batch, cache_len)
+        rep = NamedSharding(self.mesh, P())
+        extra = 8 if kind == "slot_insert" else 1
+        self._fns[key] = jax.jit(
+            lambda *a: core(*a, **kw), donate_argnums=(1,),
+            in_shardings=(self._param_shardings(), state) + (rep,) * (extra + 3),
+            out_shardings=state if kind == "slot_insert" else (state, rep))
+    return self._fns[key]
+
+
+
+@dataclasses.dataclass
+class SlotRead:
+  """What the host reads back after a decode call, per slot."""
+  tokens: np.ndarray  # [B, S + 1] accepted tokens in [:num_generated]
+  num_generated: np.ndarray  # [B] in this slot
+  done: np.ndarray  # [B]
+  finished: np.ndarray  # [B] ended with EOS
+
+
+
+class SlotBatch:
+  """Continuous decoding on one engine (one device or a mesh): `insert` requests into free
+  slots, `decode` until enough slots are free, `read` the slots back. A slot's row may generate
+  at most min(cache_len - context, max_seq_len - context) tokens; one that reaches it comes back
+  done but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
+
+  def __init__(self, generator: Generator, state: dict, slots: int, cache_len: int, *,
+               max_seq_len: int, sampling: tuple):
+    self.generator, self.state = generator, state
+    self.slots, self.cache_len, self.max_seq_len = slots, cache_len, max_seq_len
+    self.sampling = sampling
+    self.steps = 0  # decode steps run so far
+
+  def room(self, context_len):
+    """Tokens a context of this length may generate in a slot (<= 0: it does not fit).
+    Elementwise."""
+    return np.minimum(self.cache_len - context_len, self.max_seq_len - context_len)
+
+  def insert(self, slot_ids: Sequence[int], contexts: Sequence[Sequence[int]],
+             request_ids: Sequence[int], start_steps: Sequence[int],
+             forced_lengths: Sequence[int] | None = None) -> None:
+    """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots."""
+    gen = self.generator
+    n = len(contexts)
+    if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
+      raise ValueError(f"insert needs one slot, request id and start step per context "
+                       f"({len(slot_ids)}, {len(request_ids)}, {len(start_steps)} for {n})")
+    if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
+      raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
+    tokens, pad_len, lengths, k, p = gen._pack(contexts)
+    block = context_block(p, gen.buckets.prompt, self.cache_len)
+    if block > p:
+      tokens = np.pad(tokens, ((0, 0), (block - p, 0)), constant_values=gen.pad_id)
+      pad_len, p = pad_len + (block - p), block
+    room = self.room(lengths)
+    if (room < 1).any():
+      i = int(np.argmin(room))
+      raise ValueError(f"context {i} of {int(lengths[i])} tokens leaves no room in this slot "
+                       f"batch (cache_len={self.cache_len}, max_seq_len={self.max_seq_len})")
+    if p > self.cache_len:
+      raise ValueError(f"a context block of {p} tokens exceeds cache_len={self.cache_len}")
+
+    def per_row(values, fill, dtype):
+      arr = np.full((k,), fill, dtype)
+      arr[:n] = np.asarray(values, dtype)
+      return arr
+
+    slots = per_row(slot_ids, self.slots, np.int32)  # bucket padding rows: dropped
+    forced = per_row(forced_lengths if forced_lengths is not None else [-1] * n, -1, np.int32)
+    caps = per_row(room, 0, np.int32)
+    limits = per_row(self.max_seq_len - lengths, 0, np.int32)
+    args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
+                                     per_row(request_ids, 0, np.uint32),
+                                     per_row(start_steps, 0, np.int32), caps, limits, forced)]
+    self.state = gen._run(f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}",
+                          gen._slot_fn("slot_insert", self.slots, self.cache_len), gen.params,
+                          self.state, *args, *self.sampling)
+
+  def decode(self, free_target: int) -> int:
+    """Runs decode steps until at least `free_target` slots are done (or all are); returns the
+    steps run."""
+    gen = self.generator
+    self.state, steps = gen._run(f"slot_decode/{self.slots}/{self.cache_len}",
+                                 gen._slot_fn("slot_decode", self.slots, self.cache_len),
+                                 gen.params, self.state,
+                                 jnp.int32(free_target), *self.sampling)
+    steps = int(steps)
+    self.steps += steps
+    return steps
+
+  def read(self) -> SlotRead:
+    st = jax.device_get({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
+    return SlotRead(np.asarray(st["out"]), np.asarray(st["n_gen"]), np.asarray(st["done"]),
+                    np.asarray(st["finished"]))

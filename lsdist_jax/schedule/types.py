@@ -1,0 +1,96 @@
+"""What planners take and give: the requests (prompt lengths and predicted length pmfs, scalars
+or true lengths), the planner options, and a plan of batches. numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from lsdist_jax.schedule import dist
+
+
+@dataclasses.dataclass
+class Batch:
+  members: np.ndarray  # request indices
+  cap: int  # the most tokens a member may generate in this batch
+  phase: str = "main"
+
+
+@dataclasses.dataclass
+class Plan:
+  batches: list[Batch]
+  strategy: str
+  threshold: float | None = None
+  expected_cost: float | None = None  # seconds, from the cost model and the pmfs
+  notes: dict = dataclasses.field(default_factory=dict)
+
+  def members(self) -> np.ndarray:
+    return np.concatenate([b.members for b in self.batches]) if self.batches else np.zeros(0, int)
+
+
+@dataclasses.dataclass
+class Requests:
+  prompt_len: np.ndarray  # [n]
+  max_seq_len: int
+  length_pmf: np.ndarray | None = None  # [n, M+1] predicted pmf of the response length
+  scalar_length: np.ndarray | None = None  # [n] a scalar prediction (baselines)
+  true_length: np.ndarray | None = None  # [n] known lengths (oracle)
+
+  def __post_init__(self):
+    self.prompt_len = np.asarray(self.prompt_len, np.int64)
+    n = self.prompt_len.size
+    if (self.prompt_len >= self.max_seq_len).any():
+      i = int(np.argmax(self.prompt_len >= self.max_seq_len))
+      raise ValueError(f"request {i}: prompt of {self.prompt_len[i]} tokens leaves no room in "
+                       f"max_seq_len={self.max_seq_len}")
+    for name in ("length_pmf", "scalar_length", "true_length"):
+      value = getattr(self, name)
+      if value is not None and len(value) != n:
+        raise ValueError(f"{name} has {len(value)} rows for {n} requests")
+    if self.length_pmf is not None:
+      self.length_pmf = dist.normalize(self.length_pmf)
+
+  @property
+  def n(self) -> int:
+    return int(self.prompt_len.size)
+
+  @property
+  def room(self) -> np.ndarray:
+    """The most tokens each request can generate (max_seq_len - prompt)."""
+    return self.max_seq_len - self.prompt_len
+
+  def pmf_within_room(self) -> np.ndarray:
+    """The predicted pmf with mass beyond each request's room folded onto the room."""
+    pmf = self.length_pmf
+    bins = pmf.shape[1]
+    room = np.minimum(self.room, bins - 1)
+    over = np.arange(bins)[None, :] >= room[:, None]
+    folded = np.where(over, 0.0, pmf)
+    folded[np.arange(self.n), room] = np.where(over, pmf, 0.0).sum(axis=1)
+    return folded
+
+
+def _schedule_default(key: str):
+  """A field whose default is config.py's `schedule.<key>` (defaults live there only)."""
+  from lsdist_jax.config import defaults
+  return dataclasses.field(default_factory=lambda: defaults("schedule")[key])
+
+
+@dataclasses.dataclass
+class Options:
+  """The planners' settings: config.py's `schedule` section (`from_config`)."""
+  threshold: float = _schedule_default("threshold")
+  kv_budget_tokens: int = _schedule_default("kv_budget_tokens")
+  max_batch: int = _schedule_default("max_batch")
+  fixed_batch: int = _schedule_default("fixed_batch")
+  ssch_cell: int = _schedule_default("ssch_cell")
+  fcr_slack: int = _schedule_default("fcr_slack")
+  fcr: bool = _schedule_default("fcr")
+  recovery_threshold: float = _schedule_default("recovery_threshold")
+
+  @classmethod
+  def from_config(cls, schedule_config) -> "Options":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: schedule_config[k] for k in schedule_config.keys() if k in fields})

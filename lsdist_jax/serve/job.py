@@ -1,0 +1,192 @@
+"""The user's job: a JSONL of prompts -> a JSONL of responses in input order, scheduled by a
+length predictor, resumable.
+
+Everything that can be checked before generating is checked first (the output path, the chunk
+size, the predictor against the config, every prompt's length). Work goes in chunks whose rows
+are written whole into `<output>.parts/`; a part's name carries a key of what produced it (the
+chunk's input records and line numbers, the generation settings, the model), so a rerun keeps
+exactly the parts that still match and redoes the rest: another chunk size, an edited input or
+other settings never mix old and new rows or drop any. The output file appears only once every
+chunk is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+
+from lsdist_jax.errors import ConfigError, InputError, UserError
+from lsdist_jax.files import write_lines, write_text
+from lsdist_jax.serve.inputs import InputPrompt, read_prompts
+from lsdist_jax.serve.requests import Requests
+from lsdist_jax.serve.strategies import JOB_PLANNERS
+
+PARTS_FORMAT = 2  # bump when a part's content changes meaning
+
+
+class OutputExistsError(UserError, FileExistsError):
+  pass
+
+
+def parts_dir(output: str) -> str:
+  return output + ".parts"
+
+
+def settings_key(config, engine) -> dict:
+  """What, besides the prompts, decides the responses."""
+  gen = config.generation
+  return {"format": PARTS_FORMAT, "model": engine.fingerprint(), "decode": engine.decode_impl,
+          "generation": {"temperature": float(gen.temperature), "top_p": float(gen.top_p),
+                         "seed": int(gen.seed), "max_seq_len": int(gen.max_seq_len)}}
+
+
+def part_name(chunk: list[InputPrompt], settings: dict) -> str:
+  """<first line>-<lines>-<key>: the key hashes the chunk's line numbers and records and the
+  settings, so a part is reused only for exactly the rows it holds."""
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+  for p in chunk:
+    digest.update(json.dumps([p.line, p.record], sort_keys=True, ensure_ascii=False).encode())
+  return f"{chunk[0].line:09d}-{len(chunk)}-{digest.hexdigest()[:20]}.jsonl"
+
+
+def check_output(output: str) -> None:
+  if os.path.isdir(output):
+    raise InputError(f"--output {output} is a directory; name a file")
+  if os.path.exists(output):
+    raise OutputExistsError(f"{output} exists: it is complete; remove it to generate again")
+  folder = os.path.dirname(os.path.abspath(output))
+  os.makedirs(folder, exist_ok=True)
+  if not os.access(folder, os.W_OK):
+    raise InputError(f"cannot write in {folder} (the folder of --output)")
+
+
+def check_predictor(path: str, config) -> None:
+  """Refuses a predictor export made for another length range, before any model loads."""
+  from lsdist_jax import exports
+  from lsdist_jax.predictor.train import EXPORT_FORMAT, EXPORT_META
+
+  meta = exports.read_meta(path, EXPORT_META, EXPORT_FORMAT, "predictor export")
+  if int(meta["max_len"]) != int(config.predictor.max_len):
+    raise ConfigError(f"predictor at {path} predicts lengths 0..{meta['max_len']}, but this "
+                      f"config needs 0..{config.predictor.max_len} (predictor.max_len)")
+  if meta["kind"] != "distribution":
+    raise ConfigError(f"predictor at {path} is a {meta['kind']} predictor; the generate job "
+                      "plans with a distribution predictor")
+
+
+def long_prompts(prompts, ids, max_seq_len: int) -> list[str]:
+  return [f"line {p.line}: prompt of {len(x)} tokens leaves no room in "
+          f"generation.max_seq_len={max_seq_len}" for p, x in zip(prompts, ids)
+          if len(x) >= max_seq_len]
+
+
+def run_generate(config, input_path: str, output_path: str, predictor_path: str | None = None,
+                 strategy: str = "continuous-search", chunk_size: int = 512,
+                 skip_malformed: bool = False, skip_long: bool = False, engine=None,
+                 show_progress: bool = True) -> dict:
+  """Generates a response for every prompt of `input_path`; returns a throughput summary."""
+  from lsdist_jax.engine import load_engine
+  from lsdist_jax.serve import plan as serve_plan
+
+  if int(chunk_size) < 1:
+    raise ConfigError(f"--chunk must be at least 1, got {chunk_size}")
+  if strategy not in JOB_PLANNERS:
+    raise ConfigError(f"--strategy {strategy!r}; expected one of {JOB_PLANNERS}")
+  check_output(output_path)
+  prompts, malformed = read_prompts(input_path, skip_malformed)
+  if predictor_path:
+    check_predictor(predictor_path, config)
+  engine = engine or load_engine(config)
+  max_seq_len = int(config.generation.max_seq_len)
+  ids = engine.encode([p.text for p in prompts])
+  too_long = long_prompts(prompts, ids, max_seq_len)
+  if too_long and not skip_long:
+    raise InputError(f"{input_path}: {len(too_long)} prompt(s) too long (pass --skip_long to "
+                     "skip them):\n" + "\n".join(too_long[:20]))
+  for message in too_long:
+    logging.warning("skipped %s", message)
+  keep = [i for i, x in enumerate(ids) if len(x) < max_seq_len]
+  prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
+  predictor = None
+  if predictor_path:
+    from lsdist_jax.predictor import load_predictor
+
+    predictor = load_predictor(predictor_path, hidden_dim=engine.config.hidden_size,
+                               max_len=int(config.predictor.max_len))
+  cost = serve_plan.load_cost_model(config, engine=engine)
+
+  settings = settings_key(config, engine)
+  chunks = [list(range(s, min(s + int(chunk_size), len(prompts))))
+            for s in range(0, len(prompts), int(chunk_size))]
+  names = [part_name([prompts[i] for i in c], settings) for c in chunks]
+  folder = parts_dir(output_path)
+  os.makedirs(folder, exist_ok=True)
+  present = set(os.listdir(folder))
+  stale = sorted(present - set(names))
+  for name in stale:  # another input, chunking or settings made these: their rows are redone
+    path = os.path.join(folder, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  if stale:
+    logging.warning("generate: %d part(s) in %s came from another input, chunking or settings; "
+                    "removed (their prompts are generated again)", len(stale), folder)
+  done = [name in present for name in names]
+  logging.info("generate: %d prompts in %d chunks, %d already written%s", len(prompts),
+               len(chunks), sum(done), f", {len(too_long)} too long skipped" if too_long else "")
+  bar = _bar(len(prompts), show_progress)
+  bar(sum(len(c) for c, d in zip(chunks, done) if d))
+  started, tokens, served = time.perf_counter(), 0, 0
+  for chunk, name, is_done in zip(chunks, names, done):
+    if is_done:
+      continue
+    part = [prompts[i] for i in chunk]
+    chunk_ids = [ids[i] for i in chunk]
+    lines = np.array([p.line for p in part], np.int64)
+    requests = Requests(lines, lines, np.array([len(x) for x in chunk_ids]),
+                        prompt_ids=chunk_ids)
+    result = serve_plan.schedule_and_run(engine, requests, config, predictor, strategy, cost)
+    rows = []
+    for p, toks, fin in zip(part, result.tokens, result.finished):
+      row = dict(p.record)  # the user's own fields come back
+      row.update({"line": p.line, "prompt": p.text, "response": engine.tokenizer.decode(toks),
+                  "response_tokens": len(toks), "finished": bool(fin)})
+      rows.append(json.dumps(row, ensure_ascii=False))
+    write_lines(os.path.join(folder, name), rows)
+    tokens += result.generated_tokens
+    served += len(part)
+    bar(len(part))
+  assemble(output_path, folder, names, [[prompts[i].line for i in c] for c in chunks])
+  elapsed = time.perf_counter() - started
+  return {"prompts": len(prompts), "served_now": served,
+          "skipped_malformed": len(malformed), "skipped_long": len(too_long),
+          "seconds": round(elapsed, 2), "samples_per_s": round(served / max(elapsed, 1e-9), 3),
+          "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "output": output_path}
+
+
+def assemble(output: str, folder: str, names: list[str], lines: list[list[int]]) -> None:
+  """Joins the parts into `output` (whole), checking each holds exactly its lines, then removes
+  the parts."""
+  out = []
+  for name, expected in zip(names, lines):
+    with open(os.path.join(folder, name), encoding="utf-8") as f:
+      rows = f.read().splitlines()
+    got = [json.loads(r)["line"] for r in rows]
+    if got != expected:
+      raise RuntimeError(f"{folder}/{name} holds lines {got[:5]}..., expected {expected[:5]}...")
+    out.extend(rows)
+  write_text(output, "".join(r + "\n" for r in out))
+  shutil.rmtree(folder)
+
+
+def _bar(total: int, enabled: bool):
+  if not enabled:
+    return lambda n: None
+  from tqdm import tqdm
+
+  bar = tqdm(total=total, unit="prompt", desc="generate", dynamic_ncols=True)
+  return bar.update

@@ -1,0 +1,137 @@
+"""Predict -> plan -> run: predictions for requests, planner inputs, static or continuous plans by
+planner name, their execution with recovery, and the cost model a stage plans with.
+
+Imports no JAX itself (the engine-free simulator uses it); predictors and engines are passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+from lsdist_jax import paths
+from lsdist_jax.schedule import CostModel, Options, Requests as PlannerRequests, make_plan
+from lsdist_jax.schedule import plan_recovery, with_engine_shapes
+from lsdist_jax.schedule.continuous import final_phase, make_continuous_plan
+from lsdist_jax.serve.requests import Requests, embed_requests
+from lsdist_jax.serve.strategies import is_continuous
+
+
+def load_cost_model(config, workdir: str | None = None, engine=None) -> CostModel:
+  """The cost model a stage plans with (`paths.cost_model`: config.schedule.cost_model, else a
+  profiled <workdir>/cost_model.json, else a default for this platform), with the engine's
+  shape buckets. With `engine`, a model profiled on another device or model shape is named in
+  a warning."""
+  path = paths.cost_model(config, workdir)
+  if path:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"schedule.cost_model={path!r} does not exist; run "
+                              "launch/benchmark.py --profile to make one")
+    cost = CostModel.load(path)
+  else:
+    import jax
+
+    cost = CostModel.default_gpu() if jax.default_backend() == "gpu" else CostModel.default_cpu()
+  if engine is not None:
+    warn_cost_model(cost, engine, path or cost.source)
+  return with_engine_shapes(cost, config.engine)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_cost_model(cost: CostModel, engine, name: str) -> list[str]:
+  """Logs (once per process and message) why `cost` may not fit this engine and device; plans
+  would then rank shapes by another device's or model's step times. Returns the reasons."""
+  from lsdist_jax.engine import device_kind, model_shape
+
+  reasons = cost.mismatches(device_kind(), model_shape(engine))
+  for reason in reasons:
+    message = (f"cost model {name}: {reason}; plans are ranked by its step times - profile "
+               "this device and model (launch/benchmark.py --profile) for real work")
+    if message not in _WARNED:
+      _WARNED.add(message)
+      logging.warning("%s", message)
+  return reasons
+
+
+def load_predictors(dirs: dict, hidden_dim: int, max_len: int) -> dict:
+  """{name: predictor} of the exports in `dirs` that exist; each checked against the hidden size
+  and length range it will be used with."""
+  from lsdist_jax.predictor import load_predictor
+
+  return {kind: load_predictor(path, hidden_dim=hidden_dim, max_len=max_len)
+          for kind, path in dirs.items()
+          if path and os.path.isfile(os.path.join(path, "predictor.json"))}
+
+
+def predict(engine, requests: Requests, predictor, hidden_layer: int):
+  """(pmf [n, L+1] or None, scalar [n] or None) for the requests: the prompts' hidden states
+  (prefilled once per distinct prompt) through the predictor. In length replay the predictor
+  reads the hidden states recorded in the store (its model's), while the prefill still runs
+  on this engine so its time is counted."""
+  embed_requests(engine, requests, hidden_layer)
+  return predict_hidden(predictor, requests.predictor_input())
+
+
+def predict_hidden(predictor, hidden):
+  """(pmf [n, L+1], None) from a distribution predictor, (None, scalar [n]) from a scalar one."""
+  if predictor.kind == "distribution":
+    return predictor.predict_pmf(hidden), None
+  return None, predictor.predict_scalar(hidden)
+
+
+def planner_requests(prompt_len, max_seq_len, pmf=None, scalar=None, true_length=None):
+  if pmf is not None and pmf.shape[1] > max_seq_len + 1:
+    pmf = pmf[:, :max_seq_len + 1]
+  return PlannerRequests(np.asarray(prompt_len), int(max_seq_len), pmf, scalar, true_length)
+
+
+def recovery_fn(planner: str, requests: PlannerRequests, cost: CostModel, options: Options):
+  def recover(unfinished, generated):
+    return plan_recovery(planner, requests, unfinished, generated, cost, options)
+  return recover
+
+
+def plan_any(planner: str, requests: PlannerRequests, cost: CostModel, options: Options):
+  """A static plan (schedule.PLANNERS) or a continuous one (schedule.continuous), by name."""
+  if is_continuous(planner):
+    return make_continuous_plan(planner, requests, cost, options)
+  return make_plan(planner, requests, cost, options)
+
+
+def run_plan(runner, planner: str, plan, requests: PlannerRequests, cost: CostModel,
+             options: Options):
+  """Executes `plan` with `runner`: static batches with FCR recovery planned by `planner`, or
+  continuous phases with the final-phase rule for rows left at the end."""
+  if is_continuous(planner):
+    return runner.run_continuous(plan, lambda contexts, rooms: final_phase(contexts, rooms, cost,
+                                                                            options))
+  return runner.run(plan, recovery_fn(planner, requests, cost, options))
+
+
+def make_runner(engine, requests: Requests, config, forced_lengths=None):
+  from lsdist_jax.serve.runner import Runner
+
+  gen = config.generation
+  return Runner(engine, requests.prompt_ids, requests.request_ids.tolist(),
+                temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+                max_seq_len=gen.max_seq_len, forced_lengths=forced_lengths)
+
+
+def schedule_and_run(engine, requests: Requests, config, predictor, planner: str, cost: CostModel):
+  """Plans the requests of one chunk of a user's prompts with the predictor and runs them (the
+  generate job). No predictor: dataset order (slots refilled, or fixed batches)."""
+  options = Options.from_config(config.schedule)
+  pmf = scalar = None
+  if predictor is None:
+    planner = "continuous-vanilla" if is_continuous(planner) else "vanilla"
+    options = dataclasses.replace(options, fixed_batch=max(1, options.fixed_batch))
+  else:
+    pmf, scalar = predict(engine, requests, predictor, int(config.collect.hidden_layer))
+  sched = planner_requests(requests.prompt_len, config.generation.max_seq_len, pmf, scalar)
+  plan = plan_any(planner, sched, cost, options)
+  return run_plan(make_runner(engine, requests, config), planner, plan, sched, cost, options)
