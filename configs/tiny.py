@@ -25,9 +25,6 @@ def get_config():
   c.benchmark.requests = 16
   c.benchmark.slice = "0:40"
   c.benchmark.split = "test"
-  c.benchmark.strategies = ("vanilla:16", "vanilla:best", "ssch-scalar-max", "ours",
-                            "ours-search", "ours-optimal", "oracle", "continuous-vanilla",
-                            "ours-continuous", "oracle-continuous")
   c.schedule.kv_budget_tokens = 8 * 256
   c.schedule.max_batch = 16
   return c

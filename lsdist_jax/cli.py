@@ -6,6 +6,7 @@ Unexpected errors keep their traceback.
 
 from __future__ import annotations
 
+import ast
 import sys
 
 from absl import app
@@ -31,6 +32,12 @@ def _config_override_error(error: BaseException) -> str | None:
   if not any("config_flags" in f for f in frames):
     return None
   text = str(error.args[0]) if error.args else str(error)
+  for _ in range(2):  # ml_collections nests the repr of the key in its message
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      break
+  text = " ".join(part.strip() for part in text.splitlines() if part.strip())
   overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
   return (f"unknown config key in {', '.join(overrides) or 'a --config override'}: "
           f"{text.strip()}")

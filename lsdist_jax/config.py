@@ -11,9 +11,10 @@ import types
 
 import ml_collections
 
-# The length convention, stated once (DESIGN.md): a response's length is the number of tokens the
-# model generated after the prompt, EOS excluded, capped at max_seq_len - prompt_len. A response that
-# reached that cap without EOS is "unfinished". Predictor bins are response lengths 0..max_seq_len.
+# The length convention, stated once (here, and in the README): a response's length is the number
+# of tokens the model generated after the prompt, EOS excluded, capped at max_seq_len - prompt_len.
+# A response that reached that cap without EOS is "unfinished". Predictor bins are response
+# lengths 0..max_seq_len.
 LENGTH_CONVENTION = "response_tokens_eos_excluded_capped_at_max_seq_len_minus_prompt"
 
 
@@ -136,6 +137,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.benchmark.slice = "12048:20240"
   c.benchmark.split = ""  # "test": keep only prompts of the store's test split (unseen in training)
   return c
+
+
+def config_beside(this_file: str, name: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of configs/<name>.py found beside `this_file`: how an experiment file
+  starts from another one (it works whether configs/ is loaded as a package or by path)."""
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,8 +10,10 @@ from lsdist_jax.config import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the configs/ package sits beside lsdist_jax/
-CONFIGS = [("smollm2_alpaca", "cpu"), ("smollm2_alpaca", "gpu"), ("llama2_7b_chat_alpaca", None),
-           ("tiny", None)]
+NAMED = {"smollm2_alpaca": ("cpu", "gpu")}  # configs that take an argument
+CONFIGS = [(name, arg) for name in sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                                          if f.endswith(".py") and f != "__init__.py")
+           for arg in NAMED.get(name, (None,))]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
@@ -32,3 +34,34 @@ def test_a_misspelt_key_is_refused_with_its_name():
   config.predictor.recalibraton_folds = 3
   with pytest.raises(KeyError, match="predictor.recalibraton_folds"):
     check_config(config)
+
+
+def test_an_experiment_file_states_only_its_changes():
+  """Defaults live in lsdist_jax/config.py: a config file that sets a key to its default value
+  restates it (it would silently keep an old default when config.py changes)."""
+  from lsdist_jax.config import default_config
+
+  for name in ("llama2_7b_chat_alpaca", "tiny"):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    source = open(os.path.join(ROOT, "configs", f"{name}.py")).read()
+    default = default_config()
+    for section in config.keys():
+      if not hasattr(config[section], "keys"):
+        continue
+      for key in config[section].keys():
+        if f"c.{section}.{key} =" in source:
+          assert config[section][key] != default[section][key], f"{name}: {section}.{key}"
+
+
+def test_a_config_file_loads_by_path_as_the_launchers_load_it(tmp_path):
+  """launch/*.py load configs by path (not as a package): files built on another one work."""
+  import subprocess
+
+  path = os.path.join(ROOT, "configs", "llama2_7b_replay_h200.py")
+  code = ("from ml_collections import config_flags; from absl import flags; import sys; "
+          "config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv); "
+          "print(flags.FLAGS.config.model.name)")
+  out = subprocess.run([sys.executable, "-c", code, f"--config={path}"], capture_output=True,
+                       text=True, cwd=str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "random:llama-2-7b"

@@ -15,7 +15,6 @@ from configs import tiny  # noqa: E402
 from lsdist_jax import Engine  # noqa: E402
 from lsdist_jax.engine import load_engine  # noqa: E402
 from lsdist_jax.llama.config import get_preset  # noqa: E402
-from lsdist_jax.serve.inputs import MalformedInputError, read_prompts
 from lsdist_jax.serve.job import run_generate  # noqa: E402
 from lsdist_jax.paths import predictor_exports
 from lsdist_jax.pipeline import run_pipeline  # noqa: E402
@@ -92,15 +91,6 @@ def test_generate_job_writes_every_response_in_input_order_and_resumes(pipeline_
     run_generate(config, str(src), str(out), None, engine=engine, show_progress=False)
 
 
-def test_malformed_input_is_reported_by_line(tmp_path):
-  src = tmp_path / "bad.jsonl"
-  src.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n{"prompt": "fine"}\n')
-  with pytest.raises(MalformedInputError, match=r"bad.jsonl:2.*\n.*bad.jsonl:3"):
-    read_prompts(str(src))
-  prompts, skipped = read_prompts(str(src), skip_malformed=True)
-  assert [p.line for p in prompts] == [1, 4] and len(skipped) == 2
-
-
 def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_path):
   from lsdist_jax.benchmark.run import run_benchmark
   from lsdist_jax.store import LengthStore
@@ -128,6 +118,7 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   assert set(lengths.tolist()) <= recorded
 
 
+@pytest.mark.slow  # several processes
 def test_benchmark_workers_share_the_strategies_and_match_one_process(pipeline_run, tmp_path):
   """`launch/benchmark.py --workers=2`: two processes take the strategies between them (each
   once) and the starting process reports them all, with the responses of the one-process run."""

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, ml_collections
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -52,6 +54,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess with 8 fake devices
 def test_sharded_generation_equals_unsharded_on_8_fake_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")

@@ -8,6 +8,8 @@ import torch
 
 from lsdist_jax.engine import Engine, find_smollm2_gguf
 
+pytestmark = pytest.mark.slow  # the real 98 MB model, checked against transformers
+
 PROMPTS = ["Give three tips for staying healthy.", "What are the three primary colors?",
            "Describe the structure of an atom."]
 

@@ -89,8 +89,10 @@ def long_prompts(prompts, ids, max_seq_len: int) -> list[str]:
 def run_generate(config, input_path: str, output_path: str, predictor_path: str | None = None,
                  strategy: str = "continuous-search", chunk_size: int = 512,
                  skip_malformed: bool = False, skip_long: bool = False, engine=None,
-                 show_progress: bool = True) -> dict:
-  """Generates a response for every prompt of `input_path`; returns a throughput summary."""
+                 show_progress: bool = True, stop_after_chunks: int | None = None) -> dict:
+  """Generates a response for every prompt of `input_path`; returns a throughput summary.
+  `stop_after_chunks` ends early after generating that many chunks, output unassembled (tests
+  simulate an interrupted job)."""
   from lsdist_jax.engine import load_engine
   from lsdist_jax.serve import plan as serve_plan
 
@@ -140,7 +142,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
                len(chunks), sum(done), f", {len(too_long)} too long skipped" if too_long else "")
   bar = _bar(len(prompts), show_progress)
   bar(sum(len(c) for c, d in zip(chunks, done) if d))
-  started, tokens, served = time.perf_counter(), 0, 0
+  started, tokens, served, generated_chunks = time.perf_counter(), 0, 0, 0
   for chunk, name, is_done in zip(chunks, names, done):
     if is_done:
       continue
@@ -160,6 +162,9 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     tokens += result.generated_tokens
     served += len(part)
     bar(len(part))
+    generated_chunks += 1
+    if stop_after_chunks is not None and generated_chunks >= stop_after_chunks:
+      return {"stopped_after_chunks": generated_chunks}
   assemble(output_path, folder, names, [[prompts[i].line for i in c] for c in chunks])
   elapsed = time.perf_counter() - started
   return {"prompts": len(prompts), "served_now": served,

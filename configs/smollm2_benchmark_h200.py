@@ -1,0 +1,18 @@
+"""The SmolLM2 scheduling benchmark of docs/BENCHMARKS.md ("Session 5"): every strategy on 2,048
+requests over the committed store's test prompts, KV budget 65,536 tokens, the H100 cost model.
+
+  python launch/benchmark.py --config=configs/smollm2_benchmark_h200.py \
+      --config.model.path=<SmolLM2 GGUF> --workdir=runs/smol --workers=4 --devices=0,1
+"""
+
+from lsdist_jax.config import config_beside
+
+
+def get_config():
+  c = config_beside(__file__, "smollm2_alpaca", "gpu")
+  c.collect.store = "docs/data/smollm2_alpaca_h100"
+  c.schedule.cost_model = "docs/results/cost_model_smollm2_pallas_h100.json"
+  c.benchmark.strategies = ("vanilla:best", "ours-search", "ssch-scalar-max", "ours-optimal",
+                            "oracle", "ours-continuous", "oracle-continuous",
+                            "continuous-vanilla", "ours", "vanilla:16")
+  return c

@@ -1,0 +1,181 @@
+"""The generate job never loses or mixes a response: resume keyed by what produced each part,
+every check done before generating, input read as users write it, user errors as one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import tiny  # noqa: E402
+from lsdist_jax.engine import load_engine  # noqa: E402
+from lsdist_jax.errors import ConfigError, InputError  # noqa: E402
+from lsdist_jax.serve.inputs import MalformedInputError, read_prompts  # noqa: E402
+from lsdist_jax.serve.job import parts_dir, run_generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine():
+  return load_engine(config())
+
+
+def config(**generation):
+  c = tiny.get_config()
+  c.generation.max_seq_len = 96  # short responses: the tests run many jobs
+  for key, value in generation.items():
+    c.generation[key] = value
+  return c
+
+
+def write_prompts(path, n=12, edit=None):
+  lines = [json.dumps({"id": f"q{i}", "prompt": f"Prompt number {i}: say something."})
+           for i in range(1, n + 1)]
+  if edit is not None:
+    lines[edit - 1] = json.dumps({"id": f"q{edit}", "prompt": "An edited prompt, other text."})
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def rows_of(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def job(cfg, src, out, engine, **kw):
+  return run_generate(cfg, str(src), str(out), None, engine=engine, show_progress=False, **kw)
+
+
+def test_a_resume_with_another_chunk_size_neither_drops_nor_duplicates_rows(engine, tmp_path):
+  src = write_prompts(tmp_path / "in.jsonl")
+  whole = tmp_path / "whole.jsonl"
+  job(config(), src, whole, engine, chunk_size=5)
+  out = tmp_path / "out.jsonl"
+  stopped = job(config(), src, out, engine, chunk_size=2, stop_after_chunks=2)
+  assert stopped == {"stopped_after_chunks": 2} and not out.exists()
+  assert len(os.listdir(parts_dir(str(out)))) == 2
+  summary = job(config(), src, out, engine, chunk_size=5)  # the old parts match no new chunk
+  assert summary["served_now"] == 12
+  rows = rows_of(out)
+  assert [r["line"] for r in rows] == list(range(1, 13))  # every row once, in input order
+  assert rows == rows_of(whole)
+  assert not os.path.exists(parts_dir(str(out)))
+  # the same chunking resumes: only the missing chunks are generated
+  again = tmp_path / "again.jsonl"
+  job(config(), src, again, engine, chunk_size=4, stop_after_chunks=1)
+  assert job(config(), src, again, engine, chunk_size=4)["served_now"] == 8
+  assert rows_of(again) == rows
+
+
+def test_a_resume_on_an_edited_input_redoes_the_stale_chunks(engine, tmp_path):
+  src = write_prompts(tmp_path / "in.jsonl")
+  out = tmp_path / "out.jsonl"
+  job(config(), src, out, engine, chunk_size=3, stop_after_chunks=2)  # lines 1-6 written
+  write_prompts(src, edit=2)  # same line count, line 2 changed
+  summary = job(config(), src, out, engine, chunk_size=3)
+  assert summary["served_now"] == 9  # lines 1-3 again (their chunk changed), 4-6 kept
+  fresh = tmp_path / "fresh.jsonl"
+  job(config(), src, fresh, engine, chunk_size=12)
+  assert rows_of(out) == rows_of(fresh)
+  assert rows_of(out)[1]["prompt"] == "An edited prompt, other text."
+
+
+def test_a_resume_with_other_settings_never_mixes_them(engine, tmp_path):
+  src = write_prompts(tmp_path / "in.jsonl")
+  out = tmp_path / "out.jsonl"
+  job(config(), src, out, engine, chunk_size=4, stop_after_chunks=2)  # T = 0.6
+  summary = job(config(temperature=0.0), src, out, engine, chunk_size=4)
+  assert summary["served_now"] == 12
+  greedy = tmp_path / "greedy.jsonl"
+  job(config(temperature=0.0), src, greedy, engine, chunk_size=12)
+  assert rows_of(out) == rows_of(greedy)
+
+
+def test_every_check_runs_before_any_generation(engine, tmp_path):
+  src = write_prompts(tmp_path / "in.jsonl", n=5)
+  lines = src.read_text().splitlines()
+  lines[3] = json.dumps({"prompt": "x" * 400})  # line 4 is longer than max_seq_len = 96
+  src.write_text("\n".join(lines) + "\n")
+  out = tmp_path / "out.jsonl"
+  with pytest.raises(InputError, match="line 4: prompt of 4\\d\\d tokens"):
+    job(config(), src, out, engine, chunk_size=1)
+  assert not os.path.exists(parts_dir(str(out))) and not out.exists()  # nothing stranded
+  summary = job(config(), src, out, engine, chunk_size=1, skip_long=True)
+  assert summary["skipped_long"] == 1 and [r["line"] for r in rows_of(out)] == [1, 2, 3, 5]
+  with pytest.raises(ConfigError, match="--chunk must be at least 1"):
+    job(config(), src, tmp_path / "c.jsonl", engine, chunk_size=0)
+  with pytest.raises(InputError, match="is a directory"):
+    job(config(), src, tmp_path, engine)
+  nested = tmp_path / "new" / "folder" / "out.jsonl"  # a missing folder is created
+  assert job(config(), src, nested, engine, skip_long=True)["prompts"] == 4
+  with pytest.raises(FileExistsError, match="it is complete"):
+    job(config(), src, nested, engine, skip_long=True)
+
+
+def test_a_predictor_for_another_length_range_is_refused_before_the_model_loads(tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from lsdist_jax.predictor.nets import LengthPredictor
+  from lsdist_jax.predictor.train import export_predictor
+
+  model = LengthPredictor("distribution", 128, (8,))
+  params = model.init(jax.random.key(0), jnp.zeros((2, 64)))["params"]
+  spec = {"kind": "distribution", "hidden_dim": 64, "max_len": 128, "hidden_sizes": [8],
+          "dropout": 0.0, "scalar_target": None}
+  export_predictor(str(tmp_path / "pred"), spec, params, np.zeros(64), np.ones(64))
+  src = write_prompts(tmp_path / "in.jsonl", n=2)
+  with pytest.raises(ConfigError, match="0..128.*0..256"):
+    run_generate(tiny.get_config(), str(src), str(tmp_path / "o.jsonl"), str(tmp_path / "pred"),
+                 engine=object())  # refused before the engine is used
+
+
+def test_input_lines_as_users_write_them(tmp_path):
+  src = tmp_path / "bad.jsonl"
+  src.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n{"prompt": "fine"}\n')
+  with pytest.raises(MalformedInputError, match=r"bad.jsonl:2.*\n.*bad.jsonl:3"):
+    read_prompts(str(src))
+  prompts, skipped = read_prompts(str(src), skip_malformed=True)
+  assert [p.line for p in prompts] == [1, 4] and len(skipped) == 2
+  bom = tmp_path / "bom.jsonl"
+  bom.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "one", "id": 7}\r\n{"prompt": "two"}\r\n')
+  prompts, skipped = read_prompts(str(bom))
+  assert [p.text for p in prompts] == ["one", "two"] and not skipped
+  bad = tmp_path / "bad.jsonl"
+  bad.write_bytes(b'{"prompt": "caf\xe9\xff"}\n{"prompt": "fine"}\n')
+  with pytest.raises(MalformedInputError, match="bad.jsonl:1: not UTF-8"):
+    read_prompts(str(bad))
+  prompts, skipped = read_prompts(str(bad), skip_malformed=True)
+  assert [p.line for p in prompts] == [2] and len(skipped) == 1
+
+
+def test_the_users_own_fields_come_back(engine, tmp_path):
+  src = tmp_path / "in.jsonl"
+  src.write_text(json.dumps({"id": "abc", "meta": {"k": 1}, "prompt": "Hi."}) + "\n")
+  out = tmp_path / "out.jsonl"
+  job(config(), src, out, engine)
+  row = rows_of(out)[0]
+  assert row["id"] == "abc" and row["meta"] == {"k": 1} and row["line"] == 1
+
+
+def launch(args, tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, os.path.join(REPO, "launch", "generate.py"),
+                         f"--config={os.path.join(REPO, 'configs', 'tiny.py')}"] + args,
+                        capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=300)
+
+
+def test_launcher_user_errors_are_one_line_and_exit_status_2(tmp_path):
+  done = launch([f"--input={tmp_path / 'nope.jsonl'}", f"--output={tmp_path / 'o.jsonl'}"],
+                tmp_path)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1].startswith("error: prompts file not found")
+  assert "Traceback" not in done.stderr
+  src = write_prompts(tmp_path / "in.jsonl", n=1)
+  typo = launch([f"--input={src}", f"--output={tmp_path / 'o.jsonl'}",
+                 "--config.generation.temprature=0.7"], tmp_path)
+  assert typo.returncode == 2 and "Traceback" not in typo.stderr
+  assert "error: unknown config key" in typo.stderr and "temprature" in typo.stderr
