@@ -10,6 +10,7 @@ def get_config():
   c.model.dtype = "float32"
   c.generation.max_seq_len = 256
   c.collect.long_prompts = "skip"
+  c.data.source = "alpaca_local"  # the shipped pool: offline, the same prompts everywhere
   c.data.slice = "0:40"
   c.collect.samples_per_prompt = 4
   c.collect.batch_size = 16

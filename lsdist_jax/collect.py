@@ -1,42 +1,40 @@
-"""Collection: N sampled responses per prompt -> response lengths + the prompt's hidden state, stored.
+"""Collection: N sampled responses per prompt -> response lengths + the prompt's hidden state,
+stored.
 
-Work goes in crash-safe chunks of prompts; a rerun skips prompts already stored. Many prompts x
-samples share each batch; rows are capped in rounds and unfinished ones continued later (the
-per-request PRNG makes that identical to uncapped sampling), so one long response does not hold
-a whole batch.
+Every (prompt, sample) row of this process's share streams through slot refill
+(`collect_rows.py`: a finished row's slot takes the next row at once, across chunk boundaries);
+a chunk of prompts is written to the store, crash-safe, as soon as all its rows are done, and a
+rerun skips prompts already stored. The per-request PRNG makes the lengths the same as static
+batches' (`collect.decode=static`) and as an uninterrupted run's. A prompt is known by its key
+(a hash of its text): a store refuses a source that gives another prompt at a stored index, and
+one run at a time holds a store (`store_lock`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime
 import logging
 import os
 import time
-from typing import Sequence
 
 import jax
 import numpy as np
 
 from lsdist_jax import paths
+from lsdist_jax.collect_rows import Row, sample_slots, sample_static
 from lsdist_jax.config import LENGTH_CONVENTION, check_config
+from lsdist_jax.errors import ConfigError, InputError, LockHeldError
+from lsdist_jax.store import STORE_VERSION
 
-STORE_VERSION = 1
-
-
-@dataclasses.dataclass
-class Row:
-  prompt: int  # position in the chunk
-  sample: int
-  request_id: int
-  prompt_ids: list[int]
-  generated: list[int] = dataclasses.field(default_factory=list)
-  finished: bool = False
-  done: bool = False
+LOCK = "collect.lock"  # in the store folder
 
 
-def store_meta(config, engine) -> dict:
+def store_meta(config, engine, source=None) -> dict:
+  """The store's meta.json: model, generation, layout, and the data (with `source`, a
+  `data.Source`: where its prompts were read, the datasets filter, how many it holds)."""
   gen = config.generation
+  data = source.describe() if source is not None else {"source": config.data.source}
   return {
       "version": STORE_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -46,8 +44,8 @@ def store_meta(config, engine) -> dict:
       "length_convention": LENGTH_CONVENTION,
       "hidden_layer": int(config.collect.hidden_layer),
       "samples_per_prompt": int(config.collect.samples_per_prompt),
-      "data": {"source": config.data.source, "shuffle_seed": int(config.data.shuffle_seed),
-               "slice": config.data.slice},
+      "data": dict(data, shuffle_seed=int(config.data.shuffle_seed), slice=config.data.slice,
+                   stratify_by_dataset=bool(config.data.stratify_by_dataset)),
       "split_seed": int(config.data.split_seed),
       "split_fractions": [float(f) for f in config.data.split_fractions],
   }
@@ -58,127 +56,152 @@ def request_id(dataset_index: int, sample: int, samples_per_prompt: int) -> int:
   return int(dataset_index) * int(samples_per_prompt) + int(sample)
 
 
-def cap_rounds(max_new: int, first: int = 128) -> list[int]:
-  """Caps of the successive rounds: 128, 512, ... up to max_new (each round continues the rows
-  the previous one left unfinished)."""
-  caps, cap = [], first
-  while cap < max_new:
-    caps.append(cap)
-    cap *= 4
-  return caps + [max_new]
+@contextlib.contextmanager
+def store_lock(path: str):
+  """Holds the store's lock (<store>/collect.lock) for a whole collection run, taken without
+  waiting: a second run on the same store is refused at once with LockHeldError (one line) rather
+  than queued. With the lock held, half-written chunk folders a crashed run left are removed.
+  In a multi-process run, process 0 takes it for all (the others learn whether it could) and
+  releases it once every process is done. The lock goes with the process (a kill leaves none)."""
+  from lsdist_jax.files import held_lock
+
+  what, lock = f"the length store {path}", os.path.join(path, LOCK)
+  if jax.process_count() == 1:
+    with held_lock(lock, what):
+      _clean_partial(path)
+      yield
+    return
+  from jax.experimental import multihost_utils
+
+  with contextlib.ExitStack() as held:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        held.enter_context(held_lock(lock, what))
+        _clean_partial(path)
+      except LockHeldError as e:
+        refused = e
+    taken = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+    if refused is not None:
+      raise refused
+    if not taken:
+      raise LockHeldError(f"{what} is in use by another run: process 0 of this run could not "
+                          f"take its lock {lock}")
+    yield
+    multihost_utils.sync_global_devices(f"collect into {path}: done")
 
 
-def sample_rows(engine, rows: Sequence[Row], config) -> dict:
-  """Generates every row to EOS or max_seq_len, batch by batch, capped in rounds.
+def _clean_partial(path: str) -> None:
+  from lsdist_jax.store import clean_partial
 
-  Returns {"hidden": {prompt position: [D]}, "tokens": tokens generated}."""
-  gen_cfg = config.generation
-  batch_size = int(config.collect.batch_size)
-  max_seq_len = int(gen_cfg.max_seq_len)
-  hidden: dict[int, np.ndarray] = {}
-  tokens = 0
-  pending = list(rows)
-  for cap in cap_rounds(max_seq_len):
-    # Rows of similar prompt length together: less padding, fewer prompt buckets.
-    pending.sort(key=lambda r: len(r.prompt_ids) + len(r.generated))
-    for start in range(0, len(pending), batch_size):
-      batch = pending[start:start + batch_size]
-      result = engine.generator.generate(
-          [r.prompt_ids + r.generated for r in batch], cap=cap, max_seq_len=max_seq_len,
-          seed=int(gen_cfg.seed), temperature=float(gen_cfg.temperature),
-          top_p=float(gen_cfg.top_p), request_ids=[r.request_id for r in batch],
-          start_steps=[len(r.generated) for r in batch],
-          hidden_layer=int(config.collect.hidden_layer))
-      for i, row in enumerate(batch):
-        new = result.tokens[i, :result.num_generated[i]].tolist()
-        if not row.generated and row.prompt not in hidden:
-          hidden[row.prompt] = result.hidden[i]
-        row.generated += new
-        tokens += len(new)
-        row.finished = bool(result.finished[i])
-        at_limit = len(row.prompt_ids) + len(row.generated) >= max_seq_len
-        row.done = row.finished or at_limit
-    pending = [r for r in pending if not r.done]
-    if not pending:
-      break
-  if pending:
-    raise RuntimeError(f"{len(pending)} rows neither finished nor reached max_seq_len")
-  return {"hidden": hidden, "tokens": tokens}
+  removed = clean_partial(path)
+  if removed:
+    logging.warning("collect: removed %d half-written chunk folder(s) a crashed run left in %s",
+                    removed, path)
 
 
 def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: int | None = None,
             show_progress: bool = True) -> dict:
   """Runs (or resumes) collection for this process's share of the prompts; returns the summary.
 
-  `stop_after_chunks` ends early after that many chunks (tests simulate an interrupted job)."""
+  The run holds the store's lock throughout (`store_lock`: a second run is refused at once, it
+  does not wait). Prompts already stored (by key) are skipped; a source that gives another
+  prompt at a stored index is refused. `stop_after_chunks` ends early after that many chunks
+  (tests simulate an interrupted job)."""
   from lsdist_jax import sharding as shd
-  from lsdist_jax.data import load_prompts
-  from lsdist_jax.store import LengthStore
 
   check_config(config)
   shd.maybe_initialize_distributed(config.mesh)
-  workdir = workdir or config.workdir
-  path = paths.store(config, workdir)
-  from lsdist_jax.engine import load_engine
+  path = paths.store(config, workdir or config.workdir)
+  with store_lock(path):
+    return _collect(config, path, engine, stop_after_chunks, show_progress)
 
+
+def _collect(config, path: str, engine, stop_after_chunks: int | None, show_progress: bool):
+  from lsdist_jax.data import open_source
+  from lsdist_jax.engine import load_engine
+  from lsdist_jax.store import LengthStore
+
+  long_prompts = config.collect.long_prompts
+  if long_prompts not in ("error", "skip"):
+    raise ConfigError(f"collect.long_prompts={long_prompts!r}; expected 'error' or 'skip'")
+  source = open_source(config.data)
+  prompts = source.pick(int(config.data.shuffle_seed), config.data.slice)
   engine = engine or load_engine(config)
   n_samples = int(config.collect.samples_per_prompt)
   max_seq_len = int(config.generation.max_seq_len)
   hidden_dim = engine.config.hidden_size
-  store = LengthStore.create_or_open(path, store_meta(config, engine), hidden_dim=hidden_dim,
-                                     samples_per_prompt=n_samples)
-  prompts = load_prompts(config.data)
+  store = LengthStore.create_or_open(path, store_meta(config, engine, source),
+                                     hidden_dim=hidden_dim, samples_per_prompt=n_samples)
+  stored = set(store.check_prompts(prompts, f"{source.name!r} ({source.origin})").values())
   process, n_process = jax.process_index(), jax.process_count()
   share = prompts[process::n_process]
-  done = store.done_indices()
-  todo = [p for p in share if p.index not in done]
+  todo = [p for p in share if p.key not in stored]
   logging.info("collect: %d prompts in slice, %d for process %d/%d, %d already stored, %d to do",
                len(prompts), len(share), process, n_process, len(share) - len(todo), len(todo))
   ids = engine.encode([p.text for p in todo])
   too_long = [i for i, x in enumerate(ids) if len(x) >= max_seq_len]
   if too_long:
     p = todo[too_long[0]]
-    message = (f"prompt {p.index} has {len(ids[too_long[0]])} tokens, more than "
-               f"generation.max_seq_len={max_seq_len} allows (prompt + response); "
-               f"{len(too_long)} such prompt(s)")
-    if config.collect.long_prompts != "skip":
-      raise ValueError(message + "; set collect.long_prompts='skip' to leave them out")
+    message = (f"prompt {p.index} ({p.text[:40]!r}..., key {p.key}) has "
+               f"{len(ids[too_long[0]])} tokens, more than generation.max_seq_len={max_seq_len} "
+               f"allows (prompt + response); {len(too_long)} such prompt(s)")
+    if long_prompts == "error":
+      raise InputError(message + "; set collect.long_prompts='skip' to leave them out")
     logging.warning("%s: skipped", message)
     keep = [i for i in range(len(ids)) if len(ids[i]) < max_seq_len]
     todo, ids = [todo[i] for i in keep], [ids[i] for i in keep]
 
   chunk_size = int(config.collect.chunk_prompts)
-  bar = _progress_bar(len(todo) * n_samples, show_progress)
+  chunks = [list(range(s, min(s + chunk_size, len(todo))))
+            for s in range(0, len(todo), chunk_size)]
+  if stop_after_chunks is not None:
+    chunks = chunks[:stop_after_chunks]  # as if the run had been killed after these
+  rows = [[Row(k, j, request_id(todo[k].index, j, n_samples), ids[k]) for j in range(n_samples)]
+          for c in chunks for k in c]  # [prompt][sample]
+  chunk_of = {k: c for c, members in enumerate(chunks) for k in members}
+  left = [len(members) * n_samples for members in chunks]
+  bar = _progress_bar(sum(left), show_progress)
   compile_before = engine.generator.compile_seconds
   started = time.perf_counter()
-  total_tokens = 0
-  chunks = new_prompts = 0
-  for start in range(0, len(todo), chunk_size):
-    chunk = todo[start:start + chunk_size]
-    chunk_ids = ids[start:start + chunk_size]
-    rows = [Row(i, j, request_id(p.index, j, n_samples), chunk_ids[i])
-            for i, p in enumerate(chunk) for j in range(n_samples)]
-    out = sample_rows(engine, rows, config)
-    total_tokens += out["tokens"]
-    lengths = np.zeros((len(chunk), n_samples), np.int32)
-    finished = np.zeros((len(chunk), n_samples), bool)
-    for row in rows:
-      lengths[row.prompt, row.sample] = len(row.generated)
-      finished[row.prompt, row.sample] = row.finished
+  tally = {"tokens": 0, "chunks": 0, "prompts": 0}
+
+  def write(c: int) -> None:
+    """Chunk c's prompts are all done: their lengths and hidden states go to the store."""
+    members = chunks[c]
+    hidden = engine.embed([ids[k] for k in members], layer=int(config.collect.hidden_layer))
     records = {
-        "index": np.array([p.index for p in chunk], np.int64),
-        "prompt_len": np.array([len(x) for x in chunk_ids], np.int32),
-        "lengths": lengths,
-        "finished": finished,
-        "hidden": np.stack([out["hidden"][i] for i in range(len(chunk))]).astype(np.float32),
+        "index": np.array([todo[k].index for k in members], np.int64),
+        "key": [todo[k].key for k in members],
+        "prompt_len": np.array([len(ids[k]) for k in members], np.int32),
+        "lengths": np.array([[len(r.generated) for r in rows[k]] for k in members], np.int32),
+        "finished": np.array([[r.finished for r in rows[k]] for k in members], bool),
+        "hidden": np.asarray(hidden, np.float32),
     }
-    store.write_chunk(f"p{process:04d}-i{chunk[0].index:09d}-n{len(chunk)}", records)
-    chunks += 1
-    new_prompts += len(chunk)
-    elapsed = time.perf_counter() - started
-    bar(len(rows), f"{total_tokens / max(elapsed, 1e-9):,.0f} tok/s")
-    if stop_after_chunks is not None and chunks >= stop_after_chunks:
-      break
+    store.write_chunk(f"p{process:04d}-i{todo[members[0]].index:09d}-n{len(members)}", records)
+    tally["chunks"] += 1
+    tally["prompts"] += len(members)
+
+  def on_done(row: Row) -> None:
+    tally["tokens"] += len(row.generated)
+    c = chunk_of[row.prompt]
+    left[c] -= 1
+    postfix = None
+    if left[c] == 0:
+      write(c)
+      postfix = f"{tally['tokens'] / max(time.perf_counter() - started, 1e-9):,.0f} tok/s"
+    bar(1, postfix)
+
+  flat = [row for k_rows in rows for row in k_rows]
+  decode = config.collect.decode
+  if decode == "slots":
+    sample_slots(engine, flat, config, on_done)
+  elif decode == "static":
+    for members in chunks:  # a chunk at a time, as the rounds need all of a chunk's rows
+      sample_static(engine, [row for k in members for row in rows[k]], config, on_done)
+  else:
+    raise ConfigError(f"collect.decode={decode!r}; expected 'slots' or 'static'")
+  total_tokens, new_prompts = tally["tokens"], tally["prompts"]
   elapsed = time.perf_counter() - started
   compiling = engine.generator.compile_seconds - compile_before
   summary = dict(store.summary())
@@ -188,21 +211,39 @@ def collect(config, workdir: str | None = None, engine=None, stop_after_chunks: 
                   "compile_seconds": round(compiling, 2),
                   "tokens_per_s_excluding_compile": round(
                       total_tokens / max(elapsed - compiling, 1e-9), 1),
-                  "compilations": engine.compile_count, "store": path})
+                  "compilations": engine.compile_count, "store": path,
+                  "skipped_long_prompts": len(too_long)})
   return summary
+
+
+def combine_summaries(parts: list[dict], wall_seconds: float) -> dict:
+  """One summary of several collection processes that ran side by side (one per GPU): the
+  store's figures from the last, tokens summed, tokens/s over `wall_seconds` (the processes'
+  start to the last one's end: model loading and compilation included)."""
+  tokens = sum(int(p["new_tokens"]) for p in parts)
+  out = dict(parts[-1])
+  out.update({"processes": len(parts), "new_prompts": sum(int(p["new_prompts"]) for p in parts),
+              "new_tokens": tokens, "seconds": round(wall_seconds, 2),
+              "tokens_per_s": round(tokens / max(wall_seconds, 1e-9), 1),
+              "compile_seconds": max(float(p["compile_seconds"]) for p in parts),
+              "per_process": [{k: p[k] for k in ("process", "new_prompts", "new_tokens",
+                                                 "seconds", "tokens_per_s")} for p in parts]})
+  out.pop("tokens_per_s_excluding_compile", None)
+  return out
 
 
 def _progress_bar(total: int, enabled: bool):
   """A tqdm bar over samples with tokens/s in its postfix; a no-op when disabled."""
   if not enabled or total == 0:
-    return lambda n, postfix: None
+    return lambda n, postfix=None: None
   from tqdm import tqdm
 
   bar = tqdm(total=total, unit="sample", dynamic_ncols=True, desc="collect")
 
-  def update(n, postfix):
+  def update(n, postfix=None):
     bar.update(n)
-    bar.set_postfix_str(postfix)
+    if postfix:
+      bar.set_postfix_str(postfix)
     if bar.n >= total:
       bar.close()
 

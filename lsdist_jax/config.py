@@ -60,11 +60,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.generation.seed = 20231005
   c.generation.max_seq_len = 1024  # prompt + response
 
-  # Prompts: Alpaca from the hub name or a local file; shuffled with a seed; sliced "a:b".
+  # Prompts: a source, shuffled with a seed, sliced "a:b"; split by a seeded hash of the text.
+  # source: alpaca (the 52,002 records of tatsu-lab/alpaca where the hub is reachable or cached,
+  # else the 7,451 shipped in lsdist_jax/data, with a warning) | alpaca_local (those 7,451
+  # always) | instructions_mix (5,115 non-Alpaca prompts) | a .json/.jsonl[.gz]/.parquet path.
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tatsu-lab/alpaca"  # hub name, or a local .json/.jsonl/.parquet path
+  c.data.source = "alpaca"
+  # Keep only records whose `dataset` field is one of these (empty: all): an exact name such as
+  # "dolly15k" or a family such as "alpaca_eval" (alpaca_eval/*); a comma list also works.
+  c.data.datasets = ()
   c.data.shuffle_seed = 20231005
   c.data.slice = "0:10000"
+  # shuffle each `dataset` apart and interleave them, so that a slice holds every dataset in
+  # proportion (instructions_mix)
+  c.data.stratify_by_dataset = False
   c.data.split_seed = 20231113
   c.data.split_fractions = (0.8, 0.1, 0.1)  # train / valid / test, by prompt
 
@@ -72,7 +81,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.collect = ml_collections.ConfigDict()
   c.collect.store = ""  # default: <workdir>/store
   c.collect.samples_per_prompt = 60
-  c.collect.batch_size = 256  # rows (prompt x sample) per generate call
+  c.collect.batch_size = 256  # rows (prompt x sample) decoded at once (slots, or a static batch)
+  # slots: rows stream through slot refill (a finished row's slot takes the next at once);
+  # static: batches of batch_size rows, capped in rounds (the same lengths, slower)
+  c.collect.decode = "slots"
+  c.collect.refill_fraction = 0.125  # slot refill: insert new rows once this share is free
   c.collect.chunk_prompts = 64  # prompts per crash-safe chunk
   c.collect.hidden_layer = -1  # which layer's output at the last prompt token (-1: final norm)
   c.collect.long_prompts = "error"  # error | skip: a prompt that leaves no room in max_seq_len

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsdist_jax import sharding as shd
+from lsdist_jax.errors import BadFileError, ConfigError, MissingFileError
 from lsdist_jax.llama import weights as wts
 from lsdist_jax.llama.config import LlamaConfig, PRESETS, get_preset
 from lsdist_jax.config import default_config
@@ -128,10 +129,10 @@ class Engine:
                                             name=name_or_path, bos_token_id=cfg.bos_token_id)
       source = path
     elif name_or_path in PRESETS:
-      raise ValueError(f"preset {name_or_path!r} has no bundled weights: pass an HF directory "
-                       f"or GGUF file, or 'random:{name_or_path}' for random weights")
+      raise ConfigError(f"preset {name_or_path!r} has no bundled weights: pass an HF directory "
+                        f"or GGUF file, or 'random:{name_or_path}' for random weights")
     elif not os.path.exists(name_or_path):
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"model not found: {name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor an "
           "existing HF directory, .gguf file or orbax export")
     elif os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
@@ -154,8 +155,8 @@ class Engine:
         tokenizer = Tokenizer.from_pretrained(name_or_path, chat_format=chat_format,
                                               name=cfg.name, bos_token_id=cfg.bos_token_id)
     else:
-      raise ValueError(f"do not know how to load {name_or_path!r}: expected a preset, an HF "
-                       "directory, a .gguf file or an orbax export directory")
+      raise BadFileError(f"do not know how to load {name_or_path!r}: expected a preset, an HF "
+                         "directory, a .gguf file or an orbax export directory")
     return cls(cfg, params, tokenizer, dtype=dtype, mesh_config=mesh_config,
                engine_config=engine_config, source=source, **kwargs)
 

@@ -15,10 +15,11 @@ PACKAGE = os.path.join(REPO, "lsdist_jax")
 LEVELS = {
     "lsdist_jax.errors": 0, "lsdist_jax.config": 0,
     "lsdist_jax.files": 1, "lsdist_jax.paths": 1, "lsdist_jax.shapes": 1, "lsdist_jax.logs": 1,
-    "lsdist_jax.cli": 1,
+    "lsdist_jax.cli": 1, "lsdist_jax.processes": 1,
     "lsdist_jax.exports": 2, "lsdist_jax.sharding": 2, "lsdist_jax.data": 2,
     "lsdist_jax.llama": 3, "lsdist_jax.schedule": 3, "lsdist_jax.store": 3,
     "lsdist_jax.engine": 4, "lsdist_jax.predictor": 4, "lsdist_jax.report": 4,
+    "lsdist_jax.collect_rows": 4,
     "lsdist_jax.collect": 5, "lsdist_jax.lora": 5,
     "lsdist_jax.serve": 6,
     "lsdist_jax.benchmark": 7,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lsdist_jax.config import default_config
+from lsdist_jax.data import prompt_key
 from lsdist_jax.predictor import Split, load_predictor, train_and_evaluate
 from lsdist_jax.predictor import metrics
 from lsdist_jax.predictor.calibration import apply_recalibration, fit_recalibration, pit_values
@@ -235,7 +236,8 @@ def test_cross_validation_scores_every_prompt_held_out(data, tmp_path):
   store = LengthStore.create_or_open(str(tmp_path / "store"), meta, hidden_dim=8,
                                      samples_per_prompt=pool.lengths.shape[1])
   n = 160
-  store.write_chunk("p0", {"index": np.arange(n), "prompt_len": np.full(n, 10),
+  store.write_chunk("p0", {"index": np.arange(n), "key": [prompt_key(f"p{i}") for i in range(n)],
+                           "prompt_len": np.full(n, 10),
                            "lengths": pool.lengths[:n], "finished": np.ones_like(pool.lengths[:n]),
                            "hidden": pool.hidden[:n]})
   config = small_config(epochs=25)

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from lsdist_jax.data import prompt_key
 from lsdist_jax.schedule import (CostModel, Options, Requests, expected_cost, make_plan,
                                  plan_recovery)
 from lsdist_jax.schedule.types import Batch, Plan
@@ -89,7 +90,8 @@ def tiny_store(tmp_path_factory):
   store_dir = str(root / "store")
   meta = {"model": {"name": "synthetic"}, "generation": {"max_seq_len": 160}}
   store = LengthStore.create_or_open(store_dir, meta, hidden_dim=dim, samples_per_prompt=samples)
-  store.write_chunk("p0", {"index": np.arange(n), "prompt_len": np.full(n, 20),
+  store.write_chunk("p0", {"index": np.arange(n), "key": [prompt_key(f"p{i}") for i in range(n)],
+                           "prompt_len": np.full(n, 20),
                            "lengths": lengths, "finished": lengths < 120, "hidden": hidden})
   config = default_config()
   config.generation.max_seq_len = 160

@@ -1,9 +1,14 @@
-"""The length store: exact round trip, crash-safe chunks, the mixing guard, several writers."""
+"""The length store: exact round trip, crash-safe chunks, the mixing guards (configs, prompt keys,
+versions), splits from the stored keys, several writers."""
+
+import json
 
 import numpy as np
 import pytest
 
 from lsdist_jax import store as store_lib
+from lsdist_jax.data import Prompt, assign_split, prompt_key
+from lsdist_jax.errors import StateMismatchError
 from lsdist_jax.schedule.dist import empirical_pmf
 from lsdist_jax.store import LengthStore
 
@@ -13,10 +18,15 @@ META = {"model": {"name": "tiny"}, "generation": {"temperature": 0.6, "top_p": 0
         "data": {"slice": "0:12"}}
 
 
-def _records(indices, n=4, dim=6, seed=0):
+def text(i):
+  return f"prompt number {i}"
+
+
+def _records(indices, n=4, dim=6, seed=0, texts=text):
   rng = np.random.default_rng(seed)
   k = len(indices)
-  return {"index": np.asarray(indices), "prompt_len": rng.integers(5, 30, k),
+  return {"index": np.asarray(indices), "key": [prompt_key(texts(i)) for i in indices],
+          "prompt_len": rng.integers(5, 30, k),
           "lengths": rng.integers(0, 90, (k, n)), "finished": rng.random((k, n)) < 0.8,
           "hidden": rng.normal(size=(k, dim)).astype(np.float32)}
 
@@ -28,11 +38,12 @@ def test_round_trip_is_exact_and_sorted_by_index(tmp_path):
   s.write_chunk("p0000-b", b)
   got = LengthStore.open(str(tmp_path)).read()
   order = np.argsort(np.concatenate([a["index"], b["index"]]))
-  for key in ("index", "prompt_len", "lengths", "finished", "hidden"):
+  for key in ("index", "key", "prompt_len", "lengths", "finished", "hidden"):
     want = np.concatenate([a[key], b[key]])[order]
     np.testing.assert_array_equal(got[key], want.astype(got[key].dtype))
   assert got["hidden"].dtype == np.float32 and got["lengths"].dtype == np.int32
   assert s.done_indices() == {1, 3, 4, 7, 9}
+  assert s.stored_keys() == {i: prompt_key(text(i)) for i in (1, 3, 4, 7, 9)}
   splits = LengthStore.open(str(tmp_path)).read("train")["index"]
   assert set(splits) <= {1, 3, 4, 7, 9}
 
@@ -59,6 +70,67 @@ def test_interrupted_chunk_is_invisible_and_can_be_rewritten(tmp_path, monkeypat
   s.write_chunk("crashed", _records([5, 6]))
   assert LengthStore.open(str(tmp_path)).read()["index"].tolist() == [0, 1, 5, 6]
   assert s.clean_partial() == 1
+
+
+def test_splits_come_from_the_stored_keys_not_the_indices(tmp_path):
+  indices = np.arange(300)
+  a = LengthStore.create_or_open(str(tmp_path / "a"), META, hidden_dim=6, samples_per_prompt=4)
+  a.write_chunk("p0", _records(indices))
+  shifted = LengthStore.create_or_open(str(tmp_path / "b"), META, hidden_dim=6,
+                                       samples_per_prompt=4)
+  shifted.write_chunk("p0", _records(indices + 1000, texts=lambda i: text(i - 1000)))
+  got_a, got_b = LengthStore.open(a.path).read(), LengthStore.open(shifted.path).read()
+  np.testing.assert_array_equal(got_a["key"], got_b["key"])
+  np.testing.assert_array_equal(got_a["split"], got_b["split"])  # the same texts, other indices
+  want = assign_split([prompt_key(text(i)) for i in indices], META["split_seed"])
+  np.testing.assert_array_equal(got_a["split"], want)
+  train = LengthStore.open(a.path).read("train")
+  assert set(train["key"]) == {k for k, s in zip(got_a["key"], want) if s == "train"}
+
+
+def test_another_prompt_at_a_stored_index_is_refused(tmp_path):
+  s = LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  s.write_chunk("p0", _records([0, 1, 2]))
+  same = [Prompt(i, text(i)) for i in range(5)]  # the stored three and two new ones
+  assert s.check_prompts(same, "file a") == {i: prompt_key(text(i)) for i in range(3)}
+  moved = [Prompt(7, text(1))]  # a stored text at a new index: already stored, not a conflict
+  s.check_prompts(moved, "file a")
+  other = [Prompt(0, text(0)), Prompt(1, "a different prompt")]
+  with pytest.raises(StateMismatchError, match="another prompt at index 1.*file b"):
+    s.check_prompts(other, "file b")
+
+
+def test_a_store_of_another_version_is_refused_and_can_be_upgraded(tmp_path):
+  s = LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  s.write_chunk("p0", _records([4, 2]))
+  # Make it look like a version-1 store: no keys in the meta, the manifest or the chunk.
+  meta_path, chunk = tmp_path / "meta.json", tmp_path / "chunks" / "p0"
+  meta = json.loads(meta_path.read_text())
+  meta_path.write_text(json.dumps(dict(meta, version=1)))
+  manifest = json.loads((chunk / "MANIFEST.json").read_text())
+  del manifest["keys"]
+  (chunk / "MANIFEST.json").write_text(json.dumps(manifest))
+  store_lib.shutil.rmtree(chunk / "key")
+  with pytest.raises(StateMismatchError, match="version 1.*version 2.*upgrade_store"):
+    LengthStore.open(str(tmp_path))
+  with pytest.raises(StateMismatchError, match="version 1"):
+    LengthStore.create_or_open(str(tmp_path), META, hidden_dim=6, samples_per_prompt=4)
+  old = LengthStore.open(str(tmp_path), upgrading=True)
+  source = {i: Prompt(i, text(i)) for i in range(6)}
+  with pytest.raises(StateMismatchError, match="no prompt at index 4"):
+    old.add_keys({2: source[2]}, "a short source")
+  stored_len = dict(zip([4, 2], _records([4, 2])["prompt_len"].tolist()))
+
+  def count_tokens(texts, off_by=0):  # what a tokenizer gives for the stored prompts' texts
+    return [stored_len[int(t.split()[-1])] + off_by for t in texts]
+
+  with pytest.raises(StateMismatchError, match="not the source.*nothing was changed"):
+    old.add_keys(source, "another source", count_tokens=lambda t: count_tokens(t, off_by=1))
+  assert not (chunk / "key").exists()
+  assert old.add_keys(source, "the source", count_tokens=count_tokens) == 1
+  got = LengthStore.open(str(tmp_path)).read()
+  assert got["key"].tolist() == [prompt_key(text(2)), prompt_key(text(4))]
+  assert json.loads(meta_path.read_text())["keys_added"]["from"] == "the source"
 
 
 def test_another_generation_config_is_refused(tmp_path):

@@ -58,13 +58,14 @@ def log_row(row: dict) -> None:
 
 
 def benchmark_prompts(prompts, config):
-  """The benchmark's prompts: all of its slice, or only those of the store's test split."""
+  """The benchmark's prompts: all of its slice, or only those of `benchmark.split` (the store's
+  split of the same prompt texts, from the same seeded hash of each prompt's key)."""
   split = config.benchmark.split
   if not split:
     return prompts
   from lsdist_jax.data import assign_split
 
-  names = assign_split([p.index for p in prompts], int(config.data.split_seed),
+  names = assign_split([p.key for p in prompts], int(config.data.split_seed),
                        tuple(config.data.split_fractions))
   kept = [p for p, s in zip(prompts, names) if s == split]
   if not kept:

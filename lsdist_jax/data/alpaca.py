@@ -1,5 +1,5 @@
-"""Alpaca records: from the hub name via HF `datasets`, a local JSON/JSONL/parquet file, or the copy
-shipped in this package (used, with a warning, when the hub is neither reachable nor cached).
+"""Record files: local JSON/JSONL/parquet files, the sets shipped in this package (the Alpaca pool,
+instructions_mix), and Alpaca's 52,002 records from the hub via HF `datasets` (or its cache).
 """
 
 from __future__ import annotations
@@ -11,8 +11,17 @@ import os
 import socket
 import urllib.parse
 
-SHIPPED = os.path.join(os.path.dirname(__file__), "alpaca", "alpaca.jsonl.gz")
+from lsdist_jax.errors import BadFileError, MissingFileError
+
+HERE = os.path.dirname(__file__)
+SHIPPED = {
+    "alpaca": os.path.join(HERE, "alpaca", "alpaca.jsonl.gz"),  # the first 102 (cleaned variant)
+    "alpaca_more": os.path.join(HERE, "alpaca_more", "alpaca_more.jsonl.gz"),  # 7,349 more
+    "instructions_mix": os.path.join(HERE, "instructions_mix", "instructions_mix.jsonl.gz"),
+}
 HUB_NAME = "tatsu-lab/alpaca"
+POOL = ("alpaca", "alpaca_more")  # the local Alpaca pool: these files, in this order
+POOL_ORIGIN = "the Alpaca pool shipped in lsdist_jax/data (alpaca + alpaca_more)"
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -24,31 +33,40 @@ def _read_jsonl(path: str) -> list[dict]:
         try:
           records.append(json.loads(line))
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+          raise BadFileError(f"{path}:{number}: not valid JSON ({e})") from None
   return records
 
 
 def read_local(path: str) -> list[dict]:
   """Records of a local .json (a list), .jsonl[.gz] or .parquet file."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data file not found: {path}")
+    raise MissingFileError(f"data file not found: {path}")
   if path.endswith((".jsonl", ".jsonl.gz")):
     return _read_jsonl(path)
   if path.endswith(".json"):
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
     if not isinstance(data, list):
-      raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+      raise BadFileError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
-  raise ValueError(f"{path}: unknown data format (expected .json, .jsonl, .jsonl.gz or .parquet)")
+  raise BadFileError(f"{path}: unknown data format (expected .json, .jsonl, .jsonl.gz or "
+                     ".parquet)")
 
 
-def read_shipped() -> list[dict]:
-  return _read_jsonl(SHIPPED)
+def read_shipped(name: str = "alpaca") -> list[dict]:
+  """The records of one set shipped in this package (a key of SHIPPED)."""
+  if name not in SHIPPED:
+    raise ValueError(f"no shipped data set {name!r}; shipped: {sorted(SHIPPED)}")
+  return _read_jsonl(SHIPPED[name])
+
+
+def read_pool() -> list[dict]:
+  """The local Alpaca pool: the 102 shipped records, then the 7,349 of alpaca_more (7,451)."""
+  return [record for name in POOL for record in read_shipped(name)]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -65,32 +83,31 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return False
 
 
-def _from_hub(name: str, online: bool) -> list[dict]:
+def from_hub(name: str) -> tuple[list[dict], str]:
+  """(records, origin) of a hub dataset's train split, online when the hub answers, else from
+  the local HF cache only (no retries); raises when neither has it."""
   import datasets
 
+  online = hub_reachable()
   previous = datasets.config.HF_HUB_OFFLINE
-  datasets.config.HF_HUB_OFFLINE = not online  # offline: the local cache only, no retries
+  datasets.config.HF_HUB_OFFLINE = not online
   try:
-    return datasets.load_dataset(name, split="train").to_list()
+    records = datasets.load_dataset(name, split="train").to_list()
   finally:
     datasets.config.HF_HUB_OFFLINE = previous
+  origin = f"hub dataset {name}" + ("" if online else " (local HF cache)")
+  logging.info("data: %d records from the %s", len(records), origin)
+  return records, origin
 
 
-def load_records(source: str = HUB_NAME) -> list[dict]:
-  """Records in dataset order. `source` is a local file path or a hub dataset name."""
-  if os.path.exists(source) or source.endswith((".json", ".jsonl", ".jsonl.gz", ".parquet")):
-    return read_local(source)
-  online = hub_reachable()
+def alpaca_records() -> tuple[list[dict], str]:
+  """(records, origin): the full 52,002 records from the hub or its cache; else, with a warning
+  naming the fallback, the local pool of 7,451."""
   try:
-    records = _from_hub(source, online)
-    logging.info("data: %d records of %s from the hub%s", len(records), source,
-                 "" if online else " cache")
-    return records
-  except Exception as e:  # noqa: BLE001 - unreachable, not cached, or no such dataset
-    if source != HUB_NAME:
-      raise ValueError(f"could not load dataset {source!r} from the hub or its cache: {e}") from e
-    records = read_shipped()
-    logging.warning("data: %s is not reachable or cached (%s); using the copy shipped in "
-                    "lsdist_jax/data/alpaca (%d records, see its PROVENANCE.md)", source,
-                    type(e).__name__, len(records))
-    return records
+    return from_hub(HUB_NAME)
+  except Exception as e:  # noqa: BLE001 - unreachable, not cached, or no `datasets`
+    records = read_pool()
+    logging.warning("data: %s is neither reachable nor in the HF cache (%s); falling back to %s: "
+                    "%d of its 52,002 records (see their PROVENANCE.md)", HUB_NAME,
+                    type(e).__name__, POOL_ORIGIN, len(records))
+    return records, f"{POOL_ORIGIN}, {len(records)} records ({HUB_NAME} not reachable or cached)"

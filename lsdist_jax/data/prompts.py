@@ -1,21 +1,43 @@
-"""Prompt text as the paper builds it, the seeded shuffle + "a:b" slices that pick prompts, and the
-train/valid/test split by prompt (a seeded hash of the dataset index: adding prompts moves none).
+"""A prompt's text (the one rule), its identity (a hash of that text), the seeded shuffle + "a:b"
+slices that pick prompts, and the train/valid/test split by a seeded hash of the prompt's identity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import re
 
 import numpy as np
 
+from lsdist_jax.errors import ConfigError
+
 SPLITS = ("train", "valid", "test")
+KEY_DIGITS = 32  # hex digits of a prompt key: the first 128 bits of the text's sha256
+_KEY = re.compile(f"[0-9a-f]{{{KEY_DIGITS}}}")
+
+
+def prompt_key(text: str) -> str:
+  """A prompt's identity: the first 128 bits of the sha256 of its UTF-8 text, as 32 hex digits.
+  Stores, splits and resume checks all know a prompt by this key, never by its position."""
+  if not isinstance(text, str):
+    raise TypeError(f"prompt_key takes the prompt's text (a str), got {type(text).__name__}")
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:KEY_DIGITS]
 
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-  index: int  # position of the record in the original dataset
+  index: int  # position of the record in its source (the PRNG identity of its samples)
   text: str  # the user message; the engine applies the chat format
+  dataset: str = ""  # the record's `dataset` field, where the source has one
+  key: str = ""  # prompt_key(text); filled in when not given
+
+  def __post_init__(self):
+    key = prompt_key(self.text)
+    if self.key and self.key != key:
+      raise ValueError(f"prompt {self.index}: key {self.key!r} is not prompt_key(text) {key!r}")
+    object.__setattr__(self, "key", key)
 
 
 def prompt_text(record: dict) -> str:
@@ -41,11 +63,11 @@ def parse_slice(spec: str) -> slice:
   """"12048:20240", ":100", "5:", ":" -> slice (steps are not allowed)."""
   parts = spec.split(":")
   if len(parts) != 2:
-    raise ValueError(f"data slice {spec!r} must look like 'start:stop'")
+    raise ConfigError(f"data slice {spec!r} must look like 'start:stop'")
   try:
     start, stop = (int(p) if p.strip() else None for p in parts)
   except ValueError:
-    raise ValueError(f"data slice {spec!r} must hold integers, like '12048:20240'") from None
+    raise ConfigError(f"data slice {spec!r} must hold integers, like '12048:20240'") from None
   return slice(start, stop)
 
 
@@ -55,7 +77,8 @@ def shuffled_order(n: int, seed: int) -> np.ndarray:
 
 
 def select(n: int, seed: int, spec: str) -> np.ndarray:
-  """Dataset indices picked by shuffling range(n) with `seed` and slicing with `spec`.
+  """Positions in a list of n prompts, picked by shuffling range(n) with `seed` and slicing
+  with `spec`.
 
   A slice reaching past the data is clamped with a warning (the shipped copy is small); a slice
   that selects nothing is an error."""
@@ -67,7 +90,7 @@ def select(n: int, seed: int, spec: str) -> np.ndarray:
     logging.warning("data slice %r reaches past the %d records available; clamped", spec, n)
   picked = order[sl]
   if picked.size == 0:
-    raise ValueError(f"data slice {spec!r} selects no prompts out of {n} records")
+    raise ConfigError(f"data slice {spec!r} selects no prompts out of {n} records")
   return picked
 
 
@@ -81,26 +104,36 @@ def _mix(x: np.ndarray) -> np.ndarray:
   return x
 
 
-def assign_split(indices, seed: int, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:
-  """'train' | 'valid' | 'test' per dataset index, by a seeded hash of the index alone."""
+def key_words(keys) -> np.ndarray:
+  """Prompt keys (32 hex digits each, from `prompt_key`) as [n, 2] uint64: how stores keep them."""
+  keys = list(keys)
+  words = np.zeros((len(keys), 2), np.uint64)
+  for i, key in enumerate(keys):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+      raise ValueError(f"prompt key {key!r} (position {i}) is not {KEY_DIGITS} lowercase hex "
+                       "digits; prompt_key(text) gives one")
+    words[i] = (int(key[:16], 16), int(key[16:], 16))
+  return words
+
+
+def key_hex(words) -> np.ndarray:
+  """[n, 2] uint64 words back to prompt keys (an array of str)."""
+  words = np.asarray(words, np.uint64).reshape(-1, 2)
+  return np.asarray([f"{int(hi):016x}{int(lo):016x}" for hi, lo in words], dtype=f"<U{KEY_DIGITS}")
+
+
+def assign_split(keys, seed: int, fractions=(0.8, 0.1, 0.1)) -> np.ndarray:
+  """'train' | 'valid' | 'test' per prompt key (`prompt_key(text)`), by a seeded hash of the key
+  alone: a prompt keeps its split whatever its position, its source or the other prompts."""
   fractions = np.asarray(fractions, np.float64)
   if fractions.shape != (3,) or (fractions < 0).any() or abs(fractions.sum() - 1.0) > 1e-6:
     raise ValueError(f"split fractions must be three non-negative numbers summing to 1, "
                      f"got {tuple(fractions.tolist())}")
-  indices = np.asarray(indices, np.int64)
+  words = key_words(keys)
+  salt = _mix(np.asarray([int(seed) % (1 << 64)], np.uint64))[0]
   with np.errstate(over="ignore"):
-    key = _mix(indices.astype(np.uint64) + _mix(np.asarray([seed], np.uint64))[0])
-  u = (key >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    mixed = _mix(_mix(words[:, 0] + salt) ^ words[:, 1])
+  u = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
   edges = np.cumsum(fractions)
   which = np.searchsorted(edges[:2], u, side="right")
   return np.asarray(SPLITS, dtype=object)[which].astype(str)
-
-
-def load_prompts(data_config) -> list[Prompt]:
-  """The prompts a config names: records from `data.source`, shuffled with `data.shuffle_seed`,
-  sliced with `data.slice`, in that order."""
-  from lsdist_jax.data.alpaca import load_records
-
-  records = load_records(data_config.source)
-  picked = select(len(records), int(data_config.shuffle_seed), data_config.slice)
-  return [Prompt(int(i), prompt_text(records[int(i)])) for i in picked]

@@ -10,6 +10,9 @@ import json
 import os
 from typing import Any
 
+from lsdist_jax.errors import BadFileError, MissingFileError
+from lsdist_jax.files import read_json
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -97,27 +100,47 @@ def get_preset(name: str) -> LlamaConfig:
     raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}") from None
 
 
+# HF model types this loader implements (LLaMA naming and maths), with their architectures.
+HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+
+
 def from_hf_config(path_or_dict: str | dict[str, Any], name: str = "") -> LlamaConfig:
-  """From an HF `config.json` (a path, a directory holding one, or its parsed dict)."""
+  """From an HF `config.json` (a path, a directory holding one, or its parsed dict). Refuses,
+  naming the file, one that is not JSON, not a LLaMA-family model, or asks for what the model
+  does not implement (biases, another activation, RoPE scaling)."""
   if isinstance(path_or_dict, dict):
-    hf = path_or_dict
+    hf, source = path_or_dict, "HF config"
   else:
-    path = path_or_dict
-    if os.path.isdir(path):
-      path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"no HF config.json at {path}")
-    with open(path) as f:
-      hf = json.load(f)
-  model_type = hf.get("model_type", "llama")
-  if model_type not in ("llama", "mistral"):
-    raise ValueError(f"config.json has model_type={model_type!r}; only LLaMA-family models load")
+    source = path_or_dict
+    if os.path.isdir(source):
+      source = os.path.join(source, "config.json")
+    if not os.path.exists(source):
+      raise MissingFileError(f"no HF config.json at {source}")
+    hf = read_json(source, what="HF config")
+    if not isinstance(hf, dict):
+      raise BadFileError(f"HF config {source} holds a JSON {type(hf).__name__}, not an object")
+  _check_hf_family(hf, source)
+  missing = [k for k in _HF_REQUIRED if k not in hf]
+  if missing:
+    raise BadFileError(f"HF config {source} lacks {', '.join(map(repr, missing))}")
+  try:
+    return _llama_config(hf, name)
+  except (TypeError, ValueError, ZeroDivisionError) as e:
+    raise BadFileError(f"HF config {source} describes no valid model: {e}") from None
+
+
+def _llama_config(hf: dict[str, Any], name: str) -> LlamaConfig:
   rope_theta = hf.get("rope_theta")
   if rope_theta is None:
     rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
   eos = hf.get("eos_token_id", 2)
   eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
   heads = hf["num_attention_heads"]
+  max_positions = hf.get("max_position_embeddings", 4096)
+  if hf.get("sliding_window"):  # Mistral: exact while every sequence fits in the window
+    max_positions = min(max_positions, int(hf["sliding_window"]))
   return LlamaConfig(
       vocab_size=hf["vocab_size"],
       hidden_size=hf["hidden_size"],
@@ -128,7 +151,7 @@ def from_hf_config(path_or_dict: str | dict[str, Any], name: str = "") -> LlamaC
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
       rope_theta=float(rope_theta),
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-      max_position_embeddings=hf.get("max_position_embeddings", 4096),
+      max_position_embeddings=max_positions,
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       bos_token_id=hf.get("bos_token_id", 1),
       eos_token_ids=eos,
@@ -137,11 +160,42 @@ def from_hf_config(path_or_dict: str | dict[str, Any], name: str = "") -> LlamaC
   )
 
 
+def _check_hf_family(hf: dict[str, Any], source: str) -> None:
+  """Refuses an HF config of a model this loader does not implement, naming what is wrong."""
+  model_type = hf.get("model_type")
+  archs = hf.get("architectures") or []
+  supported = ", ".join(sorted(HF_MODEL_TYPES.values()))
+  if model_type is not None and model_type not in HF_MODEL_TYPES:
+    raise BadFileError(f"HF config {source}: unsupported model_type {model_type!r}; only "
+                       f"LLaMA-family models load ({', '.join(sorted(HF_MODEL_TYPES))})")
+  known = set(HF_MODEL_TYPES.values())
+  if not isinstance(archs, list) or any(a not in known for a in archs):
+    how = "" if model_type else " and no model_type"
+    raise BadFileError(f"HF config {source}: unsupported architecture {archs!r}{how}; only "
+                       f"LLaMA-family causal LMs load ({supported})")
+  unsupported = []
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      unsupported.append(f"{key}=true")
+  act = hf.get("hidden_act", "silu")
+  if act not in ("silu", "swish"):
+    unsupported.append(f"hidden_act={act!r}")
+  for key in ("rope_scaling", "rope_parameters"):
+    rope = hf.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    if kind != "default":
+      unsupported.append(f"{key} of type {kind!r}")
+  if unsupported:
+    raise BadFileError(f"HF config {source}: unsupported architecture: {', '.join(unsupported)}"
+                       " (this loader implements plain LLaMA: no biases, SiLU, unscaled RoPE)")
+
+
 def from_gguf_metadata(fields: dict[str, Any], has_output_tensor: bool, name: str = "") -> LlamaConfig:
   """From GGUF key/value metadata (already decoded to Python values)."""
   arch = fields.get("general.architecture", "llama")
   if arch != "llama":
-    raise ValueError(f"GGUF general.architecture={arch!r}; only 'llama' loads")
+    raise BadFileError(f"unsupported architecture {arch!r} (GGUF general.architecture); only "
+                       "'llama' models load")
 
   def get(key, default=None):
     full = f"{arch}.{key}"

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import numpy as np
 
 from lsdist_jax import exports
+from lsdist_jax.errors import BadFileError, MissingFileError
+from lsdist_jax.llama import gguf_file
 from lsdist_jax.llama.config import LlamaConfig, from_gguf_metadata, from_hf_config
 
 EXPORT_META = "lsdist_model.json"
@@ -181,15 +183,19 @@ def load_safetensors_dir(directory: str, cfg: LlamaConfig | None = None):
   from safetensors import safe_open
 
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"HF model directory not found: {directory}")
+    raise MissingFileError(f"HF model directory not found: {directory}")
   cfg = cfg or from_hf_config(directory, name=os.path.basename(os.path.normpath(directory)))
   files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {directory}")
+    raise MissingFileError(f"no *.safetensors files in {directory}")
   index = {}
   handles = []
   for file in files:
-    handle = safe_open(file, framework="np")
+    try:  # checks the header and that the file covers every tensor's bytes
+      handle = safe_open(file, framework="np")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+      raise BadFileError(f"{file} is not a readable safetensors file (truncated or corrupt: "
+                         f"{e})") from None
     handles.append(handle)
     for key in handle.keys():
       index[key] = handle
@@ -277,12 +283,17 @@ def load_gguf(path: str, cfg: LlamaConfig | None = None):
   """(cfg, params) from a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized to f32)."""
   import gguf
 
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file not found: {path}")
-  reader = gguf.GGUFReader(path)
+  gguf_file.check(path)  # the magic, the header and every tensor's bytes are in the file
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+    raise BadFileError(f"{path} is a corrupt GGUF file (the gguf reader says: {e})") from None
   tensors = {t.name: t for t in reader.tensors}
-  file_cfg = from_gguf_metadata(gguf_metadata(reader), "output.weight" in tensors,
-                                name=os.path.basename(path))
+  try:
+    file_cfg = from_gguf_metadata(gguf_metadata(reader), "output.weight" in tensors,
+                                  name=os.path.basename(path))
+  except ValueError as e:
+    raise BadFileError(f"{path}: {e}") from None
   cfg = cfg or file_cfg
 
   def get(ours):
@@ -293,7 +304,7 @@ def load_gguf(path: str, cfg: LlamaConfig | None = None):
     tensor = tensors[name]
     qtype = tensor.tensor_type.name
     if qtype not in GGUF_TYPES:
-      raise ValueError(f"{path}: tensor {name!r} has type {qtype}; supported: {GGUF_TYPES}")
+      raise BadFileError(f"{path}: tensor {name!r} has type {qtype}; supported: {GGUF_TYPES}")
     raw = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
     raw = raw.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # [out, in] as in HF
     leaf = ours[-1]

@@ -18,6 +18,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lsdist_jax import exports, paths
+from lsdist_jax.errors import MissingFileError
+from lsdist_jax.files import write_lines
+from lsdist_jax.predictor import checkpoints
 from lsdist_jax.predictor.calibration import apply_recalibration, fit_recalibration, pit_values
 from lsdist_jax.predictor.losses import kde_target, per_example_loss, scalar_target
 from lsdist_jax.predictor.nets import LengthPredictor
@@ -127,17 +130,6 @@ class _Trainer:
     return total / max(n, 1)
 
 
-def _managers(workdir):
-  import orbax.checkpoint as ocp
-
-  root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  latest = ocp.CheckpointManager(os.path.join(root, "latest"),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=1))
-  best = ocp.CheckpointManager(os.path.join(root, "best"),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=1))
-  return root, latest, best
-
-
 def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = None,
                        stop_after_epochs: int | None = None) -> dict:
   """Trains config.predictor.kind on the store's train split (or `data`), keeps the best epoch by
@@ -170,22 +162,14 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   steps_per_epoch = max(1, x_train.shape[0] // batch)
   trainer = _Trainer(spec, pc, mesh, steps_per_epoch * int(pc.epochs))
   os.makedirs(workdir, exist_ok=True)
-  root, latest, best = _managers(workdir)
+  root, latest, best = checkpoints.managers(workdir)
   run_meta = {"spec": spec, "seed": int(config.seed), "batch": batch,
               "train_prompts": int(x_train.shape[0])}
-  meta_path = os.path.join(root, "run.json")
   state = trainer.init_state(int(config.seed), hidden_dim)
-  if latest.latest_step() is not None:
-    with open(meta_path) as f:
-      saved = json.load(f)
-    if saved["spec"] != spec:
-      raise ValueError(f"{root} holds a training run of another predictor ({saved['spec']}); "
-                       f"this config asks for {spec}: use another --workdir")
-    state = latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(state))
+  resumed = checkpoints.resume(root, latest, best, state, run_meta)
+  if resumed is not None:
+    state = resumed
     logging.info("resuming predictor training after epoch %d", int(state["epoch"]))
-  else:
-    with open(meta_path, "w") as f:
-      json.dump(run_meta, f, indent=1)
   state = jax.device_put(state, trainer.replicated)
 
   log_path = os.path.join(workdir, "train_log.jsonl")
@@ -231,10 +215,8 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
     epochs_run += 1
     if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
       return {"stopped_at_epoch": epoch + 1}
-  best_step = best.latest_step()
-  restored = best.restore(best_step, args=ocp.args.StandardRestore(
-      {"params": jax.device_get(state["params"])}))
-  best_params = jax.device_get(restored["params"])
+  best_step, best_params = checkpoints.restore_best(root, best, jax.device_get(state["params"]))
+  best_params = jax.device_get(best_params)
   extra = {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
            "loss": pc.loss, "kde_sigma": float(pc.kde_sigma)}
   if spec["kind"] == "distribution" and pc.recalibrate:
@@ -258,10 +240,15 @@ def _truncate_log(path: str, epochs_done: int) -> None:
   """Keeps the log's records of the epochs a resumed run does not repeat."""
   if not os.path.isfile(path):
     return
+  kept = []
   with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-  with open(path, "w") as f:
-    f.writelines(kept)
+    for line in f:
+      try:
+        if json.loads(line)["epoch"] <= epochs_done:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        continue  # a line cut short by a crash: its epoch is run again
+  write_lines(path, [line.rstrip("\n") for line in kept])
 
 
 def _out_of_fold_pit(config, workdir: str, train: Split, valid: Split, folds: int) -> list:
@@ -349,7 +336,7 @@ def load_predictor(directory: str, hidden_dim: int | None = None,
   """Restores an export; refuses one made for another hidden size or length range."""
   directory = os.path.abspath(directory)
   if not exports.is_export(directory, EXPORT_META):
-    raise FileNotFoundError(f"no predictor export at {directory} (missing {EXPORT_META}); "
+    raise MissingFileError(f"no predictor export at {directory} (missing {EXPORT_META}); "
                             "train one with launch/train.py")
   meta = exports.read_meta(directory, EXPORT_META, EXPORT_FORMAT, "predictor export")
   if hidden_dim is not None and int(meta["hidden_dim"]) != int(hidden_dim):

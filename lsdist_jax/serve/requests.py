@@ -67,15 +67,16 @@ def build_requests(engine, prompts, n_requests: int) -> Requests:
 
 def replay_requests(data: dict, prompts, n_requests: int, vocab_size: int) -> Requests:
   """Length replay over a store's `data` (from `LengthStore.read`): requests over those of
-  `prompts` the store holds, with filler token ids of each prompt's recorded length, the
-  store's hidden states, and a recorded length each (EOS is forced there)."""
-  row = {int(i): k for k, i in enumerate(data["index"])}
-  prompts = [p for p in prompts if int(p.index) in row]
+  `prompts` the store holds (the same text, matched by prompt key), with filler token ids of
+  each prompt's recorded length, the store's hidden states, and a recorded length each (EOS is
+  forced there)."""
+  row = {str(key): k for k, key in enumerate(data["key"])}
+  prompts = [p for p in prompts if p.key in row]
   if not prompts:
     raise ValueError("length replay needs the benchmark prompts in the store; none are")
   pick, copy = cycle(n_requests, len(prompts))
   index = np.array([int(prompts[k].index) for k in pick], np.int64)
-  rows = np.array([row[int(i)] for i in index], np.int64)
+  rows = np.array([row[prompts[k].key] for k in pick], np.int64)
   n_samples = data["lengths"].shape[1]
   prompt_len = np.asarray(data["prompt_len"])[rows].astype(np.int64)
   prompt_ids = [[1] + [3 + (7 * int(i) + j) % (vocab_size - 3) for j in range(int(length) - 1)]

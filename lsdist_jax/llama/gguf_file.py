@@ -1,0 +1,153 @@
+"""Checks that a file is a whole GGUF file before the `gguf` reader maps it: the magic bytes, a
+header that ends inside the file, and every tensor's data inside the file. The reader itself
+reshapes views of whatever bytes are there, so a truncated file fails deep inside it with
+errors that name neither the file nor the cause; this walk names both.
+
+Pure Python (struct over a memory map); GGUF versions 2 and 3, little-endian (other files are
+left to the reader, whose errors `weights.load_gguf` wraps).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from lsdist_jax.errors import BadFileError, MissingFileError
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+# Value types of the key/value section: sizes of the fixed-size ones; 8 is a string, 9 an array.
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+class _Corrupt(Exception):
+  """Raised inside the walk; `check` turns it into a BadFileError naming the file."""
+
+
+class _Cursor:
+  def __init__(self, buf, size: int):
+    self.buf, self.size, self.pos = buf, size, 0
+
+  def take(self, fmt: str):
+    n = struct.calcsize(fmt)
+    if self.pos + n > self.size:
+      raise _Corrupt(f"its header runs past the end of the file ({self.size:,} bytes)")
+    value = struct.unpack_from(fmt, self.buf, self.pos)
+    self.pos += n
+    return value[0] if len(value) == 1 else value
+
+  def skip(self, n: int) -> None:
+    if n < 0 or self.pos + n > self.size:
+      raise _Corrupt(f"its header runs past the end of the file ({self.size:,} bytes)")
+    self.pos += n
+
+  def string(self, decode: bool = False) -> str | None:
+    n = self.take("<Q")
+    start = self.pos
+    self.skip(n)
+    if not decode:
+      return None
+    try:
+      return bytes(self.buf[start:self.pos]).decode("utf-8")
+    except UnicodeDecodeError:
+      raise _Corrupt(f"a name at byte {start:,} is not UTF-8 text") from None
+
+  def value(self, vtype: int):
+    """Skips one value of type `vtype`; returns it only for a uint32 (the alignment)."""
+    if vtype in _FIXED:
+      if vtype == 4:
+        return self.take("<I")
+      self.skip(_FIXED[vtype])
+    elif vtype == _STRING:
+      self.string()
+    elif vtype == _ARRAY:
+      etype, count = self.take("<IQ")
+      if etype in _FIXED:
+        self.skip(count * _FIXED[etype])
+      elif etype in (_STRING, _ARRAY):
+        if count * 8 > self.size - self.pos:  # every element takes at least 8 bytes
+          raise _Corrupt(f"an array of {count:,} elements runs past the end of the file "
+                         f"({self.size:,} bytes)")
+        for _ in range(count):
+          self.value(etype)
+      else:
+        raise _Corrupt(f"unknown value type {etype} at byte {self.pos:,}")
+    else:
+      raise _Corrupt(f"unknown value type {vtype} at byte {self.pos:,}")
+    return None
+
+
+def _tensor_bytes(name: str, dims: tuple[int, ...], ggml_type: int) -> int:
+  import gguf
+
+  try:
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+  except (ValueError, KeyError):
+    raise _Corrupt(f"tensor {name!r} has unknown type {ggml_type}") from None
+  elements = 1
+  for d in dims:
+    elements *= d
+  return elements * type_size // block
+
+
+def _walk(buf, size: int) -> None:
+  cur = _Cursor(buf, size)
+  cur.skip(4)  # magic, checked by the caller
+  version = cur.take("<I")
+  if version & 0xFFFF == 0:
+    return  # a big-endian file: left to the reader
+  if version not in VERSIONS:
+    raise _Corrupt(f"GGUF version {version}; versions {VERSIONS} are read")
+  tensor_count, kv_count = cur.take("<QQ")
+  alignment = DEFAULT_ALIGNMENT
+  for _ in range(kv_count):
+    key = cur.string(decode=True)
+    try:
+      value = cur.value(cur.take("<I"))
+    except _Corrupt as e:
+      raise _Corrupt(f"{e}, in the value of {key!r}") from None
+    if key == "general.alignment":
+      if value is None or value <= 0 or value & (value - 1):
+        raise _Corrupt(f"general.alignment is {value!r}, not a power of two")
+      alignment = value
+  if tensor_count * 24 > size - cur.pos:  # name length, n_dims, type, offset: 24 bytes or more
+    raise _Corrupt(f"it lists {tensor_count:,} tensors, more than the file "
+                   f"({size:,} bytes) can hold")
+  tensors = []
+  for _ in range(tensor_count):
+    name = cur.string(decode=True)
+    n_dims = cur.take("<I")
+    if n_dims > MAX_DIMS:
+      raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS})")
+    dims = tuple(cur.take("<Q") for _ in range(n_dims))
+    ggml_type, offset = cur.take("<IQ")
+    tensors.append((name, offset, _tensor_bytes(name, dims, ggml_type)))
+  data_start = -(-cur.pos // alignment) * alignment
+  if tensors:
+    end, name = max((data_start + offset + nbytes, name) for name, offset, nbytes in tensors)
+    if end > size:
+      raise _Corrupt(f"its tensor data ends at byte {end:,} (tensor {name!r}) but the file has "
+                     f"{size:,} bytes")
+
+
+def check(path: str) -> None:
+  """Raises BadFileError naming `path` unless it holds a GGUF header and all its tensor data."""
+  if not os.path.isfile(path):
+    raise MissingFileError(f"GGUF file not found: {path}")
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(len(MAGIC))
+    if head != MAGIC:
+      if head and MAGIC.startswith(head):
+        raise BadFileError(f"{path} is a truncated GGUF file (only {size} bytes)")
+      found = "it is empty" if not head else f"it starts with {head!r}, not {MAGIC!r}"
+      raise BadFileError(f"{path} is not a GGUF file ({found})")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+      try:
+        _walk(buf, size)
+      except _Corrupt as e:
+        raise BadFileError(f"{path} is a truncated or corrupt GGUF file: {e}") from None

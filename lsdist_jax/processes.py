@@ -1,0 +1,54 @@
+"""Child processes of one job (benchmark workers, one collection process per GPU): started with
+their own environment and log, watched until all end; the first that fails stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from typing import Callable, Sequence
+
+
+def device_env(device: str | None, **extra) -> dict:
+  """This process's environment with only `device` visible (CUDA_VISIBLE_DEVICES), if given."""
+  env = dict(os.environ, **extra)
+  if device is not None:
+    env["CUDA_VISIBLE_DEVICES"] = str(device)
+  return env
+
+
+def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict],
+                  log_paths: Sequence[str], what: str = "process",
+                  on_poll: Callable[[], None] | None = None, poll_s: float = 2.0) -> None:
+  """Runs the commands side by side (stdout and stderr to their logs) and waits for all;
+  `on_poll()` is called every poll. A process that exits non-zero stops the others and raises
+  naming its log."""
+  procs, logs = [], []
+  try:
+    for k, (command, env, path) in enumerate(zip(commands, envs, log_paths)):
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      logs.append(open(path, "w"))
+      procs.append(subprocess.Popen(list(command), env=env, stdout=logs[-1],
+                                    stderr=subprocess.STDOUT))
+      logging.info("%s %d started (log %s)", what, k, path)
+    while True:
+      running = any(p.poll() is None for p in procs)
+      failed = [k for k, p in enumerate(procs) if p.returncode not in (None, 0)]
+      if failed:
+        k = failed[0]
+        raise RuntimeError(f"{what} {k} failed (exit {procs[k].returncode}); see "
+                           f"{log_paths[k]}")
+      if on_poll is not None:
+        on_poll()
+      if not running:
+        return
+      time.sleep(poll_s)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.terminate()
+        p.wait()
+    for log in logs:
+      log.close()
