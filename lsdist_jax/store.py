@@ -189,6 +189,8 @@ class LengthStore:
       value = records[name]
       if name == "key" and not (isinstance(value, np.ndarray) and value.dtype == np.uint64):
         value = key_words(value)  # prompt keys as hex strings
+      if name == "hidden":
+        dtype = self.hidden_dtype
       arrays[name] = np.ascontiguousarray(np.asarray(value, dtype=dtype))
       if arrays[name].shape != want[name]:
         raise ValueError(f"chunk {chunk_id!r}: {name} has shape {arrays[name].shape}, "
@@ -211,6 +213,29 @@ class LengthStore:
   def clean_partial(self) -> int:
     """Removes temporary folders that crashed writers left behind; returns how many."""
     return clean_partial(self.path)
+
+  @property
+  def hidden_dtype(self):
+    """How hidden states are stored: float32, or float16 in a compacted store (read back as
+    float32 either way)."""
+    return np.dtype(self.meta.get("hidden_dtype", "float32"))
+
+  def compact(self, destination: str, hidden_dtype: str = "float16",
+              chunk_prompts: int = 4096) -> "LengthStore":
+    """A copy of this store at `destination` in few chunks, hidden states as `hidden_dtype`
+    (half the size in float16, for committing a store). The same prompts, keys and lengths."""
+    if os.path.exists(os.path.join(destination, META)):
+      raise StateMismatchError(f"{destination} already holds a store")
+    data = self.read()
+    meta = {k: v for k, v in self.meta.items() if k != "data_slices"}
+    meta["hidden_dtype"] = np.dtype(hidden_dtype).name
+    out = LengthStore.create_or_open(destination, meta, int(self.meta["hidden_dim"]),
+                                     int(self.meta["samples_per_prompt"]))
+    for start in range(0, data["index"].size, chunk_prompts):
+      part = {name: data[name][start:start + chunk_prompts] for name in FIELDS}
+      out.write_chunk(f"c{start // chunk_prompts:04d}-i{int(part['index'][0]):09d}"
+                      f"-n{part['index'].size}", part)
+    return out
 
   def add_keys(self, prompts: dict, origin: str, count_tokens=None) -> int:
     """Upgrades an older store (opened with `upgrading=True`) in place: each chunk gets its
@@ -272,6 +297,7 @@ class LengthStore:
     empty = _shapes(0, n_samples, dim)
     data = {name: (np.concatenate(parts[name]) if parts[name]
                    else np.zeros(empty[name], FIELDS[name])) for name in FIELDS}
+    data["hidden"] = data["hidden"].astype(np.float32)  # stored as float16 in compact stores
     order = np.argsort(data["index"], kind="stable")
     data = {k: v[order] for k, v in data.items()}
     data["key"] = key_hex(data["key"])

@@ -2,6 +2,7 @@
 versions), splits from the stored keys, several writers."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -167,3 +168,30 @@ def test_empirical_pmf_sums_to_one():
   pmf = empirical_pmf(np.array([[0, 3, 3, 9], [5, 5, 5, 5]]), max_len=6)
   np.testing.assert_allclose(pmf.sum(1), 1.0)
   assert pmf[0, 3] == 0.5 and pmf[0, 6] == 0.25 and pmf[1, 5] == 1.0
+
+
+def test_a_compacted_store_holds_the_same_prompts_in_half_the_bytes(tmp_path):
+  from lsdist_jax.data import prompt_key
+  from lsdist_jax.errors import StateMismatchError
+
+  meta = {"model": {"name": "m"}, "generation": {"temperature": 0.6}, "split_seed": 3,
+          "split_fractions": [0.8, 0.1, 0.1]}
+  store = LengthStore.create_or_open(str(tmp_path / "big"), meta, hidden_dim=8,
+                                     samples_per_prompt=3)
+  rng = np.random.default_rng(0)
+  for c in range(3):
+    idx = np.arange(4 * c, 4 * c + 4)
+    store.write_chunk(f"p{c}", {"index": idx, "key": [prompt_key(f"p{i}") for i in idx],
+                                "prompt_len": idx + 5, "lengths": rng.integers(0, 99, (4, 3)),
+                                "finished": rng.random((4, 3)) < 0.5,
+                                "hidden": rng.normal(size=(4, 8))})
+  small = store.compact(str(tmp_path / "small"))
+  a, b = store.read(), LengthStore.open(str(tmp_path / "small")).read()
+  for name in ("index", "key", "prompt_len", "lengths", "finished", "split"):
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert b["hidden"].dtype == np.float32
+  np.testing.assert_allclose(a["hidden"], b["hidden"], rtol=1e-3, atol=1e-3)  # float16
+  assert not np.array_equal(a["hidden"], b["hidden"])
+  assert len(os.listdir(tmp_path / "small" / "chunks")) == 1
+  with pytest.raises(StateMismatchError, match="already holds a store"):
+    store.compact(str(tmp_path / "small"))
