@@ -10,7 +10,6 @@ from lsdist_jax.config import default_config
 def get_config():
   c = default_config()  # T 0.6, top-p 0.9, max_seq_len 1024, KDE sigma 32: the paper's already
   c.workdir = "runs/llama2_7b_chat_alpaca"
-  c.engine.compilation_cache = "runs/xla_cache"  # a 7B program compiles in ~20 s: keep them
   c.model.name = "llama-2-7b"
   c.model.chat_format = "llama2"
   c.collect.batch_size = 240

@@ -49,7 +49,6 @@ def get_config(arg: str = "cpu"):
     c.collect.chunk_prompts = 64
     c.engine.prompt_bucket = 64
     c.engine.cache_bucket = 256
-    c.engine.compilation_cache = "runs/xla_cache"  # programs outlive the process (resumes)
     c.predictor.hidden_sizes = (1024, 512)
     c.predictor.dropout = 0.3
     c.predictor.epochs = 300

@@ -7,11 +7,16 @@ Unexpected errors keep their traceback.
 from __future__ import annotations
 
 import ast
+import os
 import sys
 
-from absl import app
+from absl import app, flags
 
 from lsdist_jax.errors import UserError
+
+
+flags.DEFINE_bool("no_compile_cache", False, "do not keep compiled programs in the persistent "
+                  "compilation cache (engine.compilation_cache) for this run")
 
 
 def fail(message: str) -> None:
@@ -46,6 +51,8 @@ def _config_override_error(error: BaseException) -> str | None:
 def run(main) -> None:
   """`app.run(main)`, user errors as one line and exit status 2."""
   def guarded(argv):
+    if flags.FLAGS.no_compile_cache:  # read by engine.compilation_cache_dir
+      os.environ["LSDIST_NO_COMPILE_CACHE"] = "1"
     try:
       return main(argv)
     except UserError as e:

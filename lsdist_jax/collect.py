@@ -195,7 +195,7 @@ def _collect(config, path: str, engine, stop_after_chunks: int | None, show_prog
   flat = [row for k_rows in rows for row in k_rows]
   decode = config.collect.decode
   if decode == "slots":
-    sample_slots(engine, flat, config, on_done)
+    sample_slots(engine, flat, config, on_done, slots=collection_slots(engine, config))
   elif decode == "static":
     for members in chunks:  # a chunk at a time, as the rounds need all of a chunk's rows
       sample_static(engine, [row for k in members for row in rows[k]], config, on_done)
@@ -214,6 +214,20 @@ def _collect(config, path: str, engine, stop_after_chunks: int | None, show_prog
                   "compilations": engine.compile_count, "store": path,
                   "skipped_long_prompts": len(too_long)})
   return summary
+
+
+def collection_slots(engine, config) -> int:
+  """Slots of slot-refill collection: collect.batch_size, or fewer where the device's free
+  memory (`engine.kv_budget_tokens("auto")`) cannot hold that many max_seq_len caches."""
+  from lsdist_jax.engine import kv_budget_tokens
+  from lsdist_jax.shapes import round_up
+
+  tokens, how = kv_budget_tokens(engine, "auto", float(config.schedule.kv_memory_fraction))
+  cache = round_up(int(config.generation.max_seq_len), engine.generator.buckets.cache)
+  slots = max(1, min(int(config.collect.batch_size), tokens // cache))
+  logging.info("collect: %d slots of %d cache tokens (KV budget %s tokens, %s)", slots, cache,
+               f"{tokens:,}", how)
+  return slots
 
 
 def combine_summaries(parts: list[dict], wall_seconds: float) -> dict:

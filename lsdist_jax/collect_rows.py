@@ -72,13 +72,14 @@ def sample_static(engine, rows: Sequence[Row], config,
 
 
 def sample_slots(engine, rows: Sequence[Row], config,
-                 on_done: Callable[[Row], None] = lambda row: None) -> int:
-  """Every row to EOS or max_seq_len through slot refill: `collect.batch_size` slots whose cache
-  holds max_seq_len tokens (so no row is ever capped); whenever `collect.refill_fraction` of the
-  slots are free, the next rows (in the given order) are prefilled into them. `on_done(row)` as
-  each row completes. Returns the tokens generated."""
+                 on_done: Callable[[Row], None] = lambda row: None,
+                 slots: int | None = None) -> int:
+  """Every row to EOS or max_seq_len through slot refill: `slots` (default
+  `collect.batch_size`) slots whose cache holds max_seq_len tokens (so no row is ever capped);
+  whenever `collect.refill_fraction` of the slots are free, the next rows (in the given order)
+  are prefilled into them. `on_done(row)` as each row completes. Returns the tokens generated."""
   max_seq_len = int(config.generation.max_seq_len)
-  batch = engine.generator.open_slots(int(config.collect.batch_size), max_seq_len,
+  batch = engine.generator.open_slots(int(slots or config.collect.batch_size), max_seq_len,
                                       max_seq_len=max_seq_len, **_sampling(config))
   refill = int(max(1, min(batch.slots, round(float(config.collect.refill_fraction)
                                              * batch.slots))))

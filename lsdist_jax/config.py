@@ -10,6 +10,7 @@ import functools
 import types
 
 import ml_collections
+from ml_collections import config_dict
 
 # The length convention, stated once (here, and in the README): a response's length is the number
 # of tokens the model generated after the prompt, EOS excluded, capped at max_seq_len - prompt_len.
@@ -48,10 +49,11 @@ def default_config() -> ml_collections.ConfigDict:
   # How a decode step reads the KV cache: auto (the Pallas kernel, which reads only the live
   # slots of unfinished rows, on one GPU in bf16; XLA elsewhere) | pallas | dot | reduce.
   c.engine.decode_attention = "auto"
-  # A directory for JAX's persistent compilation cache ("": off). Compiled programs outlive the
-  # process: a resumed job or benchmark (and the next one) reuses them instead of compiling
-  # again (a 7B program takes ~20 s to compile).
-  c.engine.compilation_cache = ""
+  # JAX's persistent compilation cache: compiled programs outlive the process, so the next job
+  # (or a resumed one) loads them instead of compiling again (a 7B program takes ~20 s).
+  # "user": ${XDG_CACHE_HOME:-~/.cache}/lsdist_jax/xla; a directory; "" off. Launchers'
+  # --no_compile_cache (or LSDIST_NO_COMPILE_CACHE=1) turns it off for one run.
+  c.engine.compilation_cache = "user"
 
   # Sampling, shared by collection, benchmark and generate (the paper: T=0.6, top-p 0.9, 1024).
   c.generation = ml_collections.ConfigDict()
@@ -119,7 +121,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Scheduling.
   c.schedule = ml_collections.ConfigDict()
   c.schedule.threshold = 0.6
-  c.schedule.kv_budget_tokens = 262144
+  # KV-cache tokens the planners may hold at once: "auto" sizes it from the accelerator's free
+  # memory after the weights, with a margin for the workspace (engine.kv_budget_tokens, logged
+  # at start); a number emulates memory pressure (the benchmarks set one and report it).
+  c.schedule.kv_budget_tokens = config_dict.FieldReference("auto", field_type=object)
+  c.schedule.kv_memory_fraction = 0.7  # "auto": the share of free accelerator memory for KV
   c.schedule.max_batch = 256
   c.schedule.fixed_batch = 16
   c.schedule.ssch_cell = 100

@@ -264,12 +264,48 @@ DECODE_IMPLS = ("auto", "dot", "reduce", "pallas")
 
 def load_engine(config) -> Engine:
   """The LLM named by config.model, placed on this process's devices (with the compilation
-  cache of config.engine.compilation_cache, if set)."""
-  if config.engine.get("compilation_cache"):
-    use_compilation_cache(config.engine.compilation_cache)
+  cache of config.engine.compilation_cache, `compilation_cache_dir`)."""
+  directory = compilation_cache_dir(config.engine.get("compilation_cache", ""))
+  if directory:
+    use_compilation_cache(directory)
   return Engine.load(config.model.path or config.model.name, dtype=config.model.dtype,
                      chat_format=config.model.chat_format, mesh_config=config.mesh,
                      engine_config=config.engine, seed=config.seed)
+
+
+def kv_token_bytes(engine: Engine) -> int:
+  """Bytes one token of KV cache takes on this engine (every layer's keys and values)."""
+  c = engine.config
+  return c.num_layers * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(DTYPES[engine.dtype]).itemsize
+
+
+def kv_budget_tokens(engine: Engine, setting, memory_fraction: float = 0.7) -> tuple[int, str]:
+  """(tokens, how): the KV budget `setting` asks for. A number is taken as is; "auto" is
+  `memory_fraction` of the accelerator memory free now (after the weights), over the KV bytes
+  of one token, summed over the mesh's data-parallel devices; on a CPU (no memory figures),
+  a quarter of the available RAM."""
+  if not isinstance(setting, str):
+    return int(setting), "set in the config"
+  if setting != "auto":
+    raise ConfigError(f"schedule.kv_budget_tokens={setting!r}; expected a number or 'auto'")
+  per_token = kv_token_bytes(engine)
+  devices = list(engine.mesh.devices.flat) if engine.mesh is not None else jax.local_devices()[:1]
+  stats = [d.memory_stats() or {} for d in devices]
+  if all("bytes_limit" in st for st in stats):
+    free = min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+    # the kv heads split over `model`, the rows over `data`: each device holds 1 / mesh.size
+    tokens = int(memory_fraction * free / per_token * len(devices))
+    how = (f"auto: {memory_fraction:.0%} of {free / 2**30:.1f} GiB free on {devices[0].device_kind}"
+           f" x {len(devices)}, {per_token} bytes a token")
+  else:
+    import os
+
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    tokens = int(0.25 * available / per_token)
+    how = f"auto: a quarter of {available / 2**30:.1f} GiB of free RAM, {per_token} bytes a token"
+  if tokens < 1:
+    raise ConfigError(f"schedule.kv_budget_tokens='auto' found no memory for a KV cache ({how})")
+  return tokens, how
 
 
 def device_kind() -> str:
@@ -284,6 +320,18 @@ def model_shape(engine: Engine) -> str:
   return (f"{c.num_layers} layers, hidden {c.hidden_size}, ffn {c.intermediate_size}, "
           f"heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}, vocab {c.vocab_size}, "
           f"{engine.dtype}")
+
+
+def compilation_cache_dir(setting: str) -> str:
+  """The persistent compilation cache folder of engine.compilation_cache: "user" is the user's
+  cache folder (${XDG_CACHE_HOME:-~/.cache}/lsdist_jax/xla), "" none, else the path given;
+  none at all when LSDIST_NO_COMPILE_CACHE is set (the launchers' --no_compile_cache)."""
+  if os.environ.get("LSDIST_NO_COMPILE_CACHE", "") not in ("", "0") or not setting:
+    return ""
+  if setting == "user":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lsdist_jax", "xla")
+  return setting
 
 
 def use_compilation_cache(directory: str) -> None:

@@ -179,3 +179,34 @@ def test_launcher_user_errors_are_one_line_and_exit_status_2(tmp_path):
                  "--config.generation.temprature=0.7"], tmp_path)
   assert typo.returncode == 2 and "Traceback" not in typo.stderr
   assert "error: unknown config key" in typo.stderr and "temprature" in typo.stderr
+
+
+def test_the_compilation_cache_is_on_by_default_in_the_users_cache_folder(monkeypatch, tmp_path):
+  from lsdist_jax.engine import compilation_cache_dir
+
+  monkeypatch.delenv("LSDIST_NO_COMPILE_CACHE", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert tiny.get_config().engine.compilation_cache == "user"
+  assert compilation_cache_dir("user") == str(tmp_path / "lsdist_jax" / "xla")
+  assert compilation_cache_dir("some/dir") == "some/dir" and compilation_cache_dir("") == ""
+  monkeypatch.setenv("LSDIST_NO_COMPILE_CACHE", "1")  # what --no_compile_cache sets
+  assert compilation_cache_dir("user") == "" and compilation_cache_dir("some/dir") == ""
+
+
+def test_an_auto_kv_budget_is_sized_from_free_memory(engine):
+  from lsdist_jax.engine import kv_budget_tokens, kv_token_bytes
+  from lsdist_jax.errors import ConfigError as Refused
+  from lsdist_jax.serve.plan import planner_options
+
+  assert kv_budget_tokens(engine, 4096) == (4096, "set in the config")
+  assert kv_token_bytes(engine) == 2 * 2 * 4 * 8 * 4  # layers, K and V, kv heads, dim, float32
+  tokens, how = kv_budget_tokens(engine, "auto")  # a CPU: a quarter of the free RAM
+  available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  assert how.startswith("auto") and 0.15 * available / 512 < tokens < 0.35 * available / 512
+  with pytest.raises(Refused, match="expected a number or 'auto'"):
+    kv_budget_tokens(engine, "lots")
+  c = config()
+  c.schedule.kv_budget_tokens = "auto"
+  assert planner_options(c, engine).kv_budget_tokens > 1000
+  with pytest.raises(Refused, match="with no engine"):
+    planner_options(c)

@@ -23,7 +23,8 @@ def write_outputs(out: dict, workdir: str, name: str = "benchmark") -> dict:
   files = {"json": write_json(out, os.path.join(workdir, f"{name}.json"))}
   md = [f"# {name}", "", f"- device: {out['device']}", f"- date: {out['date']}",
         f"- model: {out['model']}", f"- requests: {out['prompts']}",
-        f"- KV budget (tokens): {out['kv_budget_tokens']}", f"- length replay: {out['replay']}",
+        f"- KV budget (tokens): {out['kv_budget_tokens']} ({out.get('kv_budget', '')})",
+        f"- length replay: {out['replay']}",
         "", report.markdown_table(out["rows"])]
   files["md"] = write_text(os.path.join(workdir, f"{name}.md"), "\n".join(md) + "\n")
   files["png"] = report.plot_benchmark(out["rows"], os.path.join(workdir, f"{name}.png"),
@@ -68,6 +69,7 @@ def report_from_state(workdir: str, out_name: str = "benchmark", write: bool = T
   report.add_ratios(rows, {"vanilla:16": "speedup", **report.RATIO_REFERENCES})
   out = {k: meta[k] for k in ("device", "date", "model", "prompts", "distinct_prompts",
                               "kv_budget_tokens", "replay", "max_seq_len", "cost_model")}
+  out["kv_budget"] = meta.get("kv_budget", "")
   out["rows"] = rows
   if missing:
     out["not_run"] = missing

@@ -95,12 +95,11 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
   the true lengths (oracles) come from the first strategy's result, whichever worker runs it."""
   from lsdist_jax.data import load_prompts
   from lsdist_jax.engine import device_kind, load_engine
-  from lsdist_jax.schedule import Options
 
   bench = config.benchmark
   names = check_strategies(bench.strategies)
   engine = engine or load_engine(config)
-  options = Options.from_config(config.schedule)
+  options = serve_plan.planner_options(config, engine)
   if cost is None:
     cost = serve_plan.load_cost_model(config, workdir, engine)
   else:
@@ -128,7 +127,11 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       "device": device_kind(), "date": datetime.date.today().isoformat(),
       "model": engine.source, "prompts": len(prompt_len),
       "distinct_prompts": int(np.unique(requests.dataset_index).size),
-      "kv_budget_tokens": int(options.kv_budget_tokens), "replay": bool(bench.replay),
+      "kv_budget_tokens": int(options.kv_budget_tokens),
+      "kv_budget": ("sized from the device's free memory"
+                    if isinstance(config.schedule.kv_budget_tokens, str)
+                    else "set in the config: emulates memory pressure"),
+      "replay": bool(bench.replay),
       "max_seq_len": int(config.generation.max_seq_len),
       "cost_model": cost.source + (f" (profiled on {cost.device})" if cost.device else ""),
       "strategies": names, "repeats": int(bench.repeats)})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from lsdist_jax import report
-from lsdist_jax.schedule import CostModel, Options, dist
+from lsdist_jax.schedule import CostModel, dist
 from lsdist_jax.schedule.continuous import simulate_continuous
 from lsdist_jax.schedule.simulate import simulate
 from lsdist_jax.serve import plan as serve_plan
@@ -44,7 +44,7 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
 
   max_seq_len = int(config.generation.max_seq_len)
   max_len = int(config.predictor.max_len)
-  options = Options.from_config(config.schedule)
+  options = serve_plan.planner_options(config)
   data = LengthStore.open(store_path).read()
   rows = split_rows(data, config.benchmark.split)
   reqs = store_requests(data, rows, n_requests, max_len)

@@ -90,6 +90,13 @@ class Options:
   fcr: bool = _schedule_default("fcr")
   recovery_threshold: float = _schedule_default("recovery_threshold")
 
+  def __post_init__(self):
+    if isinstance(self.kv_budget_tokens, str):
+      raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens!r}: resolve it to a number of "
+                       "tokens before planning (serve.plan.planner_options sizes 'auto' from "
+                       "the device)")
+    self.kv_budget_tokens = int(self.kv_budget_tokens)
+
   @classmethod
   def from_config(cls, schedule_config) -> "Options":
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -40,6 +40,28 @@ def load_cost_model(config, workdir: str | None = None, engine=None) -> CostMode
   return with_engine_shapes(cost, config.engine)
 
 
+def planner_options(config, engine=None) -> Options:
+  """The planners' options of config.schedule, the KV budget resolved: "auto" sizes it from the
+  engine's device (logged once), which needs an engine; a number is taken as is."""
+  schedule = config.schedule
+  setting = schedule.kv_budget_tokens
+  if isinstance(setting, str):
+    if engine is None:
+      from lsdist_jax.errors import ConfigError
+
+      raise ConfigError(f"schedule.kv_budget_tokens={setting!r} is sized from a device; with no "
+                        "engine (the simulator) set it to a number of tokens")
+    from lsdist_jax.engine import kv_budget_tokens
+
+    tokens, how = kv_budget_tokens(engine, setting, float(schedule.kv_memory_fraction))
+    message = f"KV budget {tokens:,} tokens ({how})"
+    if message not in _WARNED:
+      _WARNED.add(message)
+      logging.info("%s", message)
+    schedule = dict(schedule.items(), kv_budget_tokens=tokens)
+  return Options.from_config(schedule)
+
+
 _WARNED: set[str] = set()
 
 
@@ -125,7 +147,7 @@ def make_runner(engine, requests: Requests, config, forced_lengths=None):
 def schedule_and_run(engine, requests: Requests, config, predictor, planner: str, cost: CostModel):
   """Plans the requests of one chunk of a user's prompts with the predictor and runs them (the
   generate job). No predictor: dataset order (slots refilled, or fixed batches)."""
-  options = Options.from_config(config.schedule)
+  options = planner_options(config, engine)
   pmf = scalar = None
   if predictor is None:
     planner = "continuous-vanilla" if is_continuous(planner) else "vanilla"
