@@ -142,6 +142,26 @@ def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
     runner.run_continuous(ContinuousPlan([Phase(order[:7], 32, 4, 1)]))
 
 
+def test_progress_is_reported_as_each_request_completes(runner):
+  """The generate job's bar: each request counted once, when it completes (not per chunk),
+  with every kept token, for static batches with recovery and for continuous phases."""
+  calls = []
+  runner.on_progress = lambda requests, tokens: calls.append((requests, tokens))
+  try:
+    order = np.random.default_rng(2).permutation(12)
+    static = runner.run(Plan([Batch(order[:6], 3), Batch(order[6:], 72)]),
+                        recover=lambda ids, so_far: [Batch(ids, 72)])
+    assert sum(c[0] for c in calls) == 12 and sum(c[1] for c in calls) == static.generated_tokens
+    assert len([c for c in calls if c[0]]) >= 2  # moved before the end
+    calls.clear()
+    plan = ContinuousPlan([Phase(order[:7], 32, 4, 1), Phase(order[7:], 64, 2, 2)])
+    result = runner.run_continuous(plan, lambda c, r: Phase(np.zeros(0, np.int64), 96, 4, 1))
+    assert sum(c[0] for c in calls) == 12 and sum(c[1] for c in calls) == result.generated_tokens
+    assert len([c for c in calls if c[0]]) > 3
+  finally:
+    runner.on_progress = lambda requests, tokens: None
+
+
 def test_device_lock_serialises_calls_and_its_wait_is_not_timed(runner, tmp_path):
   """Benchmark workers sharing a device: a call waits for the lock, and the runner leaves the
   wait out of the batch's time."""

@@ -151,7 +151,8 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     lines = np.array([p.line for p in part], np.int64)
     requests = Requests(lines, lines, np.array([len(x) for x in chunk_ids]),
                         prompt_ids=chunk_ids)
-    result = serve_plan.schedule_and_run(engine, requests, config, predictor, strategy, cost)
+    result = serve_plan.schedule_and_run(engine, requests, config, predictor, strategy, cost,
+                                         on_progress=bar)
     rows = []
     for p, toks, fin in zip(part, result.tokens, result.finished):
       row = dict(p.record)  # the user's own fields come back
@@ -161,7 +162,6 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     write_lines(os.path.join(folder, name), rows)
     tokens += result.generated_tokens
     served += len(part)
-    bar(len(part))
     generated_chunks += 1
     if stop_after_chunks is not None and generated_chunks >= stop_after_chunks:
       return {"stopped_after_chunks": generated_chunks}
@@ -189,9 +189,18 @@ def assemble(output: str, folder: str, names: list[str], lines: list[list[int]])
 
 
 def _bar(total: int, enabled: bool):
+  """bar(responses, tokens=0): moves as responses finish, with tokens/s (and tqdm's ETA)."""
   if not enabled:
-    return lambda n: None
+    return lambda n, tokens=0: None
   from tqdm import tqdm
 
-  bar = tqdm(total=total, unit="prompt", desc="generate", dynamic_ncols=True)
-  return bar.update
+  bar = tqdm(total=total, unit="response", desc="generate", dynamic_ncols=True)
+  started, counted = time.perf_counter(), [0]
+
+  def update(n, tokens=0):
+    counted[0] += tokens
+    bar.update(n)
+    bar.set_postfix_str(f"{counted[0] / max(time.perf_counter() - started, 1e-9):,.0f} tok/s",
+                        refresh=False)
+
+  return update

@@ -135,18 +135,32 @@ def run_plan(runner, planner: str, plan, requests: PlannerRequests, cost: CostMo
   return runner.run(plan, recovery_fn(planner, requests, cost, options))
 
 
-def make_runner(engine, requests: Requests, config, forced_lengths=None):
+def make_runner(engine, requests: Requests, config, forced_lengths=None, on_progress=None):
   from lsdist_jax.serve.runner import Runner
 
   gen = config.generation
   return Runner(engine, requests.prompt_ids, requests.request_ids.tolist(),
                 temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
-                max_seq_len=gen.max_seq_len, forced_lengths=forced_lengths)
+                max_seq_len=gen.max_seq_len, forced_lengths=forced_lengths,
+                on_progress=on_progress)
 
 
-def schedule_and_run(engine, requests: Requests, config, predictor, planner: str, cost: CostModel):
+def describe_plan(planner: str, plan, options: Options) -> str:
+  """One line on a plan: its strategy, batches or phases (slots, cache), the KV budget."""
+  if is_continuous(planner):
+    phases = ", ".join(f"{p.slots} slots x {p.cache_len}" for p in plan.phases)
+    shape = f"{len(plan.phases)} phase(s): {phases}"
+  else:
+    sizes = [len(b.members) for b in plan.batches]
+    shape = f"{len(sizes)} batches of {min(sizes, default=0)}-{max(sizes, default=0)} rows"
+  return f"plan {planner}: {shape}; KV budget {options.kv_budget_tokens:,} tokens"
+
+
+def schedule_and_run(engine, requests: Requests, config, predictor, planner: str, cost: CostModel,
+                     on_progress=None):
   """Plans the requests of one chunk of a user's prompts with the predictor and runs them (the
-  generate job). No predictor: dataset order (slots refilled, or fixed batches)."""
+  generate job); the plan is logged in one line. No predictor: dataset order (slots refilled,
+  or fixed batches)."""
   options = planner_options(config, engine)
   pmf = scalar = None
   if predictor is None:
@@ -156,4 +170,6 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
     pmf, scalar = predict(engine, requests, predictor, int(config.collect.hidden_layer))
   sched = planner_requests(requests.prompt_len, config.generation.max_seq_len, pmf, scalar)
   plan = plan_any(planner, sched, cost, options)
-  return run_plan(make_runner(engine, requests, config), planner, plan, sched, cost, options)
+  logging.info("%s", describe_plan(planner, plan, options))
+  return run_plan(make_runner(engine, requests, config, on_progress=on_progress), planner, plan,
+                  sched, cost, options)

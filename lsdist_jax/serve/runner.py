@@ -54,12 +54,15 @@ class Runner:
   """Runs plans on one engine with fixed generation settings.
 
   prompt_ids: [n] token-id prompts; request_ids: the PRNG identity of each request;
-  forced_lengths: length replay (EOS forced at recorded lengths), or None.
+  forced_lengths: length replay (EOS forced at recorded lengths), or None;
+  on_progress(requests, tokens): called as requests complete (how many just did, and the tokens
+  kept since the last call), e.g. to move a progress bar.
   """
 
   def __init__(self, engine, prompt_ids: Sequence[Sequence[int]], request_ids: Sequence[int], *,
                temperature: float, top_p: float, seed: int, max_seq_len: int,
-               forced_lengths: Sequence[int] | None = None):
+               forced_lengths: Sequence[int] | None = None,
+               on_progress: Callable[[int, int], None] | None = None):
     if len(prompt_ids) != len(request_ids):
       raise ValueError(f"{len(prompt_ids)} prompts but {len(request_ids)} request ids")
     self.engine = engine
@@ -69,6 +72,7 @@ class Runner:
     self.sampling = dict(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
     self.max_seq_len = int(max_seq_len)
     self.forced = None if forced_lengths is None else np.asarray(forced_lengths, np.int64)
+    self.on_progress = on_progress or (lambda requests, tokens: None)
     too_long = np.nonzero(self.prompt_len >= self.max_seq_len)[0]
     if too_long.size:
       raise ValueError(f"request {int(too_long[0])}: prompt of {self.prompt_len[too_long[0]]} "
@@ -97,6 +101,7 @@ class Runner:
       kept += len(new)
       finished[m] = bool(result.finished[i])
       done[m] = finished[m] or self.prompt_len[m] + len(generated[m]) >= self.max_seq_len
+    self.on_progress(int(done[members].sum()), kept)
     cache_len = gen.buckets.cache_len(max(len(x) for x in prompts), cap)
     records.append(BatchRecord(phase, len(members), gen.buckets.batch_size(len(members)), cap,
                                cache_len, result.steps, kept, elapsed, clock.compiled))
@@ -199,7 +204,7 @@ class Runner:
         break
       steps = batch.decode(refill if pending else batch.slots)
       read = batch.read()
-      kept = 0
+      kept = completed = 0
       for j, r in enumerate(occupant):
         if r >= 0 and read.done[j]:
           new = read.tokens[j, :read.num_generated[j]].tolist()
@@ -209,6 +214,9 @@ class Runner:
           occupant[j] = -1
           if not finished[r] and self.prompt_len[r] + len(generated[r]) < self.max_seq_len:
             carried.append(r)
+          else:
+            completed += 1
+      self.on_progress(completed, kept)
       compiling, elapsed = clock.split()
       inserted = gen.buckets.batch_size(len(take)) if take else 0
       # cap -1: each slot's row has its own (the room its context leaves in the slot)
