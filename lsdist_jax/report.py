@@ -70,6 +70,7 @@ def plot_collection(store_path: str, out_dir: str, n_prompts: int = 6) -> list[s
 
 
 BENCH_COLUMNS = [("strategy", "strategy"), ("samples_per_s", "samples/s"),
+                 ("samples_per_s_end_to_end", "samples/s with compile"),
                  ("tokens_per_s", "tokens/s"), ("effective_token_ratio", "effective"),
                  ("speedup", "× vanilla:16"), ("x_vanilla_best", "× vanilla:best"),
                  ("x_oracle", "× oracle"), ("x_oracle_continuous", "× oracle-continuous"),

@@ -25,10 +25,15 @@ from lsdist_jax.serve.strategies import (NEEDS_TRUE_LENGTHS, STRATEGIES, check_s
 
 
 def summarize(strategy: str, result, seconds: dict, n: int, peak_kv: int) -> dict:
+  """A strategy's row. samples_per_s is steady state (prediction, planning, generation and
+  recovery; compilation left out, as a long job amortises it); samples_per_s_end_to_end adds
+  the compilation this strategy's run paid (programs a strategy shares with an earlier one in
+  the same process were compiled there)."""
   busy = seconds["predict"] + seconds["plan"] + seconds["generate"] + seconds["recover"]
   return {
       "strategy": strategy,
       "samples_per_s": n / busy,
+      "samples_per_s_end_to_end": n / (busy + seconds["compile"]),
       "tokens_per_s": result.generated_tokens / busy,
       "effective_token_ratio": result.effective_token_ratio,
       "seconds_total": busy,

@@ -87,7 +87,7 @@ def long_prompts(prompts, ids, max_seq_len: int) -> list[str]:
 
 
 def run_generate(config, input_path: str, output_path: str, predictor_path: str | None = None,
-                 strategy: str = "continuous-search", chunk_size: int = 512,
+                 strategy: str = "continuous-search", chunk_size: int = 4096,
                  skip_malformed: bool = False, skip_long: bool = False, engine=None,
                  show_progress: bool = True, stop_after_chunks: int | None = None) -> dict:
   """Generates a response for every prompt of `input_path`; returns a throughput summary.
