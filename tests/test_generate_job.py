@@ -210,3 +210,25 @@ def test_an_auto_kv_budget_is_sized_from_free_memory(engine):
   assert planner_options(c, engine).kv_budget_tokens > 1000
   with pytest.raises(Refused, match="with no engine"):
     planner_options(c)
+
+
+def test_every_stage_plans_with_a_cost_model_profiled_into_the_workdir(tmp_path):
+  """`launch/benchmark.py --profile` saves <workdir>/cost_model.json: the benchmark, the
+  simulator and the generate job (whose workdir is config.workdir) all pick it up; an explicit
+  schedule.cost_model wins; none at all gives the platform's default."""
+  from lsdist_jax import paths
+  from lsdist_jax.schedule import CostModel
+  from lsdist_jax.serve.plan import load_cost_model
+
+  c = config()
+  c.workdir = str(tmp_path)
+  assert load_cost_model(c).source == "default-cpu"
+  profiled = CostModel(step=(9.0, 0.1, 1e-4, 0.0, 0.0), source="fit")
+  profiled.save(paths.profiled_cost_model(str(tmp_path)))
+  assert load_cost_model(c).step[0] == 9.0  # the job: config.workdir
+  assert load_cost_model(tiny.get_config(), str(tmp_path)).step[0] == 9.0  # benchmark, simulate
+  assert load_cost_model(c).batch_buckets == tuple(c.engine.batch_buckets)  # the engine's shapes
+  other = tmp_path / "other.json"
+  CostModel(step=(3.0, 0.1, 1e-4, 0.0, 0.0), source="fit").save(str(other))
+  c.schedule.cost_model = str(other)
+  assert load_cost_model(c).step[0] == 3.0

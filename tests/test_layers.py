@@ -143,3 +143,18 @@ def test_numpy_only_modules_load_without_jax(module):
 def test_no_module_over_500_lines():
   long = {m: n for m, p in modules().items() if (n := len(open(p).read().splitlines())) > 500}
   assert not long, long
+
+
+def test_the_readme_layout_names_every_module():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  layout = readme[readme.index("## Layout"):]
+  layout = layout[:layout.index("\n## ", 5)] if "\n## " in layout[5:] else layout
+  missing = []
+  for module, path in modules().items():
+    name = os.path.basename(path)
+    if name == "__init__.py":
+      continue
+    folder = os.path.relpath(os.path.dirname(path), REPO)
+    if name not in layout or f"{folder}/" not in layout + " lsdist_jax/":
+      missing.append(module)
+  assert not missing, f"README's layout table does not name {missing}"
