@@ -1,12 +1,11 @@
-"""Generation on the tiny model: KV cache, sampling identity across batches/padding/caps, top-p."""
+"""Generation on the tiny model: KV cache, sampling identity across batches/padding/caps, caps,
+length replay, compilation. The sampler alone is tests/test_sampling.py."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lsdist_jax.llama.generator import Generator
-from lsdist_jax.llama.sampling import nucleus_size, sample_tokens
 from lsdist_jax.shapes import Buckets
 from lsdist_jax.llama.model import Llama, init_cache
 
@@ -125,66 +124,6 @@ def test_changing_cap_does_not_recompile(generator):
 def test_prompt_longer_than_context_is_refused(generator):
   with pytest.raises(ValueError, match="leaves no room"):
     generator.generate([[1] * 50], cap=10, max_seq_len=50)
-
-
-def _reference_nucleus_pick(probs, top_p, u):
-  order = sorted(range(len(probs)), key=lambda i: (-probs[i], i))
-  cum, keep = 0.0, []
-  for i in order:
-    keep.append(i)
-    cum += probs[i]
-    if cum >= top_p:
-      break
-  mass = sum(probs[i] for i in keep)
-  acc = 0.0
-  for i in keep:
-    acc += probs[i]
-    if acc >= u * mass:
-      return i, set(keep)
-  return keep[-1], set(keep)
-
-
-@pytest.mark.parametrize("top_k_candidates,hard_rows", [(4, 2), (4, 64), (16, 64), (64, 64)],
-                         ids=["sort-all", "gather-hard-rows", "mixed", "top-k-only"])
-def test_top_p_keeps_exactly_the_smallest_set_reaching_p(top_k_candidates, hard_rows):
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(64, 50)).astype(np.float32) * 2.0
-  u = rng.uniform(size=64).astype(np.float32)
-  top_p = 0.8
-  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1), np.float64)
-  got = np.asarray(sample_tokens(jnp.asarray(logits), jnp.asarray(u), jnp.float32(1.0),
-                                 jnp.float32(top_p), top_k_candidates, hard_rows))
-  for row in range(64):
-    want, keep = _reference_nucleus_pick(probs[row].tolist(), top_p, float(u[row]))
-    assert got[row] in keep
-    assert got[row] == want
-    # The set is the smallest: dropping its least likely member falls below p.
-    kept = sorted(probs[row][list(keep)], reverse=True)
-    assert sum(kept) >= top_p - 1e-6 and sum(kept[:-1]) < top_p + 1e-6
-  sizes = np.asarray(nucleus_size(jnp.asarray(-np.sort(-probs, -1), jnp.float32), top_p))
-  assert all(sizes[r] == len(_reference_nucleus_pick(probs[r].tolist(), top_p, 0.5)[1])
-             for r in range(64))
-
-
-def test_greedy_is_argmax():
-  logits = jnp.asarray(np.random.default_rng(2).normal(size=(5, 30)), jnp.float32)
-  got = sample_tokens(logits, jnp.full((5,), 0.3), jnp.float32(0.0), jnp.float32(0.9))
-  assert np.array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
-
-
-@pytest.mark.parametrize("levels", [None, 3], ids=["distinct", "many-ties"])
-def test_chunked_top_k_equals_lax_top_k(levels):
-  from lsdist_jax.llama.sampling import top_k
-
-  rng = np.random.default_rng(9)
-  values = rng.normal(size=(16, 5000)).astype(np.float32)
-  if levels:  # heavy ties across chunks: the lower index must still win
-    values = np.floor(values * levels) / levels
-  values[3, 4990:] = 50.0  # the top of one row sits in the last, partial chunk
-  want_v, want_i = jax.lax.top_k(jnp.asarray(values), 16)
-  got_v, got_i = top_k(jnp.asarray(values), 16, chunk=64)
-  np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
-  np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
 
 
 def test_compilation_cache_serves_the_next_process(tmp_path):

@@ -34,7 +34,8 @@ def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, a
                    forced_len, cap, seed, temperature, top_p, *, model: Llama, cache_len: int,
                    hidden_layer: int, top_k_candidates: int, eos_ids: tuple[int, ...],
                    filler_id: int, cache_sharding=None):
-  """tokens: [B, P] left-padded prompts; per-row int arrays [B]; scalars cap/seed/temperature/top_p.
+  """tokens: [B, P] left-padded prompts; per-row int arrays [B]; scalars cap/seed/temperature;
+  top_p as `sampling.top_p_setting` gives it.
 
   Returns (out_tokens [B, G], num_generated [B], finished [B], hidden [B, D], steps)."""
   b, p = tokens.shape

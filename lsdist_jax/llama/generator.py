@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lsdist_jax import sharding as shd
 from lsdist_jax.files import exclusive
-from lsdist_jax.llama import decode
+from lsdist_jax.llama import decode, sampling
 from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.shapes import Buckets, batch_bucket, context_block, round_up
@@ -191,7 +191,7 @@ class Generator:
     args = [self._place(x) for x in (tokens, pad_len, rid, start, limit, active, forced)]
     out, n_gen, finished, hidden, steps = self._run(
         f"generate/{s}/{hidden_layer}", fn, self.params, *args, jnp.int32(cap), jnp.uint32(seed),
-        jnp.float32(temperature), jnp.float32(top_p))
+        jnp.float32(temperature), jnp.asarray(sampling.top_p_setting(top_p)))
     out, n_gen, finished, hidden = jax.device_get((out, n_gen, finished, hidden))
     return DecodeResult(tokens=np.asarray(out)[:n], num_generated=np.asarray(n_gen)[:n],
                         finished=np.asarray(finished)[:n], hidden=np.asarray(hidden)[:n],
@@ -240,7 +240,8 @@ class Generator:
       self._fns[key] = jax.jit(lambda: decode.slot_state(b, s, model=self.model),
                                out_shardings=self._slot_shardings(b, s))
     return SlotBatch(self, self._fns[key](), b, s, max_seq_len=int(max_seq_len),
-                     sampling=(jnp.uint32(seed), jnp.float32(temperature), jnp.float32(top_p)))
+                     sampling=(jnp.uint32(seed), jnp.float32(temperature),
+                               jnp.asarray(sampling.top_p_setting(top_p))))
 
   def _slot_shardings(self, batch: int, cache_len: int):
     """Shardings of a slot state on the mesh (None without one)."""

@@ -1,14 +1,48 @@
-"""Sampling: temperature + nucleus (top-p) or greedy on logits, with per-request randomness.
+"""Sampling: the next token of each row from its logits (greedy, or temperature + nucleus), the
+nucleus itself as a mask (`nucleus_mask`, the same rule), and the per-request randomness.
 
-The random number for request r's t-th generated token depends on (seed, r, t) only. The nucleus
-kept is exactly the smallest set of most probable tokens whose mass reaches top_p (ties broken by
-lower token id), the token set transformers' temperature and top-p warpers keep.
+Randomness: the uniform number of request r's t-th generated token depends on (seed, r, t) only.
+
+The rule is transformers' `TemperatureLogitsWarper` then `TopPLogitsWarper` (min_tokens_to_keep 1):
+  1. scores = float32 logits * float32(1 / temperature) (how torch divides by a Python float on
+     the GPU; XLA rewrites a division by a scalar the same way); probs = softmax(scores).
+  2. Tokens are ranked by score, highest first; equal scores rank the higher token id first (the
+     order of a stable ascending sort, which is what torch's CUDA sort of a vocabulary row does;
+     its CPU sort leaves the order of ties unspecified). -0.0 ties with 0.0, as in torch.
+  3. A token's tail mass is the probability of itself and of every token ranked below it (what
+     transformers' ascending cumulative sum holds), taken of the distribution divided by its
+     own total. The token is kept iff its tail mass, rounded to float32, exceeds
+     d = float32(1 - top_p), or it is ranked first. top_p is passed as `top_p_setting(p)`,
+     which takes 1 - p in float64 as Python does; a bare float32 top_p gives d = 1 - top_p in
+     float32, a few float32 steps off for most p (at 0.9: 2.2e-8).
+  4. d <= 0 (top_p >= 1) keeps every token of finite score; temperature <= 0 is greedy (argmax,
+     ties to the lower id).
+Tail masses are summed almost exactly: each probability is split into a part on the 2^-23 grid,
+whose sums are exact in float32 in any order, and a remainder under 2^-24 summed in float32;
+the comparison "rounded tail / total > d" is made exactly as "tail > (d + half a float32 step)
+* total" (errors ~1e-15, against float32's step of 7e-9 at 0.1). The former rule, a float32
+cumulative sum from the top compared with top_p, was off by ~1e-7 and ranked ties the other way.
+
+transformers itself is exact only to its own float32 arithmetic: on the GPU its scan sums in
+float32; on the CPU its softmax uses an approximate exp, and its probabilities are off by up to
+~1e-5 relative (row sums 1 +- 9e-6). Where a row's boundary tail lies that close to d, the
+boundary token may differ. Given an accurate softmax, transformers' set is this rule's on every
+row tried (tests/test_sampling.py; 6,912 rows of 49,152 tokens while writing it).
+
+Where the set is found does not change it: among the `top_k_candidates` best-ranked tokens when
+the tail after them is <= d (the usual case); otherwise (a wide row) from the row's full ranking,
+for up to `hard_rows` gathered rows, or for every row when more are wide. The draw is by inverse
+CDF over the kept tokens in rank order: u * (their mass) picks the first token whose cumulative
+mass exceeds it.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+_GRID = float(2 ** 23)  # probabilities on this grid sum exactly in float32 while the sum < 2
 
 
 def request_uniforms(seed: jax.Array, request_ids: jax.Array, steps: jax.Array) -> jax.Array:
@@ -22,28 +56,67 @@ def request_uniforms(seed: jax.Array, request_ids: jax.Array, steps: jax.Array) 
   return jax.vmap(one)(request_ids.astype(jnp.uint32), steps.astype(jnp.uint32))
 
 
-def nucleus_size(sorted_probs: jax.Array, top_p: jax.Array) -> jax.Array:
-  """Smallest m with sum(sorted_probs[:m]) >= top_p. sorted_probs: [B, K] descending -> [B].
-
-  Returns K + 1 where the K given probabilities do not reach top_p."""
-  return nucleus_count(jnp.cumsum(sorted_probs, axis=-1), top_p)
-
-
-def nucleus_count(cum: jax.Array, top_p: jax.Array) -> jax.Array:
-  """nucleus_size from the cumulative sums of the descending probabilities."""
-  return 1 + jnp.sum(cum < top_p, axis=-1)
+def top_p_setting(top_p: float) -> np.ndarray:
+  """The top_p argument of the jitted samplers: float32 [top_p, 1 - top_p], the second taken in
+  float64 from the Python float first (as transformers compares with 1 - top_p)."""
+  return np.array([top_p, 1.0 - float(top_p)], np.float32)
 
 
-def pick_in_nucleus(sorted_probs, sorted_ids, top_p, u, cum=None):
-  """Inverse-CDF pick inside the nucleus of descending probabilities. [B, K] -> [B] token ids.
-  `cum`: their cumulative sums, if already computed."""
-  k = sorted_probs.shape[-1]
-  cum = jnp.cumsum(sorted_probs, axis=-1) if cum is None else cum
-  m = jnp.minimum(nucleus_count(cum, top_p), k)
+def drop_mass(top_p) -> jax.Array:
+  """d of the rule from a float32 top_p scalar or a `top_p_setting` pair."""
+  top_p = jnp.asarray(top_p, jnp.float32)
+  return 1.0 - top_p if top_p.ndim == 0 else top_p[1]
+
+
+def scores_and_probs(logits: jax.Array, temperature: jax.Array):
+  """float32 logits * (1 / temperature) and their softmax. [R, V] -> ([R, V], [R, V]).
+  The product by the reciprocal is how torch divides by a Python float on the GPU (and what XLA
+  makes of a division by a scalar anyway). -0.0 becomes 0.0: sorts rank them apart, torch ties
+  them."""
+  scores = logits.astype(jnp.float32) * (1.0 / jnp.maximum(temperature, 1e-6))
+  scores = jnp.where(scores == 0.0, 0.0, scores)
+  return scores, jax.nn.softmax(scores, axis=-1)
+
+
+def split_mass(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """probs = hi + lo exactly, hi on the 2^-23 grid (so sums of hi are exact), |lo| <= 2^-24."""
+  hi = jnp.round(probs * _GRID) / _GRID
+  return hi, probs - hi
+
+
+def total_mass(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The sum of each row's probabilities as (hi, lo) parts. [R, V] -> ([R], [R])."""
+  hi, lo = split_mass(probs)
+  return jnp.sum(hi, axis=-1), jnp.sum(lo, axis=-1)
+
+
+def nucleus_count(ranked_probs: jax.Array, total, drop) -> tuple[jax.Array, jax.Array]:
+  """How many of the K best-ranked tokens the rule keeps, and whether the tail after them still
+  exceeds d (then the nucleus may reach past K: a wide row). ranked_probs: [R, K] in rank order;
+  total: `total_mass` of the whole rows. -> (m [R] in 1..K, wide [R] bool)."""
+  hi, lo = split_mass(ranked_probs)
+  zero = jnp.zeros_like(hi[:, :1])
+  head_hi = jnp.concatenate([zero, jnp.cumsum(hi, axis=-1)], axis=-1)  # [R, K + 1], exact
+  head_lo = jnp.concatenate([zero, jnp.cumsum(lo, axis=-1)], axis=-1)
+  total_hi, total_lo = total[0][:, None], total[1][:, None]
+  # The tail of the distribution divided by its total (1 + excess), rounded to float32, exceeds
+  # d iff tail > (d + h) * total, h = half of float32's step above d. Near the boundary each
+  # difference below is exact or ~1e-15 off, so the sign is right to far under float32's step.
+  excess = (total_hi - 1.0) + total_lo
+  half_step = (jnp.nextafter(drop, jnp.inf) - drop) / 2
+  margin = (((total_hi - head_hi) - drop) - half_step) + (total_lo - head_lo)
+  above = margin - (drop * excess + half_step * excess) > 0  # [R, K + 1]
+  leading = jnp.sum(jnp.cumprod(above[:, :-1], axis=-1), axis=-1)  # a prefix, even at roundings
+  wide = above[:, -1] & (leading == ranked_probs.shape[-1])
+  return jnp.maximum(leading, 1).astype(jnp.int32), wide
+
+
+def pick(ranked_probs: jax.Array, ranked_ids: jax.Array, m: jax.Array, u: jax.Array) -> jax.Array:
+  """Inverse-CDF draw among the first m ranked tokens. [R, K] -> [R] token ids."""
+  cum = jnp.cumsum(ranked_probs, axis=-1)
   mass = jnp.take_along_axis(cum, (m - 1)[:, None], axis=-1)[:, 0]
-  target = u * mass
-  j = jnp.minimum(jnp.sum(cum < target[:, None], axis=-1), m - 1)
-  return jnp.take_along_axis(sorted_ids, j[:, None], axis=-1)[:, 0]
+  j = jnp.minimum(jnp.sum(cum <= (u * mass)[:, None], axis=-1), m - 1)
+  return jnp.take_along_axis(ranked_ids, j[:, None], axis=-1)[:, 0]
 
 
 def top_k(values: jax.Array, k: int, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
@@ -65,60 +138,120 @@ def top_k(values: jax.Array, k: int, chunk: int = 128) -> tuple[jax.Array, jax.A
   return top_values, jnp.take_along_axis(ids, where, axis=-1).astype(jnp.int32)
 
 
-def sorted_desc(probs):
-  """probs sorted descending, ties by lower token id. [R, V] -> ([R, V], [R, V] int32)."""
-  ids = jnp.broadcast_to(jnp.arange(probs.shape[-1], dtype=jnp.int32), probs.shape)
-  neg_sorted, sorted_ids = jax.lax.sort((-probs, ids), dimension=-1, num_keys=1, is_stable=True)
-  return -neg_sorted, sorted_ids
+def ranked_top_k(scores: jax.Array, k: int) -> jax.Array:
+  """Ids of the k best-ranked tokens, in rank order (ties: the higher id first). [R, V] -> [R, k].
+  On the reversed row, top_k's ties to the lower index are ties to the higher id."""
+  _, reversed_ids = top_k(scores[:, ::-1], k)
+  return (scores.shape[-1] - 1 - reversed_ids).astype(jnp.int32)
 
 
-def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p: jax.Array,
+def ranked_all(scores: jax.Array) -> jax.Array:
+  """The full ranking of each row (ties: the higher id first). [R, V] -> [R, V] int32."""
+  vocab = scores.shape[-1]
+  reversed_ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scores.shape)
+  _, order = jax.lax.sort((-scores[:, ::-1], reversed_ids), dimension=-1, num_keys=1,
+                          is_stable=True)
+  return vocab - 1 - order
+
+
+def _full_nucleus(scores, probs, total, drop):
+  """(ranked ids [R, V], their probs, m [R]) from the full ranking."""
+  ids = ranked_all(scores)
+  ranked = jnp.take_along_axis(probs, ids, axis=-1)
+  m, _ = nucleus_count(ranked, total, drop)
+  return ids, ranked, m
+
+
+def _head_nucleus(scores, probs, total, drop, k):
+  """(ranked ids [R, k], their probs, m [R], wide [R]) from the k best-ranked tokens."""
+  ids = ranked_top_k(scores, k)
+  ranked = jnp.take_along_axis(probs, ids, axis=-1)
+  m, wide = nucleus_count(ranked, total, drop)
+  return ids, ranked, m, wide
+
+
+def nucleus_mask(logits: jax.Array, temperature, top_p, top_k_candidates: int = 16) -> jax.Array:
+  """The tokens `sample_tokens` may draw, by the same rule: [B, V] bool (transformers' kept
+  set: the tokens whose processed logit is not -inf). top_p: float32 or `top_p_setting(p)`."""
+  scores, probs = scores_and_probs(logits, temperature)
+  drop = drop_mass(top_p)
+  batch, vocab = scores.shape
+  total = total_mass(probs)
+  ids, _, m, wide = _head_nucleus(scores, probs, total, drop, min(top_k_candidates, vocab))
+  full_ids, _, full_m = _full_nucleus(scores, probs, total, drop)
+  ids = jnp.where(wide[:, None], full_ids, jnp.pad(ids, ((0, 0), (0, vocab - ids.shape[1]))))
+  m = jnp.where(wide, full_m, m)
+  rows = jnp.arange(batch)[:, None]
+  nucleus = jnp.zeros((batch, vocab), bool).at[rows, ids].max(
+      jnp.arange(vocab)[None, :] < m[:, None])
+  greedy = jnp.arange(vocab)[None, :] == jnp.argmax(logits, axis=-1)[:, None]
+  every = scores > -jnp.inf
+  return jnp.where(temperature <= 0.0, greedy, jnp.where(drop <= 0.0, every, nucleus))
+
+
+def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p,
                   top_k_candidates: int = 16, hard_rows: int = 32) -> jax.Array:
-  """One token per row. logits: [B, V] float32, u: [B] -> [B] int32.
-
-  temperature <= 0 is greedy. top_p < 1 keeps exactly the smallest set of most probable tokens
-  whose mass reaches top_p (ties broken by lower token id) and draws from it by inverse CDF in
-  descending-probability order. Where that set is found does not change the draw: among the
-  `top_k_candidates` most probable tokens for most rows; rows whose set is larger (up to
-  `hard_rows` of them) are gathered and fully sorted; a batch with more such rows sorts all."""
-  logits = logits.astype(jnp.float32)
-  batch, vocab = logits.shape
+  """One token per row by the module's rule. logits: [B, V], u: [B] -> [B] int32.
+  top_p: float32 scalar or `top_p_setting(p)` (exact 1 - p)."""
+  scores, probs = scores_and_probs(logits, temperature)
+  drop = drop_mass(top_p)
+  batch, vocab = scores.shape
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  probs = jax.nn.softmax(logits / jnp.maximum(temperature, 1e-6), axis=-1)
   k = min(top_k_candidates, vocab)
   hard_rows = min(hard_rows, batch)
 
-  def sort_all(_):
-    return pick_in_nucleus(*sorted_desc(probs), top_p, u)
-
   def nucleus(_):
-    top_probs, top_ids = top_k(probs, k)
-    top_cum = jnp.cumsum(top_probs, axis=-1)
-    easy = pick_in_nucleus(top_probs, top_ids.astype(jnp.int32), top_p, u, top_cum)
-    hard = nucleus_count(top_cum, top_p) > k  # [B]
+    total = total_mass(probs)
+    ids, ranked, m, wide = _head_nucleus(scores, probs, total, drop, k)
+    easy = pick(ranked, ids, m, u)
 
-    def sort_hard_rows(_):
-      rows = jnp.nonzero(hard, size=hard_rows, fill_value=0)[0]
-      picked = pick_in_nucleus(*sorted_desc(probs[rows]), top_p, u[rows])
-      return easy.at[rows].set(jnp.where(hard[rows], picked, easy[rows]))
+    def wide_rows(rows):
+      full_ids, full_ranked, full_m = _full_nucleus(scores[rows], probs[rows],
+                                                    (total[0][rows], total[1][rows]), drop)
+      picked = pick(full_ranked, full_ids, full_m, u[rows])
+      return jnp.where(wide[rows], picked, easy[rows])
 
-    n_hard = jnp.sum(hard)
-    return jax.lax.switch(jnp.where(n_hard == 0, 0, jnp.where(n_hard <= hard_rows, 1, 2)),
-                          [lambda _: easy, sort_hard_rows, sort_all], None)
+    def gather_wide(_):
+      rows = jnp.nonzero(wide, size=hard_rows, fill_value=0)[0]
+      return easy.at[rows].set(wide_rows(rows))
+
+    def sort_all(_):
+      return wide_rows(jnp.arange(batch))
+
+    n_wide = jnp.sum(wide)
+    return jax.lax.switch(jnp.where(n_wide == 0, 0, jnp.where(n_wide <= hard_rows, 1, 2)),
+                          [lambda _: easy, gather_wide, sort_all], None)
 
   def plain(_):
-    # top_p >= 1: every token is a candidate; inverse CDF in token order needs no sort.
+    # d <= 0: every token is a candidate; inverse CDF in token order needs no sort.
     cum = jnp.cumsum(probs, axis=-1)
-    j = jnp.sum(cum < (u * cum[:, -1])[:, None], axis=-1)
+    j = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
     return jnp.minimum(j, vocab - 1).astype(jnp.int32)
 
-  sampled = jax.lax.cond(top_p >= 1.0, plain, nucleus, None)
+  sampled = jax.lax.cond(drop <= 0.0, plain, nucleus, None)
   return jnp.where(temperature <= 0.0, greedy, sampled)
 
 
+# Descending-probability helpers on a whole distribution (benchmarks and tests).
+
+def sorted_desc(probs):
+  """probs in rank order (ties: the higher id first). [R, V] -> ([R, V], [R, V] int32)."""
+  ids = ranked_all(probs)
+  return jnp.take_along_axis(probs, ids, axis=-1), ids
+
+
+def nucleus_size(sorted_probs: jax.Array, top_p) -> jax.Array:
+  """The rule's kept count for whole distributions given in rank order. [R, V] -> [R]."""
+  return nucleus_count(sorted_probs, total_mass(sorted_probs), drop_mass(top_p))[0]
+
+
+def pick_in_nucleus(sorted_probs, sorted_ids, top_p, u):
+  """The rule's draw from whole distributions given in rank order. [R, V] -> [R] token ids."""
+  return pick(sorted_probs, sorted_ids, nucleus_size(sorted_probs, top_p), u)
+
 
 def choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p, *,
-            top_k_candidates, eos, filler_id):
+           top_k_candidates, eos, filler_id):
   """The token of each row at its token index `steps` (with length replay)."""
   u = request_uniforms(seed, request_ids, steps)
   tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates)
@@ -126,4 +259,3 @@ def choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p
   replay = forced_len >= 0
   tok = jnp.where(replay & (steps >= forced_len), eos[0], tok)
   return jnp.where(replay & (steps < forced_len) & jnp.isin(tok, eos), filler_id, tok)
-
