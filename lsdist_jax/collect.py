@@ -169,14 +169,16 @@ def _collect(config, path: str, engine, stop_after_chunks: int | None, show_prog
   def write(c: int) -> None:
     """Chunk c's prompts are all done: their lengths and hidden states go to the store."""
     members = chunks[c]
-    hidden = engine.embed([ids[k] for k in members], layer=int(config.collect.hidden_layer))
+    kept = [rows[k][0].hidden for k in members]
+    if any(h is None for h in kept):  # static batches: a prefill of the chunk's prompts
+      kept = engine.embed([ids[k] for k in members], layer=int(config.collect.hidden_layer))
     records = {
         "index": np.array([todo[k].index for k in members], np.int64),
         "key": [todo[k].key for k in members],
         "prompt_len": np.array([len(ids[k]) for k in members], np.int32),
         "lengths": np.array([[len(r.generated) for r in rows[k]] for k in members], np.int32),
         "finished": np.array([[r.finished for r in rows[k]] for k in members], bool),
-        "hidden": np.asarray(hidden, np.float32),
+        "hidden": np.asarray(kept, np.float32),
     }
     store.write_chunk(f"p{process:04d}-i{todo[members[0]].index:09d}-n{len(members)}", records)
     tally["chunks"] += 1

@@ -21,6 +21,7 @@ class Row:
   generated: list[int] = dataclasses.field(default_factory=list)
   finished: bool = False  # ended with EOS
   done: bool = False  # finished, or reached max_seq_len
+  hidden: np.ndarray | None = None  # the prompt's hidden state, kept on sample 0 by sample_slots
 
 
 def cap_rounds(max_new: int, first: int = 128) -> list[int]:
@@ -77,10 +78,13 @@ def sample_slots(engine, rows: Sequence[Row], config,
   """Every row to EOS or max_seq_len through slot refill: `slots` (default
   `collect.batch_size`) slots whose cache holds max_seq_len tokens (so no row is ever capped);
   whenever `collect.refill_fraction` of the slots are free, the next rows (in the given order)
-  are prefilled into them. `on_done(row)` as each row completes. Returns the tokens generated."""
+  are prefilled into them, always as calls of `refill` rows (so one program per context block
+  length). The prefill's hidden state at `collect.hidden_layer` is kept on each prompt's sample-0
+  row (`Row.hidden`). `on_done(row)` as each row completes. Returns the tokens generated."""
   max_seq_len = int(config.generation.max_seq_len)
   batch = engine.generator.open_slots(int(slots or config.collect.batch_size), max_seq_len,
-                                      max_seq_len=max_seq_len, **_sampling(config))
+                                      max_seq_len=max_seq_len, **_sampling(config),
+                                      hidden_layer=int(config.collect.hidden_layer))
   refill = int(max(1, min(batch.slots, round(float(config.collect.refill_fraction)
                                              * batch.slots))))
   queue = list(rows)
@@ -97,7 +101,11 @@ def sample_slots(engine, rows: Sequence[Row], config,
       head += len(take)
       slots = free[start:start + len(take)]
       batch.insert(slots, [r.prompt_ids for r in take], [r.request_id for r in take],
-                   [0] * len(take))
+                   [0] * len(take), min_rows=refill)
+      firsts = [i for i, r in enumerate(take) if r.sample == 0]
+      if firsts:
+        for i, h in zip(firsts, batch.hidden([slots[i] for i in firsts])):
+          take[i].hidden = h
       for j, row in zip(slots, take):
         occupant[j] = row
     if all(row is None for row in occupant):

@@ -145,3 +145,20 @@ def test_refill_through_the_pallas_kernel(tiny_params, generator):
   got, _, _ = _continuous(pallas, prompts, list(range(5)), [(2, 64), (2, 128)], refill=1,
                           forced=forced)
   assert got == expected
+
+
+def test_padded_inserts_share_one_program_and_keep_hidden_states(generator):
+  prompts = _prompts(7, seed=5, lo=3, hi=6)  # one context block
+  ids = list(range(7))
+  expected, _ = _static(generator, prompts, ids)
+  batch = generator.open_slots(8, 128, max_seq_len=128, hidden_layer=-1, **SAMPLING)
+  before = len(generator._executables)
+  for group in ([0], [1, 2], [3, 4, 5], [6]):  # 1, 2, 3 and 1 rows: buckets 1, 2, 4 unpadded
+    batch.insert(group, [prompts[r] for r in group], [ids[r] for r in group], [0] * len(group),
+                 min_rows=4)
+  assert len(generator._executables) - before == 1
+  np.testing.assert_allclose(batch.hidden(range(7)), generator.embed(prompts), rtol=1e-4,
+                             atol=1e-5)
+  batch.decode(batch.slots)
+  read = batch.read()
+  assert [read.tokens[j, :read.num_generated[j]].tolist() for j in range(7)] == expected

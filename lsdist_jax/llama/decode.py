@@ -113,20 +113,23 @@ def slot_state(batch: int, cache_len: int, *, model: Llama) -> dict:
           "start": zeros, "n_gen": zeros, "cap": zeros, "limit": zeros,
           "forced": jnp.full((batch,), -1, jnp.int32), "done": jnp.ones((batch,), bool),
           "finished": jnp.zeros((batch,), bool),
-          "out": jnp.zeros((batch, cache_len + 1), jnp.int32)}
+          "out": jnp.zeros((batch, cache_len + 1), jnp.int32),
+          "hidden": jnp.zeros((batch, model.config.hidden_size), jnp.float32)}
 
 
 def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps, caps, limits,
                  forced_len, seed, temperature, top_p, *, model: Llama, top_k_candidates: int,
-                 eos_ids: tuple[int, ...], filler_id: int):
+                 eos_ids: tuple[int, ...], filler_id: int, hidden_layer: int = -1):
   """Prefills `tokens` ([k, P] left-padded contexts) and places row i in slot slots[i] (a slot
   index >= B drops the row: bucket padding). Its cache moves to the slot's start, so the slot
-  holds context position j at cache slot j; its first token is sampled here."""
+  holds context position j at cache slot j; its first token is sampled here. The hidden state
+  of its last context token at `hidden_layer` goes to the slot's `hidden`."""
   k, p = tokens.shape
   s_len = state["out"].shape[1] - 1
   small = init_cache(model.config, k, p, model.dtype)
-  logits, _, small = model.apply({"params": params}, tokens, small, jnp.zeros((), jnp.int32),
-                                 pad_len, logits_at="last")
+  logits, hidden, small = model.apply({"params": params}, tokens, small,
+                                      jnp.zeros((), jnp.int32), pad_len, logits_at="last",
+                                      hidden_layers=(hidden_layer,))
   eos = jnp.asarray(eos_ids, jnp.int32)
   tok = sampling.choose(logits[:, -1], request_ids, start_steps, forced_len, seed, temperature,
                         top_p, top_k_candidates=top_k_candidates, eos=eos, filler_id=filler_id)
@@ -155,7 +158,8 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
           "n_gen": put(state["n_gen"], n_gen), "cap": put(state["cap"], caps),
           "limit": put(state["limit"], limits), "forced": put(state["forced"], forced_len),
           "done": put(state["done"], done), "finished": put(state["finished"], is_eos),
-          "out": put(state["out"], out_rows)}
+          "out": put(state["out"], out_rows),
+          "hidden": put(state["hidden"], hidden[hidden_layer][:, -1].astype(jnp.float32))}
 
 
 def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: Llama,

@@ -117,6 +117,12 @@ class Generator:
       self._fns[key] = jax.jit(traced)  # shardings follow the placed inputs
     return self._fns[key]
 
+  def _rows_bucket(self, n: int) -> int:
+    """The row count a call of n rows runs at: its batch bucket, a multiple of the mesh's data
+    axis."""
+    b = batch_bucket(n, self.buckets.batch)
+    return round_up(b, self.mesh.shape["data"]) if self.mesh is not None else b
+
   def _pack(self, prompts: Sequence[Sequence[int]]):
     """Left-pads prompts into [B, P] with B, P rounded up to buckets. Padding rows are inert."""
     n = len(prompts)
@@ -125,9 +131,7 @@ class Generator:
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() < 1:
       raise ValueError(f"prompt {int(lengths.argmin())} is empty")
-    b = batch_bucket(n, self.buckets.batch)
-    if self.mesh is not None:
-      b = round_up(b, self.mesh.shape["data"])
+    b = self._rows_bucket(n)
     p = round_up(int(lengths.max()), self.buckets.prompt)
     tokens = np.full((b, p), self.pad_id, np.int32)
     pad_len = np.full((b,), p, np.int32)
@@ -226,11 +230,12 @@ class Generator:
   # ------------------------------------------------------------------------- slot refill
 
   def open_slots(self, slots: int, cache_len: int, *, max_seq_len: int, seed: int = 0,
-                 temperature: float = 0.6, top_p: float = 0.9) -> "SlotBatch":
+                 temperature: float = 0.6, top_p: float = 0.9,
+                 hidden_layer: int = -1) -> "SlotBatch":
     """A continuous batch of `slots` rows (rounded up to a batch bucket, and to a multiple of
-    the mesh's data axis) over `cache_len` KV slots per row, with fixed sampling settings. On a
-    mesh the slots are split over `data` and the cache's kv heads over `model`. See
-    `SlotBatch`."""
+    the mesh's data axis) over `cache_len` KV slots per row, with fixed sampling settings; each
+    insert keeps its rows' hidden states at `hidden_layer` (`SlotBatch.hidden`). On a mesh the
+    slots are split over `data` and the cache's kv heads over `model`. See `SlotBatch`."""
     b = batch_bucket(int(slots), self.buckets.batch)
     if self.mesh is not None:
       b = round_up(b, self.mesh.shape["data"])
@@ -241,7 +246,8 @@ class Generator:
                                out_shardings=self._slot_shardings(b, s))
     return SlotBatch(self, self._fns[key](), b, s, max_seq_len=int(max_seq_len),
                      sampling=(jnp.uint32(seed), jnp.float32(temperature),
-                               jnp.asarray(sampling.top_p_setting(top_p))))
+                               jnp.asarray(sampling.top_p_setting(top_p))),
+                     hidden_layer=int(hidden_layer))
 
   def _slot_shardings(self, batch: int, cache_len: int):
     """Shardings of a slot state on the mesh (None without one)."""
@@ -252,14 +258,17 @@ class Generator:
     rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
     state = {name: rows for name in ("tok", "plen", "rid", "start", "n_gen", "cap", "limit",
                                      "forced", "done", "finished")}
-    return dict(state, cache=[{"k": cs, "v": cs}] * self.config.num_layers, out=rows2)
+    return dict(state, cache=[{"k": cs, "v": cs}] * self.config.num_layers, out=rows2,
+                hidden=rows2)
 
-  def _slot_fn(self, kind: str, batch: int, cache_len: int):
-    key = (kind,) + ((batch, cache_len) if self.mesh is not None else ())
+  def _slot_fn(self, kind: str, batch: int, cache_len: int, hidden_layer: int = -1):
+    key = (kind, hidden_layer) + ((batch, cache_len) if self.mesh is not None else ())
     if key not in self._fns:
       core = decode.slot_insert if kind == "slot_insert" else decode.slot_decode
       kw = dict(model=self.model, top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
                 filler_id=self.filler_id)
+      if kind == "slot_insert":
+        kw["hidden_layer"] = hidden_layer
       if self.mesh is None:
         self._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(1,))
       else:  # the state keeps its shardings from call to call; the other inputs are replicated
@@ -291,10 +300,10 @@ class SlotBatch:
   done but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
 
   def __init__(self, generator: Generator, state: dict, slots: int, cache_len: int, *,
-               max_seq_len: int, sampling: tuple):
+               max_seq_len: int, sampling: tuple, hidden_layer: int = -1):
     self.generator, self.state = generator, state
     self.slots, self.cache_len, self.max_seq_len = slots, cache_len, max_seq_len
-    self.sampling = sampling
+    self.sampling, self.hidden_layer = sampling, hidden_layer
     self.steps = 0  # decode steps run so far
 
   def room(self, context_len):
@@ -304,8 +313,11 @@ class SlotBatch:
 
   def insert(self, slot_ids: Sequence[int], contexts: Sequence[Sequence[int]],
              request_ids: Sequence[int], start_steps: Sequence[int],
-             forced_lengths: Sequence[int] | None = None) -> None:
-    """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots."""
+             forced_lengths: Sequence[int] | None = None, min_rows: int = 0) -> None:
+    """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots.
+    The call's row count is the batch bucket of max(len(contexts), min_rows): a caller that
+    inserts up to m rows at a time passes min_rows=m, and every insert of one context block
+    length is then the same program."""
     gen = self.generator
     n = len(contexts)
     if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
@@ -314,6 +326,10 @@ class SlotBatch:
     if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
       raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
     tokens, pad_len, lengths, k, p = gen._pack(contexts)
+    want = gen._rows_bucket(max(n, int(min_rows)))
+    if want > k:  # inert padding rows, as _pack adds
+      tokens = np.pad(tokens, ((0, want - k), (0, 0)), constant_values=gen.pad_id)
+      pad_len, k = np.pad(pad_len, (0, want - k), constant_values=p), want
     block = context_block(p, gen.buckets.prompt, self.cache_len)
     if block > p:
       tokens = np.pad(tokens, ((0, 0), (block - p, 0)), constant_values=gen.pad_id)
@@ -338,9 +354,10 @@ class SlotBatch:
     args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
                                      per_row(request_ids, 0, np.uint32),
                                      per_row(start_steps, 0, np.int32), caps, limits, forced)]
-    self.state = gen._run(f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}",
-                          gen._slot_fn("slot_insert", self.slots, self.cache_len), gen.params,
-                          self.state, *args, *self.sampling)
+    self.state = gen._run(
+        f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}/{self.hidden_layer}",
+        gen._slot_fn("slot_insert", self.slots, self.cache_len, self.hidden_layer), gen.params,
+        self.state, *args, *self.sampling)
 
   def decode(self, free_target: int) -> int:
     """Runs decode steps until at least `free_target` slots are done (or all are); returns the
@@ -353,6 +370,11 @@ class SlotBatch:
     steps = int(steps)
     self.steps += steps
     return steps
+
+  def hidden(self, slot_ids: Sequence[int]) -> np.ndarray:
+    """The hidden states the last insert into each of these slots computed (at the batch's
+    hidden_layer, at the last context token). -> [n, D] float32."""
+    return np.asarray(jax.device_get(self.state["hidden"]))[np.asarray(slot_ids, np.int64)]
 
   def read(self) -> SlotRead:
     st = jax.device_get({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
