@@ -24,6 +24,7 @@ flags.DEFINE_integer("max_new_tokens", 512, "response cap")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "both sides' dtype")
 flags.DEFINE_integer("seed", 0, "sampling seed (and prompt shuffle)")
 flags.DEFINE_integer("batch_size", 64, "our batch size")
+flags.DEFINE_integer("hf_batch_size", 256, "transformers rows per generate call (prompts x samples)")
 flags.DEFINE_integer("diagnose_rows", 16, "transformers responses replayed through both models "
                      "to compare their EOS probabilities (0: skip)")
 flags.DEFINE_string("out", "", "write the JSON here")
@@ -48,6 +49,7 @@ def main(argv):
                         samples_per_prompt=FLAGS.samples, temperature=FLAGS.temperature,
                         top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens,
                         dtype=FLAGS.dtype, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                        hf_batch_size=FLAGS.hf_batch_size,
                         diagnose_rows=FLAGS.diagnose_rows)
   summary = {k: v for k, v in result.items() if not k.startswith("lengths_")}
   print(json.dumps(summary, indent=1))

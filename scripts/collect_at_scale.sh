@@ -29,11 +29,9 @@ step() {  # step <name> <args...>: runs launch/collect.py unless <run>/<name>.js
   echo "$(date +%T) $name: exit $rc" >> "$log"
 }
 
-step smoke "${alpaca[@]}" --config.data.slice=0:16 --config.collect.samples_per_prompt=4 \
-  --config.collect.store="$run/smoke" --devices=0
-if [ ! -f "$run/fidelity.json" ]; then
-  CUDA_VISIBLE_DEVICES=1 python3 launch/fidelity.py --gguf="$gguf" --prompts=64 --samples=16 \
-    --out="$run/fidelity.json" > "$run/fidelity.log" 2>&1 &
+if [ ! -f "$run/fidelity.json" ]; then  # transformers at batch 256 (16 prompts x 16 a call)
+  CUDA_VISIBLE_DEVICES=1 timeout 480 python3 launch/fidelity.py --gguf="$gguf" --prompts=64 \
+    --samples=16 --out="$run/fidelity.json" > "$run/fidelity.log" 2>&1 &
   fidelity=$!
 fi
 step one_gpu "${alpaca[@]}" --config.data.slice=0:1024 --devices=0
@@ -42,9 +40,13 @@ echo "$(date +%T) fidelity: $(tail -c 300 "$run/fidelity.log" | tr '\n' ' ')" >>
 step two_gpu "${alpaca[@]}" --config.data.slice=1024:3072 --devices=0,1
 step alpaca_rest "${alpaca[@]}" --config.data.slice=: --devices=0,1
 step mix --config=configs/smollm2_mix_gpu.py --config.collect.store="$run/mix" --devices=0,1
-# one process, a (data=2) mesh over both GPUs; capped at 4 minutes
-timeout 240 python3 launch/collect.py "${alpaca[@]}" "${common[@]}" --config.data.slice=0:512 \
+# one process, a (data=2) mesh over both GPUs; capped at 3 minutes
+timeout 180 python3 launch/collect.py "${alpaca[@]}" "${common[@]}" --config.data.slice=0:256 \
   --config.collect.store="$run/mesh_store" --workdir="$run/mesh.work" --summary=mesh \
   > "$run/mesh.log" 2>&1
 echo "$(date +%T) mesh: exit $? $(cp "$run/mesh.work/mesh.json" "$run/mesh.json" 2>&1)" >> "$log"
+for name in alpaca mix; do  # the stores as committed: float16 hidden states
+  [ -d "$run/compact_$name" ] || python3 launch/compact_store.py --store="$run/$name" \
+    --out="$run/compact_$name" >> "$log" 2>&1
+done
 echo "$(date +%T) all done" >> "$log"

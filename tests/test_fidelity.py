@@ -70,3 +70,39 @@ def test_replayed_logits_agree_between_prefill_decode_and_generation():
   hazards = our_eos_hazards(prefill, 1.0, 1.0, [2])
   assert hazards.shape == (40,) and ((hazards > 0) & (hazards < 1)).all()
   assert (our_eos_hazards(prefill, 0.6, 0.5, [2]) <= 1).all()
+
+
+class _FakeHF:
+  """generate(): each prompt's row repeated n times, then a response whose length is the
+  prompt's last token id plus its sample number, ended by EOS (2) and padded (0)."""
+
+  class generation_config:
+    eos_token_id = 2
+
+  def parameters(self):
+    import torch
+    yield torch.zeros(1)
+
+  def generate(self, tokens, attention_mask, num_return_sequences, max_new_tokens, **_):
+    import torch
+    rows = []
+    for row, mask in zip(tokens.tolist(), attention_mask.tolist()):
+      assert mask == [0] * mask.count(0) + [1] * mask.count(1)  # left padding, masked
+      for j in range(num_return_sequences):
+        n = min(row[-1] + j, max_new_tokens)
+        rows.append(row + [7] * n + [2] * (n < max_new_tokens))
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows])
+
+
+def test_hf_lengths_batches_prompts_and_returns_each_prompt_its_own_samples():
+  pytest.importorskip("torch")
+  from lsdist_jax.benchmark.fidelity import hf_lengths
+
+  prompts = [[1, 5, 10], [1, 20], [1, 3, 4, 30], [1, 40], [1, 50]]
+  got = hf_lengths(_FakeHF(), prompts, 3, temperature=0.6, top_p=0.9, max_new_tokens=45,
+                   seed=0, batch_size=6, pad_id=0)  # 2 prompts x 3 samples a call
+  assert got == [[10, 11, 12], [20, 21, 22], [30, 31, 32], [40, 41, 42], [45, 45, 45]]
+  # more samples than a call holds: one prompt's samples over several calls
+  assert hf_lengths(_FakeHF(), prompts[:1], 5, temperature=0.6, top_p=0.9, max_new_tokens=45,
+                    seed=0, batch_size=2, pad_id=0) == [[10, 11, 10, 11, 10]]

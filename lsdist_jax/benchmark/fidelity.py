@@ -103,27 +103,33 @@ def hf_stop_ids(model) -> list[int]:
 def hf_lengths(model, prompt_ids, samples, *, temperature, top_p, max_new_tokens, seed,
                batch_size, pad_id) -> list[list[int]]:
   """transformers `generate` with sampling (top_k=0: only temperature and top-p), `samples`
-  return sequences per prompt (no padding inside a call), stopped by the model's
-  generation_config EOS ids; lengths exclude the EOS."""
+  return sequences per prompt, stopped by the model's generation_config EOS ids; lengths exclude
+  the EOS. Up to batch_size // samples prompts share a call (left-padded, masked), so a GPU runs
+  them at a useful batch; with samples > batch_size, one prompt's samples take several calls."""
   import torch
 
   device = next(model.parameters()).device
   stop = hf_stop_ids(model)
-  lengths = []
-  for i, ids in enumerate(prompt_ids):
-    row = []
-    torch.manual_seed(seed * 1_000_003 + i)
-    while len(row) < samples:
-      n = min(batch_size, samples - len(row))
+  per_call = max(1, batch_size // samples)
+  lengths: list[list[int]] = [[] for _ in prompt_ids]
+  for first in range(0, len(prompt_ids), per_call):
+    group = list(range(first, min(first + per_call, len(prompt_ids))))
+    width = max(len(prompt_ids[i]) for i in group)
+    tokens = torch.full((len(group), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, i in enumerate(group):
+      tokens[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
+      mask[row, width - len(prompt_ids[i]):] = 1
+    torch.manual_seed(seed * 1_000_003 + first)
+    while len(lengths[group[0]]) < samples:
+      n = min(max(1, batch_size // len(group)), samples - len(lengths[group[0]]))
       with torch.no_grad():
-        out = model.generate(torch.tensor([ids], device=device), do_sample=True,
+        out = model.generate(tokens.to(device), attention_mask=mask.to(device), do_sample=True,
                              temperature=temperature, top_p=top_p, top_k=0,
                              max_new_tokens=max_new_tokens, num_return_sequences=n,
-                             pad_token_id=pad_id,
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                       device=device))
-      row += [first_stop(seq[len(ids):].tolist(), stop) for seq in out]
-    lengths.append(row)
+                             pad_token_id=pad_id)
+      for k, seq in enumerate(out):  # rows: each prompt's n sequences together
+        lengths[group[k // n]].append(first_stop(seq[width:].tolist(), stop))
   return lengths
 
 
@@ -300,7 +306,7 @@ def processed_tv(theirs, logits, temperature, top_p) -> np.ndarray:
 def run_fidelity(gguf_path: str, prompts: Sequence[str], samples_per_prompt: int = 16,
                  temperature: float = 0.6, top_p: float = 0.9, max_new_tokens: int = 512,
                  dtype: str = "bfloat16", seed: int = 0, batch_size: int = 64,
-                 hf_batch_size: int = 64, diagnose_rows: int = 0,
+                 hf_batch_size: int = 256, diagnose_rows: int = 0,
                  device: str | None = None) -> dict:
   """Samples `samples_per_prompt` responses per prompt with our Engine and with transformers,
   from the same GGUF, chat-formatted prompt ids and settings, and compares their lengths
