@@ -118,6 +118,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.predictor.epochs = 100
   c.predictor.checkpoint_every = 10  # epochs between orbax saves (latest, and best if improved)
 
+  # The LLM as its own length predictor (Sequence Scheduling, Zheng et al. 2023): LoRA-tuned to
+  # answer, for a prompt, the bin of its response length (lsdist_jax/lora, launch/train_lora.py).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.target = "max"  # max | median: of each training prompt's sampled lengths
+  c.lora.bin_width = 100  # the answer is the target rounded up to a multiple of this (max_bin100)
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+  c.lora.targets = ("q", "v")  # some of q, k, v, o, gate, up, down, or ("all",)
+  c.lora.learning_rate = 1e-4
+  c.lora.warmup_fraction = 0.03  # linear warm-up over this share of the steps, then cosine
+  c.lora.weight_decay = 0.0
+  c.lora.epochs = 3
+  c.lora.batch_size = 16
+  c.lora.compute_dtype = "float32"  # the training forward (adapted weights are kept exact)
+  c.lora.answer_tokens = 6  # greedy tokens generated for an answer (digits + EOS)
+  c.lora.max_prompt_tokens = 512  # longer training prompts are cut to their last tokens
+  c.lora.checkpoint_every = 1  # epochs between orbax saves (latest, and best by valid loss)
+  c.lora.predict_batch = 64  # prompts per batched greedy prediction
+
   # Scheduling.
   c.schedule = ml_collections.ConfigDict()
   c.schedule.threshold = 0.6
