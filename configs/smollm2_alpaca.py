@@ -2,6 +2,7 @@
 
   python launch/pipeline.py --config=configs/smollm2_alpaca.py
   python launch/pipeline.py --config=configs/smollm2_alpaca.py:gpu   # the full-size GPU run
+  python launch/evaluate.py --config=configs/smollm2_alpaca.py:eval --train ...   # predictors
 """
 
 from lsdist_jax.config import default_config
@@ -59,6 +60,20 @@ def get_config(arg: str = "cpu"):
     c.benchmark.requests = 2048
     c.schedule.kv_budget_tokens = 64 * 1024
     c.schedule.max_batch = 256
+  elif arg == "eval":
+    # The predictor evaluation at scale on a CPU (launch/evaluate.py --train): the GPU store's
+    # bins (0..1024), today's net at a batch that trains ~6,000 prompts in minutes on 2 cores,
+    # against the reference code's recipe; the choice is made on the validation split. The ~700
+    # validation prompts fit the recalibration map alone (no out-of-fold trainings).
+    c.workdir = "runs/predictor_eval"
+    c.data.source = "alpaca_local"
+    c.predictor.hidden_sizes = (1024, 512)
+    c.predictor.dropout = 0.3
+    c.predictor.epochs = 60
+    c.predictor.batch_size = 128
+    c.predictor.learning_rate = 3e-4
+    c.predictor.recalibration_folds = 0
+    c.evaluate.recipes = ("current", "seed")
   else:
-    raise ValueError(f"configs/smollm2_alpaca.py takes 'cpu' or 'gpu', got {arg!r}")
+    raise ValueError(f"configs/smollm2_alpaca.py takes 'cpu', 'gpu' or 'eval', got {arg!r}")
   return c

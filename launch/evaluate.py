@@ -2,6 +2,11 @@
 
   python launch/evaluate.py --config=configs/smollm2_alpaca.py --workdir=runs/smollm2_alpaca
   python launch/evaluate.py ... --cv_folds=5   # also: K-fold evaluation over every prompt
+  # train every predictor (recipes chosen on validation), the test table and the out-of-domain
+  # tables per dataset of a mix store, into one JSON:
+  python launch/evaluate.py --config=configs/smollm2_alpaca.py:eval --train \
+      --store=<alpaca store> --mix_store=<instructions_mix store> --workdir=runs/predictor_eval \
+      --out=docs/results/predictor.json
 """
 
 from absl import flags
@@ -17,6 +22,12 @@ flags.DEFINE_string("store", None, "length store (default: config.collect.store 
                     "<workdir>/store)")
 flags.DEFINE_integer("cv_folds", 0, "if > 1, also train and score the distribution predictor "
                      "in this many folds over every prompt of the store (<workdir>/cv/)")
+flags.DEFINE_bool("train", False, "train (or resume) every predictor of config.evaluate on the "
+                  "store's train split first, choose the distribution recipe on validation, and "
+                  "report the test table (and --mix_store's tables) in --out")
+flags.DEFINE_string("mix_store", None, "with --train: an instructions_mix store for the "
+                    "out-of-domain tables (default: config.evaluate.mix_store)")
+flags.DEFINE_string("out", None, "with --train: the JSON written (default: <workdir>/predictor.json)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -28,9 +39,18 @@ def main(argv):
   quiet_libraries()
   import os
   from lsdist_jax import paths
-  from lsdist_jax.predictor.evaluate import cross_validate, evaluate_predictors, table_text
+  from lsdist_jax.predictor.evaluate import (cross_validate, evaluate_predictors, report_text,
+                                             table_text, train_and_report)
 
   store = FLAGS.store or paths.store(FLAGS.config, FLAGS.workdir)
+  if FLAGS.train:
+    out = train_and_report(FLAGS.config, store, FLAGS.workdir, FLAGS.mix_store or "", FLAGS.out)
+    print(report_text(out))
+    return
+  if FLAGS.mix_store or FLAGS.out:
+    from lsdist_jax.errors import ConfigError
+
+    raise ConfigError("--mix_store and --out go with --train")
   out = evaluate_predictors(FLAGS.config, paths.predictor_exports(FLAGS.workdir), FLAGS.workdir,
                             store)
   print(table_text(out))

@@ -18,6 +18,15 @@ from ml_collections import config_dict
 # lengths 0..max_seq_len.
 LENGTH_CONVENTION = "response_tokens_eos_excluded_capped_at_max_seq_len_minus_prompt"
 
+# The reference code's predictor (REFERENCE.md) as `predictor.recipe = "seed"`: an MLP of
+# 4096 -> 8192 -> 4096 -> 2048 -> bins on a 4096-dim hidden state, i.e. widths of 2, 1 and 0.5
+# times the hidden size; KDE sigma 32, input noise 1.0, Adam 1e-5, batch 1024, 300 epochs.
+PREDICTOR_RECIPES = {
+    "seed": {"width_factors": (2.0, 1.0, 0.5), "dropout": 0.5, "kde_sigma": 32.0,
+             "input_noise_std": 1.0, "loss": "kl", "optimizer": "adam", "learning_rate": 1e-5,
+             "weight_decay": 0.0, "schedule": "constant", "batch_size": 1024, "epochs": 300},
+}
+
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -117,6 +126,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.predictor.batch_size = 256
   c.predictor.epochs = 100
   c.predictor.checkpoint_every = 10  # epochs between orbax saves (latest, and best if improved)
+  # current: the settings above | seed: the reference code's recipe (PREDICTOR_RECIPES), which
+  # replaces them, its widths scaled to the hidden size.
+  c.predictor.recipe = "current"
+
+  # The predictor evaluation (launch/evaluate.py --train): candidates of the distribution
+  # predictor (recipes, chosen by validation CRPS), the scalar baselines, the out-of-domain tables.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.recipes = ("current",)
+  c.evaluate.scalar_targets = ("max", "mean", "0.9")  # max | mean | a quantile of the samples
+  c.evaluate.bootstrap_draws = 2000  # 95% intervals of coverage, prompts resampled
+  c.evaluate.mix_store = ""  # a store of instructions_mix prompts: tables per `dataset`
+  # The out-of-domain recalibration row: a quantile map fitted on this many mix prompts (of the
+  # mix store's train split), every table then scored on the other mix prompts; 0: no such row.
+  c.evaluate.mix_recalibration_prompts = 300
 
   # The LLM as its own length predictor (Sequence Scheduling, Zheng et al. 2023): LoRA-tuned to
   # answer, for a prompt, the bin of its response length (lsdist_jax/lora, launch/train_lora.py).

@@ -10,7 +10,7 @@ from lsdist_jax.config import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the configs/ package sits beside lsdist_jax/
-NAMED = {"smollm2_alpaca": ("cpu", "gpu")}  # configs that take an argument
+NAMED = {"smollm2_alpaca": ("cpu", "gpu", "eval")}  # configs that take an argument
 CONFIGS = [(name, arg) for name in sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
                                           if f.endswith(".py") and f != "__init__.py")
            for arg in NAMED.get(name, (None,))]

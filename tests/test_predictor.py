@@ -279,3 +279,87 @@ def test_out_of_fold_recalibration_uses_every_training_prompt(data, tmp_path):
   config.predictor.recalibration_folds = 60
   with pytest.raises(ValueError, match="recalibration_folds=60 needs at least 120"):
     train_and_evaluate(config, str(tmp_path / "bad"), small)
+
+
+def _write_store(path, keys, split: Split, meta_data: dict):
+  from lsdist_jax.store import LengthStore
+
+  n = len(keys)
+  meta = {"model": {"name": "synthetic"}, "generation": {"max_seq_len": MAX_LEN + 40},
+          "split_seed": 0, "split_fractions": [0.8, 0.1, 0.1], "data": meta_data}
+  store = LengthStore.create_or_open(path, meta, hidden_dim=split.hidden.shape[1],
+                                     samples_per_prompt=split.lengths.shape[1])
+  store.write_chunk("p0", {"index": np.arange(n), "key": list(keys), "prompt_len": np.full(n, 10),
+                           "lengths": split.lengths[:n], "finished": np.ones_like(split.lengths[:n]),
+                           "hidden": split.hidden[:n]})
+  return path
+
+
+def test_train_and_report_chooses_a_recipe_on_validation_and_scores_each_mix_dataset(tmp_path):
+  """The whole evaluation from two stores: recipes trained and chosen on validation, the test
+  table with bootstrap intervals, the out-of-domain table per `dataset` of a mix store (whose
+  lengths follow another rule: the Alpaca-trained net is off there) and its in-domain
+  recalibration row, which repairs the coverage that the shift breaks."""
+  import ml_collections
+  from lsdist_jax.data import open_source
+  from lsdist_jax.predictor.evaluate import report_text, train_and_report
+
+  pool, _ = synthetic(300, 3)
+  alpaca = _write_store(str(tmp_path / "alpaca"), [prompt_key(f"a{i}") for i in range(300)],
+                        pool, {"source": "alpaca_local"})
+  prompts = open_source(ml_collections.ConfigDict(
+      {"source": "instructions_mix", "datasets": ()})).prompts
+  mix = ([p for p in prompts if p.dataset == "dolly15k"][:100]
+         + [p for p in prompts if p.dataset == "gsm8k_test"][:100])
+  shifted, _ = synthetic(len(mix), 4)
+  shifted.lengths[:] = np.minimum(shifted.lengths + 10, MAX_LEN)  # longer than Alpaca's rule
+  mix_path = _write_store(str(tmp_path / "mix"), [p.key for p in mix], shifted,
+                          {"source": "instructions_mix"})
+  config = small_config(epochs=25)
+  config.evaluate.recipes = ("current", "seed")
+  config.evaluate.bootstrap_draws = 300
+  config.evaluate.mix_recalibration_prompts = 60
+  config.evaluate.scalar_targets = ("max", "0.9")
+  out_path = str(tmp_path / "results" / "predictor.json")
+  out = train_and_report(config, alpaca, str(tmp_path / "work"), mix_path, out_path)
+  with open(out_path) as f:
+    assert json.load(f) == json.loads(json.dumps(out))
+  assert out["test_prompts"] + out["train_prompts"] + out["valid_prompts"] == 300
+  validation = out["recipe"]["validation"]
+  assert set(validation) == {"current", "seed"}
+  # Adam at 1e-5 for 25 epochs barely moves the seed's net: today's wins on validation CRPS.
+  assert out["recipe"]["chosen"] == "current"
+  assert validation["current"]["crps"] < validation["seed"]["crps"]
+  rows = {r["model"]: r for r in out["rows"]}
+  assert list(rows) == ["distribution", "distribution-uncalibrated", "distribution-seed-recipe",
+                        "scalar-max", "scalar-q0.9", "marginal"]
+  for key in ("kl", "w1", "crps"):
+    assert rows["distribution"][key] < rows["marginal"][key], key
+  for q, (lo, hi) in rows["distribution"]["coverage_ci"].items():
+    assert lo <= rows["distribution"]["coverage"][q] <= hi
+  assert rows["scalar-max"]["coverage"]["0.9"] is None and rows["scalar-max"]["kl"] is None
+  ood = out["out_of_domain"]
+  assert set(ood) == {"all", "dolly15k", "gsm8k_test"}
+  assert ood["dolly15k"]["prompts"] + ood["gsm8k_test"]["prompts"] == ood["all"]["prompts"] == 140
+  every = {r["model"]: r for r in ood["all"]["rows"]}
+  off = lambda r: max(abs(r["coverage"][q] - float(q)) for q in ("0.5", "0.8", "0.9"))
+  assert off(every["distribution"]) > 0.1  # the shift breaks the Alpaca calibration
+  assert off(every["distribution-recalibrated-in-domain"]) < 0.5 * off(every["distribution"])
+  assert "out of domain, gsm8k_test" in report_text(out)
+  assert os.path.isfile(tmp_path / "results" / "predictor_reliability.png")
+
+
+def test_seed_recipe_scales_the_reference_widths_to_the_hidden_size():
+  from lsdist_jax.errors import ConfigError
+  from lsdist_jax.predictor.train import with_recipe
+
+  config = small_config()
+  config.predictor.recipe = "seed"
+  seed = with_recipe(config, 576).predictor
+  assert tuple(seed.hidden_sizes) == (1152, 576, 288)
+  assert (seed.learning_rate, seed.batch_size, seed.epochs, seed.kde_sigma,
+          seed.input_noise_std, seed.dropout) == (1e-5, 1024, 300, 32.0, 1.0, 0.5)
+  assert with_recipe(small_config(), 576).predictor.hidden_sizes == (64, 64)
+  config.predictor.recipe = "paper"
+  with pytest.raises(ConfigError, match="predictor.recipe 'paper'"):
+    with_recipe(config, 576)

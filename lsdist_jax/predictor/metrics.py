@@ -51,24 +51,33 @@ def coverage_interval(pred: np.ndarray, lengths: np.ndarray, qs=(0.5, 0.8, 0.9),
   """A bootstrap interval of each coverage figure over prompts (prompts resampled with
   replacement, each with all its samples): how much the figure owes to which prompts were held
   out. With few test prompts it is wide. {q: [lo, hi]}."""
+  if draws < 1:
+    raise ValueError(f"the bootstrap needs at least one draw, got {draws}")
   rng = np.random.default_rng(seed)
-  picks = rng.integers(0, pred.shape[0], size=(draws, pred.shape[0]))
+  n = pred.shape[0]
+  per_prompt = np.stack([np.mean(lengths <= quantile(pred, q)[:, None], axis=1)
+                         for q in qs])  # [len(qs), P]
+  boot = np.concatenate([per_prompt[:, rng.integers(0, n, size=(min(256, draws - d), n))]
+                         .mean(axis=2) for d in range(0, draws, 256)], axis=1)  # [len(qs), draws]
   out = {}
-  for q in qs:
-    per_prompt = np.mean(lengths <= quantile(pred, q)[:, None], axis=1)  # [P]
-    boot = per_prompt[picks].mean(axis=1)
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+  for q, q_boot in zip(qs, boot):
+    lo, hi = np.quantile(q_boot, [(1 - level) / 2, (1 + level) / 2])
     out[f"{q:.1f}"] = [round(float(lo), 4), round(float(hi), 4)]
   return out
 
 
-def evaluate_pmf(name: str, pred: np.ndarray, lengths: np.ndarray, sigma: float) -> dict:
+def evaluate_pmf(name: str, pred: np.ndarray, lengths: np.ndarray, sigma: float,
+                 draws: int = 2000) -> dict:
+  """One table row of a predicted pmf [P, L+1] against each prompt's samples lengths [P, N]."""
+  if pred.shape[0] != lengths.shape[0] or pred.shape[0] == 0:
+    raise ValueError(f"{name}: {pred.shape[0]} predictions for {lengths.shape[0]} prompts; "
+                     "expected one per prompt, and at least one")
   max_len = pred.shape[1] - 1
   target = kde_target(lengths, max_len, sigma)
   cov = coverage(pred, lengths)
   return {"model": name, "kl": kl(target, pred), "w1": wasserstein1(pred, lengths),
           "crps": crps(pred, lengths), "coverage": {k: cov[k] for k in ("0.5", "0.8", "0.9")},
-          "coverage_all": cov, "coverage_ci95": coverage_interval(pred, lengths),
+          "coverage_all": cov, "coverage_ci": coverage_interval(pred, lengths, draws=draws),
           "mae_median": float(np.mean(np.abs(quantile(pred, 0.5)
                                              - np.median(lengths, axis=1)))),
           "mae_max": float(np.mean(np.abs(quantile(pred, MAX_Q) - lengths.max(axis=1))))}
@@ -78,7 +87,7 @@ def evaluate_scalar(name: str, pred: np.ndarray, lengths: np.ndarray) -> dict:
   err = np.abs(lengths - pred[:, None])
   return {"model": name, "kl": None, "w1": float(err.mean()), "crps": float(err.mean()),
           "coverage": {"0.5": None, "0.8": None, "0.9": None}, "coverage_all": None,
-          "coverage_ci95": None,
+          "coverage_ci": None,
           "mae_median": float(np.mean(np.abs(pred - np.median(lengths, axis=1)))),
           "mae_max": float(np.mean(np.abs(pred - lengths.max(axis=1))))}
 

@@ -48,6 +48,28 @@ def load_splits(store_path: str) -> dict[str, Split]:
   return out
 
 
+def with_recipe(config, hidden_dim: int):
+  """The config whose predictor section follows `predictor.recipe`: "current" as it is, "seed"
+  replaced by the reference code's recipe (config.PREDICTOR_RECIPES), widths scaled to
+  `hidden_dim`."""
+  from lsdist_jax.config import PREDICTOR_RECIPES
+  from lsdist_jax.errors import ConfigError
+
+  recipe = str(config.predictor.get("recipe", "current"))
+  if recipe == "current":
+    return config
+  if recipe not in PREDICTOR_RECIPES:
+    raise ConfigError(f"predictor.recipe {recipe!r}: expected 'current' or one of "
+                      f"{sorted(PREDICTOR_RECIPES)}")
+  settings = dict(PREDICTOR_RECIPES[recipe])
+  config = config.copy_and_resolve_references()
+  config.predictor.hidden_sizes = tuple(max(1, int(round(f * hidden_dim)))
+                                        for f in settings.pop("width_factors"))
+  for key, value in settings.items():
+    config.predictor[key] = value
+  return config
+
+
 def predictor_spec(config, hidden_dim: int) -> dict:
   pc = config.predictor
   return {"kind": pc.kind, "hidden_dim": int(hidden_dim), "max_len": int(pc.max_len),
@@ -139,10 +161,11 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   import orbax.checkpoint as ocp
   from lsdist_jax import sharding as shd
 
-  pc = config.predictor
   if data is None:
     data = load_splits(paths.store(config))
   train, valid = data["train"], data["valid"]
+  config = with_recipe(config, train.hidden.shape[1])
+  pc = config.predictor
   folds = int(pc.recalibration_folds) if pc.kind == "distribution" and pc.recalibrate else 0
   if folds and train.hidden.shape[0] < 2 * folds:
     raise ValueError(f"predictor.recalibration_folds={folds} needs at least {2 * folds} "
@@ -178,6 +201,7 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   epochs_run = 0
   every = max(1, int(pc.checkpoint_every))
   pending_best = None  # (epoch, params) of a best not yet on disk
+  bar = _epoch_bar(int(pc.epochs), int(state["epoch"]), os.path.basename(workdir.rstrip("/")))
   for epoch in range(int(state["epoch"]), int(pc.epochs)):
     t0 = time.perf_counter()
     perm = np.random.default_rng([int(config.seed), epoch]).permutation(x_train.shape[0])
@@ -210,15 +234,21 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
               "best": improved, "seconds": round(time.perf_counter() - t0, 3)}
     with open(log_path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    logging.info("epoch %d: train %.5f valid %.5f%s (%.2fs)", epoch + 1, train_loss, valid_loss,
-                 " *" if improved else "", record["seconds"])
+    bar.set_postfix_str(f"train {train_loss:.4f} valid {valid_loss:.4f} "
+                        f"best {float(state['best_valid']):.4f}", refresh=False)
+    bar.update(1)
     epochs_run += 1
     if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+      bar.close()
       return {"stopped_at_epoch": epoch + 1}
+  bar.close()
   best_step, best_params = checkpoints.restore_best(root, best, jax.device_get(state["params"]))
   best_params = jax.device_get(best_params)
   extra = {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
-           "loss": pc.loss, "kde_sigma": float(pc.kde_sigma)}
+           "loss": pc.loss, "kde_sigma": float(pc.kde_sigma), "recipe": str(pc.recipe),
+           "training": {"optimizer": pc.optimizer, "learning_rate": float(pc.learning_rate),
+                        "batch": batch, "epochs": int(pc.epochs),
+                        "input_noise_std": float(pc.input_noise_std)}}
   if spec["kind"] == "distribution" and pc.recalibrate:
     # Fitted on prompts the weights never trained on: the validation prompts, and with
     # recalibration_folds > 0 also every training prompt, scored by a model trained without it.
@@ -234,6 +264,15 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   best.close()
   return {"best_epoch": int(best_step), "best_valid_loss": float(state["best_valid"]),
           "epochs": int(pc.epochs), "export": export_dir, "params": jax.device_get(state["params"])}
+
+
+def _epoch_bar(epochs: int, done: int, name: str):
+  """One progress bar over the epochs, showing the current losses (the per-epoch records go to
+  train_log.jsonl)."""
+  from tqdm import tqdm
+
+  return tqdm(total=epochs, initial=done, desc=f"train {name}", unit="epoch", mininterval=1.0,
+              dynamic_ncols=True, leave=True)
 
 
 def _truncate_log(path: str, epochs_done: int) -> None:
