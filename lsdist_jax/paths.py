@@ -29,9 +29,16 @@ def predictor_export(workdir: str, name: str) -> str:
   return os.path.join(predictor_workdir(workdir, name), "export")
 
 
+# The LLM itself LoRA-tuned to answer its length bin (launch/train_lora.py), beside them.
+LORA = "lora"
+
+
 def predictor_exports(workdir: str) -> dict[str, str]:
-  """{predictor name: its export folder} for every predictor the pipeline trains."""
-  return {name: predictor_export(workdir, name) for name in PREDICTORS}
+  """{predictor name: its export folder} for every predictor the pipeline trains, and the LoRA
+  predictor's (used where it exists)."""
+  out = {name: predictor_export(workdir, name) for name in PREDICTORS}
+  out[LORA] = predictor_export(workdir, LORA)
+  return out
 
 
 def profiled_cost_model(workdir: str) -> str:

@@ -127,7 +127,8 @@ def test_bad_specs_and_adapters_are_refused(engine):
 
 def test_a_training_step_changes_only_the_adapters(engine):
   config = lora_config()
-  examples = lora_data.build_examples(engine.tokenizer, *synthetic(engine, 8, 2), config.lora)
+  examples = lora_data.build_examples(engine.tokenizer, *synthetic(engine, 8, 2), config.lora,
+                                      512)
   trainer = LoraTrainer(engine, config.lora, total_steps=10)
   base_before = jax.tree.map(np.array, engine.params)
   state = trainer.init_state(engine.params, 0)
@@ -146,7 +147,7 @@ def test_a_training_step_changes_only_the_adapters(engine):
 
 def test_the_loss_reads_only_answer_tokens(engine):
   examples = lora_data.build_examples(engine.tokenizer, *synthetic(engine, 3, 4),
-                                      lora_config().lora)
+                                      lora_config().lora, 512)
   tokens, pad_len, labels, mask = examples.batch(range(3), 16, 6)
   for row in range(3):
     answer = examples.answers[row]
@@ -209,3 +210,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one(engine, tmp_path):
   assert resumed["best_epoch"] == whole["best_epoch"]
   log = [json.loads(line)["epoch"] for line in open(tmp_path / "cut" / "train_log.jsonl")]
   assert log == [1, 2, 3]
+
+
+def test_table_scores_measure_error_against_each_prompts_sampled_max():
+  from lsdist_jax.lora.evaluate import scores
+
+  lengths = np.array([[80, 10], [260, 150], [0, 0], [120, 30]])
+  row = scores("x", [100, 250, 0, 100], lengths, 100, "median")
+  assert row["mae_vs_max"] == pytest.approx((20 + 10 + 0 + 20) / 4)
+  assert row["right_bin_share_max"] == 0.75  # 100 is not 120's bin (200)
+  assert row["right_bin_share_target"] == 1.0  # medians 45, 205, 0, 75 -> 100, 300, 0, 100
+  assert row["target"] == "median_bin100"

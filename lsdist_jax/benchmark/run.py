@@ -151,7 +151,8 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
     if predictor_dirs is None:
       predictor_dirs = paths.predictor_exports(workdir)
     predictors = serve_plan.load_predictors(predictor_dirs, hidden_dim,
-                                            int(config.predictor.max_len))
+                                            int(config.predictor.max_len), engine=engine,
+                                            own_base=bool(bench.replay), config=config)
     runner = serve_plan.make_runner(engine, requests, config, forced)
     logging.info("benchmark: %d requests over %d prompts, KV budget %d tokens, replay=%s",
                  len(prompt_len), int(np.unique(requests.dataset_index).size),
@@ -171,8 +172,13 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       if kind not in predictors:
         raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
       clock = EngineClock(engine.generator)  # leaves out any wait for a shared device
+      # a predictor with its own generator (LoRA): its compilation and waits are left out too
+      own = getattr(predictors[kind], "generator", None)
+      own_clock = EngineClock(own) if own is not None and own is not engine.generator else None
       pmf, scalar = serve_plan.predict(engine, requests, predictors[kind], hidden_layer)
       _, seconds["predict"] = clock.split()
+      if own_clock is not None:
+        seconds["predict"] -= own_clock.excluded()
     sched = serve_plan.planner_requests(prompt_len, config.generation.max_seq_len, pmf, scalar,
                                         true_length)
     t0 = time.perf_counter()

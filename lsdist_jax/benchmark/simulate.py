@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from lsdist_jax import report
+from lsdist_jax.paths import LORA
 from lsdist_jax.schedule import CostModel, dist
 from lsdist_jax.schedule.continuous import simulate_continuous
 from lsdist_jax.schedule.simulate import simulate
@@ -50,9 +51,19 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
   reqs = store_requests(data, rows, n_requests, max_len)
   exact = exact_pmfs(data, rows, max_len)[np.arange(n_requests) % rows.size]
   hidden = reqs.predictor_input()
-  predictors = serve_plan.load_predictors(predictor_dirs, hidden.shape[1], max_len)
+  names = list(strategies or config.benchmark.strategies)
+  # The LoRA predictor (ssch-lora) answers from each prompt's text on its own base model, loaded
+  # only when a strategy needs it.
+  needs_lora = any(STRATEGIES[n][1] == LORA for n in names if n in STRATEGIES)
+  predictors = serve_plan.load_predictors(predictor_dirs, hidden.shape[1], max_len,
+                                          own_base=needs_lora, config=config)
+  if needs_lora:
+    from lsdist_jax.lora.data import store_prompts
+
+    texts = store_prompts(config, {"key": np.asarray(data["key"])[rows]})
+    reqs.texts = [texts[i % rows.size] for i in range(n_requests)]
   out_rows = []
-  for name in list(strategies or config.benchmark.strategies) + [EXACT]:
+  for name in names + [EXACT]:
     planner, kind = ("optimal", None) if name == EXACT else STRATEGIES[name]
     pmf = scalar = None
     if name == EXACT:
@@ -60,7 +71,10 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
     elif kind is not None:
       if kind not in predictors:
         raise ValueError(f"strategy {name!r} needs a {kind!r} predictor export")
-      pmf, scalar = serve_plan.predict_hidden(predictors[kind], hidden)
+      if kind == LORA:
+        scalar = serve_plan.predict_lora(predictors[kind], reqs)
+      else:
+        pmf, scalar = serve_plan.predict_hidden(predictors[kind], hidden)
     true_length = reqs.recorded_length
     sched = serve_plan.planner_requests(reqs.prompt_len, max_seq_len, pmf, scalar,
                                         true_length if planner in NEEDS_TRUE_LENGTHS else None)

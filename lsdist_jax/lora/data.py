@@ -71,6 +71,18 @@ def query_ids(prompt_ids, instruction: list[int], max_prompt_tokens: int) -> lis
   return prompt_ids + instruction
 
 
+def prompt_budget(max_prompt_tokens: int, instruction: list[int], answer_tokens: int,
+                  context: int) -> int:
+  """The prompt tokens a query keeps: lora.max_prompt_tokens, less where the instruction and
+  the answer would not fit the model's context."""
+  budget = min(int(max_prompt_tokens), int(context) - len(instruction) - int(answer_tokens))
+  if budget < 2:
+    raise ConfigError(f"the model's context of {context} tokens leaves no room for a prompt "
+                      f"beside the {len(instruction)}-token instruction and a "
+                      f"{answer_tokens}-token answer")
+  return budget
+
+
 @dataclasses.dataclass
 class Examples:
   """Training rows: query + answer, left-padded to `width` tokens (the answer ends each row)."""
@@ -106,14 +118,18 @@ class Examples:
     return tokens, pad_len, labels, mask
 
 
-def build_examples(tokenizer, prompt_ids, lengths: np.ndarray, lora_config) -> Examples:
-  """Examples of prompts (served token ids) and their sampled lengths [P, N] (config.lora)."""
+def build_examples(tokenizer, prompt_ids, lengths: np.ndarray, lora_config,
+                   context: int) -> Examples:
+  """Examples of prompts (served token ids) and their sampled lengths [P, N] (config.lora), for
+  a model of `context` positions."""
   if len(prompt_ids) != len(lengths):
     raise ValueError(f"{len(prompt_ids)} prompts but {len(lengths)} rows of lengths")
   width = int(lora_config.bin_width)
   targets = length_targets(lengths, str(lora_config.target), width)
   instruction = instruction_ids(tokenizer, width)
-  queries = [query_ids(p, instruction, int(lora_config.max_prompt_tokens)) for p in prompt_ids]
+  keep = prompt_budget(lora_config.max_prompt_tokens, instruction, lora_config.answer_tokens,
+                       context)
+  queries = [query_ids(p, instruction, keep) for p in prompt_ids]
   return Examples(queries, [answer_ids(tokenizer, t) for t in targets], targets)
 
 

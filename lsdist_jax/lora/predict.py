@@ -17,7 +17,8 @@ from lsdist_jax import exports
 from lsdist_jax.errors import MissingFileError, StateMismatchError
 from lsdist_jax.llama import lora
 from lsdist_jax.llama.generator import Generator
-from lsdist_jax.lora.data import bin_up, instruction_ids, parse_answer, query_ids
+from lsdist_jax.lora.data import (bin_up, instruction_ids, parse_answer, prompt_budget,
+                                  query_ids)
 
 META = "lora.json"
 FORMAT = "lsdist_jax.lora"
@@ -132,12 +133,16 @@ class LoraPredictor:
     self.max_len = max_len
     self.batch = int(batch)
     self.instruction = instruction_ids(engine.tokenizer, self.width)
+    self.max_prompt_tokens = prompt_budget(self.max_prompt_tokens, self.instruction,
+                                           self.answer_tokens,
+                                           engine.config.max_position_embeddings)
     merged = lora.merge(engine.params, adapters, self.spec)
     base = engine.generator
     self.generator = Generator(engine.model, merged, mesh=engine.mesh, buckets=base.buckets,
                                pad_id=base.pad_id, top_k_candidates=base.top_k_candidates)
     self.unparsed = 0  # answers without a number, over this predictor's life
     self.answers = 0
+    self.engine_is_serving = False  # set where the serving engine is this base model
 
   def answer_texts(self, prompt_ids) -> list[str]:
     """The generated answer of each prompt (served token ids), greedy."""
@@ -175,3 +180,22 @@ class LoraPredictor:
   def predict_texts(self, texts) -> np.ndarray:
     """Predicted lengths [n] of prompts given as text (chat-formatted by the base's tokenizer)."""
     return self.predict_ids(self.engine.encode(list(texts)))
+
+
+def load_lora_on(directory: str, engine=None, own_base: bool = False,
+                 max_len: int | None = None, batch: int = 64,
+                 engine_config=None) -> LoraPredictor:
+  """The predictor on the serving `engine` where that is its base model; with `own_base`
+  (length replay schedules another model's shape; the simulator has no engine) otherwise on
+  the base model the export names, loaded here; else `load_lora`'s refusal."""
+  if engine is not None:
+    try:
+      predictor = load_lora(directory, engine, max_len=max_len, batch=batch)
+      predictor.engine_is_serving = True
+      return predictor
+    except StateMismatchError:
+      if not own_base:
+        raise
+  base = load_base_engine(directory, engine_config)
+  logging.info("LoRA predictor %s runs on its own base model %s", directory, base.source)
+  return load_lora(directory, base, max_len=max_len, batch=batch)

@@ -66,10 +66,22 @@ def check_output(output: str) -> None:
     raise InputError(f"cannot write in {folder} (the folder of --output)")
 
 
-def check_predictor(path: str, config) -> None:
-  """Refuses a predictor export made for another length range, before any model loads."""
+def check_predictor(path: str, config, strategy: str = "continuous-search") -> None:
+  """Refuses a predictor export made for another length range, or one the strategy cannot plan
+  with (ssch plans with a LoRA export, the others with a distribution), before any model
+  loads."""
   from lsdist_jax import exports
+  from lsdist_jax.lora.predict import is_lora_export, read_lora_meta
   from lsdist_jax.predictor.train import EXPORT_FORMAT, EXPORT_META
+
+  if is_lora_export(path) or strategy == "ssch":
+    if strategy != "ssch":
+      raise ConfigError(f"predictor at {path} is a LoRA predictor: it plans with --strategy ssch")
+    if not is_lora_export(path):
+      raise ConfigError(f"--strategy ssch plans with a LoRA predictor export "
+                        f"(launch/train_lora.py); {path} is not one")
+    read_lora_meta(path)
+    return
 
   meta = exports.read_meta(path, EXPORT_META, EXPORT_FORMAT, "predictor export")
   if int(meta["max_len"]) != int(config.predictor.max_len):
@@ -103,7 +115,9 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   check_output(output_path)
   prompts, malformed = read_prompts(input_path, skip_malformed)
   if predictor_path:
-    check_predictor(predictor_path, config)
+    check_predictor(predictor_path, config, strategy)
+  elif strategy == "ssch":
+    raise ConfigError("--strategy ssch needs --predictor: a LoRA predictor export")
   engine = engine or load_engine(config)
   max_seq_len = int(config.generation.max_seq_len)
   ids = engine.encode([p.text for p in prompts])
@@ -117,10 +131,9 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
   predictor = None
   if predictor_path:
-    from lsdist_jax.predictor import load_predictor
-
-    predictor = load_predictor(predictor_path, hidden_dim=engine.config.hidden_size,
-                               max_len=int(config.predictor.max_len))
+    predictor = serve_plan.load_predictors(
+        {"job": predictor_path}, engine.config.hidden_size, int(config.predictor.max_len),
+        engine=engine, config=config)["job"]
   cost = serve_plan.load_cost_model(config, engine=engine)
 
   settings = settings_key(config, engine)

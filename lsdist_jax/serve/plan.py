@@ -80,14 +80,26 @@ def warn_cost_model(cost: CostModel, engine, name: str) -> list[str]:
   return reasons
 
 
-def load_predictors(dirs: dict, hidden_dim: int, max_len: int) -> dict:
+def load_predictors(dirs: dict, hidden_dim: int, max_len: int, engine=None,
+                    own_base: bool = False, config=None) -> dict:
   """{name: predictor} of the exports in `dirs` that exist; each checked against the hidden size
-  and length range it will be used with."""
+  and length range it will be used with. A LoRA export is loaded on `engine` (its base model)
+  where that is its base; with `own_base` (length replay, the simulator) on the base model it
+  names, loaded for it (with config.engine's buckets); without either it is left out."""
   from lsdist_jax.predictor import load_predictor
 
-  return {kind: load_predictor(path, hidden_dim=hidden_dim, max_len=max_len)
-          for kind, path in dirs.items()
-          if path and os.path.isfile(os.path.join(path, "predictor.json"))}
+  out = {kind: load_predictor(path, hidden_dim=hidden_dim, max_len=max_len)
+         for kind, path in dirs.items()
+         if path and os.path.isfile(os.path.join(path, "predictor.json"))}
+  for kind, path in dirs.items():
+    from lsdist_jax.lora.predict import is_lora_export, load_lora_on
+
+    if path and is_lora_export(path) and (engine is not None or own_base):
+      out[kind] = load_lora_on(
+          path, engine, own_base=own_base, max_len=max_len,
+          batch=int(config.lora.predict_batch) if config is not None else 64,
+          engine_config=config.engine if config is not None else None)
+  return out
 
 
 def predict(engine, requests: Requests, predictor, hidden_layer: int):
@@ -95,12 +107,31 @@ def predict(engine, requests: Requests, predictor, hidden_layer: int):
   (prefilled once per distinct prompt) through the predictor. In length replay the predictor
   reads the hidden states recorded in the store (its model's), while the prefill still runs
   on this engine so its time is counted."""
+  if predictor.kind == "lora":
+    return None, predict_lora(predictor, requests)
   embed_requests(engine, requests, hidden_layer)
   return predict_hidden(predictor, requests.predictor_input())
 
 
+def predict_lora(predictor, requests: Requests) -> np.ndarray:
+  """[n] lengths the LoRA-tuned LLM answers, one greedy answer per distinct prompt: from the
+  requests' token ids where the predictor runs on the serving engine's model, else (length
+  replay, the simulator) from their text, encoded by its own base model."""
+  _, first, inverse = np.unique(requests.dataset_index, return_index=True, return_inverse=True)
+  if predictor.engine_is_serving and requests.prompt_ids is not None:
+    answers = predictor.predict_ids([requests.prompt_ids[int(i)] for i in first])
+  else:
+    if requests.texts is None:
+      raise ValueError("the LoRA predictor runs on another model than these requests' token "
+                       "ids: it needs their prompt texts")
+    answers = predictor.predict_texts([requests.texts[int(i)] for i in first])
+  return answers[inverse]
+
+
 def predict_hidden(predictor, hidden):
   """(pmf [n, L+1], None) from a distribution predictor, (None, scalar [n]) from a scalar one."""
+  if predictor.kind == "lora":
+    raise ValueError("the LoRA predictor reads prompts, not hidden states: use predict_lora")
   if predictor.kind == "distribution":
     return predictor.predict_pmf(hidden), None
   return None, predictor.predict_scalar(hidden)

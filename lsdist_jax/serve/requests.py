@@ -26,6 +26,7 @@ class Requests:
   hidden: np.ndarray | None = None  # [n, D] prompt hidden states (filled by `embed_requests`)
   recorded_hidden: np.ndarray | None = None  # [n, D] a store's hidden states (replay, simulation)
   recorded_length: np.ndarray | None = None  # [n] a recorded response length (replay, simulation)
+  texts: list[str] | None = None  # [n] prompt text (a predictor on another model reads it)
 
   @property
   def n(self) -> int:
@@ -62,7 +63,7 @@ def build_requests(engine, prompts, n_requests: int) -> Requests:
   index = np.array([int(prompts[k].index) for k in pick], np.int64)
   prompt_ids = [ids[k] for k in pick]
   return Requests(request_id(index, copy), index, np.array([len(p) for p in prompt_ids]),
-                  prompt_ids=prompt_ids)
+                  prompt_ids=prompt_ids, texts=[prompts[k].text for k in pick])
 
 
 def replay_requests(data: dict, prompts, n_requests: int, vocab_size: int) -> Requests:
@@ -83,7 +84,8 @@ def replay_requests(data: dict, prompts, n_requests: int, vocab_size: int) -> Re
                 for i, length in zip(index, prompt_len)]
   return Requests(request_id(index, copy), index, prompt_len, prompt_ids=prompt_ids,
                   recorded_hidden=np.asarray(data["hidden"])[rows],
-                  recorded_length=np.asarray(data["lengths"])[rows, copy % n_samples])
+                  recorded_length=np.asarray(data["lengths"])[rows, copy % n_samples],
+                  texts=[prompts[k].text for k in pick])
 
 
 def store_requests(data: dict, rows, n_requests: int, max_len: int) -> Requests:

@@ -248,6 +248,10 @@ class EngineClock:
     waiting = self.gen.wait_seconds - self.wait0
     return compiling, time.perf_counter() - self.start - compiling - waiting
 
+  def excluded(self) -> float:
+    """Seconds of compilation and device waits since the start (what `split` leaves out)."""
+    return (self.gen.compile_seconds - self.compile0) + (self.gen.wait_seconds - self.wait0)
+
 
 def _check_each_once(n: int, groups) -> None:
   """Every request of 0..n-1 in exactly one of `groups` (batches or phases, with .members)."""

@@ -19,6 +19,7 @@ STRATEGIES = {
     "sorted": ("sorted", "distribution"),
     "ssch-scalar-max": ("ssch", "scalar-max"),
     "ssch-scalar-mean": ("ssch", "scalar-mean"),
+    "ssch-lora": ("ssch", "lora"),  # the LLM, LoRA-tuned, answers its length bin (lsdist_jax/lora)
     "ours": ("vbs", "distribution"),
     "ours-search": ("search", "distribution"),
     "ours-optimal": ("optimal", "distribution"),
@@ -30,8 +31,9 @@ STRATEGIES = {
 }
 NEEDS_TRUE_LENGTHS = ("oracle", "continuous-oracle")  # planners given every true length
 
-# The generate job's --strategy: planners that use a distribution predictor.
-JOB_PLANNERS = ("continuous-search", "vbs", "search", "optimal")
+# The generate job's --strategy: planners that use a distribution predictor, and ssch with a
+# LoRA predictor export.
+JOB_PLANNERS = ("continuous-search", "vbs", "search", "optimal", "ssch")
 
 
 def check_strategies(names) -> list[str]:
