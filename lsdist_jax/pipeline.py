@@ -87,8 +87,7 @@ def profile_cpu(engine, config, workdir: str):
     return CostModel.load(path)
   buckets = [int(b) for b in config.engine.batch_buckets]
   cache = int(config.engine.cache_bucket)
-  caches = sorted({cache * k for k in range(1, 1 + -(-int(config.generation.max_seq_len)
-                                                     // cache))})
+  caches = sorted({cache, cache * -(-int(config.generation.max_seq_len) // cache)})
   rows = profile_cost(engine, buckets[-2:], caches, steps=8, prompt_len=32, repeats=1)
   cost = CostModel.fit(rows, device=device_kind(), model=model_shape(engine))
   os.makedirs(workdir, exist_ok=True)

@@ -185,3 +185,50 @@ def test_report_from_saved_results_names_what_is_missing(pipeline_run, tmp_path)
   assert len(partial["rows"]) == len(expected) - 1
   with pytest.raises(FileNotFoundError, match="meta.json"):
     report_from_state(str(tmp_path / "nowhere"))
+
+
+def test_capped_store_applies_the_length_convention_at_another_max_seq_len(tmp_path):
+  """The committed store's lengths at this run's max_seq_len: capped at max_seq_len - prompt,
+  unfinished exactly there; prompts, keys, splits and hidden states unchanged."""
+  from lsdist_jax.data import prompt_key
+  from lsdist_jax.pipeline import capped_store, store_origin
+  from lsdist_jax.store import LengthStore
+
+  n = 12
+  lengths = np.tile(np.array([5, 50, 90, 200]), (n, 1))
+  meta = {"model": {"name": "m", "dtype": "bfloat16"}, "split_seed": 0,
+          "generation": {"max_seq_len": 300, "temperature": 0.6, "top_p": 0.9},
+          "split_fractions": [0.8, 0.1, 0.1]}
+  src = LengthStore.create_or_open(str(tmp_path / "src"), meta, hidden_dim=4,
+                                   samples_per_prompt=4)
+  prompt_len = np.arange(n) * 5 + 10
+  src.write_chunk("c", {"index": np.arange(n), "key": [prompt_key(f"q{i}") for i in range(n)],
+                        "prompt_len": prompt_len, "lengths": lengths,
+                        "finished": lengths < 300 - prompt_len[:, None],
+                        "hidden": np.random.default_rng(0).normal(size=(n, 4))})
+  out = capped_store(str(tmp_path / "src"), str(tmp_path / "capped"), 100)
+  before, after = src.read(), LengthStore.open(out).read()
+  room = 100 - prompt_len[:, None]
+  np.testing.assert_array_equal(after["lengths"], np.minimum(lengths, room))
+  np.testing.assert_array_equal(after["finished"], lengths < room)
+  for key in ("key", "split", "prompt_len"):
+    np.testing.assert_array_equal(after[key], before[key])
+  np.testing.assert_allclose(after["hidden"], before["hidden"], rtol=1e-6)
+  assert LengthStore.open(out).meta["generation"]["max_seq_len"] == 100
+  assert "12 prompts x 4 samples" in store_origin(str(tmp_path / "src"))
+
+
+def test_claims_say_whether_each_run_shows_them():
+  from lsdist_jax.pipeline import claims_text
+
+  measured = [{"strategy": "continuous-vanilla", "samples_per_s": 2.0},
+              {"strategy": "ours-continuous", "samples_per_s": 1.8}]
+  simulated = [{"strategy": "continuous-vanilla", "samples_per_s": 2.0},
+               {"strategy": "ours-continuous", "samples_per_s": 2.5},
+               {"strategy": "vanilla:best", "samples_per_s": 1.0},
+               {"strategy": "ours-optimal", "samples_per_s": 1.5}]
+  lines = claims_text(measured, simulated)
+  assert lines[0] == ("ours-continuous vs continuous-vanilla: measured 0.90x (does NOT beat); "
+                      "simulated 1.25x (beats)")
+  assert lines[1] == "ours-optimal vs vanilla:best: simulated 1.50x (beats)"
+  assert claims_text(None, None)[0].endswith("not run")
