@@ -88,7 +88,7 @@ def profile_cpu(engine, config, workdir: str):
   buckets = [int(b) for b in config.engine.batch_buckets]
   cache = int(config.engine.cache_bucket)
   caches = sorted({cache, cache * -(-int(config.generation.max_seq_len) // cache)})
-  rows = profile_cost(engine, buckets[-2:], caches, steps=8, prompt_len=32, repeats=1)
+  rows = profile_cost(engine, buckets[-2:], caches, steps=8, prompt_len=32, repeats=2)
   cost = CostModel.fit(rows, device=device_kind(), model=model_shape(engine))
   os.makedirs(workdir, exist_ok=True)
   cost.save(path)
