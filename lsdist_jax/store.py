@@ -231,6 +231,9 @@ class LengthStore:
     meta["hidden_dtype"] = np.dtype(hidden_dtype).name
     out = LengthStore.create_or_open(destination, meta, int(self.meta["hidden_dim"]),
                                      int(self.meta["samples_per_prompt"]))
+    if "data_slices" in self.meta:  # every slice collected into the source, not only its first
+      out.meta["data_slices"] = self.meta["data_slices"]
+      write_json(out.meta, os.path.join(destination, META), sort_keys=True)
     for start in range(0, data["index"].size, chunk_prompts):
       part = {name: data[name][start:start + chunk_prompts] for name in FIELDS}
       out.write_chunk(f"c{start // chunk_prompts:04d}-i{int(part['index'][0]):09d}"

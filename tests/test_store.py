@@ -175,9 +175,11 @@ def test_a_compacted_store_holds_the_same_prompts_in_half_the_bytes(tmp_path):
   from lsdist_jax.errors import StateMismatchError
 
   meta = {"model": {"name": "m"}, "generation": {"temperature": 0.6}, "split_seed": 3,
-          "split_fractions": [0.8, 0.1, 0.1]}
+          "split_fractions": [0.8, 0.1, 0.1], "data": {"slice": "0:4"}}
   store = LengthStore.create_or_open(str(tmp_path / "big"), meta, hidden_dim=8,
                                      samples_per_prompt=3)
+  store = LengthStore.create_or_open(str(tmp_path / "big"), dict(meta, data={"slice": ":"}),
+                                     hidden_dim=8, samples_per_prompt=3)  # a second run
   rng = np.random.default_rng(0)
   for c in range(3):
     idx = np.arange(4 * c, 4 * c + 4)
@@ -193,5 +195,7 @@ def test_a_compacted_store_holds_the_same_prompts_in_half_the_bytes(tmp_path):
   np.testing.assert_allclose(a["hidden"], b["hidden"], rtol=1e-3, atol=1e-3)  # float16
   assert not np.array_equal(a["hidden"], b["hidden"])
   assert len(os.listdir(tmp_path / "small" / "chunks")) == 1
+  assert [d["slice"] for d in LengthStore.open(str(tmp_path / "small")).meta["data_slices"]] == [
+      "0:4", ":"]
   with pytest.raises(StateMismatchError, match="already holds a store"):
     store.compact(str(tmp_path / "small"))
