@@ -210,8 +210,8 @@ def table_rows(models: dict, hidden: np.ndarray, lengths: np.ndarray, marginal: 
 
 
 def _rounded(obj):
-  if isinstance(obj, float):
-    return round(obj, DIGITS)
+  if isinstance(obj, float):  # significant digits: a learning rate of 1e-5 stays 1e-5
+    return float(f"{obj:.{DIGITS}g}") if 0 < abs(obj) < 1 else round(obj, DIGITS)
   if isinstance(obj, dict):
     return {k: _rounded(v) for k, v in obj.items()}
   if isinstance(obj, list):
