@@ -214,6 +214,7 @@ def _collect(config, path: str, engine, stop_after_chunks: int | None, show_prog
                   "tokens_per_s_excluding_compile": round(
                       total_tokens / max(elapsed - compiling, 1e-9), 1),
                   "compilations": engine.compile_count, "store": path,
+                  "mesh": dict(engine.mesh.shape) if engine.mesh is not None else None,
                   "skipped_long_prompts": len(too_long)})
   return summary
 

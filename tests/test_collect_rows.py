@@ -84,3 +84,32 @@ def test_one_process_per_device_gives_the_store_of_one_process(tmp_path, engine)
   for key in ("index", "prompt_len", "lengths", "finished"):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   np.testing.assert_allclose(a["hidden"], b["hidden"], rtol=1e-4, atol=1e-5)  # other batches
+
+
+@pytest.mark.slow  # a subprocess with 2 fake devices
+def test_collection_on_a_data_parallel_mesh_of_fake_devices_gives_the_same_store(tmp_path, engine):
+  """One process, a (data=2) mesh of 2 fake CPU devices: slots split over `data`; the store
+  equals one device's."""
+  import subprocess
+
+  single = tiny.get_config()
+  single.collect.store = str(tmp_path / "single")
+  single.data.slice = "0:6"
+  collect(single, engine=engine, show_progress=False)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "collect.py"),
+       f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", "--config.data.slice=0:6",
+       "--config.mesh.data=2", f"--config.collect.store={tmp_path / 'mesh'}",
+       f"--workdir={tmp_path / 'work'}", "--noplots"],
+      env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  import json
+  summary = json.loads((tmp_path / "work" / "collect_summary.json").read_text())
+  assert summary["mesh"] == {"data": 2, "model": 1}
+  a = LengthStore.open(single.collect.store).read()
+  b = LengthStore.open(str(tmp_path / "mesh")).read()
+  for key in ("index", "prompt_len", "lengths", "finished"):
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  np.testing.assert_allclose(a["hidden"], b["hidden"], rtol=1e-4, atol=1e-5)
