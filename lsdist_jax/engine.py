@@ -90,16 +90,13 @@ class Engine:
     self.tokenizer = tokenizer
     self.source = source
     self.dtype = dtype
-    self.mesh = None
-    if mesh_config is not None or len(jax.local_devices()) > 1:
-      mesh = shd.make_mesh(mesh_config)
-      self.mesh = mesh if mesh.size > 1 else None
+    self.mesh = engine_mesh(mesh_config)
     if decode_impl is None:
       decode_impl = (engine_config.get("decode_attention", "auto") if engine_config is not None
                      else "auto")
     self.decode_impl = resolve_decode_impl(decode_impl, dtype, self.mesh, config.head_dim)
     self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
-                       decode_impl=self.decode_impl)
+                       decode_impl=self.decode_impl, mesh=self.mesh)
     self.params = self._place_params(params)
     buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
     self.generator = Generator(self.model, self.params, mesh=self.mesh, buckets=buckets,
@@ -162,23 +159,14 @@ class Engine:
 
   @classmethod
   def random(cls, preset: str | LlamaConfig, *, dtype: str = "bfloat16", seed: int = 0,
-             **kwargs) -> "Engine":
+             mesh_config=None, **kwargs) -> "Engine":
     """Random weights of a preset's shape (for benchmarks of model sizes whose weights we do not
-    have), created on the device without a host copy."""
+    have), created on the devices without a host copy: on a mesh, each device makes only its
+    own shard of each parameter (`random_params`)."""
     cfg = get_preset(preset) if isinstance(preset, str) else preset
-    abstract = nn_unbox(abstract_params(Llama(cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])))
-
-    @jax.jit
-    def make(key):
-      leaves, treedef = jax.tree.flatten(abstract)
-      keys = jax.random.split(key, len(leaves))
-      return jax.tree.unflatten(treedef, [
-          (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
-          if len(leaf.shape) > 1 else jnp.ones(leaf.shape, jnp.float32)
-          for k, leaf in zip(keys, leaves)])
-
+    params = random_params(cfg, dtype, seed, engine_mesh(mesh_config))
     tokenizer = char_tokenizer(cfg.vocab_size) if cfg.vocab_size >= 100 else None
-    return cls(cfg, make(jax.random.key(seed)), tokenizer, dtype=dtype,
+    return cls(cfg, params, tokenizer, dtype=dtype, mesh_config=mesh_config,
                source=f"random:{cfg.name}", **kwargs)
 
   def _place_params(self, params):
@@ -195,6 +183,7 @@ class Engine:
     params = jax.tree_util.tree_map_with_path(cast, params)
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, params)
+    # device arrays already in place (random_params) stay; host arrays go shard by shard
     return jax.device_put(params, shd.param_shardings(abstract_params(self.model), self.mesh))
 
   def export(self, directory: str) -> None:
@@ -260,6 +249,41 @@ class Engine:
 
 
 DECODE_IMPLS = ("auto", "dot", "reduce", "pallas")
+
+
+def engine_mesh(mesh_config=None):
+  """The mesh an engine runs on: `mesh_config`'s over this process's devices (all of them when
+  there are several and no config); None for a single device."""
+  if mesh_config is None and len(jax.local_devices()) == 1:
+    return None
+  mesh = shd.make_mesh(mesh_config)
+  return mesh if mesh.size > 1 else None
+
+
+def random_params(config: LlamaConfig, dtype: str = "bfloat16", seed: int = 0, mesh=None):
+  """Random params of `config`'s shape (N(0, 0.02) matrices, unit norm scales), made by one jitted
+  program (`random_params_fn`) on the devices."""
+  return random_params_fn(config, dtype, mesh)(jax.random.key(seed))
+
+
+def random_params_fn(config: LlamaConfig, dtype: str = "bfloat16", mesh=None):
+  """The jitted key -> params of `random_params`. On a mesh its outputs are the params'
+  shardings, so each device computes and holds only its own shards (threefry is partitionable:
+  no full array exists anywhere)."""
+  model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+  boxed = abstract_params(model)
+  abstract = nn_unbox(boxed)
+
+  def make(key):
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [
+        (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+        if len(leaf.shape) > 1 else jnp.ones(leaf.shape, jnp.float32)
+        for k, leaf in zip(keys, leaves)])
+
+  shardings = None if mesh is None else shd.param_shardings(boxed, mesh)
+  return jax.jit(make, out_shardings=shardings)
 
 
 def load_engine(config) -> Engine:
@@ -344,17 +368,17 @@ def use_compilation_cache(directory: str) -> None:
 
 
 def resolve_decode_impl(name: str, dtype: str, mesh, head_dim: int) -> str:
-  """`auto`: the Pallas decode-attention kernel on one GPU in 16-bit floats (it reads only live
-  cache slots), else XLA's batched GEMMs (`dot`). An explicit name is taken as given."""
+  """`auto`: the Pallas decode-attention kernel on GPUs in 16-bit floats (it reads only live
+  cache slots; on a mesh each device runs it on its rows and kv heads under shard_map), else
+  XLA's batched GEMMs (`dot`). An explicit name is taken as given."""
+  del mesh  # the kernel runs per device on a mesh as on one device
   if name not in DECODE_IMPLS:
     raise ValueError(f"decode attention {name!r}; expected one of {DECODE_IMPLS}")
   if name != "auto":
-    if name == "pallas" and mesh is not None:
-      raise ValueError("decode attention 'pallas' runs on one device; use 'dot' with a mesh")
     return name
-  one_gpu = jax.default_backend() == "gpu" and mesh is None
+  gpu = jax.default_backend() == "gpu"
   pow2 = head_dim & (head_dim - 1) == 0
-  return "pallas" if one_gpu and dtype != "float32" and pow2 else "dot"
+  return "pallas" if gpu and dtype != "float32" and pow2 else "dot"
 
 
 def nn_unbox(tree):

@@ -5,7 +5,9 @@ Model code names axes logically (`embed`, `heads`, ...); this module alone maps 
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from typing import Any, Sequence
 
 import jax
@@ -102,3 +104,51 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequen
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def constrain(x, sharding):
+  """`with_sharding_constraint`, or x itself when there is no mesh (sharding None)."""
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def data_spec(mesh: Mesh, batch: int) -> P:
+  """The spec of an array whose leading axis is the batch: rows over `data` (if it divides)."""
+  return logical_to_spec(("batch",), (batch,), mesh)
+
+
+def rowwise(fn, mesh: Mesh | None, batch: int, num_rows: int):
+  """fn(*rows, *shared, **static) run on each device's own rows: the first `num_rows` arguments have a
+  leading batch axis of `batch` rows (split over `data`, every other axis whole on each
+  device), the rest are replicated; the outputs are per row. Row-independent work (sampling
+  from [B, V] logits) then moves no data between devices: vocab-split logits are gathered once
+  on the way in, and no row is ever gathered from another device. Without a mesh: fn itself."""
+  if mesh is None:
+    return fn
+  rows = data_spec(mesh, batch)
+
+  def call(*args, **static):
+    specs = tuple(rows if i < num_rows else P() for i in range(len(args)))
+    return jax.shard_map(functools.partial(fn, **static), mesh=mesh, in_specs=specs,
+                         out_specs=rows)(*args)
+
+  return call
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def collective_counts(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Cross-device operations in a compiled program's HLO (`compiled.as_text()`), by where they
+  run: "body" (a `while_loop`'s body: once per decode step), "cond" (its condition) and
+  "outside". {where: {op: count}}; every branch of a conditional counts."""
+  counts: dict[str, dict[str, int]] = {"body": {}, "cond": {}, "outside": {}}
+  pattern = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  for line in hlo_text.splitlines():
+    found = pattern.search(line)
+    if found is None:
+      continue
+    name = re.search(r'op_name="([^"]*)"', line)
+    name = name.group(1) if name else ""
+    where = "body" if "/while/body" in name else "cond" if "/while/cond" in name else "outside"
+    counts[where][found.group(1)] = counts[where].get(found.group(1), 0) + 1
+  return counts

@@ -75,10 +75,12 @@ def test_generation_through_the_kernel_equals_generation_through_xla(tiny_params
   assert results["dot"][1][:3] == [3, 40, 12]
 
 
-def test_auto_picks_the_kernel_only_on_one_gpu_in_16_bit():
+def test_auto_picks_the_kernel_only_on_gpus_in_16_bit():
   on_gpu = jax.default_backend() == "gpu"
   assert resolve_decode_impl("auto", "float32", None, 64) == "dot"
   assert resolve_decode_impl("auto", "bfloat16", None, 64) == ("pallas" if on_gpu else "dot")
+  # on a mesh too: each device runs the kernel on its rows and kv heads (tests/test_mesh_decode.py)
+  assert resolve_decode_impl("auto", "bfloat16", object(), 64) == ("pallas" if on_gpu else "dot")
   assert resolve_decode_impl("auto", "bfloat16", None, 96) == "dot"
   assert resolve_decode_impl("pallas", "float32", None, 64) == "pallas"
   with pytest.raises(ValueError, match="decode attention 'flash'"):

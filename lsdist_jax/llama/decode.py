@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsdist_jax.llama.model import Llama, init_cache
+from lsdist_jax import sharding as shd
+from lsdist_jax.llama.model import CACHE_AXES, Llama, init_cache
 from lsdist_jax.llama import sampling
 
 
@@ -29,20 +30,35 @@ class DecodeResult:
   steps: int  # decode iterations run (model evaluations after prefill)
 
 
+# On a mesh (`mesh` given): the cache keeps its layout (rows over `data`, kv heads over `model`)
+# at every step, and sampling runs through `shard_map` on each device's own rows with the whole
+# vocabulary (`sharding.rowwise`), so that a decode step moves only the model's tensor-parallel
+# reductions and one gather of the vocab-split logits between devices.
+
+def _keep_cache_layout(cache, mesh):
+  """The cache constrained to its mesh layout (CACHE_AXES); unchanged without a mesh."""
+  if mesh is None:
+    return cache
+  return jax.tree.map(
+      lambda x: shd.constrain(x, shd.named_sharding(mesh, CACHE_AXES, x.shape)), cache)
+
+
+def _choose_fn(mesh, batch: int):
+  """`sampling.choose` over the batch's rows: on a mesh, per device (see above)."""
+  return shd.rowwise(sampling.choose, mesh, batch, num_rows=4)
+
 
 def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, active,
                    forced_len, cap, seed, temperature, top_p, *, model: Llama, cache_len: int,
                    hidden_layer: int, top_k_candidates: int, eos_ids: tuple[int, ...],
-                   filler_id: int, cache_sharding=None):
+                   filler_id: int, mesh=None):
   """tokens: [B, P] left-padded prompts; per-row int arrays [B]; scalars cap/seed/temperature;
   top_p as `sampling.top_p_setting` gives it.
 
   Returns (out_tokens [B, G], num_generated [B], finished [B], hidden [B, D], steps)."""
   b, p = tokens.shape
   g = cache_len - p
-  cache = init_cache(model.config, b, cache_len, model.dtype)
-  if cache_sharding is not None:
-    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+  cache = _keep_cache_layout(init_cache(model.config, b, cache_len, model.dtype), mesh)
   variables = {"params": params}
   logits, hidden, cache = model.apply(variables, tokens, cache, jnp.zeros((), jnp.int32), pad_len,
                                       logits_at="last", hidden_layers=(hidden_layer,))
@@ -50,10 +66,11 @@ def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, a
   eos = jnp.asarray(eos_ids, jnp.int32)
   cap = jnp.minimum(cap, g)
 
+  sample = _choose_fn(mesh, b)
+
   def choose(logits_last, i):
-    return sampling.choose(logits_last, request_ids, start_step + i, forced_len, seed,
-                           temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
-                           filler_id=filler_id)
+    return sample(logits_last, request_ids, start_step + i, forced_len, seed, temperature,
+                  top_p, top_k_candidates=top_k_candidates, eos=eos, filler_id=filler_id)
 
   def update(state, tok, i):
     out, n_gen, done, finished = state
@@ -83,6 +100,7 @@ def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, a
     i, tok, cache, state = carry
     logits, _, cache = model.apply(variables, tok[:, None], cache, p + i - 1, pad_len,
                                    logits_at="last", active=~state[2])
+    cache = _keep_cache_layout(cache, mesh)
     tok = choose(logits[:, -1], i)
     state = update(state, tok, i)
     return i + 1, tok, cache, state
@@ -119,7 +137,7 @@ def slot_state(batch: int, cache_len: int, *, model: Llama) -> dict:
 
 def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps, caps, limits,
                  forced_len, seed, temperature, top_p, *, model: Llama, top_k_candidates: int,
-                 eos_ids: tuple[int, ...], filler_id: int, hidden_layer: int = -1):
+                 eos_ids: tuple[int, ...], filler_id: int, hidden_layer: int = -1, mesh=None):
   """Prefills `tokens` ([k, P] left-padded contexts) and places row i in slot slots[i] (a slot
   index >= B drops the row: bucket padding). Its cache moves to the slot's start, so the slot
   holds context position j at cache slot j; its first token is sampled here. The hidden state
@@ -131,8 +149,9 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
                                       jnp.zeros((), jnp.int32), pad_len, logits_at="last",
                                       hidden_layers=(hidden_layer,))
   eos = jnp.asarray(eos_ids, jnp.int32)
-  tok = sampling.choose(logits[:, -1], request_ids, start_steps, forced_len, seed, temperature,
-                        top_p, top_k_candidates=top_k_candidates, eos=eos, filler_id=filler_id)
+  tok = _choose_fn(mesh, k)(logits[:, -1], request_ids, start_steps, forced_len, seed,
+                            temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
+                            filler_id=filler_id)
   # Row i's context sits at [pad_len[i], P): gather it to [0, P - pad_len[i]).
   src = jnp.minimum(jnp.arange(p)[None, :] + pad_len[:, None], p - 1)[:, None, :, None]
   cols = jnp.arange(p)[None, :]
@@ -163,12 +182,12 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
 
 
 def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: Llama,
-                 top_k_candidates: int, eos_ids: tuple[int, ...], filler_id: int):
+                 top_k_candidates: int, eos_ids: tuple[int, ...], filler_id: int, mesh=None):
   """Decode steps until at least `free_target` slots are done (or all are). -> (state, steps)"""
   eos = jnp.asarray(eos_ids, jnp.int32)
   b, width = state["out"].shape
-  rows = jnp.arange(b)
   pad = jnp.zeros((b,), jnp.int32)
+  sample = _choose_fn(mesh, b)
 
   def cond(carry):
     _, st = carry
@@ -181,14 +200,17 @@ def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: 
     where = jnp.maximum(st["plen"] + n_gen - 1, 0)
     logits, _, cache = model.apply({"params": params}, st["tok"][:, None], st["cache"], where, pad,
                                    logits_at="last", active=~done)
-    tok = sampling.choose(logits[:, -1], st["rid"], st["start"] + n_gen, st["forced"], seed,
-                          temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
-                          filler_id=filler_id)
+    cache = _keep_cache_layout(cache, mesh)
+    tok = sample(logits[:, -1], st["rid"], st["start"] + n_gen, st["forced"], seed,
+                 temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
+                 filler_id=filler_id)
     is_eos = jnp.isin(tok, eos)
     newly_finished = ~done & is_eos
     accept = ~done & ~is_eos & (n_gen < st["cap"])
     col = jnp.minimum(n_gen, width - 1)
-    out = st["out"].at[rows, col].set(jnp.where(accept, tok, st["out"][rows, col]))
+    # per row through vmap (no global row indices: each device writes its own rows on a mesh)
+    out = jax.vmap(lambda row, at, ok, new: row.at[at].set(jnp.where(ok, new, row[at])))(
+        st["out"], col, accept, tok)
     new_n = n_gen + accept.astype(jnp.int32)
     new_done = done | newly_finished | (new_n >= st["limit"]) | (n_gen >= st["cap"])
     st = dict(st, cache=cache, tok=jnp.where(done, st["tok"], tok), n_gen=new_n, out=out,

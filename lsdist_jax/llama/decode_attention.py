@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 _NEG = -1e30  # running-max start: finite, so a fully masked block gives exp(-inf) = 0, not NaN
 _MIN_ROWS = 16  # the matrix units' smallest M: query heads of a group are padded up to this
@@ -122,6 +123,21 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lo: j
       **params,
   )(lo.astype(jnp.int32), hi.astype(jnp.int32), q_padded, k_cache, v_cache)
   return out[:, :, :groups]
+
+
+def decode_attention_on_mesh(q, k_cache, v_cache, lo, hi, *, mesh=None, cache_spec=None,
+                             **kwargs) -> jax.Array:
+  """`decode_attention` on a mesh: under `shard_map`, each device runs the kernel on its own rows
+  and kv heads (the cache's layout `cache_spec`, e.g. P('data', 'model', None, None)); no data
+  moves between devices. Without a mesh: `decode_attention` itself. Shapes as there."""
+  if mesh is None:
+    return decode_attention(q, k_cache, v_cache, lo, hi, **kwargs)
+  rows, heads = tuple(cache_spec)[:2]
+  per_head = P(rows, heads, None, None)
+  per_row = P(rows)
+  return jax.shard_map(functools.partial(decode_attention, **kwargs), mesh=mesh,
+                       in_specs=(per_head, per_head, per_head, per_row, per_row),
+                       out_specs=per_head, check_vma=False)(q, k_cache, v_cache, lo, hi)
 
 
 def reference(q, k_cache, v_cache, lo, hi):

@@ -84,17 +84,12 @@ class Generator:
   def _generate_fn(self, batch: int, cache_len: int, hidden_layer: int):
     key = ("generate", cache_len, hidden_layer) + ((batch,) if self.mesh is not None else ())
     if key not in self._fns:
-      cache_sharding = None
-      if self.mesh is not None:
-        cache_shape = (batch, self.config.num_kv_heads, cache_len, self.config.head_dim)
-        cs = shd.named_sharding(self.mesh, CACHE_AXES, cache_shape)
-        cache_sharding = [{"k": cs, "v": cs}] * self.config.num_layers
 
       def traced(*args):
         return decode.generate_core(*args, model=self.model, cache_len=cache_len,
                               hidden_layer=hidden_layer,
                               top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
-                              filler_id=self.filler_id, cache_sharding=cache_sharding)
+                              filler_id=self.filler_id, mesh=self.mesh)
 
       if self.mesh is None:
         self._fns[key] = jax.jit(traced)
@@ -266,7 +261,7 @@ class Generator:
     if key not in self._fns:
       core = decode.slot_insert if kind == "slot_insert" else decode.slot_decode
       kw = dict(model=self.model, top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
-                filler_id=self.filler_id)
+                filler_id=self.filler_id, mesh=self.mesh)
       if kind == "slot_insert":
         kw["hidden_layer"] = hidden_layer
       if self.mesh is None:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lsdist_jax import sharding as shd
 from lsdist_jax.llama.config import LlamaConfig
 from lsdist_jax.llama import decode_attention as pallas_decode
 
@@ -71,6 +72,7 @@ class Attention(nn.Module):
   # How a single-token step reads the cache: dot (batched GEMMs over the whole cache), reduce
   # (multiply-and-sum), pallas (decode_attention.py: only each active row's filled slots).
   decode_impl: str = "dot"
+  mesh: Any = None  # the pallas kernel runs per device under shard_map on this mesh
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array, layer_cache: dict[str, Array],
@@ -106,17 +108,22 @@ class Attention(nn.Module):
     else:  # one token per row, each at its own slot (slot-refill decoding); beyond S: dropped
       if t != 1:
         raise ValueError(f"a per-row write_index writes one token per row, got {t}")
-      rows = jnp.arange(b)
+      # vmapped over rows (a scatter with a batch dimension, not global row indices), so that
+      # on a mesh each device writes its own rows without gathering anything
       slot = write_index.astype(jnp.int32)
-      k_cache = layer_cache["k"].at[rows, :, slot].set(k_new[:, :, 0], mode="drop")
-      v_cache = layer_cache["v"].at[rows, :, slot].set(v_new[:, :, 0], mode="drop")
+      write = jax.vmap(lambda cache, new, at: cache.at[:, at].set(new, mode="drop"))
+      k_cache = write(layer_cache["k"], k_new[:, :, 0], slot)
+      v_cache = write(layer_cache["v"], v_new[:, :, 0], slot)
 
     q = q.reshape(b, t, kvh, groups, hd)
     if t == 1 and self.decode_impl == "pallas":
       lo, hi = kv_bounds
       # Triton lowering on GPUs; Pallas' interpreter anywhere else (CPU tests)
-      out = pallas_decode.decode_attention(q[:, 0], k_cache, v_cache, lo, hi,
-                                           interpret=jax.default_backend() != "gpu")
+      out = pallas_decode.decode_attention_on_mesh(
+          q[:, 0], k_cache, v_cache, lo, hi, mesh=self.mesh,
+          cache_spec=None if self.mesh is None else shd.logical_to_spec(
+              CACHE_AXES, k_cache.shape, self.mesh),
+          interpret=jax.default_backend() != "gpu")
       out = out.reshape(b, 1, h, hd)
     elif t == 1 and self.decode_impl == "reduce":
       # Multiply-and-sum over the cache: one fused memory-bound pass, no batched GEMM.
@@ -161,12 +168,14 @@ class Block(nn.Module):
   dtype: Any
   param_dtype: Any
   decode_impl: str = "dot"
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, write_index, kv_bounds=None):
     cfg = self.config
     attn_in = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(x)
-    attention = Attention(cfg, self.dtype, self.param_dtype, self.decode_impl, name="attn")
+    attention = Attention(cfg, self.dtype, self.param_dtype, self.decode_impl, self.mesh,
+                          name="attn")
     attn_out, layer_cache = attention(attn_in, positions, mask, layer_cache, write_index,
                                       kv_bounds)
     x = x + attn_out
@@ -191,6 +200,7 @@ class Llama(nn.Module):
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.bfloat16
   decode_impl: str = "dot"
+  mesh: Any = None  # where the params and caches live (the pallas decode kernel needs it)
 
   @nn.compact
   def __call__(self, tokens: Array, cache: Cache, write_index: Array, pad_len: Array,
@@ -218,7 +228,7 @@ class Llama(nn.Module):
     hidden = {}
     new_cache = []
     for i in range(cfg.num_layers):
-      x, layer_cache = Block(cfg, self.dtype, self.param_dtype, self.decode_impl,
+      x, layer_cache = Block(cfg, self.dtype, self.param_dtype, self.decode_impl, self.mesh,
                              name=f"layers_{i}")(
           x, positions, mask, cache[i], write_index, kv_bounds)
       new_cache.append(layer_cache)

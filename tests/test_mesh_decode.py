@@ -1,0 +1,176 @@
+"""Decoding on a mesh of fake CPU devices moves only what it must: the compiled decode step's
+collectives are the tensor-parallel reductions and one gather of the logits (none at all over
+`data`); the Pallas kernel runs per device under shard_map and gives the unsharded tokens;
+random params are made already sharded."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lsdist_jax.engine import resolve_decode_impl
+from lsdist_jax.sharding import collective_counts
+
+PRELUDE = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np, ml_collections
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from lsdist_jax import sharding as shd
+    from lsdist_jax.llama import sampling
+    from lsdist_jax.llama.config import get_preset
+    from lsdist_jax.llama.generator import Generator
+    from lsdist_jax.llama.model import Llama, abstract_params, init_params
+    from lsdist_jax.shapes import Buckets
+    assert len(jax.devices()) == 4
+    cfg = get_preset("tiny")  # 2 layers, 8 heads over 4 kv heads, vocab 256
+    params = jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x,
+                          init_params(Llama(cfg, jnp.float32, jnp.float32), 0))
+    buckets = Buckets(batch=(4, 8), prompt=8, cache=32)
+
+    def generator(data, model, impl="dot"):
+      mesh = None
+      if data * model > 1:
+        mesh = shd.make_mesh(ml_collections.ConfigDict({"data": data, "model": model}),
+                             devices=jax.devices()[:data * model])
+      llama = Llama(cfg, jnp.float32, jnp.float32, decode_impl=impl, mesh=mesh)
+      placed = (jax.device_put(params, jax.devices()[0]) if mesh is None else
+                jax.device_put(params, shd.param_shardings(abstract_params(llama), mesh)))
+      return Generator(llama, placed, mesh=mesh, buckets=buckets)
+""")
+
+COLLECTIVES = PRELUDE + textwrap.dedent("""
+    import json
+    b, p, s = 8, 8, 64
+    out = {}
+    for data, model in ((1, 2), (2, 1), (2, 2)):
+      gen = generator(data, model)
+      rows = [gen._place(x) for x in (np.ones((b, p), np.int32), np.zeros((b,), np.int32),
+              np.arange(b, dtype=np.uint32), np.zeros((b,), np.int32),
+              np.full((b,), 40, np.int32), np.ones((b,), bool), np.full((b,), -1, np.int32))]
+      static = gen._generate_fn(b, s, -1).lower(
+          gen.params, *rows, jnp.int32(32), jnp.uint32(0), jnp.float32(0.7),
+          jnp.asarray(sampling.top_p_setting(0.9))).compile().as_text()
+      slots = gen.open_slots(b, s, max_seq_len=s)
+      slot = gen._slot_fn("slot_decode", slots.slots, slots.cache_len).lower(
+          gen.params, slots.state, jnp.int32(2), *slots.sampling).compile().as_text()
+      out[f"{data}x{model}"] = {"static": shd.collective_counts(static),
+                                "slots": shd.collective_counts(slot)}
+    print("COUNTS" + json.dumps(out))
+""")
+
+PALLAS = PRELUDE + textwrap.dedent("""
+    rng = np.random.default_rng(5)
+    prompts = [[1] + rng.integers(3, 256, size=rng.integers(3, 15)).tolist() for _ in range(6)]
+    kw = dict(cap=40, max_seq_len=128, request_ids=range(6), temperature=0.8, top_p=0.9, seed=3,
+              forced_lengths=[3, 40, 12, -1, 25, -1])  # rows finish at different steps
+    def tokens(out):
+      return [out.tokens[i, :out.num_generated[i]].tolist() for i in range(6)]
+    want = tokens(generator(1, 1, "dot").generate(prompts, **kw))
+    for data, model in ((2, 2), (1, 2), (2, 1)):
+      got = tokens(generator(data, model, "pallas").generate(prompts, **kw))
+      assert got == want, (data, model, got, want)
+    # continuous slots through the kernel on the (2, 2) mesh
+    gen = generator(2, 2, "pallas")
+    slots = gen.open_slots(4, 64, max_seq_len=128, seed=3, temperature=0.8, top_p=0.9)
+    slots.insert([1, 2], prompts[:2], [0, 1], [0, 0], forced_lengths=[3, 40])
+    while not slots.read().done[[1, 2]].all():
+      slots.decode(4)
+    r = slots.read()
+    assert [r.tokens[i, :r.num_generated[i]].tolist() for i in (1, 2)] == want[:2]
+    print("PALLAS_OK", [len(t) for t in want])
+""")
+
+RANDOM = textwrap.dedent("""
+    import jax, ml_collections, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from lsdist_jax.engine import Engine, random_params_fn
+    from lsdist_jax.llama.config import get_preset
+    cfg = get_preset("tiny")
+    mesh_config = ml_collections.ConfigDict({"data": 2, "model": 2})
+    engine = Engine.random("tiny", dtype="float32", mesh_config=mesh_config)
+    params = engine.params
+    want = {("layers_0", "attn", "wqkv"): P(None, "model"), ("layers_0", "attn", "wo"): P("model"),
+            ("layers_1", "mlp", "w_gate_up"): P(None, None, "model"),
+            ("layers_1", "mlp", "w_down"): P("model"), ("embed",): P("model"),
+            ("lm_head",): P(None, "model"), ("final_norm", "scale"): P()}
+    for path, spec in want.items():
+      leaf = params
+      for key in path:
+        leaf = leaf[key]
+      assert isinstance(leaf.sharding, NamedSharding), (path, leaf.sharding)
+      assert leaf.sharding.mesh is engine.mesh, path
+      assert leaf.sharding.spec == spec or tuple(leaf.sharding.spec) + (None,) * (
+          len(leaf.shape) - len(leaf.sharding.spec)) == tuple(spec) + (None,) * (
+          len(leaf.shape) - len(spec)), (path, leaf.sharding.spec, spec)
+    wqkv = params["layers_0"]["attn"]["wqkv"]
+    assert {s.data.shape for s in wqkv.addressable_shards} == {
+        (cfg.hidden_size, cfg.num_kv_heads // 2) + wqkv.shape[2:]}
+    # One program makes every shard where it lives: per device it outputs only its shards and
+    # needs far less scratch than making whole arrays would.
+    sharded = random_params_fn(cfg, "float32", engine.mesh).lower(jax.random.key(0)).compile()
+    whole = random_params_fn(cfg, "float32", None).lower(jax.random.key(0)).compile()
+    per_device = sum(s.data.nbytes for leaf in jax.tree.leaves(params)
+                     for s in leaf.addressable_shards[:1])
+    m, w = sharded.memory_analysis(), whole.memory_analysis()
+    assert abs(m.output_size_in_bytes - per_device) < 0.01 * per_device, (  # buffer alignment
+        m.output_size_in_bytes, per_device)
+    assert m.output_size_in_bytes < 0.6 * w.output_size_in_bytes
+    assert m.temp_size_in_bytes < 0.6 * w.temp_size_in_bytes, (m.temp_size_in_bytes,
+                                                                w.temp_size_in_bytes)
+    print("RANDOM_OK", m.output_size_in_bytes, w.output_size_in_bytes, m.temp_size_in_bytes,
+          w.temp_size_in_bytes)
+""")
+
+
+def run_on_fake_devices(script: str, marker: str, devices: int = 4) -> str:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith(marker))
+  return line[len(marker):]
+
+
+def test_a_decode_step_moves_only_the_tensor_parallel_reductions():
+  """Per step (the while loop's body) of static and slot decoding, for the 2-layer tiny model:
+  over `model`, one all-reduce after attention and one after the MLP per layer, one after the
+  vocab-split embedding lookup, and one all-gather of the [rows, vocab] logits for sampling;
+  over `data`, nothing. The loop's condition may reduce one flag (any row left?)."""
+  import json
+
+  counts = json.loads(run_on_fake_devices(COLLECTIVES, "COUNTS"))
+  layers = 2
+  tensor_parallel = {"all-reduce": 2 * layers + 1, "all-gather": 1}
+  for program in ("static", "slots"):
+    assert counts["1x2"][program]["body"] == tensor_parallel, (program, counts["1x2"])
+    assert counts["2x2"][program]["body"] == tensor_parallel, (program, counts["2x2"])
+    assert counts["2x1"][program]["body"] == {}, (program, counts["2x1"])
+    for mesh in counts:
+      assert sum(counts[mesh][program]["cond"].values()) <= 2, (mesh, program, counts[mesh])
+
+
+@pytest.mark.slow  # Pallas' interpreter in every decode step, on 4 fake devices
+def test_pallas_kernel_on_a_mesh_gives_the_unsharded_tokens():
+  assert run_on_fake_devices(PALLAS, "PALLAS_OK")
+
+
+def test_random_params_are_made_sharded_on_the_mesh():
+  assert run_on_fake_devices(RANDOM, "RANDOM_OK")
+
+
+def test_collective_counts_reads_where_each_collective_runs():
+  hlo = "\n".join([
+      '  %a = f32[8]{0} all-reduce(%x), to_apply=%add, metadata={op_name="jit(f)/while/body/dot"}',
+      '  %b = f32[8,4]{1,0} all-gather(%y), metadata={op_name="jit(f)/while/body/cond/x"}',
+      '  %c = pred[] all-reduce(%z), metadata={op_name="jit(f)/while/cond/reduce_or"}',
+      '  %d = (f32[4]) all-gather-start(%w), metadata={op_name="jit(f)/squeeze"}',
+      '  %e = f32[4] all-gather-done(%d)',
+      '  %f = f32[4] add(%x, %y), metadata={op_name="jit(f)/while/body/add"}'])
+  assert collective_counts(hlo) == {"body": {"all-reduce": 1, "all-gather": 1},
+                                    "cond": {"all-reduce": 1}, "outside": {"all-gather": 1}}
+
+
+def test_pallas_is_allowed_on_a_mesh():
+  assert resolve_decode_impl("pallas", "bfloat16", object(), 64) == "pallas"
