@@ -49,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.coordinator_address = ""
   c.mesh.num_processes = 0
   c.mesh.process_id = -1
+  # local: the mesh spans this process's devices (each process serves its own requests, as
+  # collection does); global: one mesh over every process's devices (after jax.distributed),
+  # every process making the same calls on the same inputs and getting the same results.
+  c.mesh.span = "local"
 
   # The engine's shape buckets: every compiled program uses one of these sizes.
   c.engine = ml_collections.ConfigDict()

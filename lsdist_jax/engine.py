@@ -252,9 +252,9 @@ DECODE_IMPLS = ("auto", "dot", "reduce", "pallas")
 
 
 def engine_mesh(mesh_config=None):
-  """The mesh an engine runs on: `mesh_config`'s over this process's devices (all of them when
-  there are several and no config); None for a single device."""
-  if mesh_config is None and len(jax.local_devices()) == 1:
+  """The mesh an engine runs on: `mesh_config`'s over this process's devices (or every
+  process's: `mesh.span`); all of them when there are several and no config; None for one."""
+  if len(shd.mesh_devices(mesh_config)) == 1:
     return None
   mesh = shd.make_mesh(mesh_config)
   return mesh if mesh.size > 1 else None

@@ -52,12 +52,32 @@ def maybe_initialize_distributed(mesh_config) -> None:
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
+def mesh_devices(mesh_config=None) -> list:
+  """The devices a mesh of this config spans: this process's (`mesh.span` "local", the default)
+  or every process's ("global")."""
+  span = mesh_config.get("span", "local") if mesh_config is not None else "local"
+  if span not in ("local", "global"):
+    raise ValueError(f"mesh.span={span!r}; expected 'local' or 'global'")
+  return list(jax.devices() if span == "global" else jax.local_devices())
+
+
+def to_host(tree):
+  """numpy copies of a tree of device arrays; arrays spread over several processes (a global
+  mesh) are gathered from all of them first, so every process gets the whole value."""
+  leaves = jax.tree.leaves(tree)
+  if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 def make_mesh(mesh_config=None, devices: Sequence[Any] | None = None) -> Mesh:
   """A `Mesh` with axes ('data', 'model'); `data=-1` takes every device `model` leaves.
 
   By default the mesh spans this process's devices: with several processes (hosts), each one
-  serves its own share of the requests (collection splits prompts across processes)."""
-  devices = list(devices if devices is not None else jax.local_devices())
+  serves its own share of the requests (collection splits prompts across processes);
+  `mesh.span="global"` spans every process's devices (one program over all of them)."""
+  devices = list(devices if devices is not None else mesh_devices(mesh_config))
   n = len(devices)
   model = int(mesh_config.get("model", 1)) if mesh_config is not None else 1
   data = int(mesh_config.get("data", -1)) if mesh_config is not None else -1

@@ -122,6 +122,34 @@ RANDOM = textwrap.dedent("""
           w.temp_size_in_bytes)
 """)
 
+PROCESSES = textwrap.dedent("""
+    import sys, jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import ml_collections
+    from lsdist_jax import sharding as shd
+    from lsdist_jax.engine import Engine
+    from lsdist_jax.llama.generator import Generator
+    port, process = sys.argv[1], int(sys.argv[2])
+    mesh_config = ml_collections.ConfigDict({
+        "data": 2, "model": 2, "span": "global", "distributed": True, "num_processes": 2,
+        "coordinator_address": f"127.0.0.1:{port}", "process_id": process})
+    shd.maybe_initialize_distributed(mesh_config)
+    assert jax.process_count() == 2 and len(jax.devices()) == 4
+    engine = Engine.load("tiny", dtype="float32", mesh_config=mesh_config)
+    # one global mesh: model within a process, data across the two
+    assert {d.process_index for d in engine.mesh.devices[process]} == {process}
+    prompts = engine.encode(["hello world", "abc", "the quick brown fox", "xyz", "q"])
+    kw = dict(cap=24, max_seq_len=128, seed=5, temperature=0.9, top_p=0.95, request_ids=range(5))
+    shared = engine.generator.generate(prompts, **kw)
+    alone = Generator(engine.model.clone(mesh=None),
+                      jax.device_put(shd.to_host(engine.params), jax.local_devices()[0]))
+    want = alone.generate(prompts, **kw)
+    assert (shared.num_generated == want.num_generated).all()
+    assert (shared.tokens == want.tokens).all()
+    print("PROCESS_OK", process, shared.tokens[:, :4].tolist(), flush=True)
+""")
+
 
 def run_on_fake_devices(script: str, marker: str, devices: int = 4) -> str:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -174,3 +202,24 @@ def test_collective_counts_reads_where_each_collective_runs():
 
 def test_pallas_is_allowed_on_a_mesh():
   assert resolve_decode_impl("pallas", "bfloat16", object(), 64) == "pallas"
+
+
+@pytest.mark.slow  # two processes
+def test_two_processes_on_one_global_mesh_generate_what_one_process_does():
+  """jax.distributed on localhost, 2 processes x 2 fake CPU devices, one (data 2, model 2) mesh
+  over all four: both processes get the tokens one process alone generates."""
+  import socket
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", PROCESSES, str(port), str(k)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for k in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-4000:]
+  lines = [next(l for l in out.splitlines() if l.startswith("PROCESS_OK")) for out, _ in outputs]
+  assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2]  # the same tokens in both

@@ -191,7 +191,7 @@ class Generator:
     out, n_gen, finished, hidden, steps = self._run(
         f"generate/{s}/{hidden_layer}", fn, self.params, *args, jnp.int32(cap), jnp.uint32(seed),
         jnp.float32(temperature), jnp.asarray(sampling.top_p_setting(top_p)))
-    out, n_gen, finished, hidden = jax.device_get((out, n_gen, finished, hidden))
+    out, n_gen, finished, hidden = shd.to_host((out, n_gen, finished, hidden))
     return DecodeResult(tokens=np.asarray(out)[:n], num_generated=np.asarray(n_gen)[:n],
                         finished=np.asarray(finished)[:n], hidden=np.asarray(hidden)[:n],
                         steps=int(steps))
@@ -208,7 +208,7 @@ class Generator:
                          f"({self.config.max_position_embeddings})")
       hidden = self._run(f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer), self.params,
                          self._place(tokens), self._place(pad_len))
-      out.append(np.asarray(jax.device_get(hidden))[:len(chunk)])
+      out.append(np.asarray(shd.to_host(hidden))[:len(chunk)])
     return np.concatenate(out, axis=0)
 
   def last_logits(self, prompts: Sequence[Sequence[int]]) -> jax.Array:
@@ -369,9 +369,9 @@ class SlotBatch:
   def hidden(self, slot_ids: Sequence[int]) -> np.ndarray:
     """The hidden states the last insert into each of these slots computed (at the batch's
     hidden_layer, at the last context token). -> [n, D] float32."""
-    return np.asarray(jax.device_get(self.state["hidden"]))[np.asarray(slot_ids, np.int64)]
+    return np.asarray(shd.to_host(self.state["hidden"]))[np.asarray(slot_ids, np.int64)]
 
   def read(self) -> SlotRead:
-    st = jax.device_get({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
+    st = shd.to_host({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
     return SlotRead(np.asarray(st["out"]), np.asarray(st["n_gen"]), np.asarray(st["done"]),
                     np.asarray(st["finished"]))
