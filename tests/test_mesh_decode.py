@@ -223,3 +223,22 @@ def test_two_processes_on_one_global_mesh_generate_what_one_process_does():
     assert p.returncode == 0, err[-4000:]
   lines = [next(l for l in out.splitlines() if l.startswith("PROCESS_OK")) for out, _ in outputs]
   assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2]  # the same tokens in both
+
+
+def test_rows_of_independent_processes_merge_into_one_row():
+  from lsdist_jax.benchmark.engine import merge_mesh_rows
+
+  base = {"model": "llama-2-7b", "mesh": {"data": 1, "model": 1}, "processes": 1, "batch": 48,
+          "cache": 1024, "decode_attention": "pallas", "device": "GPU x 1"}
+  rows = [dict(base, device="GPU x 2", mesh={"data": 1, "model": 2}, ms_per_step=4.0,
+               tokens_per_s=12000.0, build_s=5.0, first_call_s=30.0),
+          dict(base, group="7b_2proc", ms_per_step=7.0, tokens_per_s=6857.1, build_s=4.0,
+               first_call_s=20.0),
+          dict(base, group="7b_2proc", ms_per_step=7.2, tokens_per_s=6666.7, build_s=4.5,
+               first_call_s=19.0)]
+  report = merge_mesh_rows(rows, "bash scripts/multigpu_gpu.sh")
+  assert report["device"] == "GPU x 2" and len(report["rows"]) == 2
+  pair = report["rows"][1]
+  assert pair["processes"] == 2 and pair["batch"] == 96 and "group" not in pair
+  assert pair["tokens_per_s"] == 13523.8 and pair["ms_per_step"] == 7.2
+  assert pair["build_s"] == 4.5 and pair["first_call_s"] == 20.0

@@ -351,3 +351,90 @@ def run_engine_benchmark(s: EngineBenchSettings) -> dict:
             "variants": variants, "attention_sweep": sweep}
   print(json.dumps(result, indent=1))
   return result
+
+
+# ------------------------------------------------------------------ multi-GPU rows (issue 16)
+
+def measure_mesh_row(model: str, data: int, tensor: int, batch: int, cache: int,
+                     decode_attention: str, *, steps: int = 256, prompt_tokens: int = 64,
+                     repeats: int = 3, span: str = "local", temperature: float = 0.6,
+                     top_p: float = 0.9) -> dict:
+  """One row of docs/results/multigpu.json: `Engine.random(model)` on a (data, tensor) mesh of
+  this process's devices (span "global": every process's, after jax.distributed), a batch of
+  `batch` rows in all whose every row runs exactly `steps` decode steps (length replay), timed as
+  `time_ours` does (ms/step from the difference of a full and a half-length call, so prefill and
+  transfers cancel). build_s: the engine with its params on the devices; first_call_s: the first
+  full-length call, compilation included. Also the compiled program's collectives per step."""
+  import jax
+  import ml_collections
+  from lsdist_jax import sharding as shd
+  from lsdist_jax.engine import Engine
+
+  mesh_config = ml_collections.ConfigDict({"data": data, "model": tensor, "span": span})
+  from lsdist_jax.config import default_config
+
+  engine_config = default_config().engine
+  engine_config.decode_attention = decode_attention
+  if data * tensor == 1:
+    mesh_config = None
+  start = time.perf_counter()
+  engine = Engine.random(model, dtype="bfloat16", mesh_config=mesh_config,
+                         engine_config=engine_config)
+  jax.block_until_ready(engine.params)
+  build_s = time.perf_counter() - start
+  vocab = engine.config.vocab_size
+  prompts = [[1] + [(7 * i + j) % (vocab - 200) + 100 for j in range(prompt_tokens - 1)]
+             for i in range(batch)]
+  gen = engine.generator
+
+  def run(n):
+    return gen.generate(prompts, cap=steps, forced_lengths=[n] * batch, max_seq_len=cache,
+                        cache_len=cache, seed=0, temperature=temperature, top_p=top_p)
+
+  start = time.perf_counter()
+  first = run(steps)
+  first_call_s = time.perf_counter() - start
+  if int(first.num_generated.min()) != steps:
+    raise RuntimeError(f"rows generated {first.num_generated.min()}..{first.num_generated.max()}"
+                       f" tokens, expected {steps} each")
+  run(steps // 2)  # compiled already (the same shapes); warms the half-length call
+  full = _median_time(lambda: run(steps), repeats)
+  half = _median_time(lambda: run(steps // 2), repeats)
+  ms_step = 1e3 * (full - half) / (steps - steps // 2)
+  programs = [exe.as_text() for key, exe in gen._executables.items() if key[0].startswith("gen")]
+  counts = shd.collective_counts(programs[0]) if programs else {}
+  row = {"model": model, "mesh": {"data": data, "model": tensor},
+         "processes": jax.process_count(), "batch": batch, "cache": cache,
+         "decode_attention": engine.decode_impl, "ms_per_step": round(ms_step, 3),
+         "tokens_per_s": round(1e3 * batch / ms_step, 1), "build_s": round(build_s, 2),
+         "first_call_s": round(first_call_s, 2), "steps": steps,
+         "collectives_per_step": counts.get("body", {}), "device": _device_name(jax)}
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def _device_name(jax) -> str:
+  device = jax.devices()[0]
+  return f"{getattr(device, 'device_kind', str(device))} x {len(jax.devices())}"
+
+
+def merge_mesh_rows(rows: list[dict], command: str) -> dict:
+  """docs/results/multigpu.json from measured rows. Rows of independent processes (one per GPU,
+  each its own engine, run side by side; marked "group") become one row: their tokens/s add up,
+  ms/step, build and first-call times are the slowest process's."""
+  merged, groups = [], {}
+  for row in rows:
+    if "group" in row:
+      groups.setdefault(row["group"], []).append(row)
+    else:
+      merged.append(row)
+  for name, members in groups.items():
+    row = dict(members[0], processes=len(members), batch=sum(r["batch"] for r in members),
+               tokens_per_s=round(sum(r["tokens_per_s"] for r in members), 1))
+    for key in ("ms_per_step", "build_s", "first_call_s"):
+      row[key] = max(r[key] for r in members)
+    row["note"] = f"{len(members)} independent processes, one GPU each (group {name})"
+    row.pop("group")
+    merged.append(row)
+  return {"device": merged[0]["device"] if merged else "", "command": command,
+          "date": datetime.date.today().isoformat(), "rows": merged}
