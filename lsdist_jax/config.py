@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.prompt_bucket = 32  # prompt block lengths are rounded up to a multiple of this
   c.engine.cache_bucket = 128  # KV-cache lengths are rounded up to a multiple of this
   # How a decode step reads the KV cache: auto (the Pallas kernel, which reads only the live
-  # slots of unfinished rows, on one GPU in bf16; XLA elsewhere) | pallas | dot | reduce.
+  # slots of unfinished rows, on GPUs in bf16 (on a mesh: per device under shard_map); XLA
+  # elsewhere) | pallas | dot | reduce.
   c.engine.decode_attention = "auto"
   # JAX's persistent compilation cache: compiled programs outlive the process, so the next job
   # (or a resumed one) loads them instead of compiling again (a 7B program takes ~20 s).
