@@ -231,3 +231,53 @@ def test_bad_requests_are_named():
     make_plan("fastest", random_requests(n=4), COST, OPTIONS)
   with pytest.raises(ValueError, match="oracle needs"):
     make_plan("oracle", Requests(np.array([5]), 100, np.ones((1, 11))), COST, OPTIONS)
+
+
+def _capped(requests, caps):
+  return Requests(requests.prompt_len, requests.max_seq_len, requests.length_pmf,
+                  requests.scalar_length, requests.true_length, max_tokens=caps)
+
+
+def test_max_tokens_truncates_each_pmf_at_its_own_cap(requests):
+  caps = np.where(np.arange(requests.n) % 3 == 0, 8, 10_000)
+  capped = _capped(requests, caps)
+  pmf = requests.length_pmf
+  for r in (0, 3, 1):
+    c = min(caps[r], pmf.shape[1] - 1)
+    want = np.concatenate([pmf[r, :c], [pmf[r, c:].sum()], np.zeros(pmf.shape[1] - c - 1)])
+    np.testing.assert_allclose(capped.length_pmf[r], want, atol=1e-12)
+  for q in (0.3, 0.6, 0.9):  # quantiles of min(L, cap) are the untruncated ones, capped
+    assert (dist.quantile(capped.length_pmf, q)
+            == np.minimum(dist.quantile(pmf, q), caps)).all()
+  assert (capped.room == np.minimum(requests.room, caps)).all()
+  assert (capped.true_length <= caps).all() and (capped.scalar_length <= caps).all()
+  # E[steps] of a batch under the truncated pmfs: the untruncated one's with each row's cap
+  # applied: E[min(max_i min(L_i, c_i), cap)], estimated from samples of the untruncated pmfs
+  batch = np.arange(6)
+  draws = np.stack([np.random.default_rng(r).choice(pmf.shape[1], 20000, p=pmf[r])
+                    for r in batch])
+  sampled = np.minimum(np.minimum(draws, caps[batch, None]).max(axis=0), 200).mean()
+  assert abs(dist.expected_steps(capped.length_pmf[batch], 200) - sampled) < 0.02 * sampled + 0.5
+  assert dist.expected_steps(capped.length_pmf[batch], 200) < dist.expected_steps(pmf[batch], 200)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_caps_past_every_length_change_no_plan_and_short_caps_plan_short(requests, name):
+  loose = make_plan(name, _capped(requests, np.full(requests.n, 10_000)), COST, OPTIONS)
+  plain = make_plan(name, requests, COST, OPTIONS)
+  assert [b.members.tolist() for b in loose.batches] == [b.members.tolist() for b in plain.batches]
+  assert [b.cap for b in loose.batches] == [b.cap for b in plain.batches]
+  caps = np.where(np.arange(requests.n) % 3 == 0, 8, 10_000)
+  capped = _capped(requests, caps)
+  plan = make_plan(name, capped, COST, OPTIONS)
+  assert sorted(plan.members().tolist()) == list(range(requests.n))
+  for b in plan.batches:  # no batch is planned longer than its longest-allowed member
+    assert 1 <= b.cap <= capped.room[b.members].max()
+  if name in ("vbs", "search", "optimal", "sorted"):
+    short = caps == 8
+    cap_of = {int(m): b.cap for b in plan.batches for m in b.members}
+    plain_cap_of = {int(m): b.cap for b in plain.batches for m in b.members}
+    at = np.nonzero(short)[0]
+    assert (np.mean([cap_of[m] for m in at]) < 0.5 * np.mean([plain_cap_of[m] for m in at]))
+    assert (expected_cost(plan, capped, COST, OPTIONS)
+            < expected_cost(plain, requests, COST, OPTIONS))

@@ -22,6 +22,18 @@ def normalize(pmf: np.ndarray) -> np.ndarray:
   return pmf / total
 
 
+def truncate(pmf: np.ndarray, caps) -> np.ndarray:
+  """The pmf of min(L, cap) per row: mass beyond each row's cap moved onto the cap (caps past the
+  last bin change nothing). pmf: [n, M+1], caps: [n] -> [n, M+1]."""
+  pmf = np.asarray(pmf)
+  bins = pmf.shape[1]
+  caps = np.minimum(np.broadcast_to(np.asarray(caps, np.int64), pmf.shape[:1]), bins - 1)
+  over = np.arange(bins)[None, :] >= caps[:, None]
+  folded = np.where(over, 0.0, pmf)
+  folded[np.arange(pmf.shape[0]), caps] = np.where(over, pmf, 0.0).sum(axis=1)
+  return folded
+
+
 def cdf(pmf: np.ndarray) -> np.ndarray:
   """F(t) = P(L <= t). [n, M+1] -> [n, M+1], last column 1."""
   out = np.cumsum(pmf, axis=-1)

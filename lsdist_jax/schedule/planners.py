@@ -408,18 +408,21 @@ def plan_recovery(name: str, requests: Requests, unfinished: np.ndarray, generat
   if name == "oracle" and requests.true_length is not None:
     requests = _with_known_lengths(requests)  # the oracle plans its recovery on true lengths too
   sub_prompt = requests.prompt_len[unfinished] + generated
+  sub_max = None  # each row's own max_tokens, less what it generated
+  if requests.max_tokens is not None:
+    sub_max = np.maximum(requests.max_tokens[unfinished] - generated, 1)
   if requests.length_pmf is None or name in ("vanilla", "sorted", "ssch"):
     # The largest fixed size whose padded batch at the worst prompt and full room fits the budget.
     worst_prompt, worst_cap = int(sub_prompt.max()), requests.max_seq_len - int(sub_prompt.min())
     size = min(options.max_batch, unfinished.size)
     while size > 1 and not fits(cost, options, size, worst_prompt, worst_cap):
       size -= 1
-    plain = Requests(sub_prompt, requests.max_seq_len)
+    plain = Requests(sub_prompt, requests.max_seq_len, max_tokens=sub_max)
     batches = _fixed_batches(np.arange(unfinished.size), size, plain)
   else:
     remaining = dist.shift_left(dist.conditional_above(requests.length_pmf[unfinished],
                                                        generated), generated)
-    sub = Requests(sub_prompt, requests.max_seq_len, remaining)
+    sub = Requests(sub_prompt, requests.max_seq_len, remaining, max_tokens=sub_max)
     inner = "optimal" if name in ("optimal", "oracle") else "vbs"
     sub_options = dataclasses.replace(options, threshold=options.recovery_threshold)
     planned = PLANNERS[inner](sub, cost, sub_options).batches

@@ -37,10 +37,19 @@ class Requests:
   length_pmf: np.ndarray | None = None  # [n, M+1] predicted pmf of the response length
   scalar_length: np.ndarray | None = None  # [n] a scalar prediction (baselines)
   true_length: np.ndarray | None = None  # [n] known lengths (oracle)
+  # [n] each request's own limit on generated tokens (an OpenAI batch line's max_tokens), or
+  # None: max_seq_len - prompt only. The pmf's mass beyond it is moved onto it, scalar and true
+  # lengths are clipped to it, and it bounds `room`: a short-capped request is planned short.
+  max_tokens: np.ndarray | None = None
 
   def __post_init__(self):
     self.prompt_len = np.asarray(self.prompt_len, np.int64)
     n = self.prompt_len.size
+    if self.max_tokens is not None:
+      self.max_tokens = np.asarray(self.max_tokens, np.int64).reshape(-1)
+      if self.max_tokens.size != n or (self.max_tokens < 1).any():
+        raise ValueError(f"max_tokens must hold one limit >= 1 per request ({n}); got "
+                         f"{self.max_tokens.size} values, min {self.max_tokens.min(initial=1)}")
     if (self.prompt_len >= self.max_seq_len).any():
       i = int(np.argmax(self.prompt_len >= self.max_seq_len))
       raise ValueError(f"request {i}: prompt of {self.prompt_len[i]} tokens leaves no room in "
@@ -51,6 +60,13 @@ class Requests:
         raise ValueError(f"{name} has {len(value)} rows for {n} requests")
     if self.length_pmf is not None:
       self.length_pmf = dist.normalize(self.length_pmf)
+    if self.max_tokens is not None:
+      if self.length_pmf is not None:
+        self.length_pmf = dist.truncate(self.length_pmf, self.max_tokens)
+      for name in ("scalar_length", "true_length"):
+        value = getattr(self, name)
+        if value is not None:
+          setattr(self, name, np.minimum(np.asarray(value), self.max_tokens))
 
   @property
   def n(self) -> int:
@@ -58,18 +74,13 @@ class Requests:
 
   @property
   def room(self) -> np.ndarray:
-    """The most tokens each request can generate (max_seq_len - prompt)."""
-    return self.max_seq_len - self.prompt_len
+    """The most tokens each request can generate (max_seq_len - prompt, and its max_tokens)."""
+    room = self.max_seq_len - self.prompt_len
+    return room if self.max_tokens is None else np.minimum(room, self.max_tokens)
 
   def pmf_within_room(self) -> np.ndarray:
     """The predicted pmf with mass beyond each request's room folded onto the room."""
-    pmf = self.length_pmf
-    bins = pmf.shape[1]
-    room = np.minimum(self.room, bins - 1)
-    over = np.arange(bins)[None, :] >= room[:, None]
-    folded = np.where(over, 0.0, pmf)
-    folded[np.arange(self.n), room] = np.where(over, pmf, 0.0).sum(axis=1)
-    return folded
+    return dist.truncate(self.length_pmf, self.room)
 
 
 def _schedule_default(key: str):
