@@ -41,21 +41,22 @@ PRELUDE = textwrap.dedent("""
 
 COLLECTIVES = PRELUDE + textwrap.dedent("""
     import json
-    b, p, s = 8, 8, 64
+    prompts = [[1, 5 + i, 7, 9] for i in range(8)]
+
+    def program(gen, name):  # the compiled program the calls ran (one per name here)
+      texts = [exe.as_text() for key, exe in gen._executables.items() if key[0].startswith(name)]
+      assert len(texts) == 1, (name, list(gen._executables))
+      return shd.collective_counts(texts[0])
+
     out = {}
     for data, model in ((1, 2), (2, 1), (2, 2)):
       gen = generator(data, model)
-      rows = [gen._place(x) for x in (np.ones((b, p), np.int32), np.zeros((b,), np.int32),
-              np.arange(b, dtype=np.uint32), np.zeros((b,), np.int32),
-              np.full((b,), 40, np.int32), np.ones((b,), bool), np.full((b,), -1, np.int32))]
-      static = gen._generate_fn(b, s, -1).lower(
-          gen.params, *rows, jnp.int32(32), jnp.uint32(0), jnp.float32(0.7),
-          jnp.asarray(sampling.top_p_setting(0.9))).compile().as_text()
-      slots = gen.open_slots(b, s, max_seq_len=s)
-      slot = gen._slot_fn("slot_decode", slots.slots, slots.cache_len).lower(
-          gen.params, slots.state, jnp.int32(2), *slots.sampling).compile().as_text()
-      out[f"{data}x{model}"] = {"static": shd.collective_counts(static),
-                                "slots": shd.collective_counts(slot)}
+      gen.generate(prompts, cap=4, max_seq_len=64, cache_len=64)
+      slots = gen.open_slots(8, 64, max_seq_len=64)
+      slots.insert([0, 5], prompts[:2], [0, 1], [0, 0])
+      slots.decode(1)
+      out[f"{data}x{model}"] = {"static": program(gen, "generate"),
+                                "slots": program(gen, "slot_decode")}
     print("COUNTS" + json.dumps(out))
 """)
 
