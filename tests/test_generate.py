@@ -67,6 +67,41 @@ def test_request_id_and_seed_change_the_sample(generator):
   assert a[0] != a[1]
 
 
+# Per-row sampling settings: mixed temperatures (greedy included), top-p (1.0 included: every
+# token), seeds and max_new_tokens in one batch.
+MIXED = dict(temperature=[0.0, 0.7, 1.3, 0.9, 1.0, 0.5], top_p=[0.9, 1.0, 0.5, 0.95, 0.8, 1.0],
+             seed=[3, 7, 7, 123456789, 0, 11], max_new_tokens=[40, 5, 40, 17, 40, 1])
+
+
+def test_per_row_settings_give_each_request_its_run_alone(generator):
+  prompts = _prompts(6, seed=12)
+  together = _responses(generator.generate(prompts, cap=40, max_seq_len=128,
+                                           request_ids=range(6), **MIXED))
+  alone = []
+  for r, p in enumerate(prompts):
+    one = {k: v[r] for k, v in MIXED.items()}
+    limit = one.pop("max_new_tokens")
+    alone.append(_responses(generator.generate([p], cap=40, max_seq_len=128, request_ids=[r],
+                                               max_new_tokens=[limit], **one))[0])
+  assert together == alone
+  assert len(together[5]) <= 1 and len(together[1]) <= 5 and len(together[3]) <= 17
+  # the settings matter: the same rows with one shared setting differ
+  uniform = _responses(generator.generate(prompts, cap=40, max_seq_len=128,
+                                          request_ids=range(6), **SAMPLING))
+  assert uniform != together
+
+
+def test_uniform_per_row_settings_equal_the_scalar_settings(generator):
+  prompts = _prompts(5, seed=13)
+  scalar = generator.generate(prompts, cap=30, max_seq_len=128, request_ids=range(5),
+                              **SAMPLING)
+  rows = generator.generate(prompts, cap=30, max_seq_len=128, request_ids=range(5),
+                            **{k: [v] * 5 for k, v in SAMPLING.items()})
+  assert _responses(scalar) == _responses(rows)
+  with pytest.raises(ValueError, match="one per row"):
+    generator.generate(prompts, cap=30, max_seq_len=128, temperature=[0.5, 0.6])
+
+
 def test_capped_then_continued_equals_uncapped(generator):
   prompts = _prompts(5, seed=4)
   full = generator.generate(prompts, cap=60, max_seq_len=128, request_ids=range(5), **SAMPLING)

@@ -232,3 +232,32 @@ def test_draws_lie_in_the_nucleus_and_tiers_agree_with_a_full_sort(vocab):
       sizes = mask[::draws].sum(-1)
       assert sizes.min() <= 4 and sizes.max() > 16
       assert len(set(full.tolist())) > rows
+
+
+@pytest.mark.parametrize("top_k_candidates,hard_rows", [(4, 2), (16, 64)],
+                         ids=["sort-all", "mixed"])
+def test_per_row_settings_equal_each_row_drawn_with_its_own(top_k_candidates, hard_rows):
+  """Temperature and top-p per row ([B], [B, 2]): every row, greedy and top-p 1.0 rows among
+  nucleus ones, draws what it draws alone with its scalar settings; the kept sets too."""
+  rng = np.random.default_rng(31)
+  logits = _random_logits(rng, 12, 300, 2.0, ties=False)
+  u = rng.uniform(size=12).astype(np.float32)
+  temperature = np.array([0.0, 0.6, 1.0, 1.3] * 3, np.float32)
+  top_p = [1.0, 0.5, 0.9, 0.95, 1.0, 0.3, 0.99, 1.0, 0.8, 0.9, 1.0, 0.7]
+  pairs = jnp.asarray(sampling.top_p_settings(top_p))
+  got = np.asarray(_sample(jnp.asarray(logits), jnp.asarray(u), jnp.asarray(temperature), pairs,
+                           top_k_candidates, hard_rows))
+  kept = np.asarray(_mask(jnp.asarray(logits), jnp.asarray(temperature), pairs, 16))
+  for row in range(12):
+    alone = _sample(jnp.asarray(logits[row:row + 1]), jnp.asarray(u[row:row + 1]),
+                    jnp.float32(temperature[row]), jnp.asarray(top_p_setting(top_p[row])),
+                    top_k_candidates, hard_rows)
+    assert got[row] == int(alone[0]), row
+    assert (kept[row] == ours_kept(logits[row:row + 1], float(temperature[row]),
+                                   top_p[row])[0]).all()
+  # every row of d <= 0 alone, and none: the single-kind branches agree with the mixed one
+  every = [r for r in range(12) if top_p[r] >= 1.0]
+  only = np.asarray(_sample(jnp.asarray(logits[every]), jnp.asarray(u[every]),
+                            jnp.asarray(temperature[every]), pairs[np.array(every)],
+                            top_k_candidates, hard_rows))
+  assert (only == got[every]).all()

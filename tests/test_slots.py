@@ -162,3 +162,38 @@ def test_padded_inserts_share_one_program_and_keep_hidden_states(generator):
   batch.decode(batch.slots)
   read = batch.read()
   assert [read.tokens[j, :read.num_generated[j]].tolist() for j in range(7)] == expected
+
+
+def test_per_slot_settings_give_each_request_its_static_run(generator):
+  """Each insert gives its rows their own temperature, top-p, seed and max_new_tokens; a slot
+  keeps them while its neighbours are refilled with others."""
+  prompts = _prompts(6, seed=21)
+  settings = dict(temperature=[0.0, 0.7, 1.3, 0.9, 1.0, 0.5],
+                  top_p=[0.9, 1.0, 0.5, 0.95, 0.8, 1.0], seed=[3, 7, 7, 99, 0, 11])
+  limits = [40, 5, 40, 17, 40, 2]
+  want = []
+  for r, p in enumerate(prompts):
+    out = generator.generate([p], cap=60, max_seq_len=128, request_ids=[r],
+                             max_new_tokens=[limits[r]], **{k: v[r] for k, v in settings.items()})
+    want.append(out.tokens[0, :out.num_generated[0]].tolist())
+  batch = generator.open_slots(2, 128, max_seq_len=128, **SAMPLING)
+  made = [None] * 6
+  queue, occupant = list(range(6)), [-1, -1]
+  while queue or any(o >= 0 for o in occupant):
+    free = [j for j in range(2) if occupant[j] < 0]
+    take = queue[:len(free)]
+    del queue[:len(take)]
+    if take:
+      batch.insert(free[:len(take)], [prompts[r] for r in take], take, [0] * len(take),
+                   max_new_tokens=[limits[r] for r in take],
+                   **{k: [v[r] for r in take] for k, v in settings.items()})
+      for j, r in zip(free, take):
+        occupant[j] = r
+    batch.decode(1)
+    read = batch.read()
+    for j, r in enumerate(occupant):
+      if r >= 0 and read.done[j]:
+        made[r] = read.tokens[j, :read.num_generated[j]].tolist()
+        occupant[j] = -1
+  assert made == want
+  assert len(made[5]) <= 2 and len(made[1]) <= 5

@@ -45,15 +45,17 @@ def _keep_cache_layout(cache, mesh):
 
 def _choose_fn(mesh, batch: int):
   """`sampling.choose` over the batch's rows: on a mesh, per device (see above)."""
-  return shd.rowwise(sampling.choose, mesh, batch, num_rows=4)
+  return shd.rowwise(sampling.choose, mesh, batch, num_rows=7)
 
 
 def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, active,
                    forced_len, cap, seed, temperature, top_p, *, model: Llama, cache_len: int,
                    hidden_layer: int, top_k_candidates: int, eos_ids: tuple[int, ...],
                    filler_id: int, mesh=None):
-  """tokens: [B, P] left-padded prompts; per-row int arrays [B]; scalars cap/seed/temperature;
-  top_p as `sampling.top_p_setting` gives it.
+  """tokens: [B, P] left-padded prompts; per-row arrays [B] (row_limit: the most tokens the row
+  may still generate: its room to max_seq_len or its own max_tokens); a scalar cap; per-row
+  sampling settings seed [B] uint32, temperature [B] float32, top_p [B, 2]
+  (`sampling.top_p_settings`).
 
   Returns (out_tokens [B, G], num_generated [B], finished [B], hidden [B, D], steps)."""
   b, p = tokens.shape
@@ -141,7 +143,8 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
   """Prefills `tokens` ([k, P] left-padded contexts) and places row i in slot slots[i] (a slot
   index >= B drops the row: bucket padding). Its cache moves to the slot's start, so the slot
   holds context position j at cache slot j; its first token is sampled here. The hidden state
-  of its last context token at `hidden_layer` goes to the slot's `hidden`."""
+  of its last context token at `hidden_layer` goes to the slot's `hidden`. seed [k],
+  temperature [k], top_p [k, 2]: the inserted rows' sampling settings (their first token)."""
   k, p = tokens.shape
   s_len = state["out"].shape[1] - 1
   small = init_cache(model.config, k, p, model.dtype)
@@ -183,7 +186,8 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
 
 def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: Llama,
                  top_k_candidates: int, eos_ids: tuple[int, ...], filler_id: int, mesh=None):
-  """Decode steps until at least `free_target` slots are done (or all are). -> (state, steps)"""
+  """Decode steps until at least `free_target` slots are done (or all are). seed [B],
+  temperature [B], top_p [B, 2]: each slot's sampling settings. -> (state, steps)"""
   eos = jnp.asarray(eos_ids, jnp.int32)
   b, width = state["out"].shape
   pad = jnp.zeros((b,), jnp.int32)

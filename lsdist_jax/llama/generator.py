@@ -22,6 +22,26 @@ from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.shapes import Buckets, batch_bucket, context_block, round_up
 
 
+def sampling_rows(n: int, rows: int, seed, temperature, top_p):
+  """The sampling settings of n rows padded to `rows`: (seed [rows] uint32, temperature [rows]
+  float32, top_p [rows, 2] float32 `top_p_setting`s). Each setting is one value for every row or
+  a sequence of n values; padding rows repeat the last row's."""
+
+  def per_row(value, name):
+    arr = np.asarray(value, np.float64)
+    if arr.ndim == 0:
+      return np.full((rows,), arr)
+    if arr.shape != (n,):
+      raise ValueError(f"{name}: expected one value or {n} (one per row), got shape {arr.shape}")
+    return np.concatenate([arr, np.full((rows - n,), arr[-1])])
+
+  seeds = per_row(seed, "seed")
+  if (seeds < 0).any() or (seeds >= 2 ** 32).any() or (seeds != np.round(seeds)).any():
+    raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
+  return (seeds.astype(np.uint32), per_row(temperature, "temperature").astype(np.float32),
+          sampling.top_p_settings(per_row(top_p, "top_p")))
+
+
 class Generator:
   """Runs the decode loops (`decode.py`) over bucketed shapes, counts compilations, places data
   on the mesh."""
@@ -96,8 +116,9 @@ class Generator:
       else:  # params stay where they are; batch arrays split over `data`; scalars replicated
         rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
         rep = NamedSharding(self.mesh, P())
-        self._fns[key] = jax.jit(
-            traced, in_shardings=(self._param_shardings(), rows2) + (rows,) * 6 + (rep,) * 4,
+        self._fns[key] = jax.jit(  # the sampling settings per row: seed, temperature, top_p
+            traced, in_shardings=(self._param_shardings(), rows2) + (rows,) * 6
+            + (rep, rows, rows, rows2),
             out_shardings=(rows2, rows, rows, rows2, rep))
     return self._fns[key]
 
@@ -136,10 +157,11 @@ class Generator:
     return tokens, pad_len, lengths, b, p
 
   def generate(self, prompts: Sequence[Sequence[int]], *, cap: int, max_seq_len: int,
-               seed: int = 0, temperature: float = 0.6, top_p: float = 0.9,
+               seed=0, temperature=0.6, top_p=0.9,
                request_ids: Sequence[int] | None = None,
                start_steps: Sequence[int] | None = None,
                forced_lengths: Sequence[int] | None = None,
+               max_new_tokens: Sequence[int] | None = None,
                hidden_layer: int = -1, cache_len: int | None = None) -> DecodeResult:
     """Generates for one batch of token-id prompts.
 
@@ -149,6 +171,9 @@ class Generator:
     request_ids / start_steps: the PRNG identity of each row and how many tokens it already
       generated in earlier calls (continuation), so that sampling continues identically.
     forced_lengths: length replay; row r emits EOS at exactly that many generated tokens.
+    seed / temperature / top_p: one value for every row, or one per row (`sampling_rows`).
+    max_new_tokens: per row, the most tokens it may still generate (a request's own max_tokens
+      less what it generated before); it ends there unfinished, like at max_seq_len.
     cache_len: the KV-cache length; default prompt block + cap rounded up to the cache bucket.
     """
     n = len(prompts)
@@ -180,6 +205,8 @@ class Generator:
     start = per_row(start_steps, 0, np.int32)
     limit = np.zeros((b,), np.int32)
     limit[:n] = max_seq_len - lengths
+    if max_new_tokens is not None:
+      limit[:n] = np.minimum(limit[:n], per_row(max_new_tokens, 0, np.int32)[:n])
     active = np.zeros((b,), bool)
     active[:n] = True
     forced = per_row(forced_lengths, -1, np.int32)
@@ -188,9 +215,9 @@ class Generator:
 
     fn = self._generate_fn(b, s, hidden_layer)
     args = [self._place(x) for x in (tokens, pad_len, rid, start, limit, active, forced)]
+    settings = [self._place(x) for x in sampling_rows(n, b, seed, temperature, top_p)]
     out, n_gen, finished, hidden, steps = self._run(
-        f"generate/{s}/{hidden_layer}", fn, self.params, *args, jnp.int32(cap), jnp.uint32(seed),
-        jnp.float32(temperature), jnp.asarray(sampling.top_p_setting(top_p)))
+        f"generate/{s}/{hidden_layer}", fn, self.params, *args, jnp.int32(cap), *settings)
     out, n_gen, finished, hidden = shd.to_host((out, n_gen, finished, hidden))
     return DecodeResult(tokens=np.asarray(out)[:n], num_generated=np.asarray(n_gen)[:n],
                         finished=np.asarray(finished)[:n], hidden=np.asarray(hidden)[:n],
@@ -228,7 +255,8 @@ class Generator:
                  temperature: float = 0.6, top_p: float = 0.9,
                  hidden_layer: int = -1) -> "SlotBatch":
     """A continuous batch of `slots` rows (rounded up to a batch bucket, and to a multiple of
-    the mesh's data axis) over `cache_len` KV slots per row, with fixed sampling settings; each
+    the mesh's data axis) over `cache_len` KV slots per row, with default sampling settings (an
+    insert may give its rows their own: `SlotBatch.insert`); each
     insert keeps its rows' hidden states at `hidden_layer` (`SlotBatch.hidden`). On a mesh the
     slots are split over `data` and the cache's kv heads over `model`. See `SlotBatch`."""
     b = batch_bucket(int(slots), self.buckets.batch)
@@ -240,8 +268,7 @@ class Generator:
       self._fns[key] = jax.jit(lambda: decode.slot_state(b, s, model=self.model),
                                out_shardings=self._slot_shardings(b, s))
     return SlotBatch(self, self._fns[key](), b, s, max_seq_len=int(max_seq_len),
-                     sampling=(jnp.uint32(seed), jnp.float32(temperature),
-                               jnp.asarray(sampling.top_p_setting(top_p))),
+                     sampling=sampling_rows(b, b, seed, temperature, top_p),
                      hidden_layer=int(hidden_layer))
 
   def _slot_shardings(self, batch: int, cache_len: int):
@@ -266,13 +293,15 @@ class Generator:
         kw["hidden_layer"] = hidden_layer
       if self.mesh is None:
         self._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(1,))
-      else:  # the state keeps its shardings from call to call; the other inputs are replicated
+      else:  # the state keeps its shardings from call to call; the inserted rows are
+        # replicated; a decode's per-slot sampling settings split like the slots
         state = self._slot_shardings(batch, cache_len)
         rep = NamedSharding(self.mesh, P())
-        extra = 8 if kind == "slot_insert" else 1
+        rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
+        extra = (rep,) * 11 if kind == "slot_insert" else (rep, rows, rows, rows2)
         self._fns[key] = jax.jit(
             lambda *a: core(*a, **kw), donate_argnums=(1,),
-            in_shardings=(self._param_shardings(), state) + (rep,) * (extra + 3),
+            in_shardings=(self._param_shardings(), state) + extra,
             out_shardings=state if kind == "slot_insert" else (state, rep))
     return self._fns[key]
 
@@ -308,11 +337,16 @@ class SlotBatch:
 
   def insert(self, slot_ids: Sequence[int], contexts: Sequence[Sequence[int]],
              request_ids: Sequence[int], start_steps: Sequence[int],
-             forced_lengths: Sequence[int] | None = None, min_rows: int = 0) -> None:
+             forced_lengths: Sequence[int] | None = None, min_rows: int = 0,
+             max_new_tokens: Sequence[int] | None = None, seed=None, temperature=None,
+             top_p=None) -> None:
     """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots.
     The call's row count is the batch bucket of max(len(contexts), min_rows): a caller that
     inserts up to m rows at a time passes min_rows=m, and every insert of one context block
-    length is then the same program."""
+    length is then the same program. max_new_tokens: per row, the most tokens it may generate
+    here (its own max_tokens less what it generated before). seed / temperature / top_p: the
+    rows' sampling settings (one value or one per row; None: the batch's defaults), kept by
+    their slots until the next insert there."""
     gen = self.generator
     n = len(contexts)
     if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
@@ -346,22 +380,32 @@ class SlotBatch:
     forced = per_row(forced_lengths if forced_lengths is not None else [-1] * n, -1, np.int32)
     caps = per_row(room, 0, np.int32)
     limits = per_row(self.max_seq_len - lengths, 0, np.int32)
+    if max_new_tokens is not None:
+      limits[:n] = np.minimum(limits[:n], np.asarray(max_new_tokens, np.int32))
+    slot_index = np.asarray(slot_ids, np.int64)
+    given = (seed, temperature, top_p)
+    fresh = sampling_rows(n, n, *[0 if g is None else g for g in given])
+    for held, value, new in zip(self.sampling, given, fresh):
+      if value is not None:
+        held[slot_index] = new
+    settings = [np.concatenate([x[slot_index], np.repeat(x[slot_index[-1:]], k - n, axis=0)])
+                for x in self.sampling]  # [k] per inserted row (padding rows: the last's)
     args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
                                      per_row(request_ids, 0, np.uint32),
                                      per_row(start_steps, 0, np.int32), caps, limits, forced)]
     self.state = gen._run(
         f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}/{self.hidden_layer}",
         gen._slot_fn("slot_insert", self.slots, self.cache_len, self.hidden_layer), gen.params,
-        self.state, *args, *self.sampling)
+        self.state, *args, *[jnp.asarray(x) for x in settings])
 
   def decode(self, free_target: int) -> int:
     """Runs decode steps until at least `free_target` slots are done (or all are); returns the
     steps run."""
     gen = self.generator
+    settings = [jnp.asarray(x) for x in self.sampling]  # each slot's: [B], [B], [B, 2]
     self.state, steps = gen._run(f"slot_decode/{self.slots}/{self.cache_len}",
                                  gen._slot_fn("slot_decode", self.slots, self.cache_len),
-                                 gen.params, self.state,
-                                 jnp.int32(free_target), *self.sampling)
+                                 gen.params, self.state, jnp.int32(free_target), *settings)
     steps = int(steps)
     self.steps += steps
     return steps

@@ -3,6 +3,10 @@ nucleus itself as a mask (`nucleus_mask`, the same rule), and the per-request ra
 
 Randomness: the uniform number of request r's t-th generated token depends on (seed, r, t) only.
 
+Settings are per row: temperature [B], top_p [B, 2] (`top_p_setting` per row) and seed [B]; a
+scalar temperature / seed or a single top_p (float32 or one `top_p_setting` pair) is broadcast to
+every row, with the same result row by row as the per-row arrays holding it.
+
 The rule is transformers' `TemperatureLogitsWarper` then `TopPLogitsWarper` (min_tokens_to_keep 1):
   1. scores = float32 logits * float32(1 / temperature) (how torch divides by a Python float on
      the GPU; XLA rewrites a division by a scalar the same way); probs = softmax(scores).
@@ -46,14 +50,16 @@ _GRID = float(2 ** 23)  # probabilities on this grid sum exactly in float32 whil
 
 
 def request_uniforms(seed: jax.Array, request_ids: jax.Array, steps: jax.Array) -> jax.Array:
-  """u ~ U[0, 1) per row, a function of (seed, request_id, step) only. [B] float32."""
-  base = jax.random.key(seed)
+  """u ~ U[0, 1) per row, a function of (seed, request_id, step) only. seed: scalar or [B];
+  -> [B] float32."""
+  seeds = jnp.broadcast_to(jnp.asarray(seed).astype(jnp.uint32), request_ids.shape)
 
-  def one(r, t):
+  def one(s, r, t):
+    base = jax.random.key(s)
     return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(base, r), t), (),
                               jnp.float32)
 
-  return jax.vmap(one)(request_ids.astype(jnp.uint32), steps.astype(jnp.uint32))
+  return jax.vmap(one)(seeds, request_ids.astype(jnp.uint32), steps.astype(jnp.uint32))
 
 
 def top_p_setting(top_p: float) -> np.ndarray:
@@ -62,18 +68,32 @@ def top_p_setting(top_p: float) -> np.ndarray:
   return np.array([top_p, 1.0 - float(top_p)], np.float32)
 
 
-def drop_mass(top_p) -> jax.Array:
-  """d of the rule from a float32 top_p scalar or a `top_p_setting` pair."""
+def top_p_settings(top_p) -> np.ndarray:
+  """Per-row `top_p_setting`s: [B] top_p floats -> float32 [B, 2]."""
+  return np.stack([top_p_setting(float(p)) for p in np.asarray(top_p, np.float64).ravel()]
+                  ).reshape(-1, 2)
+
+
+def drop_mass(top_p, rows: int | None = None) -> jax.Array:
+  """d of the rule from a float32 top_p scalar, one `top_p_setting` pair [2] or one pair per row
+  [R, 2]. -> scalar, or [R]; with `rows`: broadcast to [rows]."""
   top_p = jnp.asarray(top_p, jnp.float32)
-  return 1.0 - top_p if top_p.ndim == 0 else top_p[1]
+  drop = 1.0 - top_p if top_p.ndim == 0 else top_p[..., 1]
+  return drop if rows is None else jnp.broadcast_to(drop, (rows,))
+
+
+def row_temperature(temperature, rows: int) -> jax.Array:
+  """Temperature per row: a scalar broadcast, or [rows] as is. -> [rows] float32."""
+  return jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (rows,))
 
 
 def scores_and_probs(logits: jax.Array, temperature: jax.Array):
-  """float32 logits * (1 / temperature) and their softmax. [R, V] -> ([R, V], [R, V]).
-  The product by the reciprocal is how torch divides by a Python float on the GPU (and what XLA
-  makes of a division by a scalar anyway). -0.0 becomes 0.0: sorts rank them apart, torch ties
-  them."""
-  scores = logits.astype(jnp.float32) * (1.0 / jnp.maximum(temperature, 1e-6))
+  """float32 logits * (1 / temperature) and their softmax. [R, V] -> ([R, V], [R, V]);
+  temperature: scalar or [R]. The product by the reciprocal is how torch divides by a Python
+  float on the GPU (and what XLA makes of a division by a scalar anyway). -0.0 becomes 0.0:
+  sorts rank them apart, torch ties them."""
+  inverse = 1.0 / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+  scores = logits.astype(jnp.float32) * (inverse[:, None] if inverse.ndim == 1 else inverse)
   scores = jnp.where(scores == 0.0, 0.0, scores)
   return scores, jax.nn.softmax(scores, axis=-1)
 
@@ -93,8 +113,11 @@ def total_mass(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
 def nucleus_count(ranked_probs: jax.Array, total, drop) -> tuple[jax.Array, jax.Array]:
   """How many of the K best-ranked tokens the rule keeps, and whether the tail after them still
   exceeds d (then the nucleus may reach past K: a wide row). ranked_probs: [R, K] in rank order;
-  total: `total_mass` of the whole rows. -> (m [R] in 1..K, wide [R] bool)."""
+  total: `total_mass` of the whole rows; drop: d, scalar or [R].
+  -> (m [R] in 1..K, wide [R] bool)."""
   hi, lo = split_mass(ranked_probs)
+  drop = jnp.asarray(drop, jnp.float32)
+  drop = drop[:, None] if drop.ndim == 1 else drop  # per row: [R, 1]
   zero = jnp.zeros_like(hi[:, :1])
   head_hi = jnp.concatenate([zero, jnp.cumsum(hi, axis=-1)], axis=-1)  # [R, K + 1], exact
   head_lo = jnp.concatenate([zero, jnp.cumsum(lo, axis=-1)], axis=-1)
@@ -172,10 +195,12 @@ def _head_nucleus(scores, probs, total, drop, k):
 
 def nucleus_mask(logits: jax.Array, temperature, top_p, top_k_candidates: int = 16) -> jax.Array:
   """The tokens `sample_tokens` may draw, by the same rule: [B, V] bool (transformers' kept
-  set: the tokens whose processed logit is not -inf). top_p: float32 or `top_p_setting(p)`."""
+  set: the tokens whose processed logit is not -inf). temperature: scalar or [B]; top_p:
+  float32, `top_p_setting(p)` or per row [B, 2]."""
+  batch, vocab = logits.shape
+  temperature = row_temperature(temperature, batch)
   scores, probs = scores_and_probs(logits, temperature)
-  drop = drop_mass(top_p)
-  batch, vocab = scores.shape
+  drop = drop_mass(top_p, batch)
   total = total_mass(probs)
   ids, _, m, wide = _head_nucleus(scores, probs, total, drop, min(top_k_candidates, vocab))
   full_ids, _, full_m = _full_nucleus(scores, probs, total, drop)
@@ -186,16 +211,21 @@ def nucleus_mask(logits: jax.Array, temperature, top_p, top_k_candidates: int = 
       jnp.arange(vocab)[None, :] < m[:, None])
   greedy = jnp.arange(vocab)[None, :] == jnp.argmax(logits, axis=-1)[:, None]
   every = scores > -jnp.inf
-  return jnp.where(temperature <= 0.0, greedy, jnp.where(drop <= 0.0, every, nucleus))
+  return jnp.where(temperature[:, None] <= 0.0, greedy,
+                   jnp.where(drop[:, None] <= 0.0, every, nucleus))
 
 
 def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p,
                   top_k_candidates: int = 16, hard_rows: int = 32) -> jax.Array:
   """One token per row by the module's rule. logits: [B, V], u: [B] -> [B] int32.
-  top_p: float32 scalar or `top_p_setting(p)` (exact 1 - p)."""
+  temperature: scalar or [B]; top_p: float32 scalar, `top_p_setting(p)` (exact 1 - p) or per
+  row [B, 2]. Rows with d <= 0 draw from every token, the others from their nucleus; which
+  branches run is chosen per call from the rows (all of one kind: only that one)."""
+  batch, vocab = logits.shape
+  temperature = row_temperature(temperature, batch)
   scores, probs = scores_and_probs(logits, temperature)
-  drop = drop_mass(top_p)
-  batch, vocab = scores.shape
+  drop = drop_mass(top_p, batch)
+  every = drop <= 0.0  # [B] rows whose candidates are every token
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   k = min(top_k_candidates, vocab)
   hard_rows = min(hard_rows, batch)
@@ -203,11 +233,12 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
   def nucleus(_):
     total = total_mass(probs)
     ids, ranked, m, wide = _head_nucleus(scores, probs, total, drop, k)
+    wide = wide & ~every  # a d <= 0 row is drawn by `plain`, never sorted
     easy = pick(ranked, ids, m, u)
 
     def wide_rows(rows):
       full_ids, full_ranked, full_m = _full_nucleus(scores[rows], probs[rows],
-                                                    (total[0][rows], total[1][rows]), drop)
+                                                    (total[0][rows], total[1][rows]), drop[rows])
       picked = pick(full_ranked, full_ids, full_m, u[rows])
       return jnp.where(wide[rows], picked, easy[rows])
 
@@ -228,7 +259,12 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
     j = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
     return jnp.minimum(j, vocab - 1).astype(jnp.int32)
 
-  sampled = jax.lax.cond(drop <= 0.0, plain, nucleus, None)
+  def mixed(_):
+    return jnp.where(every, plain(None), nucleus(None))
+
+  n_every = jnp.sum(every)
+  branch = jnp.where(n_every == 0, 0, jnp.where(n_every == batch, 1, 2))
+  sampled = jax.lax.switch(branch, [nucleus, plain, mixed], None)
   return jnp.where(temperature <= 0.0, greedy, sampled)
 
 
@@ -242,7 +278,8 @@ def sorted_desc(probs):
 
 def nucleus_size(sorted_probs: jax.Array, top_p) -> jax.Array:
   """The rule's kept count for whole distributions given in rank order. [R, V] -> [R]."""
-  return nucleus_count(sorted_probs, total_mass(sorted_probs), drop_mass(top_p))[0]
+  return nucleus_count(sorted_probs, total_mass(sorted_probs),
+                       drop_mass(top_p, sorted_probs.shape[0]))[0]
 
 
 def pick_in_nucleus(sorted_probs, sorted_ids, top_p, u):
@@ -252,7 +289,8 @@ def pick_in_nucleus(sorted_probs, sorted_ids, top_p, u):
 
 def choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p, *,
            top_k_candidates, eos, filler_id):
-  """The token of each row at its token index `steps` (with length replay)."""
+  """The token of each row at its token index `steps` (with length replay). Per row [B]:
+  request_ids, steps, forced_len, seed, temperature; top_p [B, 2]."""
   u = request_uniforms(seed, request_ids, steps)
   tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates)
   # Length replay: EOS exactly at the recorded length, never before it.
