@@ -8,6 +8,11 @@ Output: JSONL in input order: your fields plus `line`, `prompt`, `response`, `re
 `finished`. A malformed input line, or a prompt too long for generation.max_seq_len, is an error
 naming its line, unless --skip_malformed / --skip_long (then skipped and counted). An
 interrupted run resumes from `<output>.parts/`, redoing only what no longer matches.
+
+Or an OpenAI Batch API file (detected: its first line has `custom_id` and `body`): chat or
+completion lines with their own max_tokens, temperature, top_p, n, seed and stop; the output is
+one batch output line per input line, in order, a line that cannot be served getting its own
+error line (README: "From an OpenAI batch file").
 """
 
 from absl import flags
@@ -30,6 +35,8 @@ flags.DEFINE_integer("chunk", 4096, "prompts planned together (the planner sees 
 flags.DEFINE_bool("skip_malformed", False, "skip malformed input lines instead of failing")
 flags.DEFINE_bool("skip_long", False, "skip prompts too long for generation.max_seq_len "
                   "instead of failing")
+flags.DEFINE_bool("ignore_model_field", False, "serve OpenAI batch lines whose body.model names "
+                  "another model (default: such a line gets an error line)")
 flags.mark_flags_as_required(["config", "input", "output"])
 FLAGS = flags.FLAGS
 
@@ -42,7 +49,8 @@ def main(argv):
   from lsdist_jax.serve.job import run_generate
 
   summary = run_generate(FLAGS.config, FLAGS.input, FLAGS.output, FLAGS.predictor,
-                         FLAGS.strategy, FLAGS.chunk, FLAGS.skip_malformed, FLAGS.skip_long)
+                         FLAGS.strategy, FLAGS.chunk, FLAGS.skip_malformed, FLAGS.skip_long,
+                         ignore_model_field=FLAGS.ignore_model_field)
   print(summary)
 
 

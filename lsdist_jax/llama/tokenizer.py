@@ -52,9 +52,36 @@ class Tokenizer:
       return f"[INST] {text.strip()} [/INST]"
     return text
 
+  def format_messages(self, messages: Sequence[dict]) -> str:
+    """A conversation (chat `messages`: {"role": system | user | assistant, "content": text},
+    multi-turn) as the model sees it, ending where the assistant answers next: the tokenizer's
+    template with its generation prompt; Llama-2's `[INST]` turns (system in `<<SYS>>`); without
+    a chat format, a lone user turn is its text and longer talks a `role: content` transcript."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if self.chat_format == "template":
+      return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if self.chat_format == "llama2":
+      return _llama2_turns(messages)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+      return messages[0]["content"]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+  def encode_messages(self, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation (`format_messages`), BOS included where the format has one."""
+    return self._encode_formatted(self.format_messages(messages))
+
   def encode_prompt(self, text: str) -> list[int]:
     """Token ids of the chat-formatted prompt, BOS included where the format has one."""
-    formatted = self.format(text)
+    return self._encode_formatted(self.format(text))
+
+  def encode_raw(self, text: str) -> list[int]:
+    """Token ids of text as it is (no chat format), BOS first where the model uses one."""
+    ids = list(self.hf(text, add_special_tokens=False)["input_ids"])
+    if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+      ids = [self.bos_token_id] + ids
+    return ids
+
+  def _encode_formatted(self, formatted: str) -> list[int]:
     ids = list(self.hf(formatted, add_special_tokens=False)["input_ids"])
     if self.chat_format in ("llama2", "none") and self.bos_token_id is not None:
       if not ids or ids[0] != self.bos_token_id:
@@ -69,3 +96,24 @@ class Tokenizer:
 
   def save(self, directory: str) -> None:
     self.hf.save_pretrained(directory)
+
+
+def _llama2_turns(messages: list[dict]) -> str:
+  """Llama-2-chat's multi-turn format (BOS of the first turn added at encoding)."""
+  system = ""
+  if messages and messages[0]["role"] == "system":
+    system, messages = messages[0]["content"], messages[1:]
+  roles = [m["role"] for m in messages]
+  if not roles or roles[-1] != "user" or any(
+      r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
+    raise ValueError(f"Llama-2 chat needs user/assistant turns alternating from a user turn and "
+                     f"ending with one (after an optional system turn); got roles {roles}")
+  text = ""
+  for i in range(0, len(messages), 2):
+    user = messages[i]["content"].strip()
+    if i == 0 and system:
+      user = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user}"
+    text += f"[INST] {user} [/INST]"
+    if i + 1 < len(messages):
+      text += f" {messages[i + 1]['content'].strip()} </s><s>"
+  return text

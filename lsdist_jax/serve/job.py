@@ -1,5 +1,5 @@
-"""The user's job: a JSONL of prompts -> a JSONL of responses in input order, scheduled by a
-length predictor, resumable.
+"""The user's job: a JSONL of prompts (or an OpenAI batch file) -> a JSONL of responses (or
+batch output lines) in input order, scheduled by a length predictor, resumable.
 
 Everything that can be checked before generating is checked first (the output path, the chunk
 size, the predictor against the config, every prompt's length). Work goes in chunks whose rows
@@ -19,12 +19,12 @@ import os
 import shutil
 import time
 
-import numpy as np
-
 from lsdist_jax.errors import ConfigError, InputError, UserError
 from lsdist_jax.files import write_lines, write_text
-from lsdist_jax.serve.inputs import InputPrompt, read_prompts
-from lsdist_jax.serve.requests import Requests
+from lsdist_jax.serve.inputs import read_input
+from lsdist_jax.serve.job_items import JobItem, batch_items, chunk_requests, output_row
+from lsdist_jax.serve.job_items import prompt_items
+from lsdist_jax.serve.openai_batch import duplicate_ids
 from lsdist_jax.serve.strategies import JOB_PLANNERS
 
 PARTS_FORMAT = 2  # bump when a part's content changes meaning
@@ -46,7 +46,7 @@ def settings_key(config, engine) -> dict:
                          "seed": int(gen.seed), "max_seq_len": int(gen.max_seq_len)}}
 
 
-def part_name(chunk: list[InputPrompt], settings: dict) -> str:
+def part_name(chunk: list[JobItem], settings: dict) -> str:
   """<first line>-<lines>-<key>: the key hashes the chunk's line numbers and records and the
   settings, so a part is reused only for exactly the rows it holds."""
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -101,10 +101,12 @@ def long_prompts(prompts, ids, max_seq_len: int) -> list[str]:
 def run_generate(config, input_path: str, output_path: str, predictor_path: str | None = None,
                  strategy: str = "continuous-search", chunk_size: int = 4096,
                  skip_malformed: bool = False, skip_long: bool = False, engine=None,
-                 show_progress: bool = True, stop_after_chunks: int | None = None) -> dict:
-  """Generates a response for every prompt of `input_path`; returns a throughput summary.
-  `stop_after_chunks` ends early after generating that many chunks, output unassembled (tests
-  simulate an interrupted job)."""
+                 show_progress: bool = True, stop_after_chunks: int | None = None,
+                 ignore_model_field: bool = False) -> dict:
+  """Generates a response for every prompt of `input_path` (a prompts file, or an OpenAI batch
+  file: every line answered, with a response or its own error line); returns a throughput
+  summary. `stop_after_chunks` ends early after generating that many chunks, output
+  unassembled (tests simulate an interrupted job)."""
   from lsdist_jax.engine import load_engine
   from lsdist_jax.serve import plan as serve_plan
 
@@ -113,22 +115,32 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   if strategy not in JOB_PLANNERS:
     raise ConfigError(f"--strategy {strategy!r}; expected one of {JOB_PLANNERS}")
   check_output(output_path)
-  prompts, malformed = read_prompts(input_path, skip_malformed)
+  kind, entries, malformed = read_input(input_path, skip_malformed)
+  if kind == "batch":
+    dupes = duplicate_ids(entries)
+    if dupes:
+      named = "; ".join(f"{k!r} on lines {v}" for k, v in list(dupes.items())[:20])
+      raise InputError(f"{input_path}: custom_id must be unique; {len(dupes)} repeat: {named}")
   if predictor_path:
     check_predictor(predictor_path, config, strategy)
   elif strategy == "ssch":
     raise ConfigError("--strategy ssch needs --predictor: a LoRA predictor export")
   engine = engine or load_engine(config)
   max_seq_len = int(config.generation.max_seq_len)
-  ids = engine.encode([p.text for p in prompts])
-  too_long = long_prompts(prompts, ids, max_seq_len)
-  if too_long and not skip_long:
-    raise InputError(f"{input_path}: {len(too_long)} prompt(s) too long (pass --skip_long to "
-                     "skip them):\n" + "\n".join(too_long[:20]))
-  for message in too_long:
-    logging.warning("skipped %s", message)
-  keep = [i for i, x in enumerate(ids) if len(x) < max_seq_len]
-  prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
+  too_long = []
+  if kind == "batch":
+    items = batch_items(entries, engine, max_seq_len, model_names(config, engine),
+                        ignore_model_field)
+  else:
+    ids = engine.encode([p.text for p in entries])
+    too_long = long_prompts(entries, ids, max_seq_len)
+    if too_long and not skip_long:
+      raise InputError(f"{input_path}: {len(too_long)} prompt(s) too long (pass --skip_long to "
+                       "skip them):\n" + "\n".join(too_long[:20]))
+    for message in too_long:
+      logging.warning("skipped %s", message)
+    keep = [i for i, x in enumerate(ids) if len(x) < max_seq_len]
+    items = prompt_items([entries[i] for i in keep], [ids[i] for i in keep])
   predictor = None
   if predictor_path:
     predictor = serve_plan.load_predictors(
@@ -137,9 +149,12 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   cost = serve_plan.load_cost_model(config, engine=engine)
 
   settings = settings_key(config, engine)
-  chunks = [list(range(s, min(s + int(chunk_size), len(prompts))))
-            for s in range(0, len(prompts), int(chunk_size))]
-  names = [part_name([prompts[i] for i in c], settings) for c in chunks]
+  if kind == "batch":
+    settings["batch"] = {"ignore_model_field": bool(ignore_model_field),
+                         "model_names": model_names(config, engine)}
+  chunks = [list(range(s, min(s + int(chunk_size), len(items))))
+            for s in range(0, len(items), int(chunk_size))]
+  names = [part_name([items[i] for i in c], settings) for c in chunks]
   folder = parts_dir(output_path)
   os.makedirs(folder, exist_ok=True)
   present = set(os.listdir(folder))
@@ -151,51 +166,65 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     logging.warning("generate: %d part(s) in %s came from another input, chunking or settings; "
                     "removed (their prompts are generated again)", len(stale), folder)
   done = [name in present for name in names]
-  logging.info("generate: %d prompts in %d chunks, %d already written%s", len(prompts),
-               len(chunks), sum(done), f", {len(too_long)} too long skipped" if too_long else "")
-  bar = _bar(len(prompts), show_progress)
-  bar(sum(len(c) for c, d in zip(chunks, done) if d))
+  n_requests = sum(item.choices for item in items)
+  logging.info("generate: %d lines (%d requests) in %d chunks, %d already written%s", len(items),
+               n_requests, len(chunks), sum(done),
+               f", {len(too_long)} too long skipped" if too_long else "")
+  bar = _bar(n_requests, show_progress)
+  bar(sum(items[i].choices for c, d in zip(chunks, done) if d for i in c))
   started, tokens, served, generated_chunks = time.perf_counter(), 0, 0, 0
+  model_name = model_names(config, engine)[0]
   for chunk, name, is_done in zip(chunks, names, done):
     if is_done:
       continue
-    part = [prompts[i] for i in chunk]
-    chunk_ids = [ids[i] for i in chunk]
-    lines = np.array([p.line for p in part], np.int64)
-    requests = Requests(lines, lines, np.array([len(x) for x in chunk_ids]),
-                        prompt_ids=chunk_ids)
-    result = serve_plan.schedule_and_run(engine, requests, config, predictor, strategy, cost,
-                                         on_progress=bar)
-    rows = []
-    for p, toks, fin in zip(part, result.tokens, result.finished):
-      row = dict(p.record)  # the user's own fields come back
-      row.update({"line": p.line, "prompt": p.text, "response": engine.tokenizer.decode(toks),
-                  "response_tokens": len(toks), "finished": bool(fin)})
-      rows.append(json.dumps(row, ensure_ascii=False))
+    part = [items[i] for i in chunk]
+    outputs = [([], []) for _ in part]  # per item: (tokens, finished) of each choice
+    requests, owner = chunk_requests(part, config.generation)
+    if requests.n:
+      result = serve_plan.schedule_and_run(engine, requests, config, predictor, strategy, cost,
+                                           on_progress=bar)
+      for k, toks, fin in zip(owner, result.tokens, result.finished):
+        outputs[k][0].append(toks)
+        outputs[k][1].append(bool(fin))
+      tokens += result.generated_tokens
+      served += requests.n
+    created = int(time.time())
+    rows = [json.dumps(output_row(item, toks, fins, engine, model_name, created),
+                       ensure_ascii=False) for item, (toks, fins) in zip(part, outputs)]
     write_lines(os.path.join(folder, name), rows)
-    tokens += result.generated_tokens
-    served += len(part)
     generated_chunks += 1
     if stop_after_chunks is not None and generated_chunks >= stop_after_chunks:
       return {"stopped_after_chunks": generated_chunks}
-  assemble(output_path, folder, names, [[prompts[i].line for i in c] for c in chunks])
+  assemble(output_path, folder, names, [[items[i].key for i in c] for c in chunks],
+           "custom_id" if kind == "batch" else "line")
   elapsed = time.perf_counter() - started
-  return {"prompts": len(prompts), "served_now": served,
-          "skipped_malformed": len(malformed), "skipped_long": len(too_long),
-          "seconds": round(elapsed, 2), "samples_per_s": round(served / max(elapsed, 1e-9), 3),
-          "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "output": output_path}
+  summary = {"format": kind, "prompts": len(items), "served_now": served,
+             "skipped_malformed": len(malformed), "skipped_long": len(too_long),
+             "seconds": round(elapsed, 2), "samples_per_s": round(served / max(elapsed, 1e-9), 3),
+             "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "output": output_path}
+  if kind == "batch":
+    summary.update({"requests": n_requests,
+                    "error_lines": sum(item.prompt_ids is None for item in items)})
+  return summary
 
 
-def assemble(output: str, folder: str, names: list[str], lines: list[list[int]]) -> None:
-  """Joins the parts into `output` (whole), checking each holds exactly its lines, then removes
-  the parts."""
+def model_names(config, engine) -> list[str]:
+  """The names a batch line's body.model may give the loaded model (the first is reported)."""
+  names = [str(config.model.name), str(config.model.path or ""), str(engine.source or "")]
+  return [n for n in names if n]
+
+
+def assemble(output: str, folder: str, names: list[str], keys: list[list], field: str) -> None:
+  """Joins the parts into `output` (whole), checking each holds exactly its lines (by `field`:
+  the line number, or a batch line's custom_id), then removes the parts."""
   out = []
-  for name, expected in zip(names, lines):
+  for name, expected in zip(names, keys):
     with open(os.path.join(folder, name), encoding="utf-8") as f:
       rows = f.read().splitlines()
-    got = [json.loads(r)["line"] for r in rows]
+    got = [json.loads(r)[field] for r in rows]
     if got != expected:
-      raise RuntimeError(f"{folder}/{name} holds lines {got[:5]}..., expected {expected[:5]}...")
+      raise RuntimeError(f"{folder}/{name} holds {field}s {got[:5]}..., expected "
+                         f"{expected[:5]}...")
     out.extend(rows)
   write_text(output, "".join(r + "\n" for r in out))
   shutil.rmtree(folder)

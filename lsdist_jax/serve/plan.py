@@ -137,10 +137,14 @@ def predict_hidden(predictor, hidden):
   return None, predictor.predict_scalar(hidden)
 
 
-def planner_requests(prompt_len, max_seq_len, pmf=None, scalar=None, true_length=None):
+def planner_requests(prompt_len, max_seq_len, pmf=None, scalar=None, true_length=None,
+                     max_tokens=None):
+  """The planners' requests; with `max_tokens` ([n], each request's own limit) every predicted
+  pmf is truncated at its request's limit (`schedule.Requests`)."""
   if pmf is not None and pmf.shape[1] > max_seq_len + 1:
     pmf = pmf[:, :max_seq_len + 1]
-  return PlannerRequests(np.asarray(prompt_len), int(max_seq_len), pmf, scalar, true_length)
+  return PlannerRequests(np.asarray(prompt_len), int(max_seq_len), pmf, scalar, true_length,
+                         max_tokens=max_tokens)
 
 
 def recovery_fn(planner: str, requests: PlannerRequests, cost: CostModel, options: Options):
@@ -170,10 +174,15 @@ def make_runner(engine, requests: Requests, config, forced_lengths=None, on_prog
   from lsdist_jax.serve.runner import Runner
 
   gen = config.generation
+
+  def setting(own, default):  # the requests' own settings, else the config's
+    return default if own is None else own
+
   return Runner(engine, requests.prompt_ids, requests.request_ids.tolist(),
-                temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+                temperature=setting(requests.temperature, gen.temperature),
+                top_p=setting(requests.top_p, gen.top_p), seed=setting(requests.seed, gen.seed),
                 max_seq_len=gen.max_seq_len, forced_lengths=forced_lengths,
-                on_progress=on_progress)
+                on_progress=on_progress, max_tokens=requests.max_tokens)
 
 
 def describe_plan(planner: str, plan, options: Options) -> str:
@@ -199,7 +208,8 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
     options = dataclasses.replace(options, fixed_batch=max(1, options.fixed_batch))
   else:
     pmf, scalar = predict(engine, requests, predictor, int(config.collect.hidden_layer))
-  sched = planner_requests(requests.prompt_len, config.generation.max_seq_len, pmf, scalar)
+  sched = planner_requests(requests.prompt_len, config.generation.max_seq_len, pmf, scalar,
+                          max_tokens=requests.max_tokens)
   plan = plan_any(planner, sched, cost, options)
   logging.info("%s", describe_plan(planner, plan, options))
   return run_plan(make_runner(engine, requests, config, on_progress=on_progress), planner, plan,

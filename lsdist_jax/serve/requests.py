@@ -27,6 +27,11 @@ class Requests:
   recorded_hidden: np.ndarray | None = None  # [n, D] a store's hidden states (replay, simulation)
   recorded_length: np.ndarray | None = None  # [n] a recorded response length (replay, simulation)
   texts: list[str] | None = None  # [n] prompt text (a predictor on another model reads it)
+  # Per-request settings (an OpenAI batch line's), each [n] or None (the config's for all):
+  max_tokens: np.ndarray | None = None  # the most tokens the request may generate
+  temperature: np.ndarray | None = None
+  top_p: np.ndarray | None = None
+  seed: np.ndarray | None = None
 
   @property
   def n(self) -> int:

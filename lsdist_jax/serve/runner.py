@@ -51,25 +51,40 @@ class RunResult:
 
 
 class Runner:
-  """Runs plans on one engine with fixed generation settings.
+  """Runs plans on one engine.
 
   prompt_ids: [n] token-id prompts; request_ids: the PRNG identity of each request;
+  temperature / top_p / seed: one value for all requests or one per request ([n]);
+  max_tokens: [n] each request's own limit on generated tokens (it ends there unfinished, like
+  at max_seq_len), or None;
   forced_lengths: length replay (EOS forced at recorded lengths), or None;
   on_progress(requests, tokens): called as requests complete (how many just did, and the tokens
   kept since the last call), e.g. to move a progress bar.
   """
 
   def __init__(self, engine, prompt_ids: Sequence[Sequence[int]], request_ids: Sequence[int], *,
-               temperature: float, top_p: float, seed: int, max_seq_len: int,
+               temperature, top_p, seed, max_seq_len: int,
                forced_lengths: Sequence[int] | None = None,
-               on_progress: Callable[[int, int], None] | None = None):
+               on_progress: Callable[[int, int], None] | None = None,
+               max_tokens: Sequence[int] | None = None):
     if len(prompt_ids) != len(request_ids):
       raise ValueError(f"{len(prompt_ids)} prompts but {len(request_ids)} request ids")
     self.engine = engine
     self.prompt_ids = [list(p) for p in prompt_ids]
     self.request_ids = [int(r) for r in request_ids]
     self.prompt_len = np.array([len(p) for p in self.prompt_ids], np.int32)
-    self.sampling = dict(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
+    n = len(self.prompt_ids)
+    self.sampling = {}
+    for name, value, dtype in (("temperature", temperature, np.float64),
+                               ("top_p", top_p, np.float64), ("seed", seed, np.int64)):
+      value = np.asarray(value, dtype)
+      if value.ndim and value.shape != (n,):
+        raise ValueError(f"{name}: one value or {n} (one per request), got {value.shape}")
+      self.sampling[name] = np.broadcast_to(value, (n,))
+    self.max_tokens = None if max_tokens is None else np.asarray(max_tokens, np.int64)
+    if self.max_tokens is not None and (self.max_tokens.shape != (n,)
+                                        or (self.max_tokens < 1).any()):
+      raise ValueError(f"max_tokens: one limit >= 1 per request ({n})")
     self.max_seq_len = int(max_seq_len)
     self.forced = None if forced_lengths is None else np.asarray(forced_lengths, np.int64)
     self.on_progress = on_progress or (lambda requests, tokens: None)
@@ -77,6 +92,24 @@ class Runner:
     if too_long.size:
       raise ValueError(f"request {int(too_long[0])}: prompt of {self.prompt_len[too_long[0]]} "
                        f"tokens leaves no room in max_seq_len={self.max_seq_len}")
+
+  def _settings(self, rows) -> dict:
+    """The sampling settings of these requests, one per row."""
+    return {name: value[np.asarray(rows, np.int64)].tolist()
+            for name, value in self.sampling.items()}
+
+  def _left(self, rows, generated) -> list[int] | None:
+    """Tokens each of these requests may still generate under its own max_tokens (None: no
+    such limit)."""
+    if self.max_tokens is None:
+      return None
+    return [int(self.max_tokens[r]) - len(generated[r]) for r in rows]
+
+  def _ended(self, r: int, generated, finished) -> bool:
+    """Whether request r is complete: EOS, max_seq_len or its own max_tokens."""
+    n = len(generated[r])
+    return bool(finished[r] or self.prompt_len[r] + n >= self.max_seq_len
+                or (self.max_tokens is not None and n >= self.max_tokens[r]))
 
   def _run_batch(self, members: np.ndarray, cap: int, phase: str, generated, finished, done,
                  records, seconds):
@@ -92,7 +125,9 @@ class Runner:
     clock = EngineClock(gen)
     result = gen.generate(prompts, cap=cap, max_seq_len=self.max_seq_len,
                           request_ids=[self.request_ids[m] for m in members],
-                          start_steps=start_steps, forced_lengths=forced, **self.sampling)
+                          start_steps=start_steps, forced_lengths=forced,
+                          max_new_tokens=self._left(members, generated),
+                          **self._settings(members))
     compiling, elapsed = clock.split()
     kept = 0
     for i, m in enumerate(members):
@@ -100,7 +135,7 @@ class Runner:
       generated[m] += new
       kept += len(new)
       finished[m] = bool(result.finished[i])
-      done[m] = finished[m] or self.prompt_len[m] + len(generated[m]) >= self.max_seq_len
+      done[m] = self._ended(m, generated, finished)
     self.on_progress(int(done[members].sum()), kept)
     cache_len = gen.buckets.cache_len(max(len(x) for x in prompts), cap)
     records.append(BatchRecord(phase, len(members), gen.buckets.batch_size(len(members)), cap,
@@ -169,7 +204,10 @@ class Runner:
                              f"and {extra} more")
         rows = np.asarray(carried, np.int64)
         contexts = self.prompt_len[rows] + np.array([len(generated[r]) for r in rows])
-        phase, name = final_phase(contexts, self.max_seq_len - contexts), "recovery"
+        rooms = self.max_seq_len - contexts
+        if self.max_tokens is not None:
+          rooms = np.minimum(rooms, np.asarray(self._left(rows, generated)))
+        phase, name = final_phase(contexts, rooms), "recovery"
         extra += 1
       queue = carried + [int(m) for m in phase.members]
       carried = self._run_phase(phase, queue, name, generated, finished, records, seconds)
@@ -180,8 +218,7 @@ class Runner:
                  seconds) -> list[int]:
     """One phase of a continuous plan; returns the rows to continue in the next phase."""
     gen = self.engine.generator
-    batch = gen.open_slots(int(phase.slots), int(phase.cache_len), max_seq_len=self.max_seq_len,
-                           **self.sampling)
+    batch = gen.open_slots(int(phase.slots), int(phase.cache_len), max_seq_len=self.max_seq_len)
     occupant = [-1] * batch.slots
     # Rows whose context does not fit this phase's slots go straight on to the next phase.
     fits = [batch.room(int(self.prompt_len[r]) + len(generated[r])) >= 1 for r in queue]
@@ -196,7 +233,8 @@ class Runner:
       if take:
         batch.insert(free[:len(take)], [self.prompt_ids[r] + generated[r] for r in take],
                      [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
-                     None if self.forced is None else [int(self.forced[r]) for r in take])
+                     None if self.forced is None else [int(self.forced[r]) for r in take],
+                     max_new_tokens=self._left(take, generated), **self._settings(take))
         for j, r in zip(free, take):
           occupant[j] = r
       busy = sum(r >= 0 for r in occupant)
@@ -212,7 +250,7 @@ class Runner:
           kept += len(new)
           finished[r] = bool(read.finished[j])
           occupant[j] = -1
-          if not finished[r] and self.prompt_len[r] + len(generated[r]) < self.max_seq_len:
+          if not self._ended(r, generated, finished):
             carried.append(r)
           else:
             completed += 1

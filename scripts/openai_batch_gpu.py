@@ -1,0 +1,116 @@
+"""The OpenAI batch-file measurement of README "From an OpenAI batch file" (issue 19):
+
+  python3 scripts/openai_batch_gpu.py --config=configs/smollm2_alpaca.py:gpu \
+      --predictor=<distribution export> --run=<folder> [--requests=8192] [--model_path=<gguf>]
+
+1. writes <run>/batch.jsonl: `requests` chat lines over the shipped Alpaca pool, max_tokens
+   cycling 64 / 256 / 1,024, temperatures 0.0 / 0.6 / 1.0, top_p 0.9 / 1.0, a seed per line;
+   and <run>/batch_global.jsonl: the same prompts with every per-request setting removed (each
+   line runs to max_seq_len at the config's temperature: "settings ignored");
+2. runs the generate job three times, each on a fresh output: ours (continuous-search planned
+   from the predictor, per-request settings and max_tokens-truncated distributions), the same
+   on batch_global.jsonl, and plain static batching (fixed batches, no predictor, per-request
+   settings kept);
+3. appends one row per run to docs/results/generate_job.json (samples/s end to end, tokens/s,
+   the device), keeping the rows already there.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+MAX_TOKENS = (64, 256, 1024)
+TEMPERATURES = (0.0, 0.6, 1.0)
+TOP_PS = (0.9, 1.0)
+
+
+def batch_lines(n: int, model: str, per_request: bool = True) -> list[dict]:
+  from lsdist_jax.data import prompt_text
+  from lsdist_jax.data.alpaca import read_pool
+
+  pool = [prompt_text(r) for r in read_pool()]
+  lines = []
+  for i in range(n):
+    body = {"model": model, "messages": [{"role": "user", "content": pool[i % len(pool)]}]}
+    if per_request:
+      body.update(max_tokens=MAX_TOKENS[i % 3], temperature=TEMPERATURES[(i // 3) % 3],
+                  top_p=TOP_PS[(i // 9) % 2], seed=i)
+    lines.append({"custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": body})
+  return lines
+
+
+def write_lines(path: str, lines: list[dict]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+
+
+def load_config_file(spec: str):
+  """An experiment config from `path[:arg]`, as --config=path:arg reads it."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("experiment_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def main():
+  from lsdist_jax.engine import device_kind, load_engine
+  from lsdist_jax.serve.job import run_generate
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--predictor", required=True)
+  parser.add_argument("--run", required=True)
+  parser.add_argument("--requests", type=int, default=8192)
+  parser.add_argument("--model_path", default="")
+  parser.add_argument("--results", default=os.path.join(REPO, "docs/results/generate_job.json"))
+  args = parser.parse_args()
+  os.makedirs(args.run, exist_ok=True)
+  config = load_config_file(args.config)
+  if args.model_path:
+    config.model.path = args.model_path
+  model = str(config.model.name)
+  mixed, plain = os.path.join(args.run, "batch.jsonl"), os.path.join(args.run, "batch_global.jsonl")
+  write_lines(mixed, batch_lines(args.requests, model))
+  write_lines(plain, batch_lines(args.requests, model, per_request=False))
+  engine = load_engine(config)
+  runs = [("openai-batch ours-continuous (per-request settings)", mixed, args.predictor,
+           "continuous-search"),
+          ("openai-batch ours-continuous (settings ignored: global max)", plain, args.predictor,
+           "continuous-search"),
+          ("openai-batch static batching (no predictor)", mixed, None, "vbs")]
+  rows = []
+  for name, src, predictor, strategy in runs:
+    out = os.path.join(args.run, name.split(" (")[0].replace(" ", "_") +
+                       ("_global" if src == plain else "") + ".jsonl")
+    for stale in (out, out + ".parts"):
+      if os.path.isfile(stale):
+        os.remove(stale)
+    started = time.perf_counter()
+    summary = run_generate(config, src, out, predictor, strategy, chunk_size=args.requests,
+                           engine=engine, show_progress=False)
+    summary["wall_seconds_with_setup"] = round(time.perf_counter() - started, 2)
+    rows.append({"name": name, "input": os.path.basename(src), "strategy": strategy,
+                 "requests": args.requests, "device": device_kind(),
+                 "date": time.strftime("%Y-%m-%d"), **summary})
+    print(json.dumps(rows[-1]), flush=True)
+  old = []
+  if os.path.isfile(args.results):
+    with open(args.results, encoding="utf-8") as f:
+      old = json.load(f)
+    old = old if isinstance(old, list) else old.get("rows", [])
+  with open(args.results, "w", encoding="utf-8") as f:
+    json.dump(old + rows, f, indent=1)
+  print(f"wrote {len(rows)} rows to {args.results}")
+
+
+if __name__ == "__main__":
+  main()
