@@ -17,12 +17,12 @@ import optax
 
 from lsdist_jax import paths
 from lsdist_jax.errors import ConfigError
-from lsdist_jax.files import write_lines
 from lsdist_jax.llama import lora
 from lsdist_jax.llama.model import Llama, init_cache
 from lsdist_jax.lora.data import Examples, build_examples, store_prompts
 from lsdist_jax.lora.predict import export_lora, marginal_bin, training_meta
 from lsdist_jax.predictor import checkpoints
+from lsdist_jax.predictor.train import keep_log
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -211,18 +211,3 @@ def train_lora(config, workdir: str, engine, data: dict | None = None,
   return {"export": export_dir, "best_epoch": int(best_epoch),
           "best_valid_loss": float(state["best_valid"]), "train_seconds": seconds,
           "adapters": adapters}
-
-
-def keep_log(path: str, epochs_done: int) -> None:
-  """Keeps the log records of the epochs a resumed run does not repeat."""
-  if not os.path.isfile(path):
-    return
-  kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["epoch"] <= epochs_done:
-          kept.append(line.rstrip("\n"))
-      except (ValueError, KeyError, TypeError):
-        continue  # a line cut short by a crash: its epoch runs again
-  write_lines(path, kept)

@@ -196,7 +196,7 @@ def train_and_evaluate(config, workdir: str, data: dict[str, Split] | None = Non
   state = jax.device_put(state, trainer.replicated)
 
   log_path = os.path.join(workdir, "train_log.jsonl")
-  _truncate_log(log_path, int(state["epoch"]))  # epochs after the checkpoint are run again
+  keep_log(log_path, int(state["epoch"]))  # epochs after the checkpoint are run again
   key = jax.random.key(int(config.seed) + 1)
   epochs_run = 0
   every = max(1, int(pc.checkpoint_every))
@@ -275,7 +275,7 @@ def _epoch_bar(epochs: int, done: int, name: str):
               dynamic_ncols=True, leave=True)
 
 
-def _truncate_log(path: str, epochs_done: int) -> None:
+def keep_log(path: str, epochs_done: int) -> None:
   """Keeps the log's records of the epochs a resumed run does not repeat."""
   if not os.path.isfile(path):
     return
