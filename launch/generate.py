@@ -15,6 +15,8 @@ one batch output line per input line, in order, a line that cannot be served get
 error line (README: "From an OpenAI batch file").
 """
 
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -37,6 +39,8 @@ flags.DEFINE_bool("skip_long", False, "skip prompts too long for generation.max_
                   "instead of failing")
 flags.DEFINE_bool("ignore_model_field", False, "serve OpenAI batch lines whose body.model names "
                   "another model (default: such a line gets an error line)")
+flags.DEFINE_string("summary", None, "also write the run's summary (seconds, samples_per_s, "
+                    "tokens_per_s, ...) to this file as a JSON object")
 flags.mark_flags_as_required(["config", "input", "output"])
 FLAGS = flags.FLAGS
 
@@ -52,6 +56,11 @@ def main(argv):
                          FLAGS.strategy, FLAGS.chunk, FLAGS.skip_malformed, FLAGS.skip_long,
                          ignore_model_field=FLAGS.ignore_model_field)
   print(summary)
+  if FLAGS.summary:
+    from lsdist_jax.files import write_json
+
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.summary)), exist_ok=True)
+    write_json(summary, FLAGS.summary)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
    on batch_global.jsonl, and plain static batching (fixed batches, no predictor, per-request
    settings kept);
 3. appends one row per run to docs/results/generate_job.json (samples/s end to end, tokens/s,
-   the device), keeping the rows already there.
+   the device), keeping the rows and fields already there (scripts/job_results.py).
 """
 
 import argparse
@@ -21,8 +21,8 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from job_results import RESULTS, load_config_file, merge_results, write_lines  # noqa: E402
 
 MAX_TOKENS = (64, 256, 1024)
 TEMPERATURES = (0.0, 0.6, 1.0)
@@ -45,22 +45,6 @@ def batch_lines(n: int, model: str, per_request: bool = True) -> list[dict]:
   return lines
 
 
-def write_lines(path: str, lines: list[dict]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
-
-
-def load_config_file(spec: str):
-  """An experiment config from `path[:arg]`, as --config=path:arg reads it."""
-  import importlib.util
-
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("experiment_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def main():
   from lsdist_jax.engine import device_kind, load_engine
   from lsdist_jax.serve.job import run_generate
@@ -71,7 +55,7 @@ def main():
   parser.add_argument("--run", required=True)
   parser.add_argument("--requests", type=int, default=8192)
   parser.add_argument("--model_path", default="")
-  parser.add_argument("--results", default=os.path.join(REPO, "docs/results/generate_job.json"))
+  parser.add_argument("--results", default=RESULTS)
   args = parser.parse_args()
   os.makedirs(args.run, exist_ok=True)
   config = load_config_file(args.config)
@@ -102,13 +86,7 @@ def main():
                  "requests": args.requests, "device": device_kind(),
                  "date": time.strftime("%Y-%m-%d"), **summary})
     print(json.dumps(rows[-1]), flush=True)
-  old = []
-  if os.path.isfile(args.results):
-    with open(args.results, encoding="utf-8") as f:
-      old = json.load(f)
-    old = old if isinstance(old, list) else old.get("rows", [])
-  with open(args.results, "w", encoding="utf-8") as f:
-    json.dump(old + rows, f, indent=1)
+  merge_results(args.results, rows)  # appended; the other rows and fields are kept
   print(f"wrote {len(rows)} rows to {args.results}")
 
 
