@@ -17,6 +17,9 @@ def get_config():
   c.engine.batch_buckets = (8, 16, 32, 48, 64, 128, 256)
   c.engine.cache_bucket = 256
   c.schedule.cost_model = "docs/results/cost_model_7b_pallas_h100.json"
+  # Memory pressure emulated as in the SmolLM2 benchmark: 65,536 KV tokens, at most 256 rows.
+  c.schedule.kv_budget_tokens = 64 * 1024
+  c.schedule.max_batch = 256
   c.benchmark.strategies = ("vanilla:best", "vanilla:16", "ours-continuous", "oracle-continuous",
                             "ssch-scalar-max", "ours-search", "ours-optimal", "oracle",
                             "continuous-vanilla", "ours")

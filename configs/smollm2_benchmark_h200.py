@@ -12,6 +12,9 @@ def get_config():
   c = config_beside(__file__, "smollm2_alpaca", "gpu")
   c.collect.store = "docs/data/smollm2_alpaca_h100"
   c.schedule.cost_model = "docs/results/cost_model_smollm2_pallas_h100.json"
+  # Memory pressure emulated: a KV budget that binds (1.5 GB of SmolLM2 cache), at most 256 rows.
+  c.schedule.kv_budget_tokens = 64 * 1024
+  c.schedule.max_batch = 256
   c.benchmark.strategies = ("vanilla:best", "ours-search", "ssch-scalar-max", "ours-optimal",
                             "oracle", "ours-continuous", "oracle-continuous",
                             "continuous-vanilla", "ours", "vanilla:16")

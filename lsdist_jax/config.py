@@ -63,6 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
   # slots of unfinished rows, on GPUs in bf16 (on a mesh: per device under shard_map); XLA
   # elsewhere) | pallas | dot | reduce.
   c.engine.decode_attention = "auto"
+  # Programs a run knows it will need (the prediction prefill's, a continuous plan's phases)
+  # compile ahead in this many background threads while earlier work runs; 0: each compiles
+  # when first run. Off on a mesh.
+  c.engine.compile_threads = 4
   # JAX's persistent compilation cache: compiled programs outlive the process, so the next job
   # (or a resumed one) loads them instead of compiling again (a 7B program takes ~20 s).
   # "user": ${XDG_CACHE_HOME:-~/.cache}/lsdist_jax/xla; a directory; "" off. Launchers'

@@ -99,8 +99,10 @@ class Engine:
                        decode_impl=self.decode_impl, mesh=self.mesh)
     self.params = self._place_params(params)
     buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
+    threads = int(engine_config.get("compile_threads", 0)) if engine_config is not None else 0
     self.generator = Generator(self.model, self.params, mesh=self.mesh, buckets=buckets,
-                               pad_id=config.pad_token_id, top_k_candidates=top_k_candidates)
+                               pad_id=config.pad_token_id, top_k_candidates=top_k_candidates,
+                               compile_threads=threads)
 
   # ------------------------------------------------------------------------------ loading
 

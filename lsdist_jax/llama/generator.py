@@ -6,7 +6,9 @@ timed apart from running), places batches on the mesh, and runs static batches (
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import jax
@@ -42,12 +44,18 @@ def sampling_rows(n: int, rows: int, seed, temperature, top_p):
           sampling.top_p_settings(per_row(top_p, "top_p")))
 
 
+def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
+  """The shape and dtype a host array has once placed (what `Generator.precompile` takes)."""
+  return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
+
 class Generator:
   """Runs the decode loops (`decode.py`) over bucketed shapes, counts compilations, places data
   on the mesh."""
 
   def __init__(self, model: Llama, params, *, mesh: Mesh | None = None,
-               buckets: Buckets | None = None, pad_id: int = 0, top_k_candidates: int = 16):
+               buckets: Buckets | None = None, pad_id: int = 0, top_k_candidates: int = 16,
+               compile_threads: int = 0):
     self.model = model
     self.config = model.config
     self.mesh = mesh
@@ -64,22 +72,41 @@ class Generator:
     # lock and is synced before it is released; the time spent waiting for it is counted here.
     self.device_lock: str | None = None
     self.wait_seconds = 0.0
+    # Programs a caller knows it will need compile ahead in this many background threads
+    # (`precompile`; 0: each compiles when first run). Their compile time is counted in
+    # background_compile_seconds; compile_seconds holds only the time a run waited for one.
+    self.compile_threads = int(compile_threads)
+    self.background_compile_seconds = 0.0
+    self.precompiled_runs = 0  # executables first run that had compiled in the background
+    self._pending: dict[tuple, Future] = {}
+    self._lock = threading.Lock()
+    self._pool: ThreadPoolExecutor | None = None
 
   @property
   def compile_count(self) -> int:
-    """Programs compiled so far (each new bucketed shape compiles once)."""
+    """Programs compiled so far and run (each new bucketed shape compiles once)."""
     return len(self._executables)
+
+  @staticmethod
+  def _key(name: str, args) -> tuple:
+    """An executable's key: its name and the shapes and dtypes of its last inputs (arrays or
+    jax.ShapeDtypeStructs alike)."""
+    leaves = jax.tree.leaves(args)
+    key = (name,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves[-12:])
+    return key + (len(leaves),)
 
   def _run(self, name: str, jitted, *args):
     """Runs `jitted` through an ahead-of-time compiled executable per input shape, so that
-    compilation happens (and is timed) apart from execution."""
-    leaves = jax.tree.leaves(args)
-    key = (name,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves[-12:])
-    key += (len(leaves),)
+    compilation happens (and is timed) apart from execution. An executable compiling in the
+    background (`precompile`) is waited for; the wait is compile time on the critical path."""
+    key = self._key(name, args)
     exe = self._executables.get(key)
     if exe is None:
       start = time.perf_counter()
-      exe = jitted.lower(*args).compile()
+      with self._lock:
+        future = self._pending.pop(key, None)
+      exe = future.result() if future is not None else jitted.lower(*args).compile()
+      self.precompiled_runs += future is not None
       self.compile_seconds += time.perf_counter() - start
       self._executables[key] = exe
     if self.device_lock is None:
@@ -87,6 +114,30 @@ class Generator:
     with exclusive(self.device_lock) as waited:
       self.wait_seconds += waited
       return jax.block_until_ready(exe(*args))
+
+  def precompile(self, name: str, jitted, *args) -> bool:
+    """Starts compiling `jitted` for these inputs (arrays or jax.ShapeDtypeStructs of the shapes
+    `_run` will get under `name`) in a background thread, unless it is compiled or compiling
+    already; a later `_run` of the same key takes the executable. Off on a mesh (its inputs'
+    shardings are placed, not abstract) and with compile_threads 0. Returns whether it
+    started."""
+    if self.compile_threads < 1 or self.mesh is not None:
+      return False
+    key = self._key(name, args)
+    with self._lock:
+      if key in self._executables or key in self._pending:
+        return False
+      if self._pool is None:
+        self._pool = ThreadPoolExecutor(self.compile_threads, thread_name_prefix="precompile")
+      self._pending[key] = self._pool.submit(self._compile_behind, jitted, args)
+    return True
+
+  def _compile_behind(self, jitted, args):
+    start = time.perf_counter()
+    exe = jitted.lower(*args).compile()
+    with self._lock:
+      self.background_compile_seconds += time.perf_counter() - start
+    return exe
 
   def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
     spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1),
@@ -225,18 +276,43 @@ class Generator:
 
   def embed(self, prompts: Sequence[Sequence[int]], hidden_layer: int = -1,
             max_batch: int = 64) -> np.ndarray:
-    """The hidden state of each prompt's last token at `hidden_layer`. -> [n, D] float32."""
-    out = []
+    """The hidden state of each prompt's last token at `hidden_layer`. -> [n, D] float32.
+    Prompts run longest first in calls of max_batch rows, every call at one row count and
+    its prompts padded to a context block (prompt bucket x 2^i), so a call compiles at most
+    one program per block length (ahead, in parallel, with compile_threads)."""
+    if len(prompts) == 0:
+      raise ValueError("no prompts given")
+    order = np.argsort([-len(x) for x in prompts], kind="stable")
+    rows = self._rows_bucket(min(int(max_batch), len(prompts)))
+    limit = self.config.max_position_embeddings or 1 << 30
+    calls = []
     for start in range(0, len(prompts), max_batch):
-      chunk = prompts[start:start + max_batch]
-      tokens, pad_len, _, _, _ = self._pack(chunk)
-      if tokens.shape[1] > self.config.max_position_embeddings:
-        raise ValueError(f"prompt of {tokens.shape[1]} tokens exceeds the model's context "
-                         f"({self.config.max_position_embeddings})")
-      hidden = self._run(f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer), self.params,
-                         self._place(tokens), self._place(pad_len))
-      out.append(np.asarray(shd.to_host(hidden))[:len(chunk)])
-    return np.concatenate(out, axis=0)
+      tokens, pad_len, _, _, p = self._pack([prompts[i] for i in order[start:start + max_batch]])
+      if p > limit:
+        raise ValueError(f"prompt of {p} tokens exceeds the model's context ({limit})")
+      calls.append(self._pad_call(tokens, pad_len, rows, context_block(p, self.buckets.prompt,
+                                                                       limit)))
+    name, fn = f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer)
+    for tokens, pad_len in calls:
+      self.precompile(name, fn, self.params, _abstract(tokens), _abstract(pad_len))
+    hidden = np.empty((len(prompts), self.config.hidden_size), np.float32)
+    for start, (tokens, pad_len) in zip(range(0, len(prompts), max_batch), calls):
+      rows_here = order[start:start + max_batch]
+      out = self._run(name, fn, self.params, self._place(tokens), self._place(pad_len))
+      hidden[rows_here] = np.asarray(shd.to_host(out))[:len(rows_here)]
+    return hidden
+
+  def _pad_call(self, tokens: np.ndarray, pad_len: np.ndarray, rows: int, block: int):
+    """[k, p] packed prompts -> [rows, block]: inert padding rows (all padding) below, more
+    left padding before. rows >= k, block >= p."""
+    k, p = tokens.shape
+    if rows > k:
+      tokens = np.pad(tokens, ((0, rows - k), (0, 0)), constant_values=self.pad_id)
+      pad_len = np.pad(pad_len, (0, rows - k), constant_values=p)
+    if block > p:
+      tokens = np.pad(tokens, ((0, 0), (block - p, 0)), constant_values=self.pad_id)
+      pad_len = pad_len + (block - p)
+    return tokens, pad_len
 
   def last_logits(self, prompts: Sequence[Sequence[int]]) -> jax.Array:
     """The next-token logits after each prompt, on the device. -> [n, V] float32."""
@@ -270,6 +346,30 @@ class Generator:
     return SlotBatch(self, self._fns[key](), b, s, max_seq_len=int(max_seq_len),
                      sampling=sampling_rows(b, b, seed, temperature, top_p),
                      hidden_layer=int(hidden_layer))
+
+  def precompile_slots(self, slots: int, cache_len: int, inserts: Sequence[tuple[int, int]], *,
+                       hidden_layer: int = -1) -> int:
+    """Starts compiling, in the background (`precompile`), the programs a slot batch of
+    `open_slots(slots, cache_len, hidden_layer=...)` will run: its decode loop and an insert
+    per (rows, context block) of `inserts` (rows as `SlotBatch.insert` rounds them, blocks as
+    `context_block`). Returns how many started."""
+    b = batch_bucket(int(slots), self.buckets.batch)
+    s = round_up(int(cache_len), self.buckets.cache)
+    state = jax.eval_shape(lambda: decode.slot_state(b, s, model=self.model))
+    started = int(self.precompile(f"slot_decode/{b}/{s}", self._slot_fn("slot_decode", b, s),
+                                  self.params, state, _abstract(np.int32(0)),
+                                  *map(_abstract, sampling_rows(b, b, 0, 0.6, 0.9))))
+    insert_fn = self._slot_fn("slot_insert", b, s, hidden_layer)
+    for rows, block in sorted(set((self._rows_bucket(int(r)), int(b_)) for r, b_ in inserts)):
+      if block > s:
+        continue
+      # slots, tokens, pad_len, request ids, start steps, caps, limits, forced lengths
+      per_row = [jax.ShapeDtypeStruct((rows, block) if i == 1 else (rows,),
+                                      np.uint32 if i == 3 else np.int32) for i in range(8)]
+      started += self.precompile(f"slot_insert/{b}/{s}/{rows}/{block}/{hidden_layer}",
+                                 insert_fn, self.params, state, *per_row,
+                                 *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)))
+    return started
 
   def _slot_shardings(self, batch: int, cache_len: int):
     """Shardings of a slot state on the mesh (None without one)."""
@@ -355,14 +455,9 @@ class SlotBatch:
     if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
       raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
     tokens, pad_len, lengths, k, p = gen._pack(contexts)
-    want = gen._rows_bucket(max(n, int(min_rows)))
-    if want > k:  # inert padding rows, as _pack adds
-      tokens = np.pad(tokens, ((0, want - k), (0, 0)), constant_values=gen.pad_id)
-      pad_len, k = np.pad(pad_len, (0, want - k), constant_values=p), want
-    block = context_block(p, gen.buckets.prompt, self.cache_len)
-    if block > p:
-      tokens = np.pad(tokens, ((0, 0), (block - p, 0)), constant_values=gen.pad_id)
-      pad_len, p = pad_len + (block - p), block
+    k = max(k, gen._rows_bucket(max(n, int(min_rows))))
+    p = context_block(p, gen.buckets.prompt, self.cache_len)
+    tokens, pad_len = gen._pad_call(tokens, pad_len, k, p)
     room = self.room(lengths)
     if (room < 1).any():
       i = int(np.argmin(room))

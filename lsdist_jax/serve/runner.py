@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lsdist_jax.shapes import context_block, round_up, round_up_array
+
 
 @dataclasses.dataclass
 class BatchRecord:
@@ -194,6 +196,7 @@ class Runner:
     seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
     carried: list[int] = []
     phases = list(plan.phases)
+    self._precompile(phases)
     k = extra = 0
     while k < len(phases) or carried:
       if k < len(phases):
@@ -214,6 +217,30 @@ class Runner:
       k += 1
     return RunResult(generated, finished, records, seconds)
 
+  def _precompile(self, phases) -> None:
+    """Starts compiling every phase's decode loop and inserts in the background (the engine's
+    compile_threads), in phase order, while the first phase runs: the first fill's rows and
+    block, and a refill's rows at each context block of the phase's prompts. Rows carried in
+    from an earlier phase may bring other blocks; those compile when first run."""
+    gen = self.engine.generator
+    if gen.compile_threads < 1:
+      return
+    pb = gen.buckets.prompt
+    for phase in phases:
+      members = np.asarray(phase.members, np.int64)
+      s = round_up(int(phase.cache_len), gen.buckets.cache)
+      members = members[self.prompt_len[members] < s]
+      if members.size == 0:
+        continue
+      slots = gen.buckets.batch_size(int(phase.slots))
+      blocks = context_block(round_up_array(self.prompt_len[members], pb), pb, s)
+      first = members[:slots]
+      inserts = [(len(first), int(context_block(round_up(self.prompt_len[first].max(), pb), pb,
+                                                s)))]
+      refill = max(1, min(int(phase.refill), slots))
+      inserts += [(refill, int(b)) for b in np.unique(blocks)]
+      gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts)
+
   def _run_phase(self, phase, queue: list[int], name: str, generated, finished, records,
                  seconds) -> list[int]:
     """One phase of a continuous plan; returns the rows to continue in the next phase."""
@@ -225,16 +252,22 @@ class Runner:
     carried = [r for r, ok in zip(queue, fits) if not ok]
     pending = [r for r, ok in zip(queue, fits) if ok]
     refill = max(1, min(int(phase.refill), batch.slots))
+    # After the first fill every insert is one program per context block: at most a refill's
+    # bucket of rows, padded to it (slots freed beyond it wait for the next refill).
+    most, min_rows = batch.slots, 0
     while True:
       clock = EngineClock(gen)
       free = [j for j, r in enumerate(occupant) if r < 0]
-      take = pending[:len(free)]
+      take = pending[:min(len(free), most)]
       del pending[:len(take)]
+      inserted = gen.buckets.batch_size(max(len(take), min_rows)) if take else 0
       if take:
         batch.insert(free[:len(take)], [self.prompt_ids[r] + generated[r] for r in take],
                      [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
                      None if self.forced is None else [int(self.forced[r]) for r in take],
-                     max_new_tokens=self._left(take, generated), **self._settings(take))
+                     max_new_tokens=self._left(take, generated), min_rows=min_rows,
+                     **self._settings(take))
+        most, min_rows = gen.buckets.batch_size(refill), refill
         for j, r in zip(free, take):
           occupant[j] = r
       busy = sum(r >= 0 for r in occupant)
@@ -256,7 +289,6 @@ class Runner:
             completed += 1
       self.on_progress(completed, kept)
       compiling, elapsed = clock.split()
-      inserted = gen.buckets.batch_size(len(take)) if take else 0
       # cap -1: each slot's row has its own (the room its context leaves in the slot)
       records.append(BatchRecord(name, busy, batch.slots, -1, batch.cache_len, steps, kept,
                                  elapsed, clock.compiled,

@@ -1,0 +1,102 @@
+"""Compilation ahead of use on the tiny model: the programs compiled in background threads are
+exactly the ones a run then needs (nothing compiles again in the foreground), and the tokens
+are those of a run that compiled each program on first use."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsdist_jax.llama.generator import Generator
+from lsdist_jax.llama.model import Llama
+from lsdist_jax.serve.runner import Runner
+from lsdist_jax.shapes import Buckets
+
+BUCKETS = dict(batch=(1, 2, 4, 8), prompt=8, cache=32)
+SAMPLING = dict(temperature=0.8, top_p=0.9, seed=5)
+
+
+def _generator(tiny_params, threads):
+  cfg, params = tiny_params
+  return Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=Buckets(**BUCKETS),
+                   compile_threads=threads)
+
+
+def _prompts(n, lo, hi, seed=0):
+  rng = np.random.default_rng(seed)
+  return [[1] + rng.integers(3, 256, size=rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+def _slot_run(gen):
+  """A fill of 4 rows, then refills of 2 (padded to 2 rows), all with 9-16 token prompts."""
+  batch = gen.open_slots(4, 64, max_seq_len=64, **SAMPLING)
+  prompts = _prompts(6, 8, 15)
+  batch.insert([0, 1, 2, 3], prompts[:4], [0, 1, 2, 3], [0] * 4)
+  batch.decode(2)
+  free = np.nonzero(batch.read().done)[0][:2].tolist()
+  batch.insert(free, prompts[4:4 + len(free)], [4, 5][:len(free)], [0] * len(free),
+               min_rows=2)
+  batch.decode(4)
+  read = batch.read()
+  return read.tokens.tolist(), read.num_generated.tolist()
+
+
+def test_precompiled_slot_programs_are_the_ones_run(tiny_params):
+  gen = _generator(tiny_params, threads=2)
+  started = gen.precompile_slots(4, 64, [(4, 16), (2, 16)])
+  assert started == 3  # decode + two inserts
+  assert gen.precompile_slots(4, 64, [(4, 16)]) == 0  # already compiling: not again
+  tokens = _slot_run(gen)
+  assert gen.compile_count == 3 and gen.precompiled_runs == 3  # none compiled in the foreground
+  assert gen.background_compile_seconds > 0
+  plain = _generator(tiny_params, threads=0)
+  assert plain.precompile_slots(4, 64, [(4, 16)]) == 0  # off
+  assert _slot_run(plain) == tokens
+  assert plain.compile_count == 3 and plain.precompiled_runs == 0
+
+
+def test_embed_runs_one_program_per_block_and_keeps_prompt_order(tiny_params):
+  gen = _generator(tiny_params, threads=2)
+  prompts = _prompts(11, 2, 40, seed=3)
+  hidden = gen.embed(prompts, max_batch=4)
+  blocks = {min(b for b in (8, 16, 32, 64) if b >= -(-len(p) // 8) * 8) for p in prompts}
+  assert gen.compile_count <= len(blocks) and gen.precompiled_runs == gen.compile_count
+  alone = np.concatenate([gen.embed([p]) for p in prompts[:5]])
+  np.testing.assert_allclose(hidden[:5], alone, rtol=2e-4, atol=2e-4)
+
+
+@dataclasses.dataclass
+class Phase:
+  members: np.ndarray
+  cache_len: int
+  slots: int
+  refill: int
+
+
+@dataclasses.dataclass
+class ContinuousPlan:
+  phases: list
+
+
+class _Engine:
+  def __init__(self, generator):
+    self.generator = generator
+
+
+def test_continuous_run_with_programs_compiled_ahead_equals_on_first_use(tiny_params):
+  prompts = _prompts(12, 3, 20, seed=7)
+  order = np.random.default_rng(2).permutation(12)
+  plan = ContinuousPlan([Phase(order[:7], 32, 4, 2), Phase(order[7:], 96, 4, 2)])
+  results = {}
+  for threads in (0, 3):
+    gen = _generator(tiny_params, threads)
+    runner = Runner(_Engine(gen), prompts, request_ids=range(12), max_seq_len=96, **SAMPLING)
+    result = runner.run_continuous(plan, lambda c, r: Phase(np.zeros(0, np.int64), 96, 4, 1))
+    results[threads] = (result.tokens, result.finished.tolist(), gen)
+  assert results[0][:2] == results[3][:2]
+  ahead = results[3][2]
+  assert ahead.precompiled_runs >= 3  # the phases' decode loops and first fills at least
+  # refills are padded to the refill's rows: one insert program per (rows, block)
+  inserts = {k for k in ahead._executables if k[0].startswith("slot_insert")}
+  assert len({k[0].split("/")[3] for k in inserts}) <= 3
