@@ -48,3 +48,28 @@ def test_chat_format_and_tokenizer_of_the_embedded_model(gguf_path):
   assert engine.config.tie_word_embeddings and engine.config.num_kv_heads == 3
   hidden = engine.embed(PROMPTS)
   assert hidden.shape == (3, 576) and np.isfinite(hidden).all()
+
+
+def test_tokenizer_kept_after_conversion_is_the_same_tokenizer(gguf_path, tmp_path, monkeypatch):
+  from lsdist_jax.llama.tokenizer import Tokenizer, tokenizer_cache_dir
+
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  converted = Tokenizer.from_pretrained(gguf_path, gguf_file=gguf_path, name="smollm2")
+  cache = tokenizer_cache_dir(gguf_path)
+  assert cache.startswith(str(tmp_path)) and os.path.isfile(os.path.join(cache, "tokenizer.json"))
+  kept = Tokenizer.from_pretrained(gguf_path, gguf_file=gguf_path, name="smollm2")
+  assert kept.hf.name_or_path == cache  # read from the cache, not converted again
+  talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]},
+          {"role": "assistant", "content": "Red, yellow, blue."},
+          {"role": "user", "content": PROMPTS[2]}]
+  for t in PROMPTS + ["  spaces\tand\nnewlines  ", "émojis 🙂 and 中文"]:
+    assert kept.format(t) == converted.format(t)
+    assert kept.encode_prompt(t) == converted.encode_prompt(t)
+    assert kept.encode_raw(t) == converted.encode_raw(t)
+  assert kept.encode_messages(talk) == converted.encode_messages(talk)
+  assert (kept.bos_token_id, kept.hf.eos_token_id) == (converted.bos_token_id,
+                                                      converted.hf.eos_token_id)
+  ids = converted.encode_prompt(PROMPTS[0])
+  assert kept.decode(ids) == converted.decode(ids)
+  monkeypatch.setenv("LSDIST_NO_TOKENIZER_CACHE", "1")
+  assert tokenizer_cache_dir(gguf_path) == ""

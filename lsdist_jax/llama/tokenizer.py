@@ -6,7 +6,11 @@ or none (raw text, BOS if the model uses one).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
 CHAT_FORMATS = ("auto", "template", "llama2", "none")
@@ -35,8 +39,7 @@ class Tokenizer:
     from transformers import AutoTokenizer
 
     if gguf_file:
-      hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
-                                         gguf_file=os.path.basename(gguf_file))
+      hf = _gguf_tokenizer(gguf_file)
     else:
       if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
@@ -117,3 +120,46 @@ def _llama2_turns(messages: list[dict]) -> str:
     if i + 1 < len(messages):
       text += f" {messages[i + 1]['content'].strip()} </s><s>"
   return text
+
+
+def tokenizer_cache_dir(gguf_file: str) -> str:
+  """Where the tokenizer converted from `gguf_file` is kept (${XDG_CACHE_HOME:-~/.cache}/
+  lsdist_jax/tokenizers/<key>), keyed by the file (path, size, modification time) and the
+  transformers version that converted it; "" when LSDIST_NO_TOKENIZER_CACHE is set."""
+  import transformers
+
+  if os.environ.get("LSDIST_NO_TOKENIZER_CACHE", "") not in ("", "0"):
+    return ""
+  st = os.stat(gguf_file)
+  key = f"{os.path.abspath(gguf_file)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "lsdist_jax", "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:20])
+
+
+def _gguf_tokenizer(gguf_file: str):
+  """The transformers tokenizer of a GGUF file. Converting it parses the whole file's metadata
+  (its vocabulary and merges; ~10 s for SmolLM2 on a CPU core), so the converted tokenizer is
+  saved once (`tokenizer_cache_dir`) and later loads read that."""
+  from transformers import AutoTokenizer
+
+  cache = tokenizer_cache_dir(gguf_file)
+  if cache and os.path.isfile(os.path.join(cache, "tokenizer.json")):
+    try:
+      return AutoTokenizer.from_pretrained(cache)
+    except (OSError, ValueError) as e:
+      logging.warning("tokenizer cache %s unreadable (%s); converting %s again", cache, e,
+                      gguf_file)
+  hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
+                                     gguf_file=os.path.basename(gguf_file))
+  if cache:
+    try:  # written whole or not at all: a folder renamed into place
+      os.makedirs(os.path.dirname(cache), exist_ok=True)
+      tmp = tempfile.mkdtemp(dir=os.path.dirname(cache), prefix=".tmp-")
+      hf.save_pretrained(tmp)
+      try:
+        os.replace(tmp, cache)
+      except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+      logging.warning("could not keep the tokenizer of %s in %s: %s", gguf_file, cache, e)
+  return hf
