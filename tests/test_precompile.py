@@ -2,16 +2,14 @@
 exactly the ones a run then needs (nothing compiles again in the foreground), and the tokens
 are those of a run that compiled each program on first use."""
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from lsdist_jax.llama.generator import Generator
 from lsdist_jax.llama.model import Llama
 from lsdist_jax.serve.runner import Runner
 from lsdist_jax.shapes import Buckets
+from test_runner import ContinuousPlan, Phase, _Engine  # the runner tests' plan stand-ins
 
 BUCKETS = dict(batch=(1, 2, 4, 8), prompt=8, cache=32)
 SAMPLING = dict(temperature=0.8, top_p=0.9, seed=5)
@@ -64,24 +62,6 @@ def test_embed_runs_one_program_per_block_and_keeps_prompt_order(tiny_params):
   assert gen.compile_count <= len(blocks) and gen.precompiled_runs == gen.compile_count
   alone = np.concatenate([gen.embed([p]) for p in prompts[:5]])
   np.testing.assert_allclose(hidden[:5], alone, rtol=2e-4, atol=2e-4)
-
-
-@dataclasses.dataclass
-class Phase:
-  members: np.ndarray
-  cache_len: int
-  slots: int
-  refill: int
-
-
-@dataclasses.dataclass
-class ContinuousPlan:
-  phases: list
-
-
-class _Engine:
-  def __init__(self, generator):
-    self.generator = generator
 
 
 def test_continuous_run_with_programs_compiled_ahead_equals_on_first_use(tiny_params):
