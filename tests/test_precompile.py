@@ -48,6 +48,10 @@ def test_precompiled_slot_programs_are_the_ones_run(tiny_params):
   tokens = _slot_run(gen)
   assert gen.compile_count == 3 and gen.precompiled_runs == 3  # none compiled in the foreground
   assert gen.background_compile_seconds > 0
+  # queued behind a running compilation: cancelled, never run; the one under way finishes
+  busy = _generator(tiny_params, threads=1)
+  assert busy.precompile_slots(4, 64, [(4, 16), (2, 16), (1, 16)]) == 4
+  assert busy.drop_precompiles() >= 1 and len(busy._pending) <= 1
   plain = _generator(tiny_params, threads=0)
   assert plain.precompile_slots(4, 64, [(4, 16)]) == 0  # off
   assert _slot_run(plain) == tokens
@@ -65,18 +69,20 @@ def test_embed_runs_one_program_per_block_and_keeps_prompt_order(tiny_params):
 
 
 def test_continuous_run_with_programs_compiled_ahead_equals_on_first_use(tiny_params):
-  prompts = _prompts(12, 3, 20, seed=7)
-  order = np.random.default_rng(2).permutation(12)
-  plan = ContinuousPlan([Phase(order[:7], 32, 4, 2), Phase(order[7:], 96, 4, 2)])
+  prompts = _prompts(8, 3, 7, seed=7)  # one context block (8) for every prompt
+  order = np.random.default_rng(2).permutation(8)
+  plan = ContinuousPlan([Phase(order[:5], 32, 4, 2), Phase(order[5:], 64, 2, 1)])
   results = {}
   for threads in (0, 3):
     gen = _generator(tiny_params, threads)
-    runner = Runner(_Engine(gen), prompts, request_ids=range(12), max_seq_len=96, **SAMPLING)
-    result = runner.run_continuous(plan, lambda c, r: Phase(np.zeros(0, np.int64), 96, 4, 1))
+    runner = Runner(_Engine(gen), prompts, request_ids=range(8), max_seq_len=64, **SAMPLING)
+    result = runner.run_continuous(plan, lambda c, r: Phase(np.zeros(0, np.int64), 64, 2, 1))
     results[threads] = (result.tokens, result.finished.tolist(), gen)
   assert results[0][:2] == results[3][:2]
   ahead = results[3][2]
   assert ahead.precompiled_runs >= 3  # the phases' decode loops and first fills at least
+  # what the run did not use and had not started compiling was cancelled at its end
+  assert all(f.running() or f.done() and not f.cancelled() for f in ahead._pending.values())
   # refills are padded to the refill's rows: one insert program per (rows, block)
   inserts = {k for k in ahead._executables if k[0].startswith("slot_insert")}
   assert len({k[0].split("/")[3] for k in inserts}) <= 3

@@ -132,6 +132,16 @@ class Generator:
       self._pending[key] = self._pool.submit(self._compile_behind, jitted, args)
     return True
 
+  def drop_precompiles(self) -> int:
+    """Cancels the background compilations not yet started (a run that ended needs them no
+    more, and a process waits for its threads' queue at exit); those under way finish and
+    stay usable. Returns how many were cancelled."""
+    with self._lock:
+      cancelled = [k for k, f in self._pending.items() if f.cancel()]
+      for k in cancelled:
+        del self._pending[k]
+    return len(cancelled)
+
   def _compile_behind(self, jitted, args):
     start = time.perf_counter()
     exe = jitted.lower(*args).compile()

@@ -215,6 +215,7 @@ class Runner:
       queue = carried + [int(m) for m in phase.members]
       carried = self._run_phase(phase, queue, name, generated, finished, records, seconds)
       k += 1
+    self.engine.generator.drop_precompiles()
     return RunResult(generated, finished, records, seconds)
 
   def _precompile(self, phases) -> None:
