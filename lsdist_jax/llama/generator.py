@@ -1,11 +1,10 @@
 """`Generator`: compiles the decode loops over bucketed shapes (one program per shape, counted and
 timed apart from running), places batches on the mesh, and runs static batches (`generate`,
-`embed`) or continuous slot-refill batches (`SlotBatch`).
+`embed`) or continuous slot-refill batches (`SlotBatch`, llama/slots.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,30 +17,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lsdist_jax import sharding as shd
 from lsdist_jax.files import exclusive
-from lsdist_jax.llama import decode, sampling
+from lsdist_jax.llama import decode
 from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
+from lsdist_jax.llama.sampling import sampling_rows
+from lsdist_jax.llama.slots import SlotBatch
 from lsdist_jax.shapes import Buckets, batch_bucket, context_block, round_up
-
-
-def sampling_rows(n: int, rows: int, seed, temperature, top_p):
-  """The sampling settings of n rows padded to `rows`: (seed [rows] uint32, temperature [rows]
-  float32, top_p [rows, 2] float32 `top_p_setting`s). Each setting is one value for every row or
-  a sequence of n values; padding rows repeat the last row's."""
-
-  def per_row(value, name):
-    arr = np.asarray(value, np.float64)
-    if arr.ndim == 0:
-      return np.full((rows,), arr)
-    if arr.shape != (n,):
-      raise ValueError(f"{name}: expected one value or {n} (one per row), got shape {arr.shape}")
-    return np.concatenate([arr, np.full((rows - n,), arr[-1])])
-
-  seeds = per_row(seed, "seed")
-  if (seeds < 0).any() or (seeds >= 2 ** 32).any() or (seeds != np.round(seeds)).any():
-    raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
-  return (seeds.astype(np.uint32), per_row(temperature, "temperature").astype(np.float32),
-          sampling.top_p_settings(per_row(top_p, "top_p")))
 
 
 def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
@@ -339,7 +320,7 @@ class Generator:
 
   def open_slots(self, slots: int, cache_len: int, *, max_seq_len: int, seed: int = 0,
                  temperature: float = 0.6, top_p: float = 0.9,
-                 hidden_layer: int = -1) -> "SlotBatch":
+                 hidden_layer: int = -1) -> SlotBatch:
     """A continuous batch of `slots` rows (rounded up to a batch bucket, and to a multiple of
     the mesh's data axis) over `cache_len` KV slots per row, with default sampling settings (an
     insert may give its rows their own: `SlotBatch.insert`); each
@@ -414,113 +395,3 @@ class Generator:
             in_shardings=(self._param_shardings(), state) + extra,
             out_shardings=state if kind == "slot_insert" else (state, rep))
     return self._fns[key]
-
-
-
-@dataclasses.dataclass
-class SlotRead:
-  """What the host reads back after a decode call, per slot."""
-  tokens: np.ndarray  # [B, S + 1] accepted tokens in [:num_generated]
-  num_generated: np.ndarray  # [B] in this slot
-  done: np.ndarray  # [B]
-  finished: np.ndarray  # [B] ended with EOS
-
-
-
-class SlotBatch:
-  """Continuous decoding on one engine (one device or a mesh): `insert` requests into free
-  slots, `decode` until enough slots are free, `read` the slots back. A slot's row may generate
-  at most min(cache_len - context, max_seq_len - context) tokens; one that reaches it comes back
-  done but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
-
-  def __init__(self, generator: Generator, state: dict, slots: int, cache_len: int, *,
-               max_seq_len: int, sampling: tuple, hidden_layer: int = -1):
-    self.generator, self.state = generator, state
-    self.slots, self.cache_len, self.max_seq_len = slots, cache_len, max_seq_len
-    self.sampling, self.hidden_layer = sampling, hidden_layer
-    self.steps = 0  # decode steps run so far
-
-  def room(self, context_len):
-    """Tokens a context of this length may generate in a slot (<= 0: it does not fit).
-    Elementwise."""
-    return np.minimum(self.cache_len - context_len, self.max_seq_len - context_len)
-
-  def insert(self, slot_ids: Sequence[int], contexts: Sequence[Sequence[int]],
-             request_ids: Sequence[int], start_steps: Sequence[int],
-             forced_lengths: Sequence[int] | None = None, min_rows: int = 0,
-             max_new_tokens: Sequence[int] | None = None, seed=None, temperature=None,
-             top_p=None) -> None:
-    """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots.
-    The call's row count is the batch bucket of max(len(contexts), min_rows): a caller that
-    inserts up to m rows at a time passes min_rows=m, and every insert of one context block
-    length is then the same program. max_new_tokens: per row, the most tokens it may generate
-    here (its own max_tokens less what it generated before). seed / temperature / top_p: the
-    rows' sampling settings (one value or one per row; None: the batch's defaults), kept by
-    their slots until the next insert there."""
-    gen = self.generator
-    n = len(contexts)
-    if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
-      raise ValueError(f"insert needs one slot, request id and start step per context "
-                       f"({len(slot_ids)}, {len(request_ids)}, {len(start_steps)} for {n})")
-    if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
-      raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
-    tokens, pad_len, lengths, k, p = gen._pack(contexts)
-    k = max(k, gen._rows_bucket(max(n, int(min_rows))))
-    p = context_block(p, gen.buckets.prompt, self.cache_len)
-    tokens, pad_len = gen._pad_call(tokens, pad_len, k, p)
-    room = self.room(lengths)
-    if (room < 1).any():
-      i = int(np.argmin(room))
-      raise ValueError(f"context {i} of {int(lengths[i])} tokens leaves no room in this slot "
-                       f"batch (cache_len={self.cache_len}, max_seq_len={self.max_seq_len})")
-    if p > self.cache_len:
-      raise ValueError(f"a context block of {p} tokens exceeds cache_len={self.cache_len}")
-
-    def per_row(values, fill, dtype):
-      arr = np.full((k,), fill, dtype)
-      arr[:n] = np.asarray(values, dtype)
-      return arr
-
-    slots = per_row(slot_ids, self.slots, np.int32)  # bucket padding rows: dropped
-    forced = per_row(forced_lengths if forced_lengths is not None else [-1] * n, -1, np.int32)
-    caps = per_row(room, 0, np.int32)
-    limits = per_row(self.max_seq_len - lengths, 0, np.int32)
-    if max_new_tokens is not None:
-      limits[:n] = np.minimum(limits[:n], np.asarray(max_new_tokens, np.int32))
-    slot_index = np.asarray(slot_ids, np.int64)
-    given = (seed, temperature, top_p)
-    fresh = sampling_rows(n, n, *[0 if g is None else g for g in given])
-    for held, value, new in zip(self.sampling, given, fresh):
-      if value is not None:
-        held[slot_index] = new
-    settings = [np.concatenate([x[slot_index], np.repeat(x[slot_index[-1:]], k - n, axis=0)])
-                for x in self.sampling]  # [k] per inserted row (padding rows: the last's)
-    args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
-                                     per_row(request_ids, 0, np.uint32),
-                                     per_row(start_steps, 0, np.int32), caps, limits, forced)]
-    self.state = gen._run(
-        f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}/{self.hidden_layer}",
-        gen._slot_fn("slot_insert", self.slots, self.cache_len, self.hidden_layer), gen.params,
-        self.state, *args, *[jnp.asarray(x) for x in settings])
-
-  def decode(self, free_target: int) -> int:
-    """Runs decode steps until at least `free_target` slots are done (or all are); returns the
-    steps run."""
-    gen = self.generator
-    settings = [jnp.asarray(x) for x in self.sampling]  # each slot's: [B], [B], [B, 2]
-    self.state, steps = gen._run(f"slot_decode/{self.slots}/{self.cache_len}",
-                                 gen._slot_fn("slot_decode", self.slots, self.cache_len),
-                                 gen.params, self.state, jnp.int32(free_target), *settings)
-    steps = int(steps)
-    self.steps += steps
-    return steps
-
-  def hidden(self, slot_ids: Sequence[int]) -> np.ndarray:
-    """The hidden states the last insert into each of these slots computed (at the batch's
-    hidden_layer, at the last context token). -> [n, D] float32."""
-    return np.asarray(shd.to_host(self.state["hidden"]))[np.asarray(slot_ids, np.int64)]
-
-  def read(self) -> SlotRead:
-    st = shd.to_host({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
-    return SlotRead(np.asarray(st["out"]), np.asarray(st["n_gen"]), np.asarray(st["done"]),
-                    np.asarray(st["finished"]))

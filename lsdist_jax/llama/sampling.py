@@ -297,3 +297,23 @@ def choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p
   replay = forced_len >= 0
   tok = jnp.where(replay & (steps >= forced_len), eos[0], tok)
   return jnp.where(replay & (steps < forced_len) & jnp.isin(tok, eos), filler_id, tok)
+
+
+def sampling_rows(n: int, rows: int, seed, temperature, top_p):
+  """The sampling settings of n rows padded to `rows`: (seed [rows] uint32, temperature [rows]
+  float32, top_p [rows, 2] float32 `top_p_setting`s). Each setting is one value for every row or
+  a sequence of n values; padding rows repeat the last row's."""
+
+  def per_row(value, name):
+    arr = np.asarray(value, np.float64)
+    if arr.ndim == 0:
+      return np.full((rows,), arr)
+    if arr.shape != (n,):
+      raise ValueError(f"{name}: expected one value or {n} (one per row), got shape {arr.shape}")
+    return np.concatenate([arr, np.full((rows - n,), arr[-1])])
+
+  seeds = per_row(seed, "seed")
+  if (seeds < 0).any() or (seeds >= 2 ** 32).any() or (seeds != np.round(seeds)).any():
+    raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
+  return (seeds.astype(np.uint32), per_row(temperature, "temperature").astype(np.float32),
+          top_p_settings(per_row(top_p, "top_p")))
