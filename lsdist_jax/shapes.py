@@ -76,6 +76,13 @@ class Buckets:
   def prompt_block(self, longest: int) -> int:
     return round_up(longest, self.prompt)
 
+  def insert_block(self, longest, cache_len: int):
+    """The length a prefill of contexts whose longest has `longest` tokens runs at: its prompt
+    block, rounded up to prompt bucket x 2^i where that fits `cache_len` (`context_block`).
+    Elementwise over an array of longest lengths; an int for an int."""
+    return context_block(round_up_array(longest, self.prompt) if np.ndim(longest)
+                         else self.prompt_block(longest), self.prompt, cache_len)
+
   def cache_len(self, longest_prompt: int, cap: int) -> int:
     """The cache a batch needs: its prompt block plus `cap` tokens, rounded to the bucket."""
     return round_up(self.prompt_block(longest_prompt) + int(cap), self.cache)

@@ -22,7 +22,7 @@ from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
 from lsdist_jax.llama.slots import SlotBatch
-from lsdist_jax.shapes import Buckets, batch_bucket, context_block, round_up
+from lsdist_jax.shapes import Buckets, batch_bucket, round_up
 
 
 def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
@@ -281,8 +281,7 @@ class Generator:
       tokens, pad_len, _, _, p = self._pack([prompts[i] for i in order[start:start + max_batch]])
       if p > limit:
         raise ValueError(f"prompt of {p} tokens exceeds the model's context ({limit})")
-      calls.append(self._pad_call(tokens, pad_len, rows, context_block(p, self.buckets.prompt,
-                                                                       limit)))
+      calls.append(self._pad_call(tokens, pad_len, rows, self.buckets.insert_block(p, limit)))
     name, fn = f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer)
     for tokens, pad_len in calls:
       self.precompile(name, fn, self.params, _abstract(tokens), _abstract(pad_len))
@@ -343,7 +342,7 @@ class Generator:
     """Starts compiling, in the background (`precompile`), the programs a slot batch of
     `open_slots(slots, cache_len, hidden_layer=...)` will run: its decode loop and an insert
     per (rows, context block) of `inserts` (rows as `SlotBatch.insert` rounds them, blocks as
-    `context_block`). Returns how many started."""
+    `Buckets.insert_block`). Returns how many started."""
     b = batch_bucket(int(slots), self.buckets.batch)
     s = round_up(int(cache_len), self.buckets.cache)
     state = jax.eval_shape(lambda: decode.slot_state(b, s, model=self.model))

@@ -11,7 +11,6 @@ import numpy as np
 
 from lsdist_jax import sharding as shd
 from lsdist_jax.llama.sampling import sampling_rows
-from lsdist_jax.shapes import context_block
 
 
 @dataclasses.dataclass
@@ -30,9 +29,9 @@ class SlotBatch:
   at most min(cache_len - context, max_seq_len - context) tokens; one that reaches it comes back
   done but not finished (continue it elsewhere from context + its tokens, like a capped row)."""
 
-  def __init__(self, generator: Generator, state: dict, slots: int, cache_len: int, *,
+  def __init__(self, generator, state: dict, slots: int, cache_len: int, *,
                max_seq_len: int, sampling: tuple, hidden_layer: int = -1):
-    self.generator, self.state = generator, state
+    self.generator, self.state = generator, state  # the `Generator` that opened it
     self.slots, self.cache_len, self.max_seq_len = slots, cache_len, max_seq_len
     self.sampling, self.hidden_layer = sampling, hidden_layer
     self.steps = 0  # decode steps run so far
@@ -63,7 +62,7 @@ class SlotBatch:
       raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
     tokens, pad_len, lengths, k, p = gen._pack(contexts)
     k = max(k, gen._rows_bucket(max(n, int(min_rows))))
-    p = context_block(p, gen.buckets.prompt, self.cache_len)
+    p = gen.buckets.insert_block(p, self.cache_len)
     tokens, pad_len = gen._pad_call(tokens, pad_len, k, p)
     room = self.room(lengths)
     if (room < 1).any():

@@ -147,6 +147,8 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
         {"job": predictor_path}, engine.config.hidden_size, int(config.predictor.max_len),
         engine=engine, config=config)["job"]
   cost = serve_plan.load_cost_model(config, engine=engine)
+  # One KV budget for every chunk ("auto" is sized from the device's free memory once, here)
+  options = serve_plan.planner_options(config, engine)
 
   settings = settings_key(config, engine)
   if kind == "batch":
@@ -182,7 +184,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     requests, owner = chunk_requests(part, config.generation)
     if requests.n:
       result = serve_plan.schedule_and_run(engine, requests, config, predictor, strategy, cost,
-                                           on_progress=bar)
+                                           on_progress=bar, options=options)
       for k, toks, fin in zip(owner, result.tokens, result.finished):
         outputs[k][0].append(toks)
         outputs[k][1].append(bool(fin))
@@ -205,7 +207,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
              # compilation the job waited for, and compilation done behind running work
              "compile_seconds": round(engine.generator.compile_seconds, 2),
              "background_compile_seconds": round(engine.generator.background_compile_seconds, 2),
-             "kv_budget_tokens": serve_plan.planner_options(config, engine).kv_budget_tokens}
+             "kv_budget_tokens": options.kv_budget_tokens}
   if kind == "batch":
     summary.update({"requests": n_requests,
                     "error_lines": sum(item.prompt_ids is None for item in items)})

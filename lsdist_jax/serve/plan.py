@@ -197,11 +197,12 @@ def describe_plan(planner: str, plan, options: Options) -> str:
 
 
 def schedule_and_run(engine, requests: Requests, config, predictor, planner: str, cost: CostModel,
-                     on_progress=None):
+                     on_progress=None, options: Options | None = None):
   """Plans the requests of one chunk of a user's prompts with the predictor and runs them (the
   generate job); the plan is logged in one line. No predictor: dataset order (slots refilled,
-  or fixed batches)."""
-  options = planner_options(config, engine)
+  or fixed batches). `options`: the planners' options, resolved once for a job's chunks (by
+  default from the config now)."""
+  options = options or planner_options(config, engine)
   pmf = scalar = None
   if predictor is None:
     planner = "continuous-vanilla" if is_continuous(planner) else "vanilla"

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lsdist_jax.shapes import context_block, round_up, round_up_array
+from lsdist_jax.shapes import round_up
 
 
 @dataclasses.dataclass
@@ -226,20 +226,19 @@ class Runner:
     gen = self.engine.generator
     if gen.compile_threads < 1:
       return
-    pb = gen.buckets.prompt
+    buckets = gen.buckets
     for phase in phases:
       members = np.asarray(phase.members, np.int64)
-      s = round_up(int(phase.cache_len), gen.buckets.cache)
+      s = round_up(int(phase.cache_len), buckets.cache)
       members = members[self.prompt_len[members] < s]
       if members.size == 0:
         continue
-      slots = gen.buckets.batch_size(int(phase.slots))
-      blocks = context_block(round_up_array(self.prompt_len[members], pb), pb, s)
+      slots = buckets.batch_size(int(phase.slots))
       first = members[:slots]
-      inserts = [(len(first), int(context_block(round_up(self.prompt_len[first].max(), pb), pb,
-                                                s)))]
+      inserts = [(len(first), buckets.insert_block(int(self.prompt_len[first].max()), s))]
       refill = max(1, min(int(phase.refill), slots))
-      inserts += [(refill, int(b)) for b in np.unique(blocks)]
+      inserts += [(refill, int(b))
+                  for b in np.unique(buckets.insert_block(self.prompt_len[members], s))]
       gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts)
 
   def _run_phase(self, phase, queue: list[int], name: str, generated, finished, records,
