@@ -1,54 +1,60 @@
 #!/usr/bin/env bash
 # The LoRA length predictor (issue 17, Sequence Scheduling's third system) on SmolLM2, one GPU:
-#   bash scripts/lora_gpu.sh <SmolLM2 GGUF> <run folder> [<store>]
-# <store>: the Alpaca store of scripts/collect_at_scale.sh (<its run>/alpaca: the shipped pool,
-# alpaca_local, 7,451 prompts x 32) for the issue's figures; default the committed
-# docs/data/smollm2_alpaca_h100 (about 100 prompts, 80 of them train: a quick check only). Steps, each skipped when its output
-# exists (rerun the script to resume; training itself resumes from its orbax checkpoints):
-# 1. the scalar MLP (scalar-max) and the distribution predictor on the store's train split;
-# 2. LoRA SFT (rank 8, alpha 16, q/v, AdamW 1e-4, warm-up + cosine, 3 epochs) on max_bin100,
-#    then on the median bin; 3. the table rows on the test split: MAE vs each prompt's sampled
-#    max, share in the right bin, the scalar MLP beside them, training time, prediction time per
-#    1,000 prompts -> <run>/predictor_lora.json (copy to docs/results/); 4. the SmolLM2
-#    benchmark with ssch-lora beside ssch-scalar-max and ours in one run; 5. the 7B-shape length
-#    replay with ssch-lora (its answers come from the SmolLM2 LoRA, the model that recorded the
-#    lengths, so its prediction time there is SmolLM2's, not a 7B's).
+#   bash scripts/lora_gpu.sh <SmolLM2 GGUF> <run folder> [last step]
+# Steps, in order (each writes <run>/<step>.done when it ends well; a rerun skips finished steps,
+# and training resumes from its orbax checkpoints); [last step] stops after that one:
+#   train       the distribution and scalar predictors on the 7,451-prompt store's train split
+#               (launch/pipeline.py --stages=train, configs/smollm2_benchmark_7451.py), in <run>/work
+#   lora_max    LoRA SFT (rank 8, alpha 16, q/v, AdamW 1e-4, warm-up + cosine, 3 epochs) on each
+#               prompt's max_bin100 -> <run>/work/predictor/lora (what `ssch-lora` plans with)
+#   lora_median the same on the median bin -> <run>/work/predictor/lora-median
+#   table       the rows on the 763 test prompts: MAE vs each prompt's sampled max, share in the
+#               right bin, the scalar MLP beside them, training time, prediction time per 1,000
+#               prompts -> <run>/predictor_lora.json (copy to docs/results/)
+#   benchmark   the SmolLM2 benchmark with ssch-lora beside ssch-scalar-max and ours, one run
+#               (configs/smollm2_benchmark_lora.py; workers over the GPUs of $DEVICES, default 0)
+#   replay_7b   the 7B-shape length replay with ssch-lora (configs/llama2_7b_replay_lora.py; its
+#               answers come from the SmolLM2 LoRA, the model that recorded the lengths)
+# Progress: <run>/session.log; logs: <run>/<step>.log.
 set -uo pipefail
 gguf=$1
 run=$2
-store=${3:-docs/data/smollm2_alpaca_h100}
+last=${3:-replay_7b}
+devices=${DEVICES:-0}
+workers=$(( $(echo "$devices" | tr ',' '\n' | wc -l) ))
 mkdir -p "$run"
 log=$run/session.log
-data=(--config.data.source=alpaca_local --config.data.slice=: --config.collect.store="$store")
-config=(--config=configs/smollm2_alpaca.py:gpu "${data[@]}" --config.model.path="$gguf")
-strategies="--config.benchmark.strategies=('vanilla:best','ssch-lora','ssch-scalar-max','ours','ours-search','oracle')"
+work=$run/work
+config=(--config=configs/smollm2_benchmark_7451.py --config.model.path="$gguf")
 
-step() {  # step <name> <output that marks it done> <command...>
-  local name=$1 done=$2
-  shift 2
-  if [ -e "$done" ]; then echo "$(date +%T) $name: done before" >> "$log"; return; fi
+step() {  # step <name> <command...>
+  local name=$1
+  shift
+  if [ -f "$run/$name.done" ]; then echo "$(date +%T) $name: done before" >> "$log"; return 0; fi
   echo "$(date +%T) $name: start" >> "$log"
   "$@" > "$run/$name.log" 2>&1
-  echo "$(date +%T) $name: exit $?" >> "$log"
+  local rc=$?
+  echo "$(date +%T) $name: exit $rc" >> "$log"
+  [ $rc -eq 0 ] && touch "$run/$name.done"
+  return $rc
 }
+stop_after() { [ "$1" = "$last" ] && { echo "$(date +%T) stopped after $1" >> "$log"; exit 0; }; }
 
-step scalar_max "$run/predictor/scalar-max/export/predictor.json" \
-  python3 launch/train.py "${config[@]}" --config.predictor.kind=scalar \
-  --config.predictor.scalar_target=max --workdir="$run/predictor/scalar-max"
-step distribution "$run/predictor/distribution/export/predictor.json" \
-  python3 launch/train.py "${config[@]}" --workdir="$run/predictor/distribution"
-step lora_max "$run/predictor/lora/export/lora.json" \
-  python3 launch/train_lora.py "${config[@]}" --workdir="$run" --name=lora
-step lora_median "$run/predictor/lora-median/export/lora.json" \
-  python3 launch/train_lora.py "${config[@]}" --workdir="$run" --name=lora-median \
-  --config.lora.target=median
-step table "$run/predictor_lora.json" \
-  python3 launch/train_lora.py "${config[@]}" --workdir="$run" --train=false \
+step train python3 launch/pipeline.py "${config[@]}" --workdir="$work" --stages=train || exit 1
+stop_after train
+step lora_max python3 launch/train_lora.py "${config[@]}" --workdir="$work" --name=lora || exit 1
+stop_after lora_max
+step lora_median python3 launch/train_lora.py "${config[@]}" --workdir="$work" \
+  --name=lora-median --config.lora.target=median
+stop_after lora_median
+step table python3 launch/train_lora.py "${config[@]}" --workdir="$work" --train=false \
   --evaluate=lora,lora-median --out="$run/predictor_lora.json"
-step benchmark "$run/benchmark_lora.json" \
-  python3 launch/benchmark.py --config=configs/smollm2_benchmark_h200.py "${data[@]}" \
-  --config.model.path="$gguf" --workdir="$run" --name=benchmark_lora "$strategies"
-step replay_7b "$run/benchmark_lora_replay_7b.json" \
-  python3 launch/benchmark.py --config=configs/llama2_7b_replay_h200.py "${data[@]}" \
-  --workdir="$run" --name=benchmark_lora_replay_7b "$strategies"
+stop_after table
+step benchmark python3 launch/benchmark.py --config=configs/smollm2_benchmark_lora.py \
+  --config.model.path="$gguf" --workdir="$work" --name=benchmark_lora \
+  --workers="$workers" --devices="$devices"
+stop_after benchmark
+step replay_7b python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py \
+  --workdir="$work" --name=benchmark_lora_replay_7b \
+  --workers="$workers" --devices="$devices"
 echo "$(date +%T) all done" >> "$log"

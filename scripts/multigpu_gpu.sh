@@ -55,28 +55,33 @@ global() {  # global <name> <args...>: two processes, one GPU each, one global m
 
 b7=(--model=llama-2-7b --cache=1024)
 sm=(--model=smollm2-135m --cache=512)
-# one GPU (the baselines of this session)
+# The target rows first, then the diagnostic ones (the dot product instead of the kernel), so a
+# session cut short still has every target's row and its one-GPU baseline.
+# one GPU with the kernel (the baselines of this session)
 row 7b_1gpu_pallas 0 "${b7[@]}" --batch=48 --decode_attention=pallas
-row 7b_1gpu_dot 0 "${b7[@]}" --batch=48 --decode_attention=dot
 row sm_1gpu_pallas_256 0 "${sm[@]}" --batch=256 --decode_attention=pallas
-row sm_1gpu_dot_64 0 "${sm[@]}" --batch=64 --decode_attention=dot
 # tensor parallel over 2 GPUs (target: <= 0.6x the one-GPU kernel ms/step; Engine.random <= 10 s,
 # first call <= 60 s)
 row 7b_tp2_pallas 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=pallas
-row 7b_tp2_dot 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=dot
-row sm_tp2_dot_64 0,1 "${sm[@]}" --batch=64 --tensor=2 --decode_attention=dot
 # data parallel over 2 GPUs (targets: 7B batch 96 >= 1.85x, SmolLM2 batch 512 >= 1.8x one GPU)
 row 7b_dp2_pallas 0,1 "${b7[@]}" --batch=96 --data=2 --decode_attention=pallas
 row sm_dp2_pallas 0,1 "${sm[@]}" --batch=512 --data=2 --decode_attention=pallas
-global 7b_dp2_global "${b7[@]}" --batch=96 --data=2 --decode_attention=pallas
-global sm_dp2_global "${sm[@]}" --batch=512 --data=2 --decode_attention=pallas
 pair 7b_2proc "${b7[@]}" --batch=48 --decode_attention=pallas
 pair sm_2proc "${sm[@]}" --batch=256 --decode_attention=pallas
+global 7b_dp2_global "${b7[@]}" --batch=96 --data=2 --decode_attention=pallas
+global sm_dp2_global "${sm[@]}" --batch=512 --data=2 --decode_attention=pallas
 if [ "$gpus" -ge 4 ]; then
   row 7b_tp4_pallas 0,1,2,3 "${b7[@]}" --batch=48 --tensor=4 --decode_attention=pallas
   row 7b_tp2dp2_pallas 0,1,2,3 "${b7[@]}" --batch=96 --tensor=2 --data=2 \
     --decode_attention=pallas
 fi
+python3 launch/bench_multigpu.py --merge="$rows" --out=docs/results/multigpu.json \
+  --command="bash scripts/multigpu_gpu.sh $run"
+# diagnostics: the dot product, one GPU and tensor parallel
+row 7b_1gpu_dot 0 "${b7[@]}" --batch=48 --decode_attention=dot
+row 7b_tp2_dot 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=dot
+row sm_1gpu_dot_64 0 "${sm[@]}" --batch=64 --decode_attention=dot
+row sm_tp2_dot_64 0,1 "${sm[@]}" --batch=64 --tensor=2 --decode_attention=dot
 python3 launch/bench_multigpu.py --merge="$rows" --out=docs/results/multigpu.json \
   --command="bash scripts/multigpu_gpu.sh $run"
 echo "$(date +%T) all done: docs/results/multigpu.json" >> "$log"

@@ -16,7 +16,7 @@ from configs import tiny  # noqa: E402
 from lsdist_jax.engine import load_engine  # noqa: E402
 from lsdist_jax.errors import ConfigError, InputError  # noqa: E402
 from lsdist_jax.serve.inputs import MalformedInputError, read_prompts  # noqa: E402
-from lsdist_jax.serve.job import parts_dir, run_generate  # noqa: E402
+from lsdist_jax.serve.job import assemble, parts_dir, run_generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,21 @@ def test_a_resume_with_another_chunk_size_neither_drops_nor_duplicates_rows(engi
   job(config(), src, again, engine, chunk_size=4, stop_after_chunks=1)
   assert job(config(), src, again, engine, chunk_size=4)["served_now"] == 8
   assert rows_of(again) == rows
+
+
+def test_a_response_holding_unicode_line_separators_is_assembled_whole(tmp_path):
+  # json.dumps(ensure_ascii=False) leaves U+2028 / U+0085 raw, and str.splitlines() splits on
+  # them: the H200 run of an 8,192-line batch file failed on such a response.
+  folder = tmp_path / "out.jsonl.parts"
+  folder.mkdir()
+  rows = [{"line": 0, "response": "a\u2028b\x85c\u2029d"}, {"line": 1, "response": "e"}]
+  (folder / "chunk0").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                 encoding="utf-8")
+  out = tmp_path / "out.jsonl"
+  assemble(str(out), str(folder), ["chunk0"], [[0, 1]], "line")
+  with open(out, encoding="utf-8") as f:
+    assert [json.loads(line) for line in f] == rows
+  assert not folder.exists()
 
 
 def test_a_resume_on_an_edited_input_redoes_the_stale_chunks(engine, tmp_path):

@@ -226,7 +226,8 @@ def assemble(output: str, folder: str, names: list[str], keys: list[list], field
   out = []
   for name, expected in zip(names, keys):
     with open(os.path.join(folder, name), encoding="utf-8") as f:
-      rows = f.read().splitlines()
+      # "\n" only: a response may hold U+2028 or U+0085, which splitlines() also splits on
+      rows = f.read().split("\n")[:-1]
     got = [json.loads(r)[field] for r in rows]
     if got != expected:
       raise RuntimeError(f"{folder}/{name} holds {field}s {got[:5]}..., expected "
