@@ -7,6 +7,7 @@ It ties `llama/` together (config, weights, tokenizer, generator) and places par
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Any, Sequence
@@ -87,7 +88,7 @@ class Engine:
     if dtype not in DTYPES:
       raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     self.config = config
-    self.tokenizer = tokenizer
+    self._tokenizer = tokenizer  # or a functools.partial that builds it on first use
     self.source = source
     self.dtype = dtype
     self.mesh = engine_mesh(mesh_config)
@@ -103,6 +104,12 @@ class Engine:
     self.generator = Generator(self.model, self.params, mesh=self.mesh, buckets=buckets,
                                pad_id=config.pad_token_id, top_k_candidates=top_k_candidates,
                                compile_threads=threads)
+
+  @property
+  def tokenizer(self) -> Tokenizer | None:
+    if isinstance(self._tokenizer, functools.partial):
+      self._tokenizer = self._tokenizer()
+    return self._tokenizer
 
   # ------------------------------------------------------------------------------ loading
 
@@ -167,7 +174,10 @@ class Engine:
     own shard of each parameter (`random_params`)."""
     cfg = get_preset(preset) if isinstance(preset, str) else preset
     params = random_params(cfg, dtype, seed, engine_mesh(mesh_config))
-    tokenizer = char_tokenizer(cfg.vocab_size) if cfg.vocab_size >= 100 else None
+    # built on first use: importing transformers for it takes seconds a benchmark of token ids
+    # does not need
+    tokenizer = (functools.partial(char_tokenizer, cfg.vocab_size) if cfg.vocab_size >= 100
+                 else None)
     return cls(cfg, params, tokenizer, dtype=dtype, mesh_config=mesh_config,
                source=f"random:{cfg.name}", **kwargs)
 
@@ -263,29 +273,36 @@ def engine_mesh(mesh_config=None):
 
 
 def random_params(config: LlamaConfig, dtype: str = "bfloat16", seed: int = 0, mesh=None):
-  """Random params of `config`'s shape (N(0, 0.02) matrices, unit norm scales), made by one jitted
-  program (`random_params_fn`) on the devices."""
-  return random_params_fn(config, dtype, mesh)(jax.random.key(seed))
-
-
-def random_params_fn(config: LlamaConfig, dtype: str = "bfloat16", mesh=None):
-  """The jitted key -> params of `random_params`. On a mesh its outputs are the params'
-  shardings, so each device computes and holds only its own shards (threefry is partitionable:
-  no full array exists anywhere)."""
+  """Random params of `config`'s shape (N(0, 0.02) matrices, unit norm scales), made on the
+  devices: one small jitted program per distinct (shape, sharding), called once per parameter
+  with its own key. On a mesh each program's outputs are the param's shards, so every device
+  computes and holds only its own (threefry is partitionable: no full array exists anywhere, and
+  the values are those of the unsharded call). One program for the whole tree took 20 s to
+  compile for SmolLM2 on a CPU and about 50 s on an H200 (docs/results/multigpu.json, session
+  10); the layers share their shapes, so the per-shape programs are few and small."""
   model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
   boxed = abstract_params(model)
   abstract = nn_unbox(boxed)
+  leaves, treedef = jax.tree.flatten(abstract)
+  shardings = ([None] * len(leaves) if mesh is None
+               else jax.tree.leaves(shd.param_shardings(boxed, mesh)))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      random_leaf_fn(tuple(leaf.shape), jnp.dtype(leaf.dtype).name, sharding)(keys[i])
+      for i, (leaf, sharding) in enumerate(zip(leaves, shardings))])
+
+
+@functools.lru_cache(maxsize=None)
+def random_leaf_fn(shape: tuple, dtype: str, sharding=None):
+  """The jitted key -> one random param of `random_params` (a matrix: N(0, 0.02); a vector: a
+  norm scale of ones), with `sharding` as its output sharding (None: one device)."""
 
   def make(key):
-    leaves, treedef = jax.tree.flatten(abstract)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [
-        (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
-        if len(leaf.shape) > 1 else jnp.ones(leaf.shape, jnp.float32)
-        for k, leaf in zip(keys, leaves)])
+    if len(shape) > 1:
+      return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return jnp.ones(shape, jnp.float32)
 
-  shardings = None if mesh is None else shd.param_shardings(boxed, mesh)
-  return jax.jit(make, out_shardings=shardings)
+  return jax.jit(make, out_shardings=sharding)
 
 
 def load_engine(config) -> Engine:
