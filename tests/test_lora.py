@@ -2,6 +2,7 @@
 their targets, training changes only adapters and learns a rule, exports round-trip and belong
 to one base model, a resumed run equals an uninterrupted one."""
 
+import dataclasses
 import json
 import os
 
@@ -187,6 +188,18 @@ def test_adapters_of_another_base_model_are_refused(trained):
   _, _, result = trained
   with pytest.raises(StateMismatchError, match="other weights"):
     load_lora(result["export"], tiny_engine(seed=1))
+
+
+def test_the_same_weights_under_another_name_are_the_same_base(engine, trained):
+  # a GGUF's config is named after its file: a renamed copy must still load the adapters
+  renamed = Engine(dataclasses.replace(engine.config, name="renamed.gguf"), engine.params,
+                   engine.tokenizer, dtype="float32", engine_config=tiny.get_config().engine,
+                   source="renamed.gguf")
+  assert load_lora(trained[2]["export"], renamed).predict_ids([[1, 5]]).shape == (1,)
+  wider = dataclasses.replace(engine.config, rms_norm_eps=1e-3)
+  with pytest.raises(StateMismatchError, match="rms_norm_eps differ"):
+    load_lora(trained[2]["export"], Engine(wider, engine.params, engine.tokenizer,
+                                           dtype="float32", source="tiny"))
 
 
 def test_unparsable_answers_fall_back_to_the_training_bin_and_are_counted(engine, trained,

@@ -79,9 +79,11 @@ def check_base(meta: dict, engine, directory: str) -> None:
   """Refuses adapters trained on another base model (shape or weights)."""
   mine = base_identity(engine)
   theirs = meta["base"]
-  if theirs["model"] != mine["model"]:
-    differ = sorted(k for k in set(theirs["model"]) | set(mine["model"])
-                    if theirs["model"].get(k) != mine["model"].get(k))
+  # the shape, not the name (a GGUF's config is named after its file: a renamed or moved copy
+  # of the same weights is the same base, which the weights' digest below decides)
+  differ = sorted(k for k in set(theirs["model"]) | set(mine["model"])
+                  if k != "name" and theirs["model"].get(k) != mine["model"].get(k))
+  if differ:
     raise StateMismatchError(f"LoRA adapters at {directory} were trained on another base model "
                              f"({meta['base_model']['name']}): its {', '.join(differ)} differ "
                              f"from this engine's ({engine.source})")
