@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from lsdist_jax.engine import Engine
-from lsdist_jax.llama import weights as wts
+from lsdist_jax.llama import gguf_file, weights as wts
 
 
 def _llama_cpp_permute(w, n_heads):
@@ -74,6 +74,30 @@ def test_gguf_loads_every_quantization_and_undoes_the_qk_permutation(tmp_path, t
   wq = got[("layers_0", "attn", "wq")]
   np.testing.assert_allclose(wq[:, 0], want[("layers_0", "attn", "wq")][:, 0],
                              atol=tol * float(np.abs(wq).max()) + 1e-7)
+
+
+def test_the_header_reader_agrees_with_the_gguf_package(tmp_path, tiny_params):
+  # load_gguf reads the header itself (the package decodes the whole vocabulary, ~10 s for
+  # SmolLM2 on a small CPU); fields, tensors and the loaded params must be the package's.
+  cfg, params = tiny_params
+  path = tmp_path / "tiny.gguf"
+  _write_gguf(path, cfg, params, gguf.GGMLQuantizationType.Q4_1)
+  header = gguf_file.read(str(path))
+  reader = gguf.GGUFReader(str(path))
+  for key, field in reader.fields.items():
+    if key.startswith("GGUF."):  # the reader's own entries (version, counts)
+      continue
+    assert header.fields[key] == pytest.approx(field.contents()), key
+  assert set(header.tensors) == {t.name for t in reader.tensors}
+  for t in reader.tensors:
+    dims, ggml_type, offset, nbytes = header.tensors[t.name]
+    assert (dims, ggml_type, nbytes) == (tuple(int(n) for n in t.shape), int(t.tensor_type),
+                                         int(t.n_bytes)), t.name
+    assert offset == int(t.data_offset), t.name
+  mine, theirs = wts.load_gguf(str(path)), wts._load_gguf_with_reader(str(path), None)
+  assert mine[0] == theirs[0]
+  for a, b in zip(jax.tree.leaves(mine[1]), jax.tree.leaves(theirs[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_checkpoint_of_another_shape_is_refused_naming_the_tensor(tmp_path, tiny_params):

@@ -1,7 +1,9 @@
-"""Checks that a file is a whole GGUF file before the `gguf` reader maps it: the magic bytes, a
-header that ends inside the file, and every tensor's data inside the file. The reader itself
-reshapes views of whatever bytes are there, so a truncated file fails deep inside it with
-errors that name neither the file nor the cause; this walk names both.
+"""Reads a GGUF file's header: its key/value fields (arrays of strings, such as the vocabulary,
+by length only) and where each tensor's bytes lie. `check` proves the file whole (the magic
+bytes, a header that ends inside the file, every tensor's data inside the file) and names the
+file and the cause when it is not; `read` also returns the header, which `weights.load_gguf`
+uses instead of the `gguf` package's reader (that one decodes every field, the whole vocabulary
+included, element by element: ~10 s of a 2-core CPU for SmolLM2, against well under one here).
 
 Pure Python (struct over a memory map); GGUF versions 2 and 3, little-endian (other files are
 left to the reader, whose errors `weights.load_gguf` wraps).
@@ -9,6 +11,7 @@ left to the reader, whose errors `weights.load_gguf` wraps).
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import struct
@@ -22,6 +25,22 @@ MAX_DIMS = 4
 # Value types of the key/value section: sizes of the fixed-size ones; 8 is a string, 9 an array.
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
+_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+SMALL_ARRAY = 64  # arrays of numbers up to this length are decoded; longer ones by length only
+
+
+class Skipped:
+  """An array field read by its length only (the vocabulary, its scores and merges)."""
+
+  def __init__(self, count: int):
+    self.count = count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __repr__(self) -> str:
+    return f"Skipped({self.count})"
 
 
 class _Corrupt(Exception):
@@ -57,28 +76,35 @@ class _Cursor:
       raise _Corrupt(f"a name at byte {start:,} is not UTF-8 text") from None
 
   def value(self, vtype: int):
-    """Skips one value of type `vtype`; returns it only for a uint32 (the alignment)."""
+    """Reads one value of type `vtype`: a number, a string, a list of up to SMALL_ARRAY numbers,
+    or a `Skipped` array (every other array, walked over without being decoded)."""
     if vtype in _FIXED:
-      if vtype == 4:
-        return self.take("<I")
-      self.skip(_FIXED[vtype])
-    elif vtype == _STRING:
-      self.string()
-    elif vtype == _ARRAY:
+      return self.take(_FORMATS[vtype])
+    if vtype == _STRING:  # a value, not a name: undecodable bytes are replaced, not refused
+      n = self.take("<Q")
+      start = self.pos
+      self.skip(n)
+      return bytes(self.buf[start:self.pos]).decode("utf-8", errors="replace")
+    if vtype == _ARRAY:
       etype, count = self.take("<IQ")
       if etype in _FIXED:
+        if count <= SMALL_ARRAY:
+          return [self.take(_FORMATS[etype]) for _ in range(count)]
         self.skip(count * _FIXED[etype])
       elif etype in (_STRING, _ARRAY):
         if count * 8 > self.size - self.pos:  # every element takes at least 8 bytes
           raise _Corrupt(f"an array of {count:,} elements runs past the end of the file "
                          f"({self.size:,} bytes)")
-        for _ in range(count):
-          self.value(etype)
+        if etype == _STRING:
+          for _ in range(count):
+            self.skip(self.take("<Q"))
+        else:
+          for _ in range(count):
+            self.value(etype)
       else:
         raise _Corrupt(f"unknown value type {etype} at byte {self.pos:,}")
-    else:
-      raise _Corrupt(f"unknown value type {vtype} at byte {self.pos:,}")
-    return None
+      return Skipped(count)
+    raise _Corrupt(f"unknown value type {vtype} at byte {self.pos:,}")
 
 
 def _tensor_bytes(name: str, dims: tuple[int, ...], ggml_type: int) -> int:
@@ -94,30 +120,37 @@ def _tensor_bytes(name: str, dims: tuple[int, ...], ggml_type: int) -> int:
   return elements * type_size // block
 
 
-def _walk(buf, size: int) -> None:
+@dataclasses.dataclass
+class Header:
+  """fields: key -> value (`Cursor.value`); tensors: name -> (dims, ggml type, absolute byte
+  offset, bytes), dims in GGUF order (the first is the fastest-varying)."""
+  fields: dict
+  tensors: dict
+
+
+def _walk(buf, size: int) -> Header | None:
   cur = _Cursor(buf, size)
   cur.skip(4)  # magic, checked by the caller
   version = cur.take("<I")
   if version & 0xFFFF == 0:
-    return  # a big-endian file: left to the reader
+    return None  # a big-endian file: left to the gguf package's reader
   if version not in VERSIONS:
     raise _Corrupt(f"GGUF version {version}; versions {VERSIONS} are read")
   tensor_count, kv_count = cur.take("<QQ")
-  alignment = DEFAULT_ALIGNMENT
+  fields = {}
   for _ in range(kv_count):
     key = cur.string(decode=True)
     try:
-      value = cur.value(cur.take("<I"))
+      fields[key] = cur.value(cur.take("<I"))
     except _Corrupt as e:
       raise _Corrupt(f"{e}, in the value of {key!r}") from None
-    if key == "general.alignment":
-      if value is None or value <= 0 or value & (value - 1):
-        raise _Corrupt(f"general.alignment is {value!r}, not a power of two")
-      alignment = value
+  alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+  if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    raise _Corrupt(f"general.alignment is {alignment!r}, not a power of two")
   if tensor_count * 24 > size - cur.pos:  # name length, n_dims, type, offset: 24 bytes or more
     raise _Corrupt(f"it lists {tensor_count:,} tensors, more than the file "
                    f"({size:,} bytes) can hold")
-  tensors = []
+  listed = []
   for _ in range(tensor_count):
     name = cur.string(decode=True)
     n_dims = cur.take("<I")
@@ -125,17 +158,25 @@ def _walk(buf, size: int) -> None:
       raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS})")
     dims = tuple(cur.take("<Q") for _ in range(n_dims))
     ggml_type, offset = cur.take("<IQ")
-    tensors.append((name, offset, _tensor_bytes(name, dims, ggml_type)))
+    listed.append((name, dims, ggml_type, offset, _tensor_bytes(name, dims, ggml_type)))
   data_start = -(-cur.pos // alignment) * alignment
-  if tensors:
-    end, name = max((data_start + offset + nbytes, name) for name, offset, nbytes in tensors)
+  if listed:
+    end, name = max((data_start + t[3] + t[4], t[0]) for t in listed)
     if end > size:
       raise _Corrupt(f"its tensor data ends at byte {end:,} (tensor {name!r}) but the file has "
                      f"{size:,} bytes")
+  return Header(fields, {name: (dims, ggml_type, data_start + offset, nbytes)
+                         for name, dims, ggml_type, offset, nbytes in listed})
 
 
 def check(path: str) -> None:
   """Raises BadFileError naming `path` unless it holds a GGUF header and all its tensor data."""
+  read(path)
+
+
+def read(path: str) -> Header | None:
+  """The header of the GGUF file at `path` (None for a big-endian file, left to the gguf
+  package); BadFileError naming the file unless it holds a header and all its tensor data."""
   if not os.path.isfile(path):
     raise MissingFileError(f"GGUF file not found: {path}")
   size = os.path.getsize(path)
@@ -148,6 +189,15 @@ def check(path: str) -> None:
       raise BadFileError(f"{path} is not a GGUF file ({found})")
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
       try:
-        _walk(buf, size)
+        return _walk(buf, size)
       except _Corrupt as e:
         raise BadFileError(f"{path} is a truncated or corrupt GGUF file: {e}") from None
+
+
+def tensor_bytes(path: str):
+  """A read-only uint8 view of the whole file (a memory map: pages are read as they are used)."""
+  import numpy as np
+
+  with open(path, "rb") as f:
+    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  return np.frombuffer(buf, dtype=np.uint8)

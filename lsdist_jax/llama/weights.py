@@ -280,33 +280,67 @@ def gguf_metadata(reader) -> dict[str, Any]:
 
 
 def load_gguf(path: str, cfg: LlamaConfig | None = None):
-  """(cfg, params) from a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized to f32)."""
+  """(cfg, params) from a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized to f32).
+  The header comes from `gguf_file.read` and each tensor's bytes from a memory map of the file;
+  the gguf package dequantizes (and reads big-endian files whole, which `read` leaves to it)."""
   import gguf
 
-  gguf_file.check(path)  # the magic, the header and every tensor's bytes are in the file
+  header = gguf_file.read(path)  # the magic, the header and every tensor's bytes are in the file
+  if header is None:
+    return _load_gguf_with_reader(path, cfg)
+  data = gguf_file.tensor_bytes(path)
+
+  def tensor(name):
+    dims, ggml_type, offset, nbytes = header.tensors[name]
+    qtype = gguf.GGMLQuantizationType(ggml_type)
+    rows = 1
+    for d in dims[1:]:
+      rows *= d
+    raw = data[offset:offset + nbytes].reshape(rows, nbytes // max(rows, 1))
+    return qtype, dims, raw
+
+  return _gguf_params(path, cfg, header.fields, set(header.tensors), tensor)
+
+
+def _load_gguf_with_reader(path: str, cfg: LlamaConfig | None):
+  """load_gguf through the gguf package's reader (big-endian files)."""
+  import gguf
+
   try:
     reader = gguf.GGUFReader(path)
   except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
     raise BadFileError(f"{path} is a corrupt GGUF file (the gguf reader says: {e})") from None
   tensors = {t.name: t for t in reader.tensors}
+
+  def tensor(name):
+    t = tensors[name]
+    return t.tensor_type, tuple(int(n) for n in t.shape), t.data
+
+  return _gguf_params(path, cfg, gguf_metadata(reader), set(tensors), tensor)
+
+
+def _gguf_params(path: str, cfg: LlamaConfig | None, fields: dict, names: set, tensor):
+  """(cfg, params) of a GGUF file from its fields, its tensor names and `tensor(name) -> (ggml
+  type, dims in GGUF order, the stored data)`."""
+  import gguf
+
   try:
-    file_cfg = from_gguf_metadata(gguf_metadata(reader), "output.weight" in tensors,
-                                  name=os.path.basename(path))
+    file_cfg = from_gguf_metadata(fields, "output.weight" in names, name=os.path.basename(path))
   except ValueError as e:
     raise BadFileError(f"{path}: {e}") from None
   cfg = cfg or file_cfg
 
   def get(ours):
     name = gguf_tensor_name(ours)
-    if name not in tensors:
+    if name not in names:
       raise CheckpointMismatchError(f"{path}: tensor {name!r} is missing (needed for "
                                     f"{'/'.join(ours)} of model {cfg.name!r})")
-    tensor = tensors[name]
-    qtype = tensor.tensor_type.name
-    if qtype not in GGUF_TYPES:
-      raise BadFileError(f"{path}: tensor {name!r} has type {qtype}; supported: {GGUF_TYPES}")
-    raw = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    raw = raw.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # [out, in] as in HF
+    qtype, dims, stored = tensor(name)
+    if qtype.name not in GGUF_TYPES:
+      raise BadFileError(f"{path}: tensor {name!r} has type {qtype.name}; supported: "
+                         f"{GGUF_TYPES}")
+    raw = gguf.quants.dequantize(stored, qtype).astype(np.float32)
+    raw = raw.reshape(tuple(reversed(dims)))  # [out, in] as in HF
     leaf = ours[-1]
     if leaf in ("wq", "wk"):
       heads = cfg.num_heads if leaf == "wq" else cfg.num_kv_heads
