@@ -158,6 +158,28 @@ def test_each_response_is_its_request_run_alone_with_its_own_settings(engine, tm
       assert choice["finish_reason"] == reason
 
 
+def test_the_choices_of_a_line_share_their_prefill(engine, tmp_path, monkeypatch):
+  from lsdist_jax.llama.slots import SlotBatch
+
+  inserts = []
+  insert = SlotBatch.insert
+
+  def spy(self, slot_ids, contexts, *args, **kw):
+    inserts.append((kw.get("share_prefill"), [tuple(c) for c in contexts], self.prefilled_rows))
+    insert(self, slot_ids, contexts, *args, **kw)
+    inserts[-1] = inserts[-1][:2] + (self.prefilled_rows - inserts[-1][2],)
+
+  monkeypatch.setattr(SlotBatch, "insert", spy)
+  lines = [chat("a", [{"role": "user", "content": "Say hi."}], n=5, max_tokens=20),
+           completion("b", "Once upon a time", max_tokens=20)]
+  job(config(), write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", engine)
+  assert inserts and all(share for share, _, _ in inserts)
+  # the insert holding line a's five choices prefilled fewer rows than it inserted (rows are
+  # prefilled at the batch bucket of the distinct contexts: 2 here, against 8)
+  shared = [(len(set(c)), len(c), rows) for _, c, rows in inserts if len(set(c)) < len(c)]
+  assert shared and all(rows < n for _, n, rows in shared), inserts
+
+
 def test_every_line_that_cannot_be_served_gets_its_own_error_line(engine, tmp_path):
   lines = [
       {"custom_id": "url", "method": "POST", "url": "/v1/embeddings",

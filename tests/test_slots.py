@@ -197,3 +197,28 @@ def test_per_slot_settings_give_each_request_its_static_run(generator):
         occupant[j] = -1
   assert made == want
   assert len(made[5]) <= 2 and len(made[1]) <= 5
+
+
+def test_equal_contexts_share_one_prefill_and_give_each_requests_own_tokens(generator):
+  """n choices of one prompt inserted together are prefilled once (at the bucket of the distinct
+  contexts) and their caches copied; each still samples with its own request id, and gets the
+  tokens a separate run of it gets, its hidden state too."""
+  two = _prompts(2, seed=31)
+  prompts = [two[0]] * 3 + [two[1]] * 3 + [two[0]]  # 7 rows, 2 distinct contexts
+  ids = list(range(7))
+  expected, _ = _static(generator, prompts, ids)
+  assert len({tuple(t) for t in expected[:3]}) > 1  # the choices differ: their own PRNG
+  got = {}
+  for share in (False, True):
+    batch = generator.open_slots(8, 128, max_seq_len=128, **SAMPLING)
+    before = set(generator._executables)
+    batch.insert(list(range(7)), prompts, ids, [0] * 7, share_prefill=share)
+    names = [key[0] for key in set(generator._executables) - before]
+    batch.decode(batch.slots)
+    read = batch.read()
+    got[share] = ([read.tokens[j, :read.num_generated[j]].tolist() for j in range(7)],
+                  batch.hidden(range(7)), batch.prefilled_rows, names)
+  assert got[True][0] == got[False][0] == expected
+  np.testing.assert_allclose(got[True][1], got[False][1], rtol=1e-5, atol=1e-6)
+  assert (got[False][2], got[True][2]) == (8, 2)  # rows prefilled: bucket 8, then bucket 2
+  assert any(name.endswith("/shared2") for name in got[True][3]), got[True][3]

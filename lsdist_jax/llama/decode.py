@@ -138,21 +138,26 @@ def slot_state(batch: int, cache_len: int, *, model: Llama) -> dict:
 
 
 def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps, caps, limits,
-                 forced_len, seed, temperature, top_p, *, model: Llama, top_k_candidates: int,
-                 eos_ids: tuple[int, ...], filler_id: int, hidden_layer: int = -1, mesh=None):
-  """Prefills `tokens` ([k, P] left-padded contexts) and places row i in slot slots[i] (a slot
-  index >= B drops the row: bucket padding). Its cache moves to the slot's start, so the slot
-  holds context position j at cache slot j; its first token is sampled here. The hidden state
-  of its last context token at `hidden_layer` goes to the slot's `hidden`. seed [k],
-  temperature [k], top_p [k, 2]: the inserted rows' sampling settings (their first token)."""
-  k, p = tokens.shape
+                 forced_len, seed, temperature, top_p, source, *, model: Llama,
+                 top_k_candidates: int, eos_ids: tuple[int, ...], filler_id: int,
+                 hidden_layer: int = -1, mesh=None):
+  """Prefills `tokens` ([u, P] left-padded contexts) and places row i (of k) in slot slots[i]
+  (a slot index >= B drops the row: bucket padding), with the context of prefilled row
+  source[i]: rows that share a context share its prefill (u <= k). Its cache moves to the
+  slot's start, so the slot holds context position j at cache slot j; its first token is
+  sampled here, with the row's own PRNG identity. The hidden state of its last context token
+  at `hidden_layer` goes to the slot's `hidden`. seed [k], temperature [k], top_p [k, 2]: the
+  inserted rows' sampling settings (their first token)."""
+  u, p = tokens.shape
+  k = slots.shape[0]
   s_len = state["out"].shape[1] - 1
-  small = init_cache(model.config, k, p, model.dtype)
+  small = init_cache(model.config, u, p, model.dtype)
   logits, hidden, small = model.apply({"params": params}, tokens, small,
                                       jnp.zeros((), jnp.int32), pad_len, logits_at="last",
                                       hidden_layers=(hidden_layer,))
+  pad_len = pad_len[source]  # [k]: each inserted row's
   eos = jnp.asarray(eos_ids, jnp.int32)
-  tok = _choose_fn(mesh, k)(logits[:, -1], request_ids, start_steps, forced_len, seed,
+  tok = _choose_fn(mesh, k)(logits[source, -1], request_ids, start_steps, forced_len, seed,
                             temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
                             filler_id=filler_id)
   # Row i's context sits at [pad_len[i], P): gather it to [0, P - pad_len[i]).
@@ -162,7 +167,7 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
   for layer, new in zip(state["cache"], small):
     moved = {}
     for name in ("k", "v"):
-      rows = jnp.take_along_axis(new[name], src, axis=2).transpose(0, 2, 1, 3)  # [k, P, KVH, Dh]
+      rows = jnp.take_along_axis(new[name][source], src, axis=2).transpose(0, 2, 1, 3)  # [k, P, KVH, Dh]
       moved[name] = layer[name].at[slots[:, None], :, cols].set(rows, mode="drop")
     cache.append(moved)
   plen = (p - pad_len).astype(jnp.int32)
@@ -181,7 +186,7 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
           "limit": put(state["limit"], limits), "forced": put(state["forced"], forced_len),
           "done": put(state["done"], done), "finished": put(state["finished"], is_eos),
           "out": put(state["out"], out_rows),
-          "hidden": put(state["hidden"], hidden[hidden_layer][:, -1].astype(jnp.float32))}
+          "hidden": put(state["hidden"], hidden[hidden_layer][source, -1].astype(jnp.float32))}
 
 
 def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: Llama,

@@ -358,7 +358,8 @@ class Generator:
                                       np.uint32 if i == 3 else np.int32) for i in range(8)]
       started += self.precompile(f"slot_insert/{b}/{s}/{rows}/{block}/{hidden_layer}",
                                  insert_fn, self.params, state, *per_row,
-                                 *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)))
+                                 *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)),
+                                 jax.ShapeDtypeStruct((rows,), np.int32))  # source: unshared
     return started
 
   def _slot_shardings(self, batch: int, cache_len: int):
@@ -388,7 +389,7 @@ class Generator:
         state = self._slot_shardings(batch, cache_len)
         rep = NamedSharding(self.mesh, P())
         rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
-        extra = (rep,) * 11 if kind == "slot_insert" else (rep, rows, rows, rows2)
+        extra = (rep,) * 12 if kind == "slot_insert" else (rep, rows, rows, rows2)
         self._fns[key] = jax.jit(
             lambda *a: core(*a, **kw), donate_argnums=(1,),
             in_shardings=(self._param_shardings(), state) + extra,

@@ -35,6 +35,7 @@ class SlotBatch:
     self.slots, self.cache_len, self.max_seq_len = slots, cache_len, max_seq_len
     self.sampling, self.hidden_layer = sampling, hidden_layer
     self.steps = 0  # decode steps run so far
+    self.prefilled_rows = 0  # rows the inserts prefilled, bucket padding included
 
   def room(self, context_len):
     """Tokens a context of this length may generate in a slot (<= 0: it does not fit).
@@ -45,14 +46,17 @@ class SlotBatch:
              request_ids: Sequence[int], start_steps: Sequence[int],
              forced_lengths: Sequence[int] | None = None, min_rows: int = 0,
              max_new_tokens: Sequence[int] | None = None, seed=None, temperature=None,
-             top_p=None) -> None:
+             top_p=None, share_prefill: bool = False) -> None:
     """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots.
     The call's row count is the batch bucket of max(len(contexts), min_rows): a caller that
     inserts up to m rows at a time passes min_rows=m, and every insert of one context block
     length is then the same program. max_new_tokens: per row, the most tokens it may generate
     here (its own max_tokens less what it generated before). seed / temperature / top_p: the
     rows' sampling settings (one value or one per row; None: the batch's defaults), kept by
-    their slots until the next insert there."""
+    their slots until the next insert there. share_prefill: contexts that are equal are
+    prefilled once and their cache copied to each of their slots (an OpenAI batch line's n
+    choices); the prefill then runs at the batch bucket of the distinct contexts, one more
+    program per (rows, distinct rows) pair. The tokens are those of separate prefills."""
     gen = self.generator
     n = len(contexts)
     if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
@@ -60,10 +64,19 @@ class SlotBatch:
                        f"({len(slot_ids)}, {len(request_ids)}, {len(start_steps)} for {n})")
     if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
       raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
-    tokens, pad_len, lengths, k, p = gen._pack(contexts)
-    k = max(k, gen._rows_bucket(max(n, int(min_rows))))
+    distinct, source = list(contexts), list(range(n))
+    if share_prefill:
+      first = {}
+      source = [first.setdefault(tuple(int(t) for t in c), len(first)) for c in contexts]
+      distinct = [None] * len(first)
+      for c, j in zip(contexts, source):
+        distinct[j] = c
+    tokens, pad_len, _, _, p = gen._pack(distinct)
+    lengths = np.array([len(c) for c in contexts], np.int32)
+    k = gen._rows_bucket(max(n, int(min_rows)))
+    u = k if len(distinct) == n else gen._rows_bucket(len(distinct))
     p = gen.buckets.insert_block(p, self.cache_len)
-    tokens, pad_len = gen._pad_call(tokens, pad_len, k, p)
+    tokens, pad_len = gen._pad_call(tokens, pad_len, u, p)
     room = self.room(lengths)
     if (room < 1).any():
       i = int(np.argmin(room))
@@ -94,10 +107,13 @@ class SlotBatch:
     args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
                                      per_row(request_ids, 0, np.uint32),
                                      per_row(start_steps, 0, np.int32), caps, limits, forced)]
+    shared = "" if u == k else f"/shared{u}"  # unshared: the name precompile_slots gives it
     self.state = gen._run(
-        f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}/{self.hidden_layer}",
+        f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}/{self.hidden_layer}{shared}",
         gen._slot_fn("slot_insert", self.slots, self.cache_len, self.hidden_layer), gen.params,
-        self.state, *args, *[jnp.asarray(x) for x in settings])
+        self.state, *args, *[jnp.asarray(x) for x in settings],
+        jnp.asarray(per_row(source, 0, np.int32)))
+    self.prefilled_rows += u
 
   def decode(self, free_target: int) -> int:
     """Runs decode steps until at least `free_target` slots are done (or all are); returns the

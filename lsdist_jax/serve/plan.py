@@ -170,7 +170,8 @@ def run_plan(runner, planner: str, plan, requests: PlannerRequests, cost: CostMo
   return runner.run(plan, recovery_fn(planner, requests, cost, options))
 
 
-def make_runner(engine, requests: Requests, config, forced_lengths=None, on_progress=None):
+def make_runner(engine, requests: Requests, config, forced_lengths=None, on_progress=None,
+                share_prefill: bool = False):
   from lsdist_jax.serve.runner import Runner
 
   gen = config.generation
@@ -182,7 +183,8 @@ def make_runner(engine, requests: Requests, config, forced_lengths=None, on_prog
                 temperature=setting(requests.temperature, gen.temperature),
                 top_p=setting(requests.top_p, gen.top_p), seed=setting(requests.seed, gen.seed),
                 max_seq_len=gen.max_seq_len, forced_lengths=forced_lengths,
-                on_progress=on_progress, max_tokens=requests.max_tokens)
+                on_progress=on_progress, max_tokens=requests.max_tokens,
+                share_prefill=share_prefill)
 
 
 def describe_plan(planner: str, plan, options: Options) -> str:
@@ -213,5 +215,6 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
                           max_tokens=requests.max_tokens)
   plan = plan_any(planner, sched, cost, options)
   logging.info("%s", describe_plan(planner, plan, options))
-  return run_plan(make_runner(engine, requests, config, on_progress=on_progress), planner, plan,
-                  sched, cost, options)
+  # a job's equal prompts (n choices of a batch line, repeated lines) share their prefill
+  runner = make_runner(engine, requests, config, on_progress=on_progress, share_prefill=True)
+  return run_plan(runner, planner, plan, sched, cost, options)

@@ -61,17 +61,20 @@ class Runner:
   at max_seq_len), or None;
   forced_lengths: length replay (EOS forced at recorded lengths), or None;
   on_progress(requests, tokens): called as requests complete (how many just did, and the tokens
-  kept since the last call), e.g. to move a progress bar.
+  kept since the last call), e.g. to move a progress bar;
+  share_prefill: in continuous execution, requests inserted together whose prompts are equal
+  (an OpenAI batch line's n choices) share one prefill (`SlotBatch.insert`).
   """
 
   def __init__(self, engine, prompt_ids: Sequence[Sequence[int]], request_ids: Sequence[int], *,
                temperature, top_p, seed, max_seq_len: int,
                forced_lengths: Sequence[int] | None = None,
                on_progress: Callable[[int, int], None] | None = None,
-               max_tokens: Sequence[int] | None = None):
+               max_tokens: Sequence[int] | None = None, share_prefill: bool = False):
     if len(prompt_ids) != len(request_ids):
       raise ValueError(f"{len(prompt_ids)} prompts but {len(request_ids)} request ids")
     self.engine = engine
+    self.share_prefill = bool(share_prefill)
     self.prompt_ids = [list(p) for p in prompt_ids]
     self.request_ids = [int(r) for r in request_ids]
     self.prompt_len = np.array([len(p) for p in self.prompt_ids], np.int32)
@@ -266,7 +269,7 @@ class Runner:
                      [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
                      None if self.forced is None else [int(self.forced[r]) for r in take],
                      max_new_tokens=self._left(take, generated), min_rows=min_rows,
-                     **self._settings(take))
+                     share_prefill=self.share_prefill, **self._settings(take))
         most, min_rows = gen.buckets.batch_size(refill), refill
         for j, r in zip(free, take):
           occupant[j] = r
