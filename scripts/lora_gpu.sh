@@ -27,17 +27,7 @@ log=$run/session.log
 work=$run/work
 config=(--config=configs/smollm2_benchmark_7451.py --config.model.path="$gguf")
 
-step() {  # step <name> <command...>
-  local name=$1
-  shift
-  if [ -f "$run/$name.done" ]; then echo "$(date +%T) $name: done before" >> "$log"; return 0; fi
-  echo "$(date +%T) $name: start" >> "$log"
-  "$@" > "$run/$name.log" 2>&1
-  local rc=$?
-  echo "$(date +%T) $name: exit $rc" >> "$log"
-  [ $rc -eq 0 ] && touch "$run/$name.done"
-  return $rc
-}
+source "$(dirname "$0")/steps.sh"  # step <name> <command...>
 stop_after() { [ "$1" = "$last" ] && { echo "$(date +%T) stopped after $1" >> "$log"; exit 0; }; }
 
 step train python3 launch/pipeline.py "${config[@]}" --workdir="$work" --stages=train || exit 1
