@@ -36,11 +36,11 @@ class Tokenizer:
   @classmethod
   def from_pretrained(cls, path: str, gguf_file: str | None = None, chat_format: str = "auto",
                       name: str = "", bos_token_id: int | None = None) -> "Tokenizer":
-    from transformers import AutoTokenizer
-
     if gguf_file:
       hf = _gguf_tokenizer(gguf_file)
     else:
+      from transformers import AutoTokenizer
+
       if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
       hf = AutoTokenizer.from_pretrained(path)
@@ -140,15 +140,19 @@ def _gguf_tokenizer(gguf_file: str):
   """The transformers tokenizer of a GGUF file. Converting it parses the whole file's metadata
   (its vocabulary and merges; ~10 s for SmolLM2 on a CPU core), so the converted tokenizer is
   saved once (`tokenizer_cache_dir`) and later loads read that."""
-  from transformers import AutoTokenizer
-
   cache = tokenizer_cache_dir(gguf_file)
   if cache and os.path.isfile(os.path.join(cache, "tokenizer.json")):
+    # The kept tokenizer is a fast one (tokenizer.json + its config and chat template): the base
+    # class reads it without AutoTokenizer, whose import pulls in torch (seconds per process).
+    from transformers import PreTrainedTokenizerFast
+
     try:
-      return AutoTokenizer.from_pretrained(cache)
+      return PreTrainedTokenizerFast.from_pretrained(cache)
     except (OSError, ValueError) as e:
       logging.warning("tokenizer cache %s unreadable (%s); converting %s again", cache, e,
                       gguf_file)
+  from transformers import AutoTokenizer
+
   hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
                                      gguf_file=os.path.basename(gguf_file))
   if cache:
