@@ -175,7 +175,7 @@ def test_the_choices_of_a_line_share_their_prefill(engine, tmp_path, monkeypatch
   job(config(), write(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", engine)
   assert inserts and all(share for share, _, _ in inserts)
   # the insert holding line a's five choices prefilled fewer rows than it inserted (rows are
-  # prefilled at the batch bucket of the distinct contexts: 2 here, against 8)
+  # prefilled at half the rows when the distinct contexts fit there: 4 here, against 8)
   shared = [(len(set(c)), len(c), rows) for _, c, rows in inserts if len(set(c)) < len(c)]
   assert shared and all(rows < n for _, n, rows in shared), inserts
 

@@ -86,3 +86,16 @@ def test_continuous_run_with_programs_compiled_ahead_equals_on_first_use(tiny_pa
   # refills are padded to the refill's rows: one insert program per (rows, block)
   inserts = {k for k in ahead._executables if k[0].startswith("slot_insert")}
   assert len({k[0].split("/")[3] for k in inserts}) <= 3
+
+
+def test_a_shared_prefill_runs_a_program_compiled_ahead_too(tiny_params):
+  # equal contexts prefill at half the rows (SlotBatch.insert(share_prefill=True)): that twin of
+  # each insert program is compiled ahead as well, so sharing costs no foreground compilation
+  gen = _generator(tiny_params, threads=2)
+  assert gen.precompile_slots(4, 64, [(4, 16)], share_prefill=True) == 3  # decode, insert, twin
+  batch = gen.open_slots(4, 64, max_seq_len=64, **SAMPLING)
+  prompt = _prompts(1, 8, 15)[0]
+  batch.insert([0, 1, 2, 3], [prompt] * 4, [0, 1, 2, 3], [0] * 4, share_prefill=True)
+  batch.decode(4)
+  assert batch.prefilled_rows == 2
+  assert gen.compile_count == 2 and gen.precompiled_runs == 2

@@ -220,5 +220,5 @@ def test_equal_contexts_share_one_prefill_and_give_each_requests_own_tokens(gene
                   batch.hidden(range(7)), batch.prefilled_rows, names)
   assert got[True][0] == got[False][0] == expected
   np.testing.assert_allclose(got[True][1], got[False][1], rtol=1e-5, atol=1e-6)
-  assert (got[False][2], got[True][2]) == (8, 2)  # rows prefilled: bucket 8, then bucket 2
-  assert any(name.endswith("/shared2") for name in got[True][3]), got[True][3]
+  assert (got[False][2], got[True][2]) == (8, 4)  # rows prefilled: 8, then half of them
+  assert any(name.endswith("/shared4") for name in got[True][3]), got[True][3]

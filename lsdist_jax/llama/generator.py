@@ -21,7 +21,7 @@ from lsdist_jax.llama import decode
 from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
-from lsdist_jax.llama.slots import SlotBatch
+from lsdist_jax.llama.slots import SlotBatch, shared_rows
 from lsdist_jax.shapes import Buckets, batch_bucket, round_up
 
 
@@ -338,11 +338,12 @@ class Generator:
                      hidden_layer=int(hidden_layer))
 
   def precompile_slots(self, slots: int, cache_len: int, inserts: Sequence[tuple[int, int]], *,
-                       hidden_layer: int = -1) -> int:
+                       hidden_layer: int = -1, share_prefill: bool = False) -> int:
     """Starts compiling, in the background (`precompile`), the programs a slot batch of
     `open_slots(slots, cache_len, hidden_layer=...)` will run: its decode loop and an insert
     per (rows, context block) of `inserts` (rows as `SlotBatch.insert` rounds them, blocks as
-    `Buckets.insert_block`). Returns how many started."""
+    `Buckets.insert_block`), and with `share_prefill` each one's shared-prefill twin
+    (`slots.shared_rows`). Returns how many started."""
     b = batch_bucket(int(slots), self.buckets.batch)
     s = round_up(int(cache_len), self.buckets.cache)
     state = jax.eval_shape(lambda: decode.slot_state(b, s, model=self.model))
@@ -353,13 +354,15 @@ class Generator:
     for rows, block in sorted(set((self._rows_bucket(int(r)), int(b_)) for r, b_ in inserts)):
       if block > s:
         continue
-      # slots, tokens, pad_len, request ids, start steps, caps, limits, forced lengths
-      per_row = [jax.ShapeDtypeStruct((rows, block) if i == 1 else (rows,),
-                                      np.uint32 if i == 3 else np.int32) for i in range(8)]
-      started += self.precompile(f"slot_insert/{b}/{s}/{rows}/{block}/{hidden_layer}",
-                                 insert_fn, self.params, state, *per_row,
-                                 *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)),
-                                 jax.ShapeDtypeStruct((rows,), np.int32))  # source: unshared
+      for u in sorted({rows, shared_rows(self, rows) if share_prefill else rows}):
+        # slots, tokens [u, block], pad_len [u], request ids, start steps, caps, limits, forced
+        per_row = [jax.ShapeDtypeStruct((u, block) if i == 1 else (u if i == 2 else rows,),
+                                        np.uint32 if i == 3 else np.int32) for i in range(8)]
+        shared = "" if u == rows else f"/shared{u}"  # as SlotBatch.insert names it
+        started += self.precompile(f"slot_insert/{b}/{s}/{rows}/{block}/{hidden_layer}{shared}",
+                                   insert_fn, self.params, state, *per_row,
+                                   *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)),
+                                   jax.ShapeDtypeStruct((rows,), np.int32))  # source
     return started
 
   def _slot_shardings(self, batch: int, cache_len: int):

@@ -55,8 +55,9 @@ class SlotBatch:
     rows' sampling settings (one value or one per row; None: the batch's defaults), kept by
     their slots until the next insert there. share_prefill: contexts that are equal are
     prefilled once and their cache copied to each of their slots (an OpenAI batch line's n
-    choices); the prefill then runs at the batch bucket of the distinct contexts, one more
-    program per (rows, distinct rows) pair. The tokens are those of separate prefills."""
+    choices). When the distinct contexts fit in half the rows, the prefill runs at that half
+    (`shared_rows`): one more program per (rows, context block), never more, as each costs a
+    compilation; otherwise at the full rows. The tokens are those of separate prefills."""
     gen = self.generator
     n = len(contexts)
     if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
@@ -74,7 +75,8 @@ class SlotBatch:
     tokens, pad_len, _, _, p = gen._pack(distinct)
     lengths = np.array([len(c) for c in contexts], np.int32)
     k = gen._rows_bucket(max(n, int(min_rows)))
-    u = k if len(distinct) == n else gen._rows_bucket(len(distinct))
+    u = shared_rows(gen, k) if share_prefill else k
+    u = u if len(distinct) <= u else k
     p = gen.buckets.insert_block(p, self.cache_len)
     tokens, pad_len = gen._pad_call(tokens, pad_len, u, p)
     room = self.room(lengths)
@@ -136,3 +138,9 @@ class SlotBatch:
     st = shd.to_host({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
     return SlotRead(np.asarray(st["out"]), np.asarray(st["n_gen"]), np.asarray(st["done"]),
                     np.asarray(st["finished"]))
+
+
+def shared_rows(generator, rows: int) -> int:
+  """The row count an insert of `rows` rows prefills at when its distinct contexts fit there
+  (`SlotBatch.insert(share_prefill=True)`): the batch bucket of half the rows."""
+  return min(rows, generator._rows_bucket(max(1, rows // 2)))

@@ -242,7 +242,8 @@ class Runner:
       refill = max(1, min(int(phase.refill), slots))
       inserts += [(refill, int(b))
                   for b in np.unique(buckets.insert_block(self.prompt_len[members], s))]
-      gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts)
+      gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts,
+                           share_prefill=self.share_prefill)
 
   def _run_phase(self, phase, queue: list[int], name: str, generated, finished, records,
                  seconds) -> list[int]:
