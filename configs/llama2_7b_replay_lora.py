@@ -12,6 +12,6 @@ from lsdist_jax.config import config_beside
 def get_config():
   c = config_beside(__file__, "llama2_7b_replay_7451")
   c.workdir = "runs/llama2_7b_replay_lora"
-  c.benchmark.strategies = ("vanilla:best", "ssch-lora", "ssch-scalar-max", "ours",
-                            "ours-search")
+  # the strategies of the SmolLM2 run, so both compare the same ones
+  c.benchmark.strategies = config_beside(__file__, "smollm2_benchmark_lora").benchmark.strategies
   return c

@@ -167,7 +167,8 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
   for layer, new in zip(state["cache"], small):
     moved = {}
     for name in ("k", "v"):
-      rows = jnp.take_along_axis(new[name][source], src, axis=2).transpose(0, 2, 1, 3)  # [k, P, KVH, Dh]
+      # [k, P, KVH, Dh]: each inserted row's prefilled context
+      rows = jnp.take_along_axis(new[name][source], src, axis=2).transpose(0, 2, 1, 3)
       moved[name] = layer[name].at[slots[:, None], :, cols].set(rows, mode="drop")
     cache.append(moved)
   plen = (p - pad_len).astype(jnp.int32)

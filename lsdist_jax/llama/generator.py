@@ -21,7 +21,7 @@ from lsdist_jax.llama import decode
 from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
-from lsdist_jax.llama.slots import SlotBatch, shared_rows
+from lsdist_jax.llama.slots import SlotBatch, insert_name, shared_rows
 from lsdist_jax.shapes import Buckets, batch_bucket, round_up
 
 
@@ -358,9 +358,8 @@ class Generator:
         # slots, tokens [u, block], pad_len [u], request ids, start steps, caps, limits, forced
         per_row = [jax.ShapeDtypeStruct((u, block) if i == 1 else (u if i == 2 else rows,),
                                         np.uint32 if i == 3 else np.int32) for i in range(8)]
-        shared = "" if u == rows else f"/shared{u}"  # as SlotBatch.insert names it
-        started += self.precompile(f"slot_insert/{b}/{s}/{rows}/{block}/{hidden_layer}{shared}",
-                                   insert_fn, self.params, state, *per_row,
+        started += self.precompile(insert_name(b, s, rows, block, hidden_layer, u), insert_fn,
+                                   self.params, state, *per_row,
                                    *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)),
                                    jax.ShapeDtypeStruct((rows,), np.int32))  # source
     return started

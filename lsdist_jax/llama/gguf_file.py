@@ -1,8 +1,8 @@
 """Reads a GGUF file's header: its key/value fields (arrays of strings, such as the vocabulary,
-by length only) and where each tensor's bytes lie. `check` proves the file whole (the magic
+by length only) and where each tensor's bytes lie. `read` proves the file whole (the magic
 bytes, a header that ends inside the file, every tensor's data inside the file) and names the
-file and the cause when it is not; `read` also returns the header, which `weights.load_gguf`
-uses instead of the `gguf` package's reader (that one decodes every field, the whole vocabulary
+file and the cause when it is not; `weights.load_gguf` uses its header instead of the `gguf`
+package's reader (that one decodes every field, the whole vocabulary
 included, element by element: ~10 s of a 2-core CPU for SmolLM2, against well under one here).
 
 Pure Python (struct over a memory map); GGUF versions 2 and 3, little-endian (other files are
@@ -64,14 +64,16 @@ class _Cursor:
       raise _Corrupt(f"its header runs past the end of the file ({self.size:,} bytes)")
     self.pos += n
 
-  def string(self, decode: bool = False) -> str | None:
+  def string(self, decode: bool = False, errors: str = "strict") -> str | None:
+    """Reads (or with decode=False only skips) one length-prefixed string: a name must be UTF-8
+    (errors="strict"); a value may replace what is not (errors="replace")."""
     n = self.take("<Q")
     start = self.pos
     self.skip(n)
     if not decode:
       return None
     try:
-      return bytes(self.buf[start:self.pos]).decode("utf-8")
+      return bytes(self.buf[start:self.pos]).decode("utf-8", errors=errors)
     except UnicodeDecodeError:
       raise _Corrupt(f"a name at byte {start:,} is not UTF-8 text") from None
 
@@ -80,11 +82,8 @@ class _Cursor:
     or a `Skipped` array (every other array, walked over without being decoded)."""
     if vtype in _FIXED:
       return self.take(_FORMATS[vtype])
-    if vtype == _STRING:  # a value, not a name: undecodable bytes are replaced, not refused
-      n = self.take("<Q")
-      start = self.pos
-      self.skip(n)
-      return bytes(self.buf[start:self.pos]).decode("utf-8", errors="replace")
+    if vtype == _STRING:
+      return self.string(decode=True, errors="replace")
     if vtype == _ARRAY:
       etype, count = self.take("<IQ")
       if etype in _FIXED:
@@ -95,12 +94,8 @@ class _Cursor:
         if count * 8 > self.size - self.pos:  # every element takes at least 8 bytes
           raise _Corrupt(f"an array of {count:,} elements runs past the end of the file "
                          f"({self.size:,} bytes)")
-        if etype == _STRING:
-          for _ in range(count):
-            self.skip(self.take("<Q"))
-        else:
-          for _ in range(count):
-            self.value(etype)
+        for _ in range(count):  # strings skipped, not decoded (the vocabulary)
+          self.string() if etype == _STRING else self.value(etype)
       else:
         raise _Corrupt(f"unknown value type {etype} at byte {self.pos:,}")
       return Skipped(count)
@@ -167,11 +162,6 @@ def _walk(buf, size: int) -> Header | None:
                      f"{size:,} bytes")
   return Header(fields, {name: (dims, ggml_type, data_start + offset, nbytes)
                          for name, dims, ggml_type, offset, nbytes in listed})
-
-
-def check(path: str) -> None:
-  """Raises BadFileError naming `path` unless it holds a GGUF header and all its tensor data."""
-  read(path)
 
 
 def read(path: str) -> Header | None:

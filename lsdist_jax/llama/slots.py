@@ -66,12 +66,10 @@ class SlotBatch:
     if len(set(int(s) for s in slot_ids)) != n or min(slot_ids) < 0 or max(slot_ids) >= self.slots:
       raise ValueError(f"slot ids must be distinct and in [0, {self.slots}): {list(slot_ids)}")
     distinct, source = list(contexts), list(range(n))
-    if share_prefill:
+    if share_prefill:  # each distinct context once, in order of first appearance
       first = {}
       source = [first.setdefault(tuple(int(t) for t in c), len(first)) for c in contexts]
-      distinct = [None] * len(first)
-      for c, j in zip(contexts, source):
-        distinct[j] = c
+      distinct = list(first)
     tokens, pad_len, _, _, p = gen._pack(distinct)
     lengths = np.array([len(c) for c in contexts], np.int32)
     k = gen._rows_bucket(max(n, int(min_rows)))
@@ -109,9 +107,8 @@ class SlotBatch:
     args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
                                      per_row(request_ids, 0, np.uint32),
                                      per_row(start_steps, 0, np.int32), caps, limits, forced)]
-    shared = "" if u == k else f"/shared{u}"  # unshared: the name precompile_slots gives it
     self.state = gen._run(
-        f"slot_insert/{self.slots}/{self.cache_len}/{k}/{p}/{self.hidden_layer}{shared}",
+        insert_name(self.slots, self.cache_len, k, p, self.hidden_layer, u),
         gen._slot_fn("slot_insert", self.slots, self.cache_len, self.hidden_layer), gen.params,
         self.state, *args, *[jnp.asarray(x) for x in settings],
         jnp.asarray(per_row(source, 0, np.int32)))
@@ -144,3 +141,11 @@ def shared_rows(generator, rows: int) -> int:
   """The row count an insert of `rows` rows prefills at when its distinct contexts fit there
   (`SlotBatch.insert(share_prefill=True)`): the batch bucket of half the rows."""
   return min(rows, generator._rows_bucket(max(1, rows // 2)))
+
+
+def insert_name(slots: int, cache_len: int, rows: int, block: int, hidden_layer: int,
+                prefill_rows: int) -> str:
+  """The program name of an insert of `rows` rows (`prefill_rows` of them prefilled) at context
+  block `block` into a slot batch (`SlotBatch.insert`, `Generator.precompile_slots`)."""
+  shared = "" if prefill_rows == rows else f"/shared{prefill_rows}"
+  return f"slot_insert/{slots}/{cache_len}/{rows}/{block}/{hidden_layer}{shared}"
