@@ -77,6 +77,11 @@ if [ "$gpus" -ge 4 ]; then
 fi
 python3 launch/bench_multigpu.py --merge="$rows" --out=docs/results/multigpu.json \
   --command="bash scripts/multigpu_gpu.sh $run"
+# collective settings against the defaults (the row records them under "env")
+XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
+  row 7b_tp2_pallas_oneshot 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=pallas
+NCCL_PROTO=LL row 7b_tp2_pallas_nccl_ll 0,1 "${b7[@]}" --batch=48 --tensor=2 \
+  --decode_attention=pallas
 # diagnostics: the dot product, one GPU and tensor parallel
 row 7b_1gpu_dot 0 "${b7[@]}" --batch=48 --decode_attention=dot
 row 7b_tp2_dot 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=dot

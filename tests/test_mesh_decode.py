@@ -251,3 +251,15 @@ def test_rows_of_independent_processes_merge_into_one_row():
   assert pair["processes"] == 2 and pair["batch"] == 96 and "group" not in pair
   assert pair["tokens_per_s"] == 13523.8 and pair["ms_per_step"] == 7.2
   assert pair["build_s"] == 4.5 and pair["first_call_s"] == 20.0
+
+
+def test_a_mesh_row_records_the_collective_settings_it_ran_with():
+  from lsdist_jax.benchmark.engine import collective_settings
+
+  env = {"NCCL_PROTO": "LL", "NCCL_NVLS_ENABLE": "0", "NCCL_VERSION": "2.28.3-1",
+         "XLA_FLAGS": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true",
+         "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root"}
+  assert collective_settings(env) == {
+      "NCCL_PROTO": "LL",
+      "XLA_FLAGS": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"}
+  assert collective_settings({"NCCL_NVLS_ENABLE": "0", "PATH": "/bin"}) == {}

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -409,8 +410,21 @@ def measure_mesh_row(model: str, data: int, tensor: int, batch: int, cache: int,
          "tokens_per_s": round(1e3 * batch / ms_step, 1), "build_s": round(build_s, 2),
          "first_call_s": round(first_call_s, 2), "steps": steps,
          "collectives_per_step": counts.get("body", {}), "device": _device_name(jax)}
+  tuning = collective_settings(os.environ)
+  if tuning:
+    row["env"] = tuning
   print(json.dumps(row), flush=True)
   return row
+
+
+def collective_settings(environ) -> dict:
+  """The settings in `environ` that change how a mesh row's collectives run (XLA_FLAGS, NCCL_*),
+  recorded in the row so rows tried against the defaults say what they tried. Left out: what
+  every run on the lent machines has (NCCL_NVLS_ENABLE=0, which must stay set) or what only
+  names the library (NCCL_VERSION)."""
+  return {k: v for k, v in sorted(environ.items())
+          if k == "XLA_FLAGS" or (k.startswith("NCCL_")
+                                  and k not in ("NCCL_NVLS_ENABLE", "NCCL_VERSION"))}
 
 
 def _device_name(jax) -> str:
