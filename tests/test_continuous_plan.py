@@ -86,7 +86,7 @@ def reference_simulate(plan, req, true_length, cost, options):
       steps, live = 0, 0
       while True:  # one decode call
         free = sum(1 for s in slots if s is None or done(s))
-        if (queue and free >= refill) or (not queue and free == size):
+        if (queue and free >= refill) or (not queue and free >= size - phase.drain):
           break
         for s in slots:
           if s is not None and not done(s):
@@ -100,11 +100,16 @@ def reference_simulate(plan, req, true_length, cost, options):
         out["computed"] += int(cost.padded_batch(size)) * steps
         out["steps"] += steps
         out["decodes"] += 1
+      draining = not queue and phase.drain > 0  # the phase ends: every row leaves
       for i in range(size):  # the done rows leave, in slot order
         s = slots[i]
         if s is not None and done(s):
           if gen[s["row"]] < true[s["row"]]:
             next_carried.append(s["row"])
+          slots[i] = None
+        elif s is not None and draining:
+          gen[s["row"]] += 1  # after j steps it holds j + 1 tokens: its insert sampled one
+          next_carried.append(s["row"])
           slots[i] = None
       if queue:
         insert()
@@ -131,7 +136,9 @@ def random_case(seed):
   for k in range(n_phases):
     members = rng.permutation(np.flatnonzero(where == k))
     slots = int(rng.integers(1, 6))
-    phases.append(Phase(members, int(caches[k]), slots, int(rng.integers(1, slots + 2))))
+    drain = int(rng.integers(0, slots)) if rng.random() < 0.5 else 0
+    phases.append(Phase(members, int(caches[k]), slots, int(rng.integers(1, slots + 2)),
+                        drain))
   return req, true, ContinuousPlan(phases, "random")
 
 
@@ -141,7 +148,7 @@ SMALL_OPTIONS = Options(kv_budget_tokens=8 * 128, max_batch=8)
 
 
 def test_event_simulator_matches_a_step_by_step_replay():
-  seen_capped = seen_extra = seen_unfit = 0
+  seen_capped = seen_extra = seen_unfit = seen_drained = 0
   for seed in range(150):
     req, true, plan = random_case(seed)
     got = simulate_continuous(plan, req, true, SMALL_COST, SMALL_OPTIONS)
@@ -155,8 +162,10 @@ def test_event_simulator_matches_a_step_by_step_replay():
     seen_capped += got.carried_rows > 0
     seen_extra += got.recovery_batches > 0
     seen_unfit += any((req.prompt_len[p.members] >= p.cache_len).any() for p in plan.phases)
-  # the cases covered carrying, the extra final phase and rows too long for their cache
-  assert seen_capped > 20 and seen_extra > 10 and seen_unfit > 10
+    seen_drained += any(p.drain for p in plan.phases) and got.carried_rows > 0
+  # the cases covered carrying, the extra final phase, rows too long for their cache and
+  # phases that drain
+  assert seen_capped > 20 and seen_extra > 10 and seen_unfit > 10 and seen_drained > 10
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -226,7 +235,8 @@ def test_phase_admission_is_longest_key_first_and_covers_the_key(requests):
 
 
 def test_the_oracle_without_a_key_cap_never_caps_a_row(requests, plans):
-  uncapped = plan_continuous_oracle(requests, COST, OPTIONS, key_caps=(None,))
+  uncapped = plan_continuous_oracle(requests, COST, OPTIONS, key_caps=(None,),
+                                    drain_fractions=(0.0,))
   result = simulate_continuous(uncapped, requests, requests.true_length, COST, OPTIONS)
   assert result.carried_rows == 0 and result.recovery_batches == 0
   assert result.seconds == pytest.approx(uncapped.expected_cost, rel=1e-12)
@@ -235,6 +245,26 @@ def test_the_oracle_without_a_key_cap_never_caps_a_row(requests, plans):
   assert oracle.expected_cost <= uncapped.expected_cost
   assert oracle.expected_cost == pytest.approx(simulate_continuous(
       oracle, requests, requests.true_length, COST, OPTIONS).seconds, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["continuous-search", "continuous-oracle"])
+def test_the_searches_drain_only_where_it_pays(requests, name):
+  """Draining (ending a phase's low-occupancy tail, its rows carried on) is tried last: the
+  plan chosen is never slower than the same search without it, the last phase never drains,
+  and a drained plan's expected time is its simulation's."""
+  planner = CONTINUOUS_PLANNERS[name]
+  options = dataclasses.replace(OPTIONS, kv_budget_tokens=16 * 160)
+  plain = planner(requests, COST, options, drain_fractions=(0.0,))
+  drained = planner(requests, COST, options)
+  assert drained.expected_cost <= plain.expected_cost
+  assert drained.phases[-1].drain == 0 and all(p.drain == 0 for p in plain.phases)
+  assert [r for r in drained.notes["search"] if r[0] == "drain"]
+  fraction = drained.notes["drain_fraction"]
+  assert all(p.drain == min(p.slots - 1, int(fraction * p.slots))
+             for p in drained.phases[:-1])
+  if name == "continuous-oracle":
+    assert drained.expected_cost == pytest.approx(simulate_continuous(
+        drained, requests, requests.true_length, COST, options).seconds, rel=1e-12)
 
 
 def test_vanilla_is_one_uncapped_phase_in_dataset_order(requests, plans):

@@ -142,6 +142,31 @@ def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
     runner.run_continuous(ContinuousPlan([Phase(order[:7], 32, 4, 1)]))
 
 
+def test_a_draining_phase_carries_its_running_rows_on_unchanged(runner):
+  """Phases that end once at most `drain` rows still run (schedule/continuous.py): those rows
+  leave mid-response and continue in the next phase, token for token as one static batch."""
+  from lsdist_jax.schedule.continuous import Phase as PlanPhase
+
+  vanilla = runner.run(Plan([Batch(np.arange(12), 72)]))
+  order = np.random.default_rng(4).permutation(12)
+  first = PlanPhase(order[:8], 64, 4, 1, drain=2)
+  # the first phase alone: the rows it carries on are those that did not fit or reached their
+  # slot's room, plus at most `drain` rows cut mid-response
+  generated = [[] for _ in range(12)]
+  finished = np.zeros(12, bool)
+  seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
+  carried = runner._run_phase(first, [int(r) for r in first.members], "main", generated,
+                              finished, [], seconds)
+  room = np.minimum(64, runner.max_seq_len) - runner.prompt_len
+  cut = [r for r in carried if 0 < len(generated[r]) < room[r]]
+  assert 1 <= len(cut) <= first.drain
+  assert all(vanilla.tokens[r][:len(generated[r])] == generated[r] for r in cut)
+  plan = ContinuousPlan([first, PlanPhase(order[8:], 96, 4, 2, drain=3)])
+  result = runner.run_continuous(plan, lambda c, r: PlanPhase(np.zeros(0, np.int64), 96, 4, 1))
+  assert result.tokens == vanilla.tokens
+  assert (result.finished == vanilla.finished).all()
+
+
 def test_progress_is_reported_as_each_request_completes(runner):
   """The generate job's bar: each request counted once, when it completes (not per chunk),
   with every kept token, for static batches with recovery and for continuous phases."""

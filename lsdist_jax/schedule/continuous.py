@@ -22,6 +22,12 @@ The runner's rules (`simulate_continuous` follows them exactly):
   (rows already done at their insert: r = 0) is not made. Then the done rows leave; if the queue
   is non-empty, one insert call fills min(free, len(queue)) free slots (ascending slot index) with
   the next queued requests; and so on until the queue is empty and every slot is done.
+* A phase with drain d >= 1 ends early: once its queue is empty, its last decode call runs only
+  until at most d slots are still running (no step if that holds already). The rows still
+  running then leave with the tokens they generated (j + 1 after j decode steps in the slot:
+  the insert sampled the first), as their slots' tail would run at low occupancy, and are
+  carried on like capped rows, in slot order with the rows capped at that call. d = 0: the
+  phase runs until every slot is done.
 * Rows capped in a phase are carried to the front of the next phase's queue in the order they
   left: by the decode call after which they left, then by slot index. If the last phase leaves
   rows, the runner appends `final_phase(...)` (a cache that holds every row's whole room, so
@@ -58,6 +64,9 @@ MIN_PHASE_FACTOR = 2.0  # a phase with fewer members than this x its slots merge
 PHASE_FACTORS = (1.0, 2.0, 4.0, 8.0)  # the min_phase_factor values the searches try
 MAX_EXTRA_PHASES = 16
 SEARCH_KEY_CAPS = (None, 128, 256, 512)  # the key caps continuous-search tries
+# Drains the searches try, as fractions of each phase's slots (every phase but the last): a
+# phase whose queue is empty ends once at most this many rows still run, and they carry on.
+DRAIN_FRACTIONS = (0.0, 1 / 8, 1 / 4)
 
 
 @dataclass
@@ -66,13 +75,18 @@ class Phase:
   cache_len: int  # S: KV-cache tokens per slot
   slots: int  # B: rows decoding together
   refill: int  # m: a decode call ends once m slots are free (while the queue is non-empty)
+  drain: int = 0  # d: once the queue is empty, the phase ends when at most d rows still run
 
   def __post_init__(self):
     self.members = np.asarray(self.members, np.int64).reshape(-1)
     self.cache_len, self.slots, self.refill = int(self.cache_len), int(self.slots), int(self.refill)
+    self.drain = int(self.drain)
     if self.slots < 1 or self.refill < 1 or self.cache_len < 1:
       raise ValueError(f"a phase needs cache_len, slots and refill >= 1, got {self.cache_len}, "
                        f"{self.slots}, {self.refill}")
+    if not 0 <= self.drain < self.slots:
+      raise ValueError(f"a phase's drain must be in 0..slots-1, got {self.drain} of "
+                       f"{self.slots} slots")
 
 
 @dataclass
@@ -185,9 +199,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   remaining = true[queue] - generated[queue]
   occ = np.minimum(remaining, cap)  # decode steps each row holds its slot
   capped = remaining > cap
-  generated[queue] += occ
-  occ_f = occ.astype(np.float64)
-  live = float((occ_f * ctx + occ_f * (occ_f + 1.0) / 2.0).sum())
+  first = np.zeros(n, np.int64)  # 1: a drained row's token from its insert (beside its steps)
 
   finish = np.full(slots, -1, np.int64)  # the step at which the slot's row is done; -1: empty
   slot_row = np.full(slots, -1, np.int64)  # queue position held by the slot; -1: empty
@@ -211,6 +223,9 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       pos += k
     if pos < n:  # every slot is occupied: run until the refill-th earliest is done
       until = int(np.partition(finish, refill - 1)[refill - 1])
+    elif phase.drain:  # until at most `drain` rows still run
+      running = np.sort(finish[finish > now])[::-1]
+      until = int(running[phase.drain]) if running.size > phase.drain else now
     else:
       until = int(finish.max())
     run = max(0, until - now)
@@ -219,10 +234,20 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       steps += run
       now += run
     if pos >= n:
-      gone = slot_row[slot_row >= 0]
+      held = slot_row >= 0
+      # Drained: still running when the phase ends. After j decode steps a row holds j + 1
+      # tokens (its insert sampled the first).
+      cut = held & (finish > now)
+      occ[slot_row[cut]] -= finish[cut] - now
+      first[slot_row[cut]] = 1
+      capped[slot_row[cut]] = True
+      gone = slot_row[held]
       left_capped.append(gone[capped[gone]])
       break
 
+  generated[queue] += occ + first
+  occ_f = occ.astype(np.float64)
+  live = float((occ_f * ctx + occ_f * (occ_f + 1.0) / 2.0).sum())
   ks = np.asarray(insert_k, np.int64)
   overhead = cost.batch_overhead_ms * 1e-3
   seconds = (overhead * (ks.size + decodes)
@@ -337,6 +362,34 @@ def _with_refill(phases: list[Phase], fraction: float) -> list[Phase]:
   return [dataclasses.replace(p, refill=refill_for(p.slots, fraction)) for p in phases]
 
 
+def with_drain(phases: list[Phase], fraction: float) -> list[Phase]:
+  """Every phase but the last drains at `fraction` of its slots (rounded down); the last runs
+  its tail out (what it would carry goes to the runner's final phase)."""
+  return [dataclasses.replace(p, drain=min(p.slots - 1, int(fraction * p.slots))
+                              if k + 1 < len(phases) else 0)
+          for k, p in enumerate(phases)]
+
+
+def _search_drain(best: ContinuousPlan, evaluate, fractions) -> ContinuousPlan:
+  """`best` with the drain fraction (of `fractions`) of least `evaluate`; notes: drain_fraction,
+  and the search table gains a row per fraction tried (drain fraction in the key cap's place
+  is not mixed up: its notes' first value is "drain")."""
+  chosen, table = best, []
+  best.notes["drain_fraction"] = 0.0
+  for fraction in fractions:
+    if fraction == 0.0:
+      continue
+    plan = dataclasses.replace(best, phases=with_drain(best.phases, fraction),
+                               notes=dict(best.notes, drain_fraction=float(fraction)))
+    plan.expected_cost = evaluate(plan)
+    table.append(("drain", float(fraction), best.notes.get("min_phase_factor"),
+                  plan.expected_cost, best.notes.get("key_cap")))
+    if plan.expected_cost < chosen.expected_cost:
+      chosen = plan
+  chosen.notes["search"] = list(best.notes.get("search", [])) + table
+  return chosen
+
+
 # ----------------------------------------------------------------------------- planners
 
 
@@ -383,14 +436,16 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
                            thresholds=CONTINUOUS_SEARCH_THRESHOLDS,
                            refill_fractions=REFILL_FRACTIONS,
                            phase_factors=PHASE_FACTORS,
-                           key_caps=SEARCH_KEY_CAPS) -> ContinuousPlan:
+                           key_caps=SEARCH_KEY_CAPS,
+                           drain_fractions=DRAIN_FRACTIONS) -> ContinuousPlan:
   """The probabilistic planner: the threshold, key cap, refill fraction and min_phase_factor
   whose plan has the least expected time, estimated by simulating each candidate on the same
   `draws` sets of lengths sampled from the predicted pmfs (seed `rng_seed`; common random
   numbers); the refill fraction is chosen last, for the best phases. A key cap K admits a
   request whose quantile is longer than K to a short, wide cache first (it carries on to a
-  longer one), as the oracle may. notes: search = [(threshold,
-  refill fraction, min_phase_factor, expected seconds, key cap)]."""
+  longer one), as the oracle may. Last, the drain (`with_drain`) for the best plan. notes:
+  search = [(threshold, refill fraction, min_phase_factor, expected seconds, key cap)], then a
+  ("drain", fraction, ...) row per drain tried."""
   if requests.length_pmf is None:
     raise ValueError("continuous-search needs predicted pmfs")
   samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(rng_seed), draws)
@@ -424,18 +479,21 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
                       "continuous-search")
     refined.notes["search"] = table + refined.notes["search"][1:]
     best = refined
+  best = _search_drain(best, evaluate, drain_fractions)
   best.notes.update(draws=int(draws), rng_seed=int(rng_seed))
   return best
 
 
 def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options,
                            refill_fractions=REFILL_FRACTIONS, phase_factors=PHASE_FACTORS,
-                           key_caps=(None,) + CAP_GRID) -> ContinuousPlan:
+                           key_caps=(None,) + CAP_GRID,
+                           drain_fractions=DRAIN_FRACTIONS) -> ContinuousPlan:
   """Phases keyed by the true lengths (no slack), or by min(true length, K) for a key cap K
   (a cascade: a row longer than K starts in a short, wide cache and carries on, as a static
   plan's recovery does); the key cap, refill fraction and min_phase_factor with the least
-  simulated time on the true lengths. With K = None nothing is capped. notes: search =
-  [(key cap, refill fraction, min_phase_factor, seconds, key cap)]."""
+  simulated time on the true lengths (then the drain, as continuous-search does). With K = None
+  nothing is capped. notes: search = [(key cap, refill fraction, min_phase_factor, seconds,
+  key cap)], then a ("drain", fraction, ...) row per drain tried."""
   if requests.true_length is None:
     raise ValueError("continuous-oracle needs the true lengths")
   true = np.minimum(np.asarray(requests.true_length, np.int64), requests.room)
@@ -449,9 +507,11 @@ def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options
         for fraction in refill_fractions:
           yield phases, fraction, None, {"key_cap": key_cap, "min_phase_factor": float(factor)}
 
-  return _search(candidates(), lambda plan: simulate_continuous(plan, requests, true, cost,
-                                                                options).seconds,
-                 "continuous-oracle")
+  def evaluate(plan):
+    return simulate_continuous(plan, requests, true, cost, options).seconds
+
+  return _search_drain(_search(candidates(), evaluate, "continuous-oracle"), evaluate,
+                       drain_fractions)
 
 
 def plan_continuous_vanilla(requests: Requests, cost: CostModel, options: Options,

@@ -189,7 +189,9 @@ class Runner:
     """Runs a continuous plan (`schedule/continuous.py`): phase by phase, `phase.slots` rows
     decode over `phase.cache_len` cache slots each; whenever `phase.refill` slots are free the
     next queued requests are inserted. A row that reaches its slot's room (or does not fit it)
-    moves to the front of the next phase's queue, continued from its context; rows left after
+    moves to the front of the next phase's queue, continued from its context, and so do the
+    rows still running when a phase with `drain` ends (its queue empty, at most `drain` rows
+    running: the slots' tail would run at low occupancy); rows left after
     the last phase run in phases `final_phase(contexts, rooms)` returns (their queue)."""
     n = len(self.prompt_ids)
     _check_each_once(n, plan.phases)
@@ -256,6 +258,7 @@ class Runner:
     carried = [r for r, ok in zip(queue, fits) if not ok]
     pending = [r for r, ok in zip(queue, fits) if ok]
     refill = max(1, min(int(phase.refill), batch.slots))
+    drain = int(getattr(phase, "drain", 0))
     # After the first fill every insert is one program per context block: at most a refill's
     # bucket of rows, padded to it (slots freed beyond it wait for the next refill).
     most, min_rows = batch.slots, 0
@@ -277,11 +280,13 @@ class Runner:
       busy = sum(r >= 0 for r in occupant)
       if busy == 0:
         break
-      steps = batch.decode(refill if pending else batch.slots)
+      steps = batch.decode(refill if pending else batch.slots - drain)
       read = batch.read()
+      # A draining phase ends here: its rows still running leave with what they generated.
+      ending = not pending and drain > 0
       kept = completed = 0
       for j, r in enumerate(occupant):
-        if r >= 0 and read.done[j]:
+        if r >= 0 and (read.done[j] or ending):
           new = read.tokens[j, :read.num_generated[j]].tolist()
           generated[r] += new
           kept += len(new)
