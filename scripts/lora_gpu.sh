@@ -15,7 +15,10 @@
 #               (configs/smollm2_benchmark_lora.py; workers over the GPUs of $DEVICES, default 0)
 #   replay_7b   the 7B-shape length replay with ssch-lora (configs/llama2_7b_replay_lora.py; its
 #               answers come from the SmolLM2 LoRA, the model that recorded the lengths)
-# Progress: <run>/session.log; logs: <run>/<step>.log.
+# Progress: <run>/session.log; logs: <run>/<step>.log. BOTH=1 runs the last two side by side
+# (session 11 started them so on 4 x H200, DEVICES=0,1,2,3 BOTH=1, and lost the machine before
+# they ended; the 7B replay, ~70 GPU minutes
+# simulated, takes ~20 min there, its ssch-lora strategy the longest single one).
 set -uo pipefail
 gguf=$1
 run=$2
@@ -40,11 +43,26 @@ stop_after lora_median
 step table python3 launch/train_lora.py "${config[@]}" --workdir="$work" --train=false \
   --evaluate=lora,lora-median --out="$run/predictor_lora.json"
 stop_after table
-step benchmark python3 launch/benchmark.py --config=configs/smollm2_benchmark_lora.py \
-  --config.model.path="$gguf" --workdir="$work" --name=benchmark_lora \
-  --workers="$workers" --devices="$devices"
-stop_after benchmark
-step replay_7b python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py \
-  --workdir="$work" --name=benchmark_lora_replay_7b \
-  --workers="$workers" --devices="$devices"
+# The two benchmark runs share one lock per GPU (--lock_dir): with BOTH=1 they run side by side,
+# each worker's timed calls never overlapping another's on its GPU (the 7B replay's long
+# strategies keep every GPU busy while the SmolLM2 run fills the gaps).
+locks=(--lock_dir="$run/locks")
+mkdir -p "$run/locks"
+benchmark() {
+  step benchmark python3 launch/benchmark.py --config=configs/smollm2_benchmark_lora.py \
+    --config.model.path="$gguf" --workdir="$work" --name=benchmark_lora \
+    --workers="$workers" --devices="$devices" "${locks[@]}"
+}
+replay_7b() {
+  step replay_7b python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py \
+    --workdir="$work" --name=benchmark_lora_replay_7b \
+    --workers="$workers" --devices="$devices" "${locks[@]}"
+}
+if [ "${BOTH:-0}" = 1 ] && [ "$last" = replay_7b ]; then
+  replay_7b & benchmark & wait
+else
+  benchmark
+  stop_after benchmark
+  replay_7b
+fi
 echo "$(date +%T) all done" >> "$log"
