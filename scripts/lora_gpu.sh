@@ -17,8 +17,8 @@
 #               answers come from the SmolLM2 LoRA, the model that recorded the lengths)
 # Progress: <run>/session.log; logs: <run>/<step>.log. BOTH=1 runs the last two side by side
 # (session 11 started them so on 4 x H200, DEVICES=0,1,2,3 BOTH=1, and lost the machine before
-# they ended; the 7B replay, ~70 GPU minutes
-# simulated, takes ~20 min there, its ssch-lora strategy the longest single one).
+# they ended; the 7B replay, ~70 GPU minutes simulated, takes ~20 min there, its ssch-lora
+# strategy the longest single one).
 set -uo pipefail
 gguf=$1
 run=$2
