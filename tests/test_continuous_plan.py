@@ -267,10 +267,37 @@ def test_the_searches_drain_only_where_it_pays(requests, name):
         drained, requests, requests.true_length, COST, options).seconds, rel=1e-12)
 
 
+def test_slots_go_past_the_largest_bucket_in_its_multiples_up_to_max_batch():
+  """A budget and max_batch beyond the largest bucket (64 here): slots are the multiple of it
+  the engine pads to (batch_bucket), as many as max_batch and the budget allow."""
+  big = dataclasses.replace(OPTIONS, kv_budget_tokens=1 << 20, max_batch=200)
+  assert slots_for(128, COST, big) == 192
+  assert slots_for(128, COST, dataclasses.replace(big, kv_budget_tokens=128 * 150)) == 128
+  assert slots_for(128, COST, dataclasses.replace(big, kv_budget_tokens=128 * 40)) == 32
+  assert slots_for(128, COST, big, rows=70) == int(COST.padded_batch(70)) == 128
+  assert slots_for(128, COST, OPTIONS) == 64  # max_batch 64: the largest bucket
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_phase_has_more_slots_than_rows_can_queue_there(name):
+  """A small job under a large budget: a phase's slots stop at the batch bucket holding the
+  requests of it and of the phases before it (every row its queue can ever hold)."""
+  req = random_requests(n=40, seed=7)
+  options = dataclasses.replace(OPTIONS, kv_budget_tokens=1 << 20, max_batch=512)
+  plan = (plan_continuous(req, COST, options, threshold=0.5) if name == "continuous"
+          else make_continuous_plan(name, req, COST, options))
+  queued = 0
+  for phase in plan.phases:
+    queued += phase.members.size
+    assert phase.slots == min(slots_for(phase.cache_len, COST, options),
+                              int(COST.padded_batch(queued)))
+  assert max(p.slots for p in plan.phases) <= int(COST.padded_batch(req.n)) < 512
+
+
 def test_vanilla_is_one_uncapped_phase_in_dataset_order(requests, plans):
   (phase,) = plans["continuous-vanilla"].phases
   assert phase.members.tolist() == list(range(requests.n))
-  assert phase.slots == slots_for(phase.cache_len, COST, OPTIONS)
+  assert phase.slots == slots_for(phase.cache_len, COST, OPTIONS, rows=requests.n)
   result = simulate_continuous(plans["continuous-vanilla"], requests, requests.true_length, COST,
                                OPTIONS)
   assert result.carried_rows == 0 and result.batches == 1

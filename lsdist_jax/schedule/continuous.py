@@ -118,15 +118,18 @@ class ContinuousSimResult(SimResult):
 
 
 def slots_for(cache_len: int, cost: CostModel, options: Options, rows: int | None = None) -> int:
-  """Slots of a phase of `cache_len` tokens: the largest batch bucket <= min(max_batch,
+  """Slots of a phase of `cache_len` tokens: the largest batch size the engine runs (a batch
+  bucket, or beyond the largest a multiple of it, as `batch_bucket` pads) <= min(max_batch,
   kv_budget_tokens // cache_len) (that limit itself where no bucket is that small); with `rows`,
-  no more than the bucket that holds `rows`."""
+  no more than the size that holds `rows`."""
   limit = min(int(options.max_batch), int(options.kv_budget_tokens) // int(cache_len))
   if limit < 1:
     raise ValueError(f"one row of a {int(cache_len)}-token KV cache exceeds "
                      f"kv_budget_tokens={options.kv_budget_tokens}")
+  largest = max(int(b) for b in cost.batch_buckets)
   fitting = [int(b) for b in cost.batch_buckets if b <= limit]
-  slots = max(fitting) if fitting else limit
+  slots = (limit // largest) * largest if limit >= largest else (
+      max(fitting) if fitting else limit)
   if rows is not None:
     slots = min(slots, int(cost.padded_batch(max(int(rows), 1))))
   return int(slots)
@@ -328,7 +331,9 @@ def continuous_phases(requests: Requests, key_len: np.ndarray, cost: CostModel, 
   min(S - p_r, room_r), covers its key; a key at its room is never capped). Phases run in
   increasing S (capped rows carry forward to longer caches). A phase of fewer than
   min_phase_factor x slots members merges into the next larger S (the last one takes what
-  comes). Slots from `slots_for` (the KV budget), refill a fraction of the slots. Admission
+  comes). Slots from `slots_for` (the KV budget; no more than the batch bucket that holds the
+  requests of this phase and the earlier ones, all a phase can ever queue), refill a fraction
+  of the slots. Admission
   order within a phase: `order` (request ids, by priority), by default longest key first (so a
   phase's tail drains short rows)."""
   slack = options.fcr_slack if slack is None else int(slack)
@@ -345,15 +350,17 @@ def continuous_phases(requests: Requests, key_len: np.ndarray, cost: CostModel, 
   rank = np.empty(requests.n, np.int64)
   rank[order] = np.arange(requests.n)
   levels = np.unique(need)
-  phases, pending = [], np.zeros(0, np.int64)
+  phases, pending, before = [], np.zeros(0, np.int64), 0
   for i, cache_len in enumerate(levels.tolist()):
     members = np.concatenate([pending, np.flatnonzero(need == cache_len)])
-    slots = slots_for(cache_len, cost, options)
+    # No more slots than rows can ever queue here: this phase's and the earlier ones' (carried)
+    slots = slots_for(cache_len, cost, options, rows=before + members.size)
     if i + 1 < levels.size and members.size < min_phase_factor * slots:
       pending = members
       continue
     members = members[np.argsort(rank[members], kind="stable")]
     phases.append(Phase(members, cache_len, slots, refill_for(slots, refill_fraction)))
+    before += members.size
     pending = np.zeros(0, np.int64)
   return phases
 
@@ -517,9 +524,10 @@ def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options
 def plan_continuous_vanilla(requests: Requests, cost: CostModel, options: Options,
                             refill_fraction: float = DEFAULT_REFILL_FRACTION) -> ContinuousPlan:
   """No prediction: dataset order, one phase whose cache holds every request's whole room
-  (nothing is capped), slots from the KV budget."""
+  (nothing is capped), slots from the KV budget (no more than the bucket holding every
+  request)."""
   cache_len = int(slot_cache_len(requests.prompt_len, requests.room, cost).max())
-  slots = slots_for(cache_len, cost, options)
+  slots = slots_for(cache_len, cost, options, rows=requests.n)
   phase = Phase(np.arange(requests.n), cache_len, slots, refill_for(slots, refill_fraction))
   return ContinuousPlan([phase], "continuous-vanilla",
                         notes={"refill_fraction": float(refill_fraction)})
