@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from lsdist_jax.schedule import CostModel, Options, Requests, dist, make_plan, plan_recovery
-from lsdist_jax.schedule.continuous import (CONTINUOUS_PLANNERS, ContinuousPlan, Phase,
-                                            expected_seconds, final_phase, insert_block,
-                                            make_continuous_plan,
-                                            plan_continuous, plan_continuous_oracle,
-                                            sample_lengths, simulate_continuous, slots_for)
+from lsdist_jax.schedule.continuous import (ContinuousPlan, Phase, expected_seconds,
+                                            final_phase, insert_block, sample_lengths,
+                                            simulate_continuous, slots_for)
+from lsdist_jax.schedule.continuous_search import (CONTINUOUS_PLANNERS, make_continuous_plan,
+                                                   plan_continuous, plan_continuous_oracle)
 from lsdist_jax.schedule.types import Batch, Plan
 from lsdist_jax.schedule.simulate import simulate
 

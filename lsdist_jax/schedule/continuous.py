@@ -1,9 +1,9 @@
 """Continuous (slot-refill) plans: phases of `slots` rows decoding together over a KV cache of
 `cache_len` tokens per row, each finished row's slot refilled with the phase's next queued
-request; the planners that build them (the length predictor decides which phase, i.e. which cache
-length, a request is admitted to); and an exact replay of the runner's rules under the cost
-model, so planners can be searched on expected time and strategies simulated without a GPU.
-numpy only.
+request (the length predictor decides which phase, i.e. which cache length, a request is
+admitted to; the planners are in `schedule/continuous_search.py`); and an exact replay of the
+runner's rules under the cost model, so planners can be searched on expected time and
+strategies simulated without a GPU. numpy only.
 
 The runner's rules (`simulate_continuous` follows them exactly):
 
@@ -42,31 +42,17 @@ The runner's rules (`simulate_continuous` follows them exactly):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from lsdist_jax.schedule import dist
 from lsdist_jax.schedule.cost import CostModel
-from lsdist_jax.schedule.planners import CAP_GRID, SEARCH_THRESHOLDS, predicted_length
 from lsdist_jax.schedule.types import Options, Requests
 from lsdist_jax.schedule.simulate import SimResult
 from lsdist_jax.shapes import context_block, round_up_array
 
-REFILL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)  # refill m = this fraction of the slots
-DEFAULT_REFILL_FRACTION = 1 / 8
-# The search's thresholds: every 0.05 of the planners' grid (0.10 ... 0.95) and 0.99.
-CONTINUOUS_SEARCH_THRESHOLDS = tuple(float(t) for t in SEARCH_THRESHOLDS
-                                     if round(t * 100) % 5 == 0 or t >= 0.99)
-MIN_PHASE_FACTOR = 2.0  # a phase with fewer members than this x its slots merges into the next
-PHASE_FACTORS = (1.0, 2.0, 4.0, 8.0)  # the min_phase_factor values the searches try
 MAX_EXTRA_PHASES = 16
-SEARCH_KEY_CAPS = (None, 128, 256, 512)  # the key caps continuous-search tries
-# Drains the searches try, as fractions of each phase's slots (every phase but the last): a
-# phase whose queue is empty ends once at most this many rows still run, and they carry on.
-DRAIN_FRACTIONS = (0.0, 1 / 8, 1 / 4)
 
 
 @dataclass
@@ -315,247 +301,3 @@ def expected_seconds(plan: ContinuousPlan, requests: Requests, samples: np.ndarr
   samples = np.atleast_2d(samples)
   return float(np.mean([simulate_continuous(plan, requests, s, cost, options).seconds
                         for s in samples]))
-
-
-# ----------------------------------------------------------------------------- phase building
-
-
-def continuous_phases(requests: Requests, key_len: np.ndarray, cost: CostModel, options: Options,
-                      order: np.ndarray | None = None,
-                      refill_fraction: float = DEFAULT_REFILL_FRACTION, slack: int | None = None,
-                      min_phase_factor: float = MIN_PHASE_FACTOR) -> list[Phase]:
-  """Phases from per-request key lengths (the tokens a request should be able to generate).
-
-  Request r goes to the smallest cache length S (a multiple of cost.cache_bucket) with
-  p_r + min(key_r + slack, room_r) <= S (`slot_cache_len`: by the runner's rule its cap there,
-  min(S - p_r, room_r), covers its key; a key at its room is never capped). Phases run in
-  increasing S (capped rows carry forward to longer caches). A phase of fewer than
-  min_phase_factor x slots members merges into the next larger S (the last one takes what
-  comes). Slots from `slots_for` (the KV budget; no more than the batch bucket that holds the
-  requests of this phase and the earlier ones, all a phase can ever queue), refill a fraction
-  of the slots. Admission
-  order within a phase: `order` (request ids, by priority), by default longest key first (so a
-  phase's tail drains short rows)."""
-  slack = options.fcr_slack if slack is None else int(slack)
-  key = np.maximum(np.asarray(key_len, np.int64), 0)
-  if key.shape != (requests.n,):
-    raise ValueError(f"key_len has shape {key.shape}, expected ({requests.n},)")
-  if requests.n == 0:
-    return []
-  want = np.maximum(np.minimum(key + slack, requests.room), 1)
-  need = np.asarray(slot_cache_len(requests.prompt_len, want, cost), np.int64)
-  if order is None:
-    order = np.lexsort((np.arange(requests.n), -key))
-  order = np.asarray(order, np.int64)
-  rank = np.empty(requests.n, np.int64)
-  rank[order] = np.arange(requests.n)
-  levels = np.unique(need)
-  phases, pending, before = [], np.zeros(0, np.int64), 0
-  for i, cache_len in enumerate(levels.tolist()):
-    members = np.concatenate([pending, np.flatnonzero(need == cache_len)])
-    # No more slots than rows can ever queue here: this phase's and the earlier ones' (carried)
-    slots = slots_for(cache_len, cost, options, rows=before + members.size)
-    if i + 1 < levels.size and members.size < min_phase_factor * slots:
-      pending = members
-      continue
-    members = members[np.argsort(rank[members], kind="stable")]
-    phases.append(Phase(members, cache_len, slots, refill_for(slots, refill_fraction)))
-    before += members.size
-    pending = np.zeros(0, np.int64)
-  return phases
-
-
-def _with_refill(phases: list[Phase], fraction: float) -> list[Phase]:
-  return [dataclasses.replace(p, refill=refill_for(p.slots, fraction)) for p in phases]
-
-
-def with_drain(phases: list[Phase], fraction: float) -> list[Phase]:
-  """Every phase but the last drains at `fraction` of its slots (rounded down); the last runs
-  its tail out (what it would carry goes to the runner's final phase)."""
-  return [dataclasses.replace(p, drain=min(p.slots - 1, int(fraction * p.slots))
-                              if k + 1 < len(phases) else 0)
-          for k, p in enumerate(phases)]
-
-
-def _search_drain(best: ContinuousPlan, evaluate, fractions) -> ContinuousPlan:
-  """`best` with the drain fraction (of `fractions`) of least `evaluate`; notes: drain_fraction,
-  and the search table gains a row per fraction tried (drain fraction in the key cap's place
-  is not mixed up: its notes' first value is "drain")."""
-  chosen, table = best, []
-  best.notes["drain_fraction"] = 0.0
-  for fraction in fractions:
-    if fraction == 0.0:
-      continue
-    plan = dataclasses.replace(best, phases=with_drain(best.phases, fraction),
-                               notes=dict(best.notes, drain_fraction=float(fraction)))
-    plan.expected_cost = evaluate(plan)
-    table.append(("drain", float(fraction), best.notes.get("min_phase_factor"),
-                  plan.expected_cost, best.notes.get("key_cap")))
-    if plan.expected_cost < chosen.expected_cost:
-      chosen = plan
-  chosen.notes["search"] = list(best.notes.get("search", [])) + table
-  return chosen
-
-
-# ----------------------------------------------------------------------------- planners
-
-
-def plan_continuous(requests: Requests, cost: CostModel, options: Options,
-                    threshold: float | None = None,
-                    refill_fraction: float = DEFAULT_REFILL_FRACTION) -> ContinuousPlan:
-  """Phases keyed by the pmf's `threshold` quantile (options.threshold by default), or by the
-  scalar prediction."""
-  threshold = options.threshold if threshold is None else float(threshold)
-  key = np.minimum(predicted_length(requests, threshold), requests.room)
-  phases = continuous_phases(requests, key, cost, options, refill_fraction=refill_fraction)
-  return ContinuousPlan(phases, "continuous",
-                        threshold if requests.length_pmf is not None else None,
-                        notes={"refill_fraction": float(refill_fraction)})
-
-
-def _phases_key(phases: list[Phase]) -> tuple:
-  return tuple((p.cache_len, p.slots, p.members.tobytes()) for p in phases)
-
-
-def _search(candidates, evaluate, strategy: str) -> ContinuousPlan:
-  """The candidate plan of least `evaluate(plan)`. candidates: (phases, refill fraction,
-  threshold, notes); the table row of each is (notes' first value, fraction, min_phase_factor,
-  seconds, key cap). Identical phase lists (many thresholds give the same phases) are evaluated
-  once."""
-  best, table, seen = None, [], {}
-  for phases, fraction, threshold, notes in candidates:
-    plan = ContinuousPlan(_with_refill(phases, fraction), strategy, threshold,
-                          notes={"refill_fraction": float(fraction), **notes})
-    key = (_phases_key(phases), fraction)
-    if key not in seen:
-      seen[key] = evaluate(plan)
-    plan.expected_cost = seen[key]
-    table.append((next(iter(notes.values())), float(fraction), notes["min_phase_factor"],
-                  plan.expected_cost, notes.get("key_cap")))
-    if best is None or plan.expected_cost < best.expected_cost:
-      best = plan
-  best.notes["search"] = table
-  return best
-
-
-def plan_continuous_search(requests: Requests, cost: CostModel, options: Options,
-                           rng_seed: int = 0, draws: int = 2,
-                           thresholds=CONTINUOUS_SEARCH_THRESHOLDS,
-                           refill_fractions=REFILL_FRACTIONS,
-                           phase_factors=PHASE_FACTORS,
-                           key_caps=SEARCH_KEY_CAPS,
-                           drain_fractions=DRAIN_FRACTIONS) -> ContinuousPlan:
-  """The probabilistic planner: the threshold, key cap, refill fraction and min_phase_factor
-  whose plan has the least expected time, estimated by simulating each candidate on the same
-  `draws` sets of lengths sampled from the predicted pmfs (seed `rng_seed`; common random
-  numbers); the refill fraction is chosen last, for the best phases. A key cap K admits a
-  request whose quantile is longer than K to a short, wide cache first (it carries on to a
-  longer one), as the oracle may. Last, the drain (`with_drain`) for the best plan. notes:
-  search = [(threshold, refill fraction, min_phase_factor, expected seconds, key cap)], then a
-  ("drain", fraction, ...) row per drain tried."""
-  if requests.length_pmf is None:
-    raise ValueError("continuous-search needs predicted pmfs")
-  samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(rng_seed), draws)
-
-  first = DEFAULT_REFILL_FRACTION if DEFAULT_REFILL_FRACTION in refill_fractions else (
-      refill_fractions[0])
-
-  def candidates():
-    # Phases (threshold x key cap x merging) at one refill size, then the refill size for the
-    # best phases: the refill size hardly changes which phases win, and this is 4x fewer runs.
-    for t in thresholds:
-      quantile = np.minimum(predicted_length(requests, float(t)), requests.room)
-      for key_cap in key_caps:
-        if key_cap is not None and key_cap >= int(quantile.max()):
-          continue
-        key = quantile if key_cap is None else np.minimum(quantile, int(key_cap))
-        for factor in phase_factors:
-          phases = continuous_phases(requests, key, cost, options, min_phase_factor=factor)
-          yield phases, first, float(t), {"threshold": float(t),
-                                          "min_phase_factor": float(factor), "key_cap": key_cap}
-
-  def evaluate(plan):
-    return expected_seconds(plan, requests, samples, cost, options)
-
-  best = _search(candidates(), evaluate, "continuous-search")
-  notes = {k: best.notes[k] for k in ("threshold", "min_phase_factor", "key_cap")}
-  others = [(best.phases, f, best.threshold, notes) for f in refill_fractions if f != first]
-  if others:
-    table = best.notes["search"]
-    refined = _search([(best.phases, first, best.threshold, notes)] + others, evaluate,
-                      "continuous-search")
-    refined.notes["search"] = table + refined.notes["search"][1:]
-    best = refined
-  best = _search_drain(best, evaluate, drain_fractions)
-  best.notes.update(draws=int(draws), rng_seed=int(rng_seed))
-  return best
-
-
-def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options,
-                           refill_fractions=REFILL_FRACTIONS, phase_factors=PHASE_FACTORS,
-                           key_caps=(None,) + CAP_GRID,
-                           drain_fractions=DRAIN_FRACTIONS) -> ContinuousPlan:
-  """Phases keyed by the true lengths (no slack), or by min(true length, K) for a key cap K
-  (a cascade: a row longer than K starts in a short, wide cache and carries on, as a static
-  plan's recovery does); the key cap, refill fraction and min_phase_factor with the least
-  simulated time on the true lengths (then the drain, as continuous-search does). With K = None
-  nothing is capped. notes: search = [(key cap, refill fraction, min_phase_factor, seconds,
-  key cap)], then a ("drain", fraction, ...) row per drain tried."""
-  if requests.true_length is None:
-    raise ValueError("continuous-oracle needs the true lengths")
-  true = np.minimum(np.asarray(requests.true_length, np.int64), requests.room)
-  caps = [k for k in key_caps if k is None or k < int(true.max())]
-
-  def candidates():
-    for key_cap in caps:
-      key = true if key_cap is None else np.minimum(true, int(key_cap))
-      for factor in phase_factors:
-        phases = continuous_phases(requests, key, cost, options, slack=0, min_phase_factor=factor)
-        for fraction in refill_fractions:
-          yield phases, fraction, None, {"key_cap": key_cap, "min_phase_factor": float(factor)}
-
-  def evaluate(plan):
-    return simulate_continuous(plan, requests, true, cost, options).seconds
-
-  return _search_drain(_search(candidates(), evaluate, "continuous-oracle"), evaluate,
-                       drain_fractions)
-
-
-def plan_continuous_vanilla(requests: Requests, cost: CostModel, options: Options,
-                            refill_fraction: float = DEFAULT_REFILL_FRACTION) -> ContinuousPlan:
-  """No prediction: dataset order, one phase whose cache holds every request's whole room
-  (nothing is capped), slots from the KV budget (no more than the bucket holding every
-  request)."""
-  cache_len = int(slot_cache_len(requests.prompt_len, requests.room, cost).max())
-  slots = slots_for(cache_len, cost, options, rows=requests.n)
-  phase = Phase(np.arange(requests.n), cache_len, slots, refill_for(slots, refill_fraction))
-  return ContinuousPlan([phase], "continuous-vanilla",
-                        notes={"refill_fraction": float(refill_fraction)})
-
-
-CONTINUOUS_PLANNERS: dict[str, Callable[..., ContinuousPlan]] = {
-    "continuous": plan_continuous,
-    "continuous-search": plan_continuous_search,
-    "continuous-oracle": plan_continuous_oracle,
-    "continuous-vanilla": plan_continuous_vanilla,
-}
-
-
-def make_continuous_plan(name: str, requests: Requests, cost: CostModel,
-                         options: Options | None = None) -> ContinuousPlan:
-  """The plan of the continuous planner called `name` (see CONTINUOUS_PLANNERS); checks that
-  every request is in exactly one phase and every phase fits the KV budget."""
-  if name not in CONTINUOUS_PLANNERS:
-    raise ValueError(f"unknown continuous planner {name!r}; continuous planners: "
-                     f"{sorted(CONTINUOUS_PLANNERS)}")
-  options = options or Options()
-  plan = CONTINUOUS_PLANNERS[name](requests, cost, options)
-  seen = np.bincount(plan.members(), minlength=requests.n) if plan.phases else np.zeros(
-      requests.n, np.int64)
-  if seen.size != requests.n or not (seen == 1).all():
-    raise ValueError(f"planner {name!r} lost or repeated a request")
-  for p in plan.phases:
-    if p.slots * p.cache_len > options.kv_budget_tokens or p.slots > options.max_batch:
-      raise ValueError(f"planner {name!r}: a phase of {p.slots} x {p.cache_len} tokens exceeds "
-                       f"kv_budget_tokens={options.kv_budget_tokens} or max_batch")
-  return plan

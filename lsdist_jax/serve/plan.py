@@ -15,7 +15,8 @@ import numpy as np
 from lsdist_jax import paths
 from lsdist_jax.schedule import CostModel, Options, Requests as PlannerRequests, make_plan
 from lsdist_jax.schedule import plan_recovery, with_engine_shapes
-from lsdist_jax.schedule.continuous import final_phase, make_continuous_plan
+from lsdist_jax.schedule.continuous import final_phase
+from lsdist_jax.schedule.continuous_search import make_continuous_plan
 from lsdist_jax.serve.requests import Requests, embed_requests
 from lsdist_jax.serve.strategies import is_continuous
 

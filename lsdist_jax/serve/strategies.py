@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from lsdist_jax.schedule.continuous import CONTINUOUS_PLANNERS
+from lsdist_jax.schedule.continuous_search import CONTINUOUS_PLANNERS
 
 DEFAULT_VANILLA_BATCH = 16  # the paper's fixed batch
 
@@ -24,7 +24,7 @@ STRATEGIES = {
     "ours-search": ("search", "distribution"),
     "ours-optimal": ("optimal", "distribution"),
     "oracle": ("oracle", None),
-    # continuous (slot-refill) execution, schedule/continuous.py
+    # continuous (slot-refill) execution, schedule/continuous_search.py
     "continuous-vanilla": ("continuous-vanilla", None),
     "ours-continuous": ("continuous-search", "distribution"),
     "oracle-continuous": ("continuous-oracle", None),
