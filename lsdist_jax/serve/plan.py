@@ -191,7 +191,9 @@ def make_runner(engine, requests: Requests, config, forced_lengths=None, on_prog
 def describe_plan(planner: str, plan, options: Options) -> str:
   """One line on a plan: its strategy, batches or phases (slots, cache), the KV budget."""
   if is_continuous(planner):
-    phases = ", ".join(f"{p.slots} slots x {p.cache_len}" for p in plan.phases)
+    phases = ", ".join(f"{p.slots} slots x {p.cache_len}"
+                       + (f" (drains at {p.drain} rows)" if getattr(p, "drain", 0) else "")
+                       for p in plan.phases)
     shape = f"{len(plan.phases)} phase(s): {phases}"
   else:
     sizes = [len(b.members) for b in plan.batches]
