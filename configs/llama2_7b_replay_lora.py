@@ -4,8 +4,9 @@ one run. The answers come from the SmolLM2 LoRA (<workdir>/predictor/lora), the 
 recorded the replayed lengths, so its prediction time is SmolLM2's, not a 7B's.
 
 vanilla:16 is left out: at this size it alone takes about 20 GPU minutes (simulated 1,465 s),
-and vanilla:best is the fixed-batch reference of every target. The slowest strategies come
-first, so that workers spread over several GPUs start them at once.
+and vanilla:best is the fixed-batch reference of every target. vanilla:best comes first (the
+report's reference for identical responses), then the slowest strategies, so that workers
+spread over several GPUs start them at once.
 
   bash scripts/lora_gpu.sh <SmolLM2 GGUF> <run folder>     # trains everything, then runs this
 """

@@ -12,6 +12,7 @@ def get_config():
   c = config_beside(__file__, "smollm2_benchmark_7451")
   c.workdir = "runs/smollm2_benchmark_lora"
   plain = c.benchmark.strategies
-  # ssch-lora beside ssch-scalar-max (second, so a worker starts it at once: it is the slowest)
+  # ssch-lora second, after the identical-responses reference, so that a worker starts it at
+  # once: it is the slowest
   c.benchmark.strategies = (plain[0], "ssch-lora") + plain[1:]
   return c

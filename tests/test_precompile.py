@@ -9,7 +9,8 @@ from lsdist_jax.llama.generator import Generator
 from lsdist_jax.llama.model import Llama
 from lsdist_jax.serve.runner import Runner
 from lsdist_jax.shapes import Buckets
-from test_runner import ContinuousPlan, Phase, _Engine  # the runner tests' plan stand-ins
+from lsdist_jax.schedule.continuous import Phase
+from test_runner import ContinuousPlan, _Engine  # the runner tests' plan stand-ins
 
 BUCKETS = dict(batch=(1, 2, 4, 8), prompt=8, cache=32)
 SAMPLING = dict(temperature=0.8, top_p=0.9, seed=5)

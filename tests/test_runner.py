@@ -9,6 +9,7 @@ import pytest
 from lsdist_jax.llama.generator import Generator
 from lsdist_jax.shapes import Buckets
 from lsdist_jax.llama.model import Llama
+from lsdist_jax.schedule.continuous import Phase
 from lsdist_jax.serve.runner import Runner
 
 
@@ -107,14 +108,6 @@ def test_profile_rows_vary_live_tokens_at_one_shape_and_fit_a_cost_model(tiny_pa
 
 
 @dataclasses.dataclass
-class Phase:
-  members: np.ndarray
-  cache_len: int
-  slots: int
-  refill: int
-
-
-@dataclasses.dataclass
 class ContinuousPlan:
   phases: list
 
@@ -145,11 +138,9 @@ def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
 def test_a_draining_phase_carries_its_running_rows_on_unchanged(runner):
   """Phases that end once at most `drain` rows still run (schedule/continuous.py): those rows
   leave mid-response and continue in the next phase, token for token as one static batch."""
-  from lsdist_jax.schedule.continuous import Phase as PlanPhase
-
   vanilla = runner.run(Plan([Batch(np.arange(12), 72)]))
   order = np.random.default_rng(4).permutation(12)
-  first = PlanPhase(order[:8], 64, 4, 1, drain=2)
+  first = Phase(order[:8], 64, 4, 1, drain=2)
   # the first phase alone: the rows it carries on are those that did not fit or reached their
   # slot's room, plus at most `drain` rows cut mid-response
   generated = [[] for _ in range(12)]
@@ -161,8 +152,8 @@ def test_a_draining_phase_carries_its_running_rows_on_unchanged(runner):
   cut = [r for r in carried if 0 < len(generated[r]) < room[r]]
   assert 1 <= len(cut) <= first.drain
   assert all(vanilla.tokens[r][:len(generated[r])] == generated[r] for r in cut)
-  plan = ContinuousPlan([first, PlanPhase(order[8:], 96, 4, 2, drain=3)])
-  result = runner.run_continuous(plan, lambda c, r: PlanPhase(np.zeros(0, np.int64), 96, 4, 1))
+  plan = ContinuousPlan([first, Phase(order[8:], 96, 4, 2, drain=3)])
+  result = runner.run_continuous(plan, lambda c, r: Phase(np.zeros(0, np.int64), 96, 4, 1))
   assert result.tokens == vanilla.tokens
   assert (result.finished == vanilla.finished).all()
 

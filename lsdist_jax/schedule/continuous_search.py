@@ -90,9 +90,9 @@ def with_drain(phases: list[Phase], fraction: float) -> list[Phase]:
 
 
 def _search_drain(best: ContinuousPlan, evaluate, fractions) -> ContinuousPlan:
-  """`best` with the drain fraction (of `fractions`) of least `evaluate`; notes: drain_fraction,
-  and the search table gains a row per fraction tried (drain fraction in the key cap's place
-  is not mixed up: its notes' first value is "drain")."""
+  """`best` with the drain fraction (of `fractions`, 0 meaning `best` as it is) of least
+  `evaluate`; notes: drain_fraction, and the search table gains a row per fraction tried,
+  ("drain", fraction, min_phase_factor, expected seconds, key cap)."""
   chosen, table = best, []
   best.notes["drain_fraction"] = 0.0
   for fraction in fractions:

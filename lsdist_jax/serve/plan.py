@@ -192,7 +192,7 @@ def describe_plan(planner: str, plan, options: Options) -> str:
   """One line on a plan: its strategy, batches or phases (slots, cache), the KV budget."""
   if is_continuous(planner):
     phases = ", ".join(f"{p.slots} slots x {p.cache_len}"
-                       + (f" (drains at {p.drain} rows)" if getattr(p, "drain", 0) else "")
+                       + (f" (drains at {p.drain} rows)" if p.drain else "")
                        for p in plan.phases)
     shape = f"{len(plan.phases)} phase(s): {phases}"
   else:

@@ -258,7 +258,7 @@ class Runner:
     carried = [r for r, ok in zip(queue, fits) if not ok]
     pending = [r for r, ok in zip(queue, fits) if ok]
     refill = max(1, min(int(phase.refill), batch.slots))
-    drain = int(getattr(phase, "drain", 0))
+    drain = int(phase.drain)
     # After the first fill every insert is one program per context block: at most a refill's
     # bucket of rows, padded to it (slots freed beyond it wait for the next refill).
     most, min_rows = batch.slots, 0
