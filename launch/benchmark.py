@@ -41,6 +41,9 @@ flags.DEFINE_list("devices", [], "GPU ids the workers are spread over (CUDA_VISI
 flags.DEFINE_string("lock_dir", "", "where the per-device lock files live (default: the "
                     "benchmark's state folder); benchmarks run side by side on the same GPUs "
                     "pass the same folder, so their timed calls never overlap either")
+flags.DEFINE_float("memory_fraction", 0.0, "with --workers: the share of its GPU's memory each "
+                   "worker may use (0: no cap); set it when processes share a GPU, e.g. two "
+                   "benchmarks run side by side")
 flags.DEFINE_bool("report_only", False, "write the report from the results saved so far "
                   "(<workdir>/<name>_state), with no engine; missing strategies are listed")
 flags.DEFINE_bool("worker", False, "internal: run as one of --workers")
@@ -49,7 +52,8 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
-_PARENT_ONLY = ("--workers", "--devices", "--profile", "--worker", "--device_lock", "--lock_dir")
+_PARENT_ONLY = ("--workers", "--devices", "--profile", "--worker", "--device_lock", "--lock_dir",
+                "--memory_fraction")
 
 
 def _child_argv(extra):
@@ -82,7 +86,7 @@ def main(argv):
           for k in ("batches", "cache", "prompts")])
     run_workers(lambda lock: _child_argv(["--worker", f"--device_lock={lock}"]), FLAGS.workdir,
                 FLAGS.name, FLAGS.workers, FLAGS.devices, lock_dir=FLAGS.lock_dir,
-                profile_command=profile)
+                profile_command=profile, memory_fraction=FLAGS.memory_fraction)
     # then the report below, every result loaded
   from lsdist_jax.logs import quiet_libraries
 

@@ -15,10 +15,12 @@
 #               (configs/smollm2_benchmark_lora.py; workers over the GPUs of $DEVICES, default 0)
 #   replay_7b   the 7B-shape length replay with ssch-lora (configs/llama2_7b_replay_lora.py; its
 #               answers come from the SmolLM2 LoRA, the model that recorded the lengths)
-# Progress: <run>/session.log; logs: <run>/<step>.log. BOTH=1 runs the last two side by side
-# (session 11 started them so on 4 x H200, DEVICES=0,1,2,3 BOTH=1, and lost the machine before
-# they ended; the 7B replay, ~70 GPU minutes simulated, takes ~20 min there, its ssch-lora
-# strategy the longest single one).
+# Progress: <run>/session.log; logs: <run>/<step>.log. BOTH=1 runs the last two side by side,
+# each worker's allocator capped (--memory_fraction: 0.3 of each card for SmolLM2, 0.6 for the
+# 7B shape; uncapped, session 12's 7B replay ran out of memory on a card where the SmolLM2
+# worker's allocator had grown). On 4 x H200 the SmolLM2 run took 19 minutes that way; the 7B
+# replay (~70 GPU minutes simulated, its ssch-lora strategy the longest) had done 2 of 10
+# strategies after 17 minutes: give it a machine of its own or more than one session.
 set -uo pipefail
 gguf=$1
 run=$2
@@ -47,16 +49,18 @@ stop_after table
 # each worker's timed calls never overlapping another's on its GPU (the 7B replay's long
 # strategies keep every GPU busy while the SmolLM2 run fills the gaps).
 locks=(--lock_dir="$run/locks")
+small_memory=() large_memory=()
+if [ "${BOTH:-0}" = 1 ]; then small_memory=(--memory_fraction=0.3) large_memory=(--memory_fraction=0.6); fi
 mkdir -p "$run/locks"
 benchmark() {
   step benchmark python3 launch/benchmark.py --config=configs/smollm2_benchmark_lora.py \
     --config.model.path="$gguf" --workdir="$work" --name=benchmark_lora \
-    --workers="$workers" --devices="$devices" "${locks[@]}"
+    --workers="$workers" --devices="$devices" "${locks[@]}" "${small_memory[@]}"
 }
 replay_7b() {
   step replay_7b python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py \
     --workdir="$work" --name=benchmark_lora_replay_7b \
-    --workers="$workers" --devices="$devices" "${locks[@]}"
+    --workers="$workers" --devices="$devices" "${locks[@]}" "${large_memory[@]}"
 }
 if [ "${BOTH:-0}" = 1 ] && [ "$last" = replay_7b ]; then
   replay_7b & benchmark & wait

@@ -9,10 +9,10 @@ from lsdist_jax.benchmark.workers import run_workers
 from lsdist_jax.paths import benchmark_state as state_dir
 
 
-def _command(out_dir, code=0):
-  """A stand-in worker: records its lock path and visible device, then exits with `code`."""
+def _command(out_dir, code=0, env="CUDA_VISIBLE_DEVICES"):
+  """A stand-in worker: records its lock path and the variable `env`, then exits with `code`."""
   script = ("import os, sys; open(os.path.join(sys.argv[1], str(os.getpid())), 'w').write("
-            "sys.argv[2] + ' ' + os.environ.get('CUDA_VISIBLE_DEVICES', '-')); sys.exit(%d)" % code)
+            "sys.argv[2] + ' ' + os.environ.get(%r, '-')); sys.exit(%d)" % (env, code))
   return lambda lock: [sys.executable, "-c", script, str(out_dir), lock]
 
 
@@ -25,6 +25,18 @@ def test_workers_are_dealt_devices_with_one_lock_each(tmp_path):
   locks = os.path.join(state_dir(str(workdir), "bench"), "device_%s.lock")
   assert seen == sorted([f"{locks % '4'} 4", f"{locks % '7'} 7", f"{locks % '4'} 4"])
   assert all((tmp_path / "work" / "bench_state" / f"worker{k}.log").exists() for k in range(3))
+
+
+def test_memory_fraction_caps_each_worker_and_is_checked(tmp_path, monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  for fraction, expected in ((0.3, "0.3"), (0.0, "-")):
+    out = tmp_path / f"seen{fraction}"
+    out.mkdir()
+    run_workers(_command(out, env="XLA_PYTHON_CLIENT_MEM_FRACTION"), str(tmp_path / "work"),
+                "bench", 2, poll_s=0.05, memory_fraction=fraction)
+    assert sorted(p.read_text().split()[1] for p in out.iterdir()) == [expected, expected]
+  with pytest.raises(ValueError, match="memory_fraction"):
+    run_workers(_command(tmp_path), str(tmp_path / "work"), "bench", 1, memory_fraction=1.5)
 
 
 def test_a_failed_worker_is_reported_with_its_log(tmp_path):

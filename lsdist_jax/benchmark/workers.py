@@ -17,14 +17,22 @@ from lsdist_jax.processes import device_env, run_processes
 
 def run_workers(command, workdir: str, out_name: str, workers: int, devices: Sequence[str] = (),
                 lock_dir: str = "", profile_command: Sequence[str] | None = None,
-                poll_s: float = 2.0) -> None:
+                poll_s: float = 2.0, memory_fraction: float = 0.0) -> None:
   """Runs `workers` benchmark processes that share the strategies (`run_benchmark(worker=True)`)
   and waits for them, logging each result as it is saved; a failed worker stops the others.
 
   command(lock_path) -> a worker's argv; devices: GPU ids dealt to the workers in turn (each
   sees one, CUDA_VISIBLE_DEVICES), or none (all on the default device); one lock file per
   device, in lock_dir (default: the state folder). profile_command: run first, on the first
-  device (it fits and saves the cost model the workers then load)."""
+  device (it fits and saves the cost model the workers then load). memory_fraction (0: no cap):
+  the share of its GPU's memory each worker's allocator may grow to
+  (XLA_PYTHON_CLIENT_MEM_FRACTION), for processes that share a GPU: without a cap, allocators
+  that grew in turn can leave a neighbour short mid-run."""
+  if not 0.0 <= memory_fraction <= 1.0:
+    raise ValueError(f"memory_fraction must be in [0, 1] (0: no cap), got {memory_fraction}")
+  extra = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the GPUs are shared
+  if memory_fraction:
+    extra["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction:g}"
 
   devices = list(devices)
   if profile_command:
@@ -46,6 +54,6 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
     seen = now
 
   run_processes([command(lock) for lock in locks],
-                [device_env(d, XLA_PYTHON_CLIENT_PREALLOCATE="false") for d in placed],  # shared
+                [device_env(d, **extra) for d in placed],
                 [os.path.join(directory, f"worker{k}.log") for k in range(workers)],
                 what="benchmark worker", on_poll=report_saved, poll_s=poll_s)
