@@ -63,6 +63,11 @@ def default_config() -> ml_collections.ConfigDict:
   # slots of unfinished rows, on GPUs in bf16 (on a mesh: per device under shard_map); XLA
   # elsewhere) | pallas | dot | reduce.
   c.engine.decode_attention = "auto"
+  # The prefill-only programs (the prediction prefill, each slot insert's prefill) run their
+  # blocks as one lax.scan, lowered and compiled once instead of once per layer; it stacks the
+  # layer weights inside each such program (a transient copy of them). Off until measured on a
+  # GPU (launch/bench_compile.py); on the CPU it halves the prediction prefill's compile time.
+  c.engine.scan_prefill = False
   # Programs a run knows it will need (the prediction prefill's, a continuous plan's phases)
   # compile ahead in this many background threads while earlier work runs; 0: each compiles
   # when first run. Off on a mesh.

@@ -96,8 +96,9 @@ class Engine:
       decode_impl = (engine_config.get("decode_attention", "auto") if engine_config is not None
                      else "auto")
     self.decode_impl = resolve_decode_impl(decode_impl, dtype, self.mesh, config.head_dim)
+    scan = bool(engine_config.get("scan_prefill", False)) if engine_config is not None else False
     self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
-                       decode_impl=self.decode_impl, mesh=self.mesh)
+                       decode_impl=self.decode_impl, mesh=self.mesh, scan_prefill=scan)
     self.params = self._place_params(params)
     buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
     threads = int(engine_config.get("compile_threads", 0)) if engine_config is not None else 0

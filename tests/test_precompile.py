@@ -100,3 +100,18 @@ def test_a_shared_prefill_runs_a_program_compiled_ahead_too(tiny_params):
   batch.decode(4)
   assert batch.prefilled_rows == 2
   assert gen.compile_count == 2 and gen.precompiled_runs == 2
+
+
+def test_compile_times_cover_each_program_both_ways_and_the_prefills_agree():
+  from lsdist_jax.benchmark.compile_times import prefill_run_rows, program_rows
+  from lsdist_jax.engine import Engine
+
+  engine = Engine.random("tiny", dtype="float32")
+  rows = program_rows(engine, slots=4, cache_len=32, rows=2, block=8)
+  assert [(r["program"], r["scan_prefill"]) for r in rows] == [
+      ("prefill_hidden", False), ("slot_insert", False), ("slot_decode", False),
+      ("insert: sampling alone", False), ("prefill_hidden", True), ("slot_insert", True)]
+  assert all(r["lower_s"] > 0 and r["compile_s"] > 0 for r in rows)
+  run = prefill_run_rows(engine, rows=2, block=8, repeats=2)
+  assert [r["scan_prefill"] for r in run] == [False, True] and all(r["seconds"] > 0 for r in run)
+  assert run[1]["max_abs_diff_vs_unrolled"] < 1e-4

@@ -222,3 +222,42 @@ def test_equal_contexts_share_one_prefill_and_give_each_requests_own_tokens(gene
   np.testing.assert_allclose(got[True][1], got[False][1], rtol=1e-5, atol=1e-6)
   assert (got[False][2], got[True][2]) == (8, 4)  # rows prefilled: 8, then half of them
   assert any(name.endswith("/shared4") for name in got[True][3]), got[True][3]
+
+
+def test_scanned_prefill_equals_the_unrolled_one(tiny_params):
+  from lsdist_jax.llama.model import prefill_scanned
+
+  cfg, params = tiny_params
+  model = Llama(cfg, jnp.float32, jnp.float32)
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(3, 256, size=(3, 12)))
+  pad = jnp.array([0, 4, 9], jnp.int32)
+  layers = (0, cfg.num_layers - 1, -1)
+  for at in ("last", "all"):
+    want = model.apply({"params": params}, tokens, init_cache(cfg, 3, 12, jnp.float32),
+                       jnp.int32(0), pad, logits_at=at, hidden_layers=layers, hidden_at=at)
+    got = prefill_scanned(model, params, tokens, pad, logits_at=at, hidden_layers=layers,
+                          hidden_at=at)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert sorted(got[1]) == sorted(want[1])
+    for k in layers:
+      np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-5, atol=1e-5)
+    assert len(got[2]) == cfg.num_layers
+    for a, b in zip(got[2], want[2]):
+      np.testing.assert_allclose(a["k"], b["k"], rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(a["v"], b["v"], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="hidden layer"):
+    prefill_scanned(model, params, tokens, pad, hidden_layers=(cfg.num_layers,))
+
+
+def test_refill_with_scanned_prefills_gives_the_same_responses(tiny_params, generator):
+  cfg, params = tiny_params
+  scanned = Generator(Llama(cfg, jnp.float32, jnp.float32, scan_prefill=True), params,
+                      buckets=Buckets(batch=(1, 2, 4, 8), prompt=8, cache=32))
+  prompts = _prompts(9, seed=6)
+  ids = [300 + i for i in range(9)]
+  expected, expected_fin = _continuous(generator, prompts, ids, [(4, 128)], refill=2)[:2]
+  got, fin, _ = _continuous(scanned, prompts, ids, [(4, 128)], refill=2)
+  assert got == expected and fin == expected_fin
+  np.testing.assert_allclose(scanned.embed(prompts), generator.embed(prompts), rtol=1e-4,
+                             atol=1e-5)

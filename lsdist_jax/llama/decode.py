@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsdist_jax import sharding as shd
-from lsdist_jax.llama.model import CACHE_AXES, Llama, init_cache
+from lsdist_jax.llama.model import CACHE_AXES, Llama, init_cache, prefill_scanned
 from lsdist_jax.llama import sampling
 
 
@@ -151,10 +151,7 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
   u, p = tokens.shape
   k = slots.shape[0]
   s_len = state["out"].shape[1] - 1
-  small = init_cache(model.config, u, p, model.dtype)
-  logits, hidden, small = model.apply({"params": params}, tokens, small,
-                                      jnp.zeros((), jnp.int32), pad_len, logits_at="last",
-                                      hidden_layers=(hidden_layer,))
+  logits, hidden, small = _prefill(model, params, tokens, pad_len, hidden_layers=(hidden_layer,))
   pad_len = pad_len[source]  # [k]: each inserted row's
   eos = jnp.asarray(eos_ids, jnp.int32)
   tok = _choose_fn(mesh, k)(logits[source, -1], request_ids, start_steps, forced_len, seed,
@@ -231,18 +228,22 @@ def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: 
   return state, steps
 
 
+def _prefill(model: Llama, params, tokens, pad_len, hidden_layers=()):
+  """(logits at the last position, hidden, cache) of `tokens` prefilled into a fresh cache of
+  their own length: the blocks unrolled, or as one scan with `model.scan_prefill`."""
+  if model.scan_prefill:
+    return prefill_scanned(model, params, tokens, pad_len, hidden_layers=hidden_layers)
+  cache = init_cache(model.config, tokens.shape[0], tokens.shape[1], model.dtype)
+  return model.apply({"params": params}, tokens, cache, jnp.zeros((), jnp.int32), pad_len,
+                     logits_at="last", hidden_layers=hidden_layers)
+
+
 def prefill_hidden(params, tokens, pad_len, *, model: Llama, hidden_layer: int):
-  b, p = tokens.shape
-  cache = init_cache(model.config, b, p, model.dtype)
-  _, hidden, _ = model.apply({"params": params}, tokens, cache, jnp.zeros((), jnp.int32), pad_len,
-                             logits_at="last", hidden_layers=(hidden_layer,))
+  _, hidden, _ = _prefill(model, params, tokens, pad_len, hidden_layers=(hidden_layer,))
   return hidden[hidden_layer][:, -1].astype(jnp.float32)
 
 
 def prefill_logits(params, tokens, pad_len, *, model: Llama):
   """The next-token logits after each prompt. tokens: [B, P] left-padded -> [B, V] float32."""
-  b, p = tokens.shape
-  cache = init_cache(model.config, b, p, model.dtype)
-  logits, _, _ = model.apply({"params": params}, tokens, cache, jnp.zeros((), jnp.int32), pad_len,
-                             logits_at="last")
+  logits, _, _ = _prefill(model, params, tokens, pad_len)
   return logits[:, -1].astype(jnp.float32)

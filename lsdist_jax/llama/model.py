@@ -201,6 +201,9 @@ class Llama(nn.Module):
   param_dtype: Any = jnp.bfloat16
   decode_impl: str = "dot"
   mesh: Any = None  # where the params and caches live (the pallas decode kernel needs it)
+  # decode.py's prefill-only programs (the prediction prefill, the slot insert) run their blocks
+  # as one scan (`prefill_scanned`): a fraction of the compile time, a transient weight copy
+  scan_prefill: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array, cache: Cache, write_index: Array, pad_len: Array,
@@ -209,17 +212,8 @@ class Llama(nn.Module):
     cfg = self.config
     embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        self.param_dtype)
-    b, t = tokens.shape
-    cache_len = cache[0]["k"].shape[2]
-    # [1, T] (a scalar write_index: every row at the same slots) or [B, T] (one per row)
-    query_slots = jnp.reshape(write_index, (-1, 1)) + jnp.arange(t)[None, :]
-    positions = jnp.maximum(query_slots - pad_len[:, None], 0)  # [B, T]
-    mask = attention_mask(query_slots, cache_len, pad_len)
-    # Live cache slots of each row for a decode step: [pad_len, write_index] (nothing if done).
-    kv_hi = jnp.broadcast_to(write_index + t, (b,)).astype(jnp.int32)
-    if active is not None:
-      kv_hi = jnp.where(active, kv_hi, pad_len)
-    kv_bounds = (pad_len.astype(jnp.int32), kv_hi)
+    positions, mask, kv_bounds = _geometry(tokens.shape, cache[0]["k"].shape[2], write_index,
+                                           pad_len, active)
 
     def pick(x):
       return x[:, -1:] if hidden_at == "last" else x
@@ -239,15 +233,74 @@ class Llama(nn.Module):
       hidden[-1] = pick(x)
     if logits_at == "last":
       x = x[:, -1:]
-    if cfg.tie_word_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                    self.param_dtype)
-      logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
-    return logits, hidden, new_cache
+    head = None if cfg.tie_word_embeddings else _param(
+        self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.param_dtype)
+    return _logits(x, embedding, head, self.dtype), hidden, new_cache
+
+
+def _geometry(shape, cache_len: int, write_index, pad_len, active=None):
+  """(positions [B, T], mask [B, T, S], kv_bounds) of T new tokens per row written from
+  `write_index` (a scalar, or [B]: one token per row at its own slot) into a cache of S slots."""
+  b, t = shape
+  # [1, T] (a scalar write_index: every row at the same slots) or [B, T] (one per row)
+  query_slots = jnp.reshape(write_index, (-1, 1)) + jnp.arange(t)[None, :]
+  positions = jnp.maximum(query_slots - pad_len[:, None], 0)  # [B, T]
+  mask = attention_mask(query_slots, cache_len, pad_len)
+  # Live cache slots of each row for a decode step: [pad_len, write_index] (nothing if done).
+  kv_hi = jnp.broadcast_to(write_index + t, (b,)).astype(jnp.int32)
+  if active is not None:
+    kv_hi = jnp.where(active, kv_hi, pad_len)
+  return positions, mask, (pad_len.astype(jnp.int32), kv_hi)
+
+
+def _logits(x: Array, embedding: Array, head: Array | None, dtype) -> Array:
+  """The head: tied (the embedding) when `head` is None, else [D, V]; float32 logits."""
+  if head is None:
+    return jnp.einsum("btd,vd->btv", x, embedding.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def prefill_scanned(model: Llama, params, tokens: Array, pad_len: Array, *,
+                    logits_at: str = "last", hidden_layers: Sequence[int] = (),
+                    hidden_at: str = "last"):
+  """`model.apply({"params": params}, tokens, init_cache(.., B, T), 0, pad_len, ...)` (a
+  prefill into a fresh cache of the prompt's own length) with its blocks as one `lax.scan` over
+  the layers' params, stacked inside the program: one block is lowered and compiled instead of
+  num_layers (the engine's `scan_prefill`). The stacked copy of the layer weights is transient
+  (it costs one read and write of them per call, and their size in memory while it runs).
+  Returns the same (logits, hidden, cache), the cache as one dict per layer."""
+  cfg = model.config
+  b, t = tokens.shape
+  positions, mask, kv_bounds = _geometry(tokens.shape, t, jnp.zeros((), jnp.int32), pad_len)
+  block = Block(cfg, model.dtype, model.param_dtype, model.decode_impl, model.mesh)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                         *[params[f"layers_{i}"] for i in range(cfg.num_layers)])
+  inner = [i for i in hidden_layers if i != -1]
+  for i in inner:
+    if not 0 <= i < cfg.num_layers:
+      raise ValueError(f"hidden layer {i} is not in 0..{cfg.num_layers - 1} or -1")
+
+  def pick(x):
+    return x[:, -1:] if hidden_at == "last" else x
+
+  def layer(x, layer_params):
+    empty = jnp.zeros((b, cfg.num_kv_heads, t, cfg.head_dim), model.dtype)
+    x, new = block.apply({"params": layer_params}, x, positions, mask,
+                         {"k": empty, "v": empty}, jnp.zeros((), jnp.int32), kv_bounds)
+    return x, (new, pick(x) if inner else None)
+
+  x = jnp.take(params["embed"], tokens, axis=0).astype(model.dtype)
+  x, (caches, picked) = jax.lax.scan(layer, x, stacked)
+  hidden = {i: picked[i] for i in inner}
+  x = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
+  if -1 in hidden_layers:
+    hidden[-1] = pick(x)
+  if logits_at == "last":
+    x = x[:, -1:]
+  logits = _logits(x, params["embed"], params.get("lm_head"), model.dtype)
+  cache = [{"k": caches["k"][i], "v": caches["v"][i]} for i in range(cfg.num_layers)]
+  return logits, hidden, cache
 
 
 def init_cache(config: LlamaConfig, batch: int, cache_len: int, dtype=jnp.bfloat16) -> Cache:

@@ -1,0 +1,45 @@
+"""Compile times of the generate job's programs, the prefill's blocks unrolled and scanned
+(issue 18; `lsdist_jax/benchmark/compile_times.py`), and the two prefills' run times:
+
+  python launch/bench_compile.py --model=smollm2-135m --out=docs/results/compile_times_cpu.json
+
+On a GPU it times the GPU backend's compilation (the job's bottleneck there).
+"""
+
+from absl import flags
+
+from lsdist_jax import cli
+
+flags.DEFINE_string("model", "smollm2-135m", "preset whose shape gets random weights")
+flags.DEFINE_integer("slots", 256, "slot batch rows")
+flags.DEFINE_integer("cache", 256, "slot batch cache length")
+flags.DEFINE_integer("rows", 64, "inserted / prefilled rows")
+flags.DEFINE_integer("block", 64, "context block (prompt tokens)")
+flags.DEFINE_string("out", "", "write the JSON here")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from lsdist_jax.benchmark.compile_times import prefill_run_rows, program_rows
+  from lsdist_jax.engine import Engine
+  from lsdist_jax.files import write_json
+
+  engine = Engine.random(FLAGS.model)
+  shape = dict(slots=FLAGS.slots, cache_len=FLAGS.cache, rows=FLAGS.rows, block=FLAGS.block)
+  rows = program_rows(engine, **shape) + prefill_run_rows(engine, rows=FLAGS.rows,
+                                                          block=FLAGS.block)
+  for row in rows:
+    print(row)
+  if FLAGS.out:
+    device = jax.devices()[0]
+    write_json({"device": f"{device.platform}: {device.device_kind}", "model": FLAGS.model,
+                "shape": shape, "command": "python launch/bench_compile.py --model="
+                f"{FLAGS.model} --slots={FLAGS.slots} --cache={FLAGS.cache} --rows={FLAGS.rows} "
+                f"--block={FLAGS.block}", "rows": rows}, FLAGS.out)
+
+
+if __name__ == "__main__":
+  cli.run(main)
