@@ -44,19 +44,19 @@ def _slot_run(gen):
 def test_precompiled_slot_programs_are_the_ones_run(tiny_params):
   gen = _generator(tiny_params, threads=2)
   started = gen.precompile_slots(4, 64, [(4, 16), (2, 16)])
-  assert started == 3  # decode + two inserts
+  assert started == 5  # decode + two inserts, each with its first-token sampling
   assert gen.precompile_slots(4, 64, [(4, 16)]) == 0  # already compiling: not again
   tokens = _slot_run(gen)
-  assert gen.compile_count == 3 and gen.precompiled_runs == 3  # none compiled in the foreground
+  assert gen.compile_count == 5 and gen.precompiled_runs == 5  # none compiled in the foreground
   assert gen.background_compile_seconds > 0
   # queued behind a running compilation: cancelled, never run; the one under way finishes
   busy = _generator(tiny_params, threads=1)
-  assert busy.precompile_slots(4, 64, [(4, 16), (2, 16), (1, 16)]) == 4
+  assert busy.precompile_slots(4, 64, [(4, 16), (2, 16), (1, 16)]) == 7
   assert busy.drop_precompiles() >= 1 and len(busy._pending) <= 1
   plain = _generator(tiny_params, threads=0)
   assert plain.precompile_slots(4, 64, [(4, 16)]) == 0  # off
   assert _slot_run(plain) == tokens
-  assert plain.compile_count == 3 and plain.precompiled_runs == 0
+  assert plain.compile_count == 5 and plain.precompiled_runs == 0
 
 
 def test_embed_runs_one_program_per_block_and_keeps_prompt_order(tiny_params):
@@ -93,13 +93,14 @@ def test_a_shared_prefill_runs_a_program_compiled_ahead_too(tiny_params):
   # equal contexts prefill at half the rows (SlotBatch.insert(share_prefill=True)): that twin of
   # each insert program is compiled ahead as well, so sharing costs no foreground compilation
   gen = _generator(tiny_params, threads=2)
-  assert gen.precompile_slots(4, 64, [(4, 16)], share_prefill=True) == 3  # decode, insert, twin
+  # decode, insert, its twin, the first-token sampling
+  assert gen.precompile_slots(4, 64, [(4, 16)], share_prefill=True) == 4
   batch = gen.open_slots(4, 64, max_seq_len=64, **SAMPLING)
   prompt = _prompts(1, 8, 15)[0]
   batch.insert([0, 1, 2, 3], [prompt] * 4, [0, 1, 2, 3], [0] * 4, share_prefill=True)
   batch.decode(4)
   assert batch.prefilled_rows == 2
-  assert gen.compile_count == 2 and gen.precompiled_runs == 2
+  assert gen.compile_count == 3 and gen.precompiled_runs == 3
 
 
 def test_compile_times_cover_each_program_both_ways_and_the_prefills_agree():
@@ -109,8 +110,8 @@ def test_compile_times_cover_each_program_both_ways_and_the_prefills_agree():
   engine = Engine.random("tiny", dtype="float32")
   rows = program_rows(engine, slots=4, cache_len=32, rows=2, block=8)
   assert [(r["program"], r["scan_prefill"]) for r in rows] == [
-      ("prefill_hidden", False), ("slot_insert", False), ("slot_decode", False),
-      ("insert: sampling alone", False), ("prefill_hidden", True), ("slot_insert", True)]
+      ("prefill_hidden", False), ("slot_insert", False), ("slot_first", False),
+      ("slot_decode", False), ("prefill_hidden", True), ("slot_insert", True)]
   assert all(r["lower_s"] > 0 and r["compile_s"] > 0 for r in rows)
   run = prefill_run_rows(engine, rows=2, block=8, repeats=2)
   assert [r["scan_prefill"] for r in run] == [False, True] and all(r["seconds"] > 0 for r in run)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsdist_jax.llama import decode, sampling
+from lsdist_jax.llama import decode
 
 A = jax.ShapeDtypeStruct
 
@@ -29,34 +29,33 @@ def _timed(fn, *args) -> dict:
 def program_rows(engine, *, slots: int, cache_len: int, rows: int, block: int,
                  top_k_candidates: int = 16) -> list[dict]:
   """One row per (program, scan_prefill): lower_s and compile_s of the prediction prefill
-  (`prefill_hidden`, rows x block), a slot insert (rows x block into slots x cache_len), a
-  slot batch's decode loop, and two parts of the insert alone: its sampling and its cache move
-  (neither depends on the scan)."""
+  (`prefill_hidden`, rows x block), a slot insert (rows x block into slots x cache_len), the
+  first-token sampling after it (`slot_first`, once per rows whatever the block), and a slot
+  batch's decode loop (the last two do not change with the scan)."""
   cfg, out = engine.config, []
-  per_row = [A((rows, block) if i == 1 else (rows,), np.uint32 if i == 3 else np.int32)
-             for i in range(8)]  # slots, tokens, pad_len, request ids, starts, caps, limits, forced
+  ints = A((rows,), np.int32)
+  tokens = A((rows, block), np.int32)
   settings = [A((rows,), np.uint32), A((rows,), np.float32), A((rows, 2), np.float32)]
+  sampler = dict(top_k_candidates=top_k_candidates, eos_ids=(0,), filler_id=0)
   for scan in (False, True):
     model = engine.model.clone(scan_prefill=scan)
-    kw = dict(model=model, top_k_candidates=top_k_candidates, eos_ids=(0,), filler_id=0)
     state = jax.eval_shape(lambda: decode.slot_state(slots, cache_len, model=model))
     programs = {
         "prefill_hidden": (lambda p, t, pl: decode.prefill_hidden(p, t, pl, model=model,
                                                                    hidden_layer=-1),
-                           (engine.params, per_row[1], per_row[2])),
-        "slot_insert": (lambda p, st, *a: decode.slot_insert(p, st, *a, hidden_layer=-1, **kw),
-                        (engine.params, state, *per_row, *settings, A((rows,), np.int32))),
+                           (engine.params, tokens, ints)),
+        "slot_insert": (lambda p, st, *a: decode.slot_insert(p, st, *a, model=model),
+                        (engine.params, state, ints, tokens, ints, ints)),
     }
-    if not scan:  # the decode loop and the insert's parts do not change with the scan
+    if not scan:
+      programs["slot_first"] = (
+          lambda st, *a: decode.slot_first(st, *a, **sampler),
+          (state, A((rows, cfg.vocab_size), np.float32), ints, A((rows,), np.uint32),
+           ints, ints, ints, ints, *settings))
       programs["slot_decode"] = (
-          lambda p, st, *a: decode.slot_decode(p, st, *a, **kw),
+          lambda p, st, *a: decode.slot_decode(p, st, *a, model=model, **sampler),
           (engine.params, state, A((), np.int32), A((slots,), np.uint32),
            A((slots,), np.float32), A((slots, 2), np.float32)))
-      programs["insert: sampling alone"] = (
-          lambda lg, *a: sampling.choose(lg, *a, top_k_candidates=top_k_candidates,
-                                         eos=jnp.zeros((1,), jnp.int32), filler_id=0),
-          (A((rows, cfg.vocab_size), np.float32), per_row[3], per_row[4], per_row[7],
-           *settings))
     for name, (fn, args) in programs.items():
       out.append(dict(program=name, scan_prefill=scan, **_timed(fn, *args)))
   return out

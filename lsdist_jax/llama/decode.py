@@ -118,7 +118,9 @@ def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, a
 # into a free slot (its prompt prefilled and its cache moved to the slot's start), then every
 # decode step advances each unfinished slot by one token at its own cache position; when enough
 # slots are free the host inserts the next requests. Sampling is keyed by (seed, request id,
-# token index) as above, so a response is the same as from `generate_core`.
+# token index) as above, so a response is the same as from `generate_core`. An insert is two
+# programs: `slot_insert` (prefill, cache move) and `slot_first` (the first token's sampling),
+# so that the sampler is not compiled again into every (rows, context block) insert.
 #
 # State (a dict of device arrays, per slot [B]): cache; tok (the token to feed next); plen (the
 # context length at insertion); rid, start (PRNG identity and tokens generated before this
@@ -137,26 +139,19 @@ def slot_state(batch: int, cache_len: int, *, model: Llama) -> dict:
           "hidden": jnp.zeros((batch, model.config.hidden_size), jnp.float32)}
 
 
-def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps, caps, limits,
-                 forced_len, seed, temperature, top_p, source, *, model: Llama,
-                 top_k_candidates: int, eos_ids: tuple[int, ...], filler_id: int,
-                 hidden_layer: int = -1, mesh=None):
+def slot_insert(params, state, slots, tokens, pad_len, source, *, model: Llama,
+                hidden_layer: int = -1):
   """Prefills `tokens` ([u, P] left-padded contexts) and places row i (of k) in slot slots[i]
   (a slot index >= B drops the row: bucket padding), with the context of prefilled row
   source[i]: rows that share a context share its prefill (u <= k). Its cache moves to the
-  slot's start, so the slot holds context position j at cache slot j; its first token is
-  sampled here, with the row's own PRNG identity. The hidden state of its last context token
-  at `hidden_layer` goes to the slot's `hidden`. seed [k], temperature [k], top_p [k, 2]: the
-  inserted rows' sampling settings (their first token)."""
+  slot's start, so the slot holds context position j at cache slot j. The hidden state of its
+  last context token at `hidden_layer` goes to the slot's `hidden`. -> (state, logits [k, V]
+  float32 after each inserted row's context), for `slot_first` to sample from: the sampler is
+  a program of its own, so the many inserts (one per rows, context block and prefill rows)
+  do not each compile it."""
   u, p = tokens.shape
-  k = slots.shape[0]
-  s_len = state["out"].shape[1] - 1
   logits, hidden, small = _prefill(model, params, tokens, pad_len, hidden_layers=(hidden_layer,))
   pad_len = pad_len[source]  # [k]: each inserted row's
-  eos = jnp.asarray(eos_ids, jnp.int32)
-  tok = _choose_fn(mesh, k)(logits[source, -1], request_ids, start_steps, forced_len, seed,
-                            temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
-                            filler_id=filler_id)
   # Row i's context sits at [pad_len[i], P): gather it to [0, P - pad_len[i]).
   src = jnp.minimum(jnp.arange(p)[None, :] + pad_len[:, None], p - 1)[:, None, :, None]
   cols = jnp.arange(p)[None, :]
@@ -169,6 +164,26 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
       moved[name] = layer[name].at[slots[:, None], :, cols].set(rows, mode="drop")
     cache.append(moved)
   plen = (p - pad_len).astype(jnp.int32)
+  state = dict(state, cache=cache,
+               plen=state["plen"].at[slots].set(plen, mode="drop"),
+               hidden=state["hidden"].at[slots].set(
+                   hidden[hidden_layer][source, -1].astype(jnp.float32), mode="drop"))
+  return state, logits[source, -1].astype(jnp.float32)
+
+
+def slot_first(state, logits, slots, request_ids, start_steps, caps, limits, forced_len, seed,
+               temperature, top_p, *, top_k_candidates: int, eos_ids: tuple[int, ...],
+               filler_id: int, mesh=None):
+  """The first token of each row `slot_insert` placed (k rows, from its logits [k, V]), sampled
+  with the row's own PRNG identity, and the rest of each slot's state: request id, start step,
+  cap, limit, forced length, done, finished, accepted tokens. seed [k], temperature [k],
+  top_p [k, 2]: the inserted rows' sampling settings."""
+  k = slots.shape[0]
+  s_len = state["out"].shape[1] - 1
+  eos = jnp.asarray(eos_ids, jnp.int32)
+  tok = _choose_fn(mesh, k)(logits, request_ids, start_steps, forced_len, seed, temperature,
+                            top_p, top_k_candidates=top_k_candidates, eos=eos,
+                            filler_id=filler_id)
   is_eos = jnp.isin(tok, eos)
   accept = ~is_eos & (caps > 0) & (limits > 0)
   n_gen = accept.astype(jnp.int32)
@@ -178,13 +193,11 @@ def slot_insert(params, state, slots, tokens, pad_len, request_ids, start_steps,
   def put(x, value):
     return x.at[slots].set(value.astype(x.dtype), mode="drop")
 
-  return {"cache": cache, "tok": put(state["tok"], tok), "plen": put(state["plen"], plen),
-          "rid": put(state["rid"], request_ids), "start": put(state["start"], start_steps),
-          "n_gen": put(state["n_gen"], n_gen), "cap": put(state["cap"], caps),
-          "limit": put(state["limit"], limits), "forced": put(state["forced"], forced_len),
-          "done": put(state["done"], done), "finished": put(state["finished"], is_eos),
-          "out": put(state["out"], out_rows),
-          "hidden": put(state["hidden"], hidden[hidden_layer][source, -1].astype(jnp.float32))}
+  return dict(state, tok=put(state["tok"], tok), rid=put(state["rid"], request_ids),
+              start=put(state["start"], start_steps), n_gen=put(state["n_gen"], n_gen),
+              cap=put(state["cap"], caps), limit=put(state["limit"], limits),
+              forced=put(state["forced"], forced_len), done=put(state["done"], done),
+              finished=put(state["finished"], is_eos), out=put(state["out"], out_rows))
 
 
 def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: Llama,

@@ -21,7 +21,7 @@ from lsdist_jax.llama import decode
 from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
-from lsdist_jax.llama.slots import SlotBatch, insert_name, shared_rows
+from lsdist_jax.llama.slots import SlotBatch, first_name, insert_name, shared_rows
 from lsdist_jax.shapes import Buckets, batch_bucket, round_up
 
 
@@ -351,17 +351,21 @@ class Generator:
                                   self.params, state, _abstract(np.int32(0)),
                                   *map(_abstract, sampling_rows(b, b, 0, 0.6, 0.9))))
     insert_fn = self._slot_fn("slot_insert", b, s, hidden_layer)
+    first_fn = self._slot_fn("slot_first", b, s)
     for rows, block in sorted(set((self._rows_bucket(int(r)), int(b_)) for r, b_ in inserts)):
       if block > s:
         continue
+      ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 5  # slots, starts, caps, limits, forced
       for u in sorted({rows, shared_rows(self, rows) if share_prefill else rows}):
-        # slots, tokens [u, block], pad_len [u], request ids, start steps, caps, limits, forced
-        per_row = [jax.ShapeDtypeStruct((u, block) if i == 1 else (u if i == 2 else rows,),
-                                        np.uint32 if i == 3 else np.int32) for i in range(8)]
-        started += self.precompile(insert_name(b, s, rows, block, hidden_layer, u), insert_fn,
-                                   self.params, state, *per_row,
-                                   *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)),
-                                   jax.ShapeDtypeStruct((rows,), np.int32))  # source
+        started += self.precompile(  # slots, tokens [u, block], pad_len [u], source
+            insert_name(b, s, rows, block, hidden_layer, u), insert_fn, self.params, state,
+            ints[0], jax.ShapeDtypeStruct((u, block), np.int32),
+            jax.ShapeDtypeStruct((u,), np.int32), ints[0])
+      started += self.precompile(
+          first_name(b, s, rows), first_fn, state,
+          jax.ShapeDtypeStruct((rows, self.config.vocab_size), np.float32), ints[0],
+          jax.ShapeDtypeStruct((rows,), np.uint32), *ints[1:],
+          *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)))
     return started
 
   def _slot_shardings(self, batch: int, cache_len: int):
@@ -377,23 +381,32 @@ class Generator:
                 hidden=rows2)
 
   def _slot_fn(self, kind: str, batch: int, cache_len: int, hidden_layer: int = -1):
+    """The jitted slot program `kind`: slot_insert (params, state, slots, tokens, pad_len,
+    source) -> (state, logits); slot_first (state, logits, slots and eight more per-row
+    arrays) -> state; slot_decode (params, state, free_target, seed, temperature, top_p) ->
+    (state, steps). Each donates the state."""
     key = (kind, hidden_layer) + ((batch, cache_len) if self.mesh is not None else ())
-    if key not in self._fns:
-      core = decode.slot_insert if kind == "slot_insert" else decode.slot_decode
-      kw = dict(model=self.model, top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
-                filler_id=self.filler_id, mesh=self.mesh)
-      if kind == "slot_insert":
-        kw["hidden_layer"] = hidden_layer
-      if self.mesh is None:
-        self._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(1,))
-      else:  # the state keeps its shardings from call to call; the inserted rows are
-        # replicated; a decode's per-slot sampling settings split like the slots
-        state = self._slot_shardings(batch, cache_len)
-        rep = NamedSharding(self.mesh, P())
-        rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
-        extra = (rep,) * 12 if kind == "slot_insert" else (rep, rows, rows, rows2)
-        self._fns[key] = jax.jit(
-            lambda *a: core(*a, **kw), donate_argnums=(1,),
-            in_shardings=(self._param_shardings(), state) + extra,
-            out_shardings=state if kind == "slot_insert" else (state, rep))
+    if key in self._fns:
+      return self._fns[key]
+    sampler = dict(top_k_candidates=self.top_k_candidates, eos_ids=self.eos_ids,
+                   filler_id=self.filler_id, mesh=self.mesh)
+    core, kw, donate = {
+        "slot_insert": (decode.slot_insert, dict(model=self.model, hidden_layer=hidden_layer), 1),
+        "slot_first": (decode.slot_first, sampler, 0),
+        "slot_decode": (decode.slot_decode, dict(sampler, model=self.model), 1)}[kind]
+    if self.mesh is None:
+      self._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(donate,))
+      return self._fns[key]
+    # on a mesh the state keeps its shardings from call to call; the inserted rows (and their
+    # logits) are replicated; a decode's per-slot sampling settings split like the slots
+    state = self._slot_shardings(batch, cache_len)
+    rep = NamedSharding(self.mesh, P())
+    rows, rows2 = self._batch_sharding(batch, 1), self._batch_sharding(batch, 2)
+    ins, outs = {
+        "slot_insert": ((self._param_shardings(), state) + (rep,) * 4, (state, rep)),
+        "slot_first": ((state,) + (rep,) * 10, state),
+        "slot_decode": ((self._param_shardings(), state, rep, rows, rows, rows2), (state, rep)),
+    }[kind]
+    self._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(donate,),
+                             in_shardings=ins, out_shardings=outs)
     return self._fns[key]

@@ -104,14 +104,18 @@ class SlotBatch:
         held[slot_index] = new
     settings = [np.concatenate([x[slot_index], np.repeat(x[slot_index[-1:]], k - n, axis=0)])
                 for x in self.sampling]  # [k] per inserted row (padding rows: the last's)
-    args = [jnp.asarray(x) for x in (slots, tokens, pad_len,
-                                     per_row(request_ids, 0, np.uint32),
-                                     per_row(start_steps, 0, np.int32), caps, limits, forced)]
-    self.state = gen._run(
+    slots = jnp.asarray(slots)
+    self.state, logits = gen._run(
         insert_name(self.slots, self.cache_len, k, p, self.hidden_layer, u),
         gen._slot_fn("slot_insert", self.slots, self.cache_len, self.hidden_layer), gen.params,
-        self.state, *args, *[jnp.asarray(x) for x in settings],
+        self.state, slots, jnp.asarray(tokens), jnp.asarray(pad_len),
         jnp.asarray(per_row(source, 0, np.int32)))
+    rows = [jnp.asarray(x) for x in (per_row(request_ids, 0, np.uint32),
+                                     per_row(start_steps, 0, np.int32), caps, limits, forced)]
+    self.state = gen._run(first_name(self.slots, self.cache_len, k),
+                          gen._slot_fn("slot_first", self.slots, self.cache_len),
+                          self.state, logits, slots, *rows,
+                          *[jnp.asarray(x) for x in settings])
     self.prefilled_rows += u
 
   def decode(self, free_target: int) -> int:
@@ -149,3 +153,9 @@ def insert_name(slots: int, cache_len: int, rows: int, block: int, hidden_layer:
   block `block` into a slot batch (`SlotBatch.insert`, `Generator.precompile_slots`)."""
   shared = "" if prefill_rows == rows else f"/shared{prefill_rows}"
   return f"slot_insert/{slots}/{cache_len}/{rows}/{block}/{hidden_layer}{shared}"
+
+
+def first_name(slots: int, cache_len: int, rows: int) -> str:
+  """The program name of the first-token sampling after an insert of `rows` rows
+  (`decode.slot_first`): one per rows, whatever the context block."""
+  return f"slot_first/{slots}/{cache_len}/{rows}"
