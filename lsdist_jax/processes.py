@@ -21,10 +21,13 @@ def device_env(device: str | None, **extra) -> dict:
 
 def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict],
                   log_paths: Sequence[str], what: str = "process",
-                  on_poll: Callable[[], None] | None = None, poll_s: float = 2.0) -> None:
+                  on_poll: Callable[[], None] | None = None, poll_s: float = 2.0,
+                  keep_going: bool = False) -> None:
   """Runs the commands side by side (stdout and stderr to their logs) and waits for all;
   `on_poll()` is called every poll. A process that exits non-zero stops the others and raises
-  naming its log."""
+  naming its log; with `keep_going` the others run on to their end first (their work is kept:
+  a benchmark worker that ran out of memory need not cost the others' strategies), and the
+  error names every process that failed."""
   procs, logs = [], []
   try:
     for k, (command, env, path) in enumerate(zip(commands, envs, log_paths)):
@@ -33,15 +36,20 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict],
       procs.append(subprocess.Popen(list(command), env=env, stdout=logs[-1],
                                     stderr=subprocess.STDOUT))
       logging.info("%s %d started (log %s)", what, k, path)
+    reported = set()
     while True:
       running = any(p.poll() is None for p in procs)
       failed = [k for k, p in enumerate(procs) if p.returncode not in (None, 0)]
-      if failed:
-        k = failed[0]
-        raise RuntimeError(f"{what} {k} failed (exit {procs[k].returncode}); see "
-                           f"{log_paths[k]}")
+      for k in sorted(set(failed) - reported):
+        if keep_going and running:
+          logging.warning("%s %d failed (exit %d; see %s); the others run on", what, k,
+                          procs[k].returncode, log_paths[k])
+        reported.add(k)
       if on_poll is not None:
         on_poll()
+      if failed and (not keep_going or not running):
+        raise RuntimeError("; ".join(f"{what} {k} failed (exit {procs[k].returncode}); see "
+                                     f"{log_paths[k]}" for k in failed))
       if not running:
         return
       time.sleep(poll_s)

@@ -1,6 +1,6 @@
 """Benchmark workers: several processes share the list of strategies (each claims the next one
-not taken), spread over GPUs; this process starts them, follows their saved results and stops
-them all when one fails.
+not taken), spread over GPUs; this process starts them, follows their saved results and, when
+one fails, lets the others finish before it raises.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
                 lock_dir: str = "", profile_command: Sequence[str] | None = None,
                 poll_s: float = 2.0, memory_fraction: float = 0.0) -> None:
   """Runs `workers` benchmark processes that share the strategies (`run_benchmark(worker=True)`)
-  and waits for them, logging each result as it is saved; a failed worker stops the others.
+  and waits for them, logging each result as it is saved. A failed worker does not stop the
+  others: they run the strategies left, and then this raises naming it (a rerun with the same
+  workdir resumes what it had claimed).
 
   command(lock_path) -> a worker's argv; devices: GPU ids dealt to the workers in turn (each
   sees one, CUDA_VISIBLE_DEVICES), or none (all on the default device); one lock file per
@@ -53,7 +55,16 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
       logging.info("done: %s (%d saved)", stem, len(now))
     seen = now
 
+  try:
+    _run(command, locks, placed, extra, directory, workers, report_saved, poll_s)
+  except RuntimeError as e:
+    raise RuntimeError(f"{e}. The strategies saved so far are kept in {directory}: rerun the "
+                       "same command to run the rest, or --report_only to report them") from e
+
+
+def _run(command, locks, placed, extra, directory, workers, report_saved, poll_s):
   run_processes([command(lock) for lock in locks],
                 [device_env(d, **extra) for d in placed],
                 [os.path.join(directory, f"worker{k}.log") for k in range(workers)],
-                what="benchmark worker", on_poll=report_saved, poll_s=poll_s)
+                what="benchmark worker", on_poll=report_saved, poll_s=poll_s,
+                keep_going=True)  # a failed worker's strategy stays unsaved: a rerun resumes it
