@@ -45,18 +45,14 @@ def test_a_failed_worker_is_reported_with_its_log(tmp_path):
 
 
 def test_the_other_workers_finish_before_a_failure_is_raised(tmp_path):
-  import time
-
   slow = ("import os, sys, time; time.sleep(1.0); "
           "open(os.path.join(sys.argv[1], 'finished'), 'w').close()")
   fail = "import sys; sys.exit(5)"
   commands = iter([[sys.executable, "-c", fail, str(tmp_path)],
                    [sys.executable, "-c", slow, str(tmp_path)]])
-  start = time.perf_counter()
   with pytest.raises(RuntimeError, match=r"worker 0 failed \(exit 5\).*rerun the same command"):
     run_workers(lambda lock: next(commands), str(tmp_path / "work"), "bench", 2, poll_s=0.05)
-  assert (tmp_path / "finished").exists()  # worker 1 was not stopped
-  assert time.perf_counter() - start >= 1.0
+  assert (tmp_path / "finished").exists()  # worker 1 was not stopped: it ran to its end
 
 
 def test_claims_of_an_interrupted_run_are_dropped(tmp_path):

@@ -56,15 +56,11 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
     seen = now
 
   try:
-    _run(command, locks, placed, extra, directory, workers, report_saved, poll_s)
+    run_processes([command(lock) for lock in locks],
+                  [device_env(d, **extra) for d in placed],
+                  [os.path.join(directory, f"worker{k}.log") for k in range(workers)],
+                  what="benchmark worker", on_poll=report_saved, poll_s=poll_s,
+                  keep_going=True)  # a failed worker's strategy stays unsaved: a rerun resumes it
   except RuntimeError as e:
     raise RuntimeError(f"{e}. The strategies saved so far are kept in {directory}: rerun the "
                        "same command to run the rest, or --report_only to report them") from e
-
-
-def _run(command, locks, placed, extra, directory, workers, report_saved, poll_s):
-  run_processes([command(lock) for lock in locks],
-                [device_env(d, **extra) for d in placed],
-                [os.path.join(directory, f"worker{k}.log") for k in range(workers)],
-                what="benchmark worker", on_poll=report_saved, poll_s=poll_s,
-                keep_going=True)  # a failed worker's strategy stays unsaved: a rerun resumes it

@@ -351,21 +351,21 @@ class Generator:
                                   self.params, state, _abstract(np.int32(0)),
                                   *map(_abstract, sampling_rows(b, b, 0, 0.6, 0.9))))
     insert_fn = self._slot_fn("slot_insert", b, s, hidden_layer)
-    first_fn = self._slot_fn("slot_first", b, s)
-    for rows, block in sorted(set((self._rows_bucket(int(r)), int(b_)) for r, b_ in inserts)):
-      if block > s:
-        continue
-      ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 5  # slots, starts, caps, limits, forced
+    fitting = sorted(set((self._rows_bucket(int(r)), int(b_)) for r, b_ in inserts if b_ <= s))
+    for rows, block in fitting:
       for u in sorted({rows, shared_rows(self, rows) if share_prefill else rows}):
         started += self.precompile(  # slots, tokens [u, block], pad_len [u], source
             insert_name(b, s, rows, block, hidden_layer, u), insert_fn, self.params, state,
-            ints[0], jax.ShapeDtypeStruct((u, block), np.int32),
-            jax.ShapeDtypeStruct((u,), np.int32), ints[0])
-      started += self.precompile(
+            jax.ShapeDtypeStruct((rows,), np.int32), jax.ShapeDtypeStruct((u, block), np.int32),
+            jax.ShapeDtypeStruct((u,), np.int32), jax.ShapeDtypeStruct((rows,), np.int32))
+    first_fn = self._slot_fn("slot_first", b, s)
+    for rows in sorted({rows for rows, _ in fitting}):  # one per rows, whatever the block
+      ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 4  # starts, caps, limits, forced
+      started += self.precompile(  # logits, slots, request ids, then `ints`, then settings
           first_name(b, s, rows), first_fn, state,
-          jax.ShapeDtypeStruct((rows, self.config.vocab_size), np.float32), ints[0],
-          jax.ShapeDtypeStruct((rows,), np.uint32), *ints[1:],
-          *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)))
+          jax.ShapeDtypeStruct((rows, self.config.vocab_size), np.float32),
+          jax.ShapeDtypeStruct((rows,), np.int32), jax.ShapeDtypeStruct((rows,), np.uint32),
+          *ints, *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)))
     return started
 
   def _slot_shardings(self, batch: int, cache_len: int):
