@@ -73,3 +73,25 @@ def test_tokenizer_kept_after_conversion_is_the_same_tokenizer(gguf_path, tmp_pa
   assert kept.decode(ids) == converted.decode(ids)
   monkeypatch.setenv("LSDIST_NO_TOKENIZER_CACHE", "1")
   assert tokenizer_cache_dir(gguf_path) == ""
+
+
+def test_the_header_built_tokenizer_is_transformers_on_every_shipped_prompt(gguf_path):
+  """SmolLM2's tokenizer built from the GGUF header (llama/gguf_tokenizer.py, what a first load
+  uses) against transformers' own conversion, on every shipped Alpaca prompt chat-formatted."""
+  from transformers import AutoTokenizer
+
+  from lsdist_jax.data import prompt_text, read_pool
+  from lsdist_jax.llama.gguf_tokenizer import byte_level_tokenizer
+
+  ours = byte_level_tokenizer(gguf_path)
+  theirs = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
+                                         gguf_file=os.path.basename(gguf_path))
+  texts = [prompt_text(r) for r in read_pool()]
+  assert len(texts) > 7000
+  for text in texts:
+    chat = [{"role": "user", "content": text}]
+    formatted = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(chat, add_generation_prompt=True,
+                                    tokenize=False) == formatted
+    assert (ours(formatted, add_special_tokens=False)["input_ids"]
+            == theirs(formatted, add_special_tokens=False)["input_ids"]), text

@@ -77,9 +77,10 @@ class _Cursor:
     except UnicodeDecodeError:
       raise _Corrupt(f"a name at byte {start:,} is not UTF-8 text") from None
 
-  def value(self, vtype: int):
+  def value(self, vtype: int, full: bool = False):
     """Reads one value of type `vtype`: a number, a string, a list of up to SMALL_ARRAY numbers,
-    or a `Skipped` array (every other array, walked over without being decoded)."""
+    or a `Skipped` array (every other array, walked over without being decoded); with `full`,
+    an array of numbers or strings is decoded whatever its length."""
     if vtype in _FIXED:
       return self.take(_FORMATS[vtype])
     if vtype == _STRING:
@@ -87,9 +88,18 @@ class _Cursor:
     if vtype == _ARRAY:
       etype, count = self.take("<IQ")
       if etype in _FIXED:
-        if count <= SMALL_ARRAY:
-          return [self.take(_FORMATS[etype]) for _ in range(count)]
+        if count <= SMALL_ARRAY or full:
+          fmt = "<" + _FORMATS[etype][1] * count
+          if self.pos + struct.calcsize(fmt) > self.size:
+            raise _Corrupt(f"an array of {count:,} numbers runs past the end of the file")
+          values = list(struct.unpack_from(fmt, self.buf, self.pos))
+          self.pos += struct.calcsize(fmt)
+          return values
         self.skip(count * _FIXED[etype])
+      elif etype == _STRING and full:
+        if count * 8 > self.size - self.pos:
+          raise _Corrupt(f"an array of {count:,} strings runs past the end of the file")
+        return [self.string(decode=True, errors="replace") for _ in range(count)]
       elif etype in (_STRING, _ARRAY):
         if count * 8 > self.size - self.pos:  # every element takes at least 8 bytes
           raise _Corrupt(f"an array of {count:,} elements runs past the end of the file "
@@ -123,7 +133,7 @@ class Header:
   tensors: dict
 
 
-def _walk(buf, size: int) -> Header | None:
+def _walk(buf, size: int, full_arrays=()) -> Header | None:
   cur = _Cursor(buf, size)
   cur.skip(4)  # magic, checked by the caller
   version = cur.take("<I")
@@ -136,7 +146,7 @@ def _walk(buf, size: int) -> Header | None:
   for _ in range(kv_count):
     key = cur.string(decode=True)
     try:
-      fields[key] = cur.value(cur.take("<I"))
+      fields[key] = cur.value(cur.take("<I"), full=key in full_arrays)
     except _Corrupt as e:
       raise _Corrupt(f"{e}, in the value of {key!r}") from None
   alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -164,9 +174,10 @@ def _walk(buf, size: int) -> Header | None:
                          for name, dims, ggml_type, offset, nbytes in listed})
 
 
-def read(path: str) -> Header | None:
+def read(path: str, full_arrays=()) -> Header | None:
   """The header of the GGUF file at `path` (None for a big-endian file, left to the gguf
-  package); BadFileError naming the file unless it holds a header and all its tensor data."""
+  package), the arrays named in `full_arrays` (e.g. the vocabulary) decoded whole;
+  BadFileError naming the file unless it holds a header and all its tensor data."""
   if not os.path.isfile(path):
     raise MissingFileError(f"GGUF file not found: {path}")
   size = os.path.getsize(path)
@@ -179,7 +190,7 @@ def read(path: str) -> Header | None:
       raise BadFileError(f"{path} is not a GGUF file ({found})")
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
       try:
-        return _walk(buf, size)
+        return _walk(buf, size, tuple(full_arrays))
       except _Corrupt as e:
         raise BadFileError(f"{path} is a truncated or corrupt GGUF file: {e}") from None
 

@@ -37,7 +37,7 @@ class Tokenizer:
   def from_pretrained(cls, path: str, gguf_file: str | None = None, chat_format: str = "auto",
                       name: str = "", bos_token_id: int | None = None) -> "Tokenizer":
     if gguf_file:
-      hf = _gguf_tokenizer(gguf_file)
+      hf = gguf_hf_tokenizer(gguf_file)
     else:
       from transformers import AutoTokenizer
 
@@ -136,10 +136,11 @@ def tokenizer_cache_dir(gguf_file: str) -> str:
   return os.path.join(base, "lsdist_jax", "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:20])
 
 
-def _gguf_tokenizer(gguf_file: str):
-  """The transformers tokenizer of a GGUF file. Converting it parses the whole file's metadata
-  (its vocabulary and merges; ~10 s for SmolLM2 on a CPU core), so the converted tokenizer is
-  saved once (`tokenizer_cache_dir`) and later loads read that."""
+def gguf_hf_tokenizer(gguf_file: str):
+  """The transformers tokenizer of a GGUF file: a byte-level BPE vocabulary (SmolLM2's) built
+  from the header in about a second (`gguf_tokenizer.byte_level_tokenizer`), any other converted
+  by transformers (~10 s for its vocabulary and merges on a CPU core); the tokenizer is saved
+  once (`tokenizer_cache_dir`) and later loads read that."""
   cache = tokenizer_cache_dir(gguf_file)
   if cache and os.path.isfile(os.path.join(cache, "tokenizer.json")):
     # The kept tokenizer is a fast one (tokenizer.json + its config and chat template): the base
@@ -151,10 +152,14 @@ def _gguf_tokenizer(gguf_file: str):
     except (OSError, ValueError) as e:
       logging.warning("tokenizer cache %s unreadable (%s); converting %s again", cache, e,
                       gguf_file)
-  from transformers import AutoTokenizer
+  from lsdist_jax.llama.gguf_tokenizer import byte_level_tokenizer
 
-  hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
-                                     gguf_file=os.path.basename(gguf_file))
+  hf = byte_level_tokenizer(gguf_file)  # about a second, where the file's kind allows
+  if hf is None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
+                                       gguf_file=os.path.basename(gguf_file))
   if cache:
     try:  # written whole or not at all: a folder renamed into place
       os.makedirs(os.path.dirname(cache), exist_ok=True)

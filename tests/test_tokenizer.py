@@ -1,0 +1,110 @@
+"""A GGUF file's byte-level BPE tokenizer built from its header (`llama/gguf_tokenizer.py`) is
+transformers' conversion of the same file, token for token (the real SmolLM2 file: the slow
+test in test_smollm2.py)."""
+
+import gguf
+import numpy as np
+import pytest
+
+from lsdist_jax.llama.gguf_tokenizer import byte_alphabet, byte_level_tokenizer
+
+TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+            "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Write a poem about the sea, please!",
+          "Explain why 12 x 12 = 144.\nThen stop.", "naïve café — déjà vu, 東京 and 😀 too",
+          "def f(x):\n    return x ** 2  # squares", "Don't, won't, I'll, we've; they're."] * 3
+TEXTS = ["", " ", "  two leading spaces", "tab\there\r\nand windows lines", "émoji 😀 中文 ✓",
+         "<|im_start|>user\nhi<|im_end|>", "<|endoftext|><|endoftext|> x", "zzzz" * 40,
+         "an unseen word: floccinaucinihilipilification", "\x00 control \x1b bytes"] + CORPUS
+
+
+@pytest.fixture(scope="module")
+def bpe_gguf(tmp_path_factory):
+  """A GGUF whose tokenizer is a small byte-level BPE learnt on CORPUS, three control tokens
+  and a user-defined one, as llama.cpp writes SmolLM2's."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  learner = Tokenizer(models.BPE())
+  learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  learner.train_from_iterator(CORPUS, trainers.BpeTrainer(
+      vocab_size=400, special_tokens=specials,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  vocab = sorted(learner.get_vocab().items(), key=lambda kv: kv[1])
+  tokens = [t for t, _ in vocab] + ["<think>"]
+  types = [3 if t in specials else 1 for t, _ in vocab] + [4]
+  model = learner.to_str()
+  import json
+
+  merges = [m if isinstance(m, str) else " ".join(m)
+            for m in json.loads(model)["model"]["merges"]]
+  path = tmp_path_factory.mktemp("tok") / "bpe.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(1)
+  writer.add_context_length(64)
+  writer.add_embedding_length(8)
+  writer.add_feed_forward_length(16)
+  writer.add_head_count(2)
+  writer.add_head_count_kv(1)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("smollm")
+  writer.add_token_list(tokens)
+  writer.add_token_types(types)
+  writer.add_token_merges(merges)
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_unk_token_id(0)
+  writer.add_pad_token_id(2)
+  writer.add_chat_template(TEMPLATE)
+  writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+def test_the_header_built_tokenizer_is_transformers_conversion(bpe_gguf):
+  import os
+
+  from transformers import AutoTokenizer
+
+  ours = byte_level_tokenizer(bpe_gguf)
+  theirs = AutoTokenizer.from_pretrained(os.path.dirname(bpe_gguf),
+                                         gguf_file=os.path.basename(bpe_gguf))
+  assert ours is not None and len(ours) == len(theirs)
+  for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+    assert getattr(ours, name) == getattr(theirs, name), name
+  for text in TEXTS:
+    chat = [{"role": "user", "content": text}]
+    formatted = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(chat, add_generation_prompt=True,
+                                    tokenize=False) == formatted
+    for x in (text, formatted):
+      ids = theirs(x, add_special_tokens=False)["input_ids"]
+      assert ours(x, add_special_tokens=False)["input_ids"] == ids, repr(x)
+      assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(
+          ids, skip_special_tokens=True)
+  # control tokens stay whole; the user-defined one too
+  assert ours("<|im_start|><think>", add_special_tokens=False)["input_ids"] == [1, len(ours) - 1]
+
+
+def test_other_vocabularies_are_left_to_transformers(tmp_path):
+  path = tmp_path / "spm.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_tokenizer_model("llama")
+  writer.add_token_list(["<unk>", "<s>", "</s>", "\u2581a"])
+  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  assert byte_level_tokenizer(str(path)) is None
+
+
+def test_the_byte_alphabet_spells_every_byte_once():
+  spelled = byte_alphabet()
+  assert sorted(spelled) == list(range(256)) and len(set(spelled.values())) == 256
+  assert spelled[ord("A")] == "A" and spelled[ord(" ")] == "\u0120"  # GPT-2's "Ġ"
