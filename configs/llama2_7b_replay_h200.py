@@ -20,6 +20,7 @@ def get_config():
   # Memory pressure emulated as in the SmolLM2 benchmark: 65,536 KV tokens, at most 256 rows.
   c.schedule.kv_budget_tokens = 64 * 1024
   c.schedule.max_batch = 256
+  c.schedule.compile_seconds = 0.0  # steady state: plans leave compilation out
   c.benchmark.strategies = ("vanilla:best", "vanilla:16", "ours-continuous", "oracle-continuous",
                             "ssch-scalar-max", "ours-search", "ours-optimal", "oracle",
                             "continuous-vanilla", "ours")

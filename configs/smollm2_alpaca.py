@@ -64,6 +64,9 @@ def get_config(arg: str = "cpu"):
     # binds (configs/smollm2_benchmark_*.py).
     c.schedule.kv_budget_tokens = "auto"
     c.schedule.max_batch = 1024
+    # A program's compilation on an H200 (SmolLM2, 4 compiling at once): 4-15 s; plans weigh
+    # it against the decode time a shape saves (the benchmarks' steady state sets 0).
+    c.schedule.compile_seconds = 4.0
   elif arg == "eval":
     # The predictor evaluation at scale on a CPU (launch/evaluate.py --train): the GPU store's
     # bins (0..1024), today's net at a batch that trains ~6,000 prompts in minutes on 2 cores,

@@ -32,8 +32,9 @@ flags.DEFINE_string("predictor", None, "a distributional predictor export (none:
 flags.DEFINE_enum("strategy", "continuous-search", list(JOB_PLANNERS),
                   "planner: continuous-search refills finished rows' slots (the fastest on "
                   "docs/BENCHMARKS.md's runs); the others run static batches with FCR")
-flags.DEFINE_integer("chunk", 4096, "prompts planned together (the planner sees their whole length "
-                     "distribution) and written per resumable part")
+flags.DEFINE_integer("chunk", 8192, "prompts planned together (the planner sees their whole length "
+                     "distribution; one chunk's tail runs at low occupancy) and written per "
+                     "resumable part")
 flags.DEFINE_bool("skip_malformed", False, "skip malformed input lines instead of failing")
 flags.DEFINE_bool("skip_long", False, "skip prompts too long for generation.max_seq_len "
                   "instead of failing")

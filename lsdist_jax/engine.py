@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import logging
 import os
 from typing import Any, Sequence
 
@@ -96,7 +97,7 @@ class Engine:
       decode_impl = (engine_config.get("decode_attention", "auto") if engine_config is not None
                      else "auto")
     self.decode_impl = resolve_decode_impl(decode_impl, dtype, self.mesh, config.head_dim)
-    scan = bool(engine_config.get("scan_prefill", False)) if engine_config is not None else False
+    scan = bool(engine_config.get("scan_prefill", True)) if engine_config is not None else False
     self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
                        decode_impl=self.decode_impl, mesh=self.mesh, scan_prefill=scan)
     self.params = self._place_params(params)
@@ -131,9 +132,8 @@ class Engine:
       tokenizer = char_tokenizer(cfg.vocab_size)
     elif name_or_path in ("smollm2-135m-instruct", "smollm2-135m"):
       path = find_smollm2_gguf()
-      cfg, params = wts.load_gguf(path, get_preset("smollm2-135m-instruct"))
-      tokenizer = Tokenizer.from_pretrained(path, gguf_file=path, chat_format=chat_format,
-                                            name=name_or_path, bos_token_id=cfg.bos_token_id)
+      cfg, params, tokenizer = _load_gguf(path, chat_format, name_or_path,
+                                          get_preset("smollm2-135m-instruct"))
       source = path
     elif name_or_path in PRESETS:
       raise ConfigError(f"preset {name_or_path!r} has no bundled weights: pass an HF directory "
@@ -143,10 +143,7 @@ class Engine:
           f"model not found: {name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor an "
           "existing HF directory, .gguf file or orbax export")
     elif os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
-      cfg, params = wts.load_gguf(name_or_path)
-      tokenizer = Tokenizer.from_pretrained(name_or_path, gguf_file=name_or_path,
-                                            chat_format=chat_format, name=cfg.name,
-                                            bos_token_id=cfg.bos_token_id)
+      cfg, params, tokenizer = _load_gguf(name_or_path, chat_format)
     elif wts.is_orbax_export(name_or_path):
       cfg, params, meta = wts.load_orbax(name_or_path)
       tok_dir = os.path.join(name_or_path, "tokenizer")
@@ -306,9 +303,25 @@ def random_leaf_fn(shape: tuple, dtype: str, sharding=None):
   return jax.jit(make, out_shardings=sharding)
 
 
+def _load_gguf(path: str, chat_format: str, name: str = "", preset=None):
+  """(config, params, tokenizer) of a GGUF file: the tokenizer is built in a thread while the
+  weights are read and dequantized (each takes seconds; numpy's dequantization releases the
+  GIL)."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  from lsdist_jax.llama.tokenizer import gguf_hf_tokenizer
+
+  with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+    hf = pool.submit(gguf_hf_tokenizer, path)
+    cfg, params = wts.load_gguf(path, preset) if preset is not None else wts.load_gguf(path)
+    tokenizer = Tokenizer(hf.result(), chat_format, name or cfg.name, cfg.bos_token_id)
+  return cfg, params, tokenizer
+
+
 def load_engine(config) -> Engine:
   """The LLM named by config.model, placed on this process's devices (with the compilation
   cache of config.engine.compilation_cache, `compilation_cache_dir`)."""
+  apply_xla_flags(config.engine.get("xla_flags", ""))
   directory = compilation_cache_dir(config.engine.get("compilation_cache", ""))
   if directory:
     use_compilation_cache(directory)
@@ -376,6 +389,28 @@ def compilation_cache_dir(setting: str) -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "lsdist_jax", "xla")
   return setting
+
+
+def apply_xla_flags(extra: str) -> list[str]:
+  """Adds the flags of `extra` ("--name=value ...") to $XLA_FLAGS, which XLA reads when its
+  backend starts; a flag whose name $XLA_FLAGS holds already keeps that value. Returns the flags
+  added; none (with a warning) once the backend has started."""
+  from jax._src import xla_bridge
+
+  current = os.environ.get("XLA_FLAGS", "").split()
+  named = {f.split("=", 1)[0] for f in current}
+  new = [f for f in str(extra or "").split() if f.split("=", 1)[0] not in named]
+  if not new:
+    return []
+  if not new[0].startswith("--"):
+    raise ConfigError(f"engine.xla_flags={extra!r}: expected flags like --xla_name=value")
+  if xla_bridge.backends_are_initialized():
+    logging.warning("engine.xla_flags %s not applied: the XLA backend has started already",
+                    " ".join(new))
+    return []
+  os.environ["XLA_FLAGS"] = " ".join(current + new)
+  logging.info("XLA_FLAGS=%s", os.environ["XLA_FLAGS"])
+  return new
 
 
 def use_compilation_cache(directory: str) -> None:

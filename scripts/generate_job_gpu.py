@@ -169,7 +169,10 @@ def job_run(args, name: str, input_path: str, prompts: int, cache: str, cold: bo
           "background_compile_s": summary.get("background_compile_seconds"),
           "samples_per_s": summary.get("samples_per_s"),
           "tokens_per_s": summary.get("tokens_per_s"),
-          "kv_budget_tokens": summary.get("kv_budget_tokens")}
+          "kv_budget_tokens": summary.get("kv_budget_tokens"),
+          **{k: summary[k] for k in ("setup_seconds", "programs_compiled", "slowest_compiles",
+                                       "runner_split")
+             if k in summary}}
 
 
 def describe_row(row: dict) -> str:

@@ -389,3 +389,23 @@ def test_insert_block_is_the_engines_padding():
       assert int(insert_block(c_max, cache_len, COST)) == context_block(block, pb, cache_len)
   assert [int(insert_block(c, s, COST)) for c, s in ((40, 256), (200, 256), (200, 128))] == [
       64, 256, 208]
+
+
+def test_a_search_charged_for_compilation_plans_fewer_programs(requests):
+  """With every program costing seconds to compile (schedule.compile_seconds), the search picks
+  a plan that compiles fewer programs than the steady-state one and carries no row on to a
+  phase the runner appends (whose programs cannot be compiled ahead)."""
+  free = make_continuous_plan("continuous-search", requests, COST, OPTIONS)
+  charged = make_continuous_plan("continuous-search", requests, COST,
+                                 dataclasses.replace(OPTIONS, compile_seconds=100.0))
+  true = np.asarray(requests.true_length)
+  run_free = simulate_continuous(free, requests, true, COST, OPTIONS)
+  run_charged = simulate_continuous(charged, requests, true, COST, OPTIONS)
+  assert run_charged.programs < run_free.programs
+  assert run_charged.recovery_batches == 0
+  # the charge is part of the expected time the search compares
+  samples = true[None, :]
+  plain = expected_seconds(charged, requests, samples, COST, OPTIONS)
+  priced = expected_seconds(charged, requests, samples, COST,
+                            dataclasses.replace(OPTIONS, compile_seconds=2.0))
+  assert priced == pytest.approx(plain + 2.0 * run_charged.programs)

@@ -247,3 +247,24 @@ def test_every_stage_plans_with_a_cost_model_profiled_into_the_workdir(tmp_path)
   CostModel(step=(3.0, 0.1, 1e-4, 0.0, 0.0), source="fit").save(str(other))
   c.schedule.cost_model = str(other)
   assert load_cost_model(c).step[0] == 3.0
+
+
+def test_a_job_that_fits_in_one_slot_batch_runs_without_its_predictor():
+  """Every request fits at once with its whole room: no plan beats running them all, so the
+  job skips the prediction; one row more than the KV budget holds and it plans again."""
+  from lsdist_jax.schedule import CostModel, Options
+  from lsdist_jax.serve.plan import fits_at_once
+  from lsdist_jax.serve.requests import Requests
+
+  def requests(n, prompt=40, max_tokens=None):
+    return Requests(np.arange(n), np.arange(n), np.full(n, prompt),
+                    max_tokens=None if max_tokens is None else np.full(n, max_tokens))
+
+  cost = CostModel(batch_buckets=(1, 2, 4, 8, 16, 32, 64), cache_bucket=128)
+  options = Options(kv_budget_tokens=8 * 256, max_batch=16)
+  assert fits_at_once(requests(8), 256, cost, options)  # 8 rows x 256 = the budget
+  assert not fits_at_once(requests(9), 256, cost, options)  # one more row exceeds it
+  assert not fits_at_once(requests(16, prompt=10), 128, cost, Options(kv_budget_tokens=1 << 20,
+                                                                      max_batch=8))
+  # each request's own limit (max_tokens) shrinks the cache it needs: 16 rows x 128 fit
+  assert fits_at_once(requests(16, max_tokens=50), 256, cost, options)

@@ -69,6 +69,9 @@ def test_generate_job_writes_every_response_in_input_order_and_resumes(pipeline_
   src.write_text("\n".join(lines) + "\n")
   out = tmp_path / "out.jsonl"
   config = tiny.get_config()
+  # a budget too small for a chunk's rows at once: the job predicts and plans (a chunk that
+  # fits at once runs without its predictor, tests/test_generate_job.py)
+  config.schedule.kv_budget_tokens = 2 * 256
   summary = run_generate(config, str(src), str(out), predictor_exports(workdir)["distribution"],
                          chunk_size=3, engine=engine, show_progress=False)
   rows = [json.loads(x) for x in out.read_text().splitlines()]

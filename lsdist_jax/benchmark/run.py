@@ -19,7 +19,7 @@ from lsdist_jax.benchmark.report import report_from_state
 from lsdist_jax.benchmark.state import ResumeState
 from lsdist_jax.serve import plan as serve_plan
 from lsdist_jax.serve.requests import build_requests, replay_requests
-from lsdist_jax.serve.runner import EngineClock
+from lsdist_jax.serve.runner import EngineClock, runner_split
 from lsdist_jax.serve.strategies import (NEEDS_TRUE_LENGTHS, STRATEGIES, check_strategies,
                                          strategy_options)
 
@@ -188,6 +188,7 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
     for key in ("generate", "recover", "compile"):
       seconds[key] += result.seconds[key]
     row = summarize(name, result, seconds, len(prompt_len), peak_kv_tokens(result))
+    row.update(runner_split(result.seconds))
     row["threshold"] = plan.threshold
     row["expected_seconds"] = plan.expected_cost
     return row, result.tokens

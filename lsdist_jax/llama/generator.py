@@ -59,6 +59,9 @@ class Generator:
     self.compile_threads = int(compile_threads)
     self.background_compile_seconds = 0.0
     self.precompiled_runs = 0  # executables first run that had compiled in the background
+    # One entry per program compiled: {"name", "seconds" (its compilation), "waited" (what a
+    # run waited for it; its whole compilation unless it was built in the background)}
+    self.compile_log: list[dict] = []
     self._pending: dict[tuple, Future] = {}
     self._lock = threading.Lock()
     self._pool: ThreadPoolExecutor | None = None
@@ -86,10 +89,15 @@ class Generator:
       start = time.perf_counter()
       with self._lock:
         future = self._pending.pop(key, None)
-      exe = future.result() if future is not None else jitted.lower(*args).compile()
+      exe, seconds = (future.result() if future is not None
+                      else (jitted.lower(*args).compile(), None))
       self.precompiled_runs += future is not None
-      self.compile_seconds += time.perf_counter() - start
+      waited = time.perf_counter() - start
+      self.compile_seconds += waited
       self._executables[key] = exe
+      seconds = waited if seconds is None else seconds
+      self.compile_log.append({"name": name, "seconds": round(seconds, 3),
+                               "waited": round(waited, 3)})
     if self.device_lock is None:
       return exe(*args)
     with exclusive(self.device_lock) as waited:
@@ -126,9 +134,10 @@ class Generator:
   def _compile_behind(self, jitted, args):
     start = time.perf_counter()
     exe = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
     with self._lock:
-      self.background_compile_seconds += time.perf_counter() - start
-    return exe
+      self.background_compile_seconds += seconds
+    return exe, seconds
 
   def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
     spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1),

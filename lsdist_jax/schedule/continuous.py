@@ -98,6 +98,9 @@ class ContinuousSimResult(SimResult):
   decode_steps: int = 0
   carried_rows: int = 0  # row carries (a row carried twice counts twice)
   phase_seconds: list = field(default_factory=list)
+  # distinct programs the run compiles (`programs`): each phase's decode loop, an insert per
+  # (rows, context block) and a first-token sampler per rows
+  programs: int = 0
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -168,6 +171,7 @@ class _Tally:
     self.steps = 0
     self.carried = 0
     self.phase_seconds: list[float] = []
+    self.programs: set[tuple] = set()
 
 
 def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.ndarray,
@@ -248,7 +252,21 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   tally.inserts += ks.size
   tally.decodes += decodes
   tally.steps += steps
+  tally.programs |= programs(slots, cache, ks, insert_block(insert_ctx, cache, cost), refill,
+                             cost, decodes > 0)
   return np.concatenate([unfit, queue[np.concatenate(left_capped)]])
+
+
+def programs(slots: int, cache: int, ks, blocks, refill: int, cost: CostModel,
+             decoded: bool = True) -> set[tuple]:
+  """The programs a phase of `slots` x `cache` compiles for insert calls of ks rows at context
+  blocks `blocks` (the runner's rule: the first fill at its own rows bucket, every later insert
+  padded to at least `refill` rows): its decode loop, an insert per (rows, block), a first-token
+  sampler per rows."""
+  rows = [int(cost.padded_batch(max(int(k), refill if i else 1))) for i, k in enumerate(ks)]
+  out = {("insert", slots, cache, r, int(b)) for r, b in zip(rows, np.asarray(blocks).tolist())}
+  out |= {("first", slots, cache, r) for r in rows}
+  return out | ({("decode", slots, cache)} if decoded else set())
 
 
 def simulate_continuous(plan: ContinuousPlan, requests: Requests, true_length: np.ndarray,
@@ -279,7 +297,7 @@ def simulate_continuous(plan: ContinuousPlan, requests: Requests, true_length: n
     raise AssertionError("the simulation did not generate every request's true length")
   return ContinuousSimResult(tally.seconds, len(phases), extra, int(true.sum()), tally.computed,
                              tally.inserts, tally.decodes, tally.steps, tally.carried,
-                             tally.phase_seconds)
+                             tally.phase_seconds, len(tally.programs))
 
 
 def sample_lengths(pmf: np.ndarray, rng: np.random.Generator, draws: int) -> np.ndarray:
@@ -297,7 +315,8 @@ def sample_lengths(pmf: np.ndarray, rng: np.random.Generator, draws: int) -> np.
 
 def expected_seconds(plan: ContinuousPlan, requests: Requests, samples: np.ndarray,
                      cost: CostModel, options: Options) -> float:
-  """Mean simulated seconds of `plan` over the rows of `samples` ([draws, n] lengths)."""
+  """Mean simulated seconds of `plan` over the rows of `samples` ([draws, n] lengths), with
+  options.compile_seconds for each distinct program the run compiles."""
   samples = np.atleast_2d(samples)
-  return float(np.mean([simulate_continuous(plan, requests, s, cost, options).seconds
-                        for s in samples]))
+  runs = [simulate_continuous(plan, requests, s, cost, options) for s in samples]
+  return float(np.mean([r.seconds + options.compile_seconds * r.programs for r in runs]))

@@ -162,7 +162,9 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
   `draws` sets of lengths sampled from the predicted pmfs (seed `rng_seed`; common random
   numbers); the refill fraction is chosen last, for the best phases. A key cap K admits a
   request whose quantile is longer than K to a short, wide cache first (it carries on to a
-  longer one), as the oracle may. Last, the drain (`with_drain`) for the best plan. notes:
+  longer one), as the oracle may; one more candidate gives every request its whole room (no
+  row carried on: the fewest programs, which wins where options.compile_seconds outweighs the
+  decode time shorter caches save). Last, the drain (`with_drain`) for the best plan. notes:
   search = [(threshold, refill fraction, min_phase_factor, expected seconds, key cap)], then a
   ("drain", fraction, ...) row per drain tried."""
   if requests.length_pmf is None:
@@ -185,6 +187,9 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
           phases = continuous_phases(requests, key, cost, options, min_phase_factor=factor)
           yield phases, first, float(t), {"threshold": float(t),
                                           "min_phase_factor": float(factor), "key_cap": key_cap}
+    # every request's whole room (nothing carried on, the fewest programs to compile)
+    yield (continuous_phases(requests, requests.room, cost, options, slack=0), first, 1.0,
+           {"threshold": 1.0, "min_phase_factor": MIN_PHASE_FACTOR, "key_cap": None})
 
   def evaluate(plan):
     return expected_seconds(plan, requests, samples, cost, options)

@@ -100,6 +100,7 @@ class Options:
   fcr_slack: int = _schedule_default("fcr_slack")
   fcr: bool = _schedule_default("fcr")
   recovery_threshold: float = _schedule_default("recovery_threshold")
+  compile_seconds: float = _schedule_default("compile_seconds")
 
   def __post_init__(self):
     if isinstance(self.kv_budget_tokens, str):

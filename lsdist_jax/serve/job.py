@@ -25,6 +25,7 @@ from lsdist_jax.serve.inputs import read_input
 from lsdist_jax.serve.job_items import JobItem, batch_items, chunk_requests, output_row
 from lsdist_jax.serve.job_items import prompt_items
 from lsdist_jax.serve.openai_batch import duplicate_ids
+from lsdist_jax.serve.runner import runner_split
 from lsdist_jax.serve.strategies import JOB_PLANNERS
 
 PARTS_FORMAT = 2  # bump when a part's content changes meaning
@@ -99,7 +100,7 @@ def long_prompts(prompts, ids, max_seq_len: int) -> list[str]:
 
 
 def run_generate(config, input_path: str, output_path: str, predictor_path: str | None = None,
-                 strategy: str = "continuous-search", chunk_size: int = 4096,
+                 strategy: str = "continuous-search", chunk_size: int = 8192,
                  skip_malformed: bool = False, skip_long: bool = False, engine=None,
                  show_progress: bool = True, stop_after_chunks: int | None = None,
                  ignore_model_field: bool = False) -> dict:
@@ -125,7 +126,16 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     check_predictor(predictor_path, config, strategy)
   elif strategy == "ssch":
     raise ConfigError("--strategy ssch needs --predictor: a LoRA predictor export")
+  setup, clock = {}, time.perf_counter()
+
+  def lap(name):  # the setup's timeline, reported in the summary
+    nonlocal clock
+    now = time.perf_counter()
+    setup[name] = round(now - clock, 2)
+    clock = now
+
   engine = engine or load_engine(config)
+  lap("load_engine")
   max_seq_len = int(config.generation.max_seq_len)
   too_long = []
   if kind == "batch":
@@ -141,6 +151,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
       logging.warning("skipped %s", message)
     keep = [i for i, x in enumerate(ids) if len(x) < max_seq_len]
     items = prompt_items([entries[i] for i in keep], [ids[i] for i in keep])
+  lap("tokenize")
   predictor = None
   if predictor_path:
     predictor = serve_plan.load_predictors(
@@ -149,6 +160,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   cost = serve_plan.load_cost_model(config, engine=engine)
   # One KV budget for every chunk ("auto" is sized from the device's free memory once, here)
   options = serve_plan.planner_options(config, engine)
+  lap("predictor_and_budget")
 
   settings = settings_key(config, engine)
   if kind == "batch":
@@ -175,6 +187,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   bar = _bar(n_requests, show_progress)
   bar(sum(items[i].choices for c, d in zip(chunks, done) if d for i in c))
   started, tokens, served, generated_chunks = time.perf_counter(), 0, 0, 0
+  split: dict[str, float] = {}  # the continuous runner's time split, summed over chunks
   model_name = model_names(config, engine)[0]
   for chunk, name, is_done in zip(chunks, names, done):
     if is_done:
@@ -190,6 +203,8 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
         outputs[k][1].append(bool(fin))
       tokens += result.generated_tokens
       served += requests.n
+      for key, value in result.seconds.items():
+        split[key] = split.get(key, 0.0) + value
     created = int(time.time())
     rows = [json.dumps(output_row(item, toks, fins, engine, model_name, created),
                        ensure_ascii=False) for item, (toks, fins) in zip(part, outputs)]
@@ -207,11 +222,20 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
              # compilation the job waited for, and compilation done behind running work
              "compile_seconds": round(engine.generator.compile_seconds, 2),
              "background_compile_seconds": round(engine.generator.background_compile_seconds, 2),
-             "kv_budget_tokens": options.kv_budget_tokens}
+             "kv_budget_tokens": options.kv_budget_tokens, "setup_seconds": setup,
+             **runner_split(split),
+             **compile_summary(engine.generator.compile_log)}
   if kind == "batch":
     summary.update({"requests": n_requests,
                     "error_lines": sum(item.prompt_ids is None for item in items)})
   return summary
+
+
+def compile_summary(log: list[dict], top: int = 5) -> dict:
+  """How many programs the run compiled, and the `top` that took longest (name, seconds of
+  compilation, seconds a run waited for it)."""
+  slowest = sorted(log, key=lambda e: -e["seconds"])[:top]
+  return {"programs_compiled": len(log), "slowest_compiles": slowest}
 
 
 def model_names(config, engine) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 from lsdist_jax import paths
 from lsdist_jax.schedule import CostModel, Options, Requests as PlannerRequests, make_plan
 from lsdist_jax.schedule import plan_recovery, with_engine_shapes
-from lsdist_jax.schedule.continuous import final_phase
+from lsdist_jax.schedule.continuous import final_phase, slot_cache_len, slots_for
 from lsdist_jax.schedule.continuous_search import make_continuous_plan
 from lsdist_jax.serve.requests import Requests, embed_requests
 from lsdist_jax.serve.strategies import is_continuous
@@ -201,6 +201,18 @@ def describe_plan(planner: str, plan, options: Options) -> str:
   return f"plan {planner}: {shape}; KV budget {options.kv_budget_tokens:,} tokens"
 
 
+def fits_at_once(requests: Requests, max_seq_len: int, cost: CostModel,
+                 options: Options) -> bool:
+  """Whether one slot batch holds every request at once, each with a cache for its whole room
+  (prompt to max_seq_len), under the KV budget and max_batch: then no plan can do better than
+  running them all together."""
+  sched = planner_requests(requests.prompt_len, max_seq_len, max_tokens=requests.max_tokens)
+  cache_len = int(slot_cache_len(sched.prompt_len, sched.room, cost).max())
+  if cache_len * requests.n > options.kv_budget_tokens:
+    return False
+  return slots_for(cache_len, cost, options, rows=requests.n) >= requests.n
+
+
 def schedule_and_run(engine, requests: Requests, config, predictor, planner: str, cost: CostModel,
                      on_progress=None, options: Options | None = None):
   """Plans the requests of one chunk of a user's prompts with the predictor and runs them (the
@@ -209,6 +221,13 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
   default from the config now)."""
   options = options or planner_options(config, engine)
   pmf = scalar = None
+  if is_continuous(planner) and fits_at_once(requests, config.generation.max_seq_len, cost,
+                                             options):
+    # every request runs from its first token to its last in one slot batch: there is nothing
+    # to schedule, so no prediction (its prefill and compilation would only cost time)
+    logging.info("all %d requests fit in one slot batch with their whole room under the KV "
+                 "budget: nothing to schedule, the predictor is not run", requests.n)
+    planner, predictor = "continuous-vanilla", None
   if predictor is None:
     planner = "continuous-vanilla" if is_continuous(planner) else "vanilla"
     options = dataclasses.replace(options, fixed_batch=max(1, options.fixed_batch))

@@ -199,6 +199,9 @@ class Runner:
     finished = np.zeros(n, bool)
     records: list[BatchRecord] = []
     seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
+    # where a continuous run's wall clock goes (compilation the calls waited for included):
+    # insert calls (dispatch), decode calls (they wait for the device), reading the slots back
+    seconds.update(insert_calls=0.0, decode_calls=0.0, reads=0.0, decode_steps=0.0)
     carried: list[int] = []
     phases = list(plan.phases)
     self._precompile(phases)
@@ -268,6 +271,7 @@ class Runner:
       take = pending[:min(len(free), most)]
       del pending[:len(take)]
       inserted = gen.buckets.batch_size(max(len(take), min_rows)) if take else 0
+      started = time.perf_counter()
       if take:
         batch.insert(free[:len(take)], [self.prompt_ids[r] + generated[r] for r in take],
                      [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
@@ -280,8 +284,14 @@ class Runner:
       busy = sum(r >= 0 for r in occupant)
       if busy == 0:
         break
+      inserted_at = time.perf_counter()
       steps = batch.decode(refill if pending else batch.slots - drain)
+      decoded_at = time.perf_counter()
       read = batch.read()
+      seconds["insert_calls"] += inserted_at - started
+      seconds["decode_calls"] += decoded_at - inserted_at
+      seconds["reads"] += time.perf_counter() - decoded_at
+      seconds["decode_steps"] += steps
       # A draining phase ends here: its rows still running leave with what they generated.
       ending = not pending and drain > 0
       kept = completed = 0
@@ -305,6 +315,18 @@ class Runner:
       seconds["compile"] += compiling
       seconds["recover" if name == "recovery" else "generate"] += elapsed
     return carried
+
+
+def runner_split(seconds: dict) -> dict:
+  """{"runner_split": ...}: where a continuous run's time went (insert, decode and read calls,
+  decode steps, milliseconds per decode step), from its RunResult.seconds; {} for static runs."""
+  if "decode_calls" not in seconds:
+    return {}
+  out = {k: round(float(seconds[k]), 3) for k in ("insert_calls", "decode_calls", "reads")}
+  steps = int(seconds["decode_steps"])
+  out.update(decode_steps=steps,
+             ms_per_decode_step=round(1e3 * seconds["decode_calls"] / max(steps, 1), 3))
+  return {"runner_split": out}
 
 
 class EngineClock:
