@@ -116,3 +116,27 @@ def test_compile_times_cover_each_program_both_ways_and_the_prefills_agree():
   run = prefill_run_rows(engine, rows=2, block=8, repeats=2)
   assert [r["scan_prefill"] for r in run] == [False, True] and all(r["seconds"] > 0 for r in run)
   assert run[1]["max_abs_diff_vs_unrolled"] < 1e-4
+
+
+def test_engine_xla_flags_reach_xla_before_its_backend_starts(tmp_path):
+  """engine.xla_flags is added to $XLA_FLAGS before the backend starts (XLA then dumps what it
+  compiles where --xla_dump_to says); a flag the user's $XLA_FLAGS names keeps their value;
+  once the backend runs, nothing is added."""
+  import os
+  import subprocess
+  import sys
+
+  dump = tmp_path / "dump"
+  code = f"""
+import os, jax, jax.numpy as jnp
+from lsdist_jax.engine import apply_xla_flags
+added = apply_xla_flags("--xla_dump_to={dump} --xla_cpu_use_thunk_runtime=false")
+assert added == ["--xla_dump_to={dump}"], added
+assert "--xla_cpu_use_thunk_runtime=true" in os.environ["XLA_FLAGS"]
+jax.jit(lambda x: x * 2)(jnp.ones(3)).block_until_ready()
+assert apply_xla_flags("--xla_dump_hlo_as_text") == []
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_cpu_use_thunk_runtime=true")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert dump.is_dir() and any(dump.iterdir())
