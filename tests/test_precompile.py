@@ -140,3 +140,23 @@ assert apply_xla_flags("--xla_dump_hlo_as_text") == []
   done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]
   assert dump.is_dir() and any(dump.iterdir())
+
+
+def test_programs_compile_in_the_order_a_phase_needs_them(tiny_params):
+  """The first fill's insert and sampler queue first, then the decode loop, then the refills'
+  programs; a phase whose prompts all fit its first fill queues no refill programs."""
+  gen = _generator(tiny_params, threads=1)
+  gen.precompile_slots(4, 64, [(4, 16), (2, 8), (2, 16)])
+  names = [k[0] for k in gen._pending]
+  assert names == ["slot_insert/4/64/4/16/-1", "slot_first/4/64/4", "slot_decode/4/64",
+                   "slot_insert/4/64/2/8/-1", "slot_first/4/64/2", "slot_insert/4/64/2/16/-1"]
+  gen.drop_precompiles()
+  prompts = _prompts(4, 3, 7, seed=1)
+  whole = _generator(tiny_params, threads=2)
+  runner = Runner(_Engine(whole), prompts, request_ids=range(4), max_seq_len=64, **SAMPLING)
+  # a cache of the whole room (max_seq_len): no row is carried on to another phase
+  runner.run_continuous(ContinuousPlan([Phase(np.arange(4), 64, 4, 2)]),
+                        lambda c, r: Phase(np.zeros(0, np.int64), 64, 2, 1))
+  built = [k[0] for k in list(whole._executables) + list(whole._pending)]
+  assert sorted(built) == ["slot_decode/4/64", "slot_first/4/64/4", "slot_insert/4/64/4/8/-1"]
+  assert whole.precompiled_runs == 3

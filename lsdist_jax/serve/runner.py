@@ -227,15 +227,17 @@ class Runner:
     return RunResult(generated, finished, records, seconds)
 
   def _precompile(self, phases) -> None:
-    """Starts compiling every phase's decode loop and inserts in the background (the engine's
-    compile_threads), in phase order, while the first phase runs: the first fill's rows and
-    block, and a refill's rows at each context block of the phase's prompts. Rows carried in
-    from an earlier phase may bring other blocks; those compile when first run."""
+    """Starts compiling every phase's programs in the background (the engine's
+    compile_threads), in the order the run needs them, while the first phase runs: the first
+    fill's insert (its rows and block) and sampler, the decode loop, then a refill's rows at
+    each context block of the phase's prompts; none for refills the first phase never makes
+    (its prompts all fit its first fill). Rows carried in from an earlier phase may bring other
+    blocks; those compile when first run."""
     gen = self.engine.generator
     if gen.compile_threads < 1:
       return
     buckets = gen.buckets
-    for phase in phases:
+    for k, phase in enumerate(phases):
       members = np.asarray(phase.members, np.int64)
       s = round_up(int(phase.cache_len), buckets.cache)
       members = members[self.prompt_len[members] < s]
@@ -244,9 +246,10 @@ class Runner:
       slots = buckets.batch_size(int(phase.slots))
       first = members[:slots]
       inserts = [(len(first), buckets.insert_block(int(self.prompt_len[first].max()), s))]
-      refill = max(1, min(int(phase.refill), slots))
-      inserts += [(refill, int(b))
-                  for b in np.unique(buckets.insert_block(self.prompt_len[members], s))]
+      if k > 0 or members.size > len(first):  # a later phase may also take carried rows
+        refill = max(1, min(int(phase.refill), slots))
+        inserts += [(refill, int(b))
+                    for b in np.unique(buckets.insert_block(self.prompt_len[members], s))]
       gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts,
                            share_prefill=self.share_prefill)
 
