@@ -268,3 +268,16 @@ def test_a_job_that_fits_in_one_slot_batch_runs_without_its_predictor():
                                                                       max_batch=8))
   # each request's own limit (max_tokens) shrinks the cache it needs: 16 rows x 128 fit
   assert fits_at_once(requests(16, max_tokens=50), 256, cost, options)
+
+
+def test_the_summary_says_where_the_time_went(engine, tmp_path):
+  summary = job(config(), write_prompts(tmp_path / "in.jsonl", n=4), tmp_path / "out.jsonl",
+                engine)
+  assert set(summary["setup_seconds"]) == {"load_engine", "tokenize", "predictor_and_budget"}
+  split = summary["runner_split"]
+  assert split["decode_steps"] > 0 and split["ms_per_decode_step"] > 0
+  assert split["decode_calls"] <= summary["seconds"]
+  # the same job again on this engine compiles nothing more, and says so
+  again = job(config(), tmp_path / "in.jsonl", tmp_path / "again.jsonl", engine)
+  assert again["programs_compiled"] == 0 and again["slowest_compiles"] == []
+  assert len(summary["slowest_compiles"]) == min(5, summary["programs_compiled"])

@@ -82,3 +82,51 @@ def prefill_run_rows(engine, *, rows: int, block: int, repeats: int = 5) -> list
                 "seconds": round(float(np.median(times)), 5)})
   out[-1]["max_abs_diff_vs_unrolled"] = float(np.max(np.abs(hidden[True] - hidden[False])))
   return out
+
+
+def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_lens,
+                     repeats: int = 3) -> list[dict]:
+  """Milliseconds per decode step of the static loop (`Generator.generate`) and of a slot batch's
+  loop (`SlotBatch.decode`, what continuous plans run) on the same `batch` rows of `prompt_len`
+  random tokens, every row forced to run exactly `steps` (and steps // 2) tokens: the difference
+  over the difference in steps, compiled first, median of `repeats`. The static loop runs at the
+  cache its rows need; the slot loop at each of `cache_lens` (the live tokens stay the same)."""
+  import statistics
+
+  gen = engine.generator
+  rng = np.random.default_rng(0)
+  prompts = [[1] + rng.integers(3, engine.config.vocab_size, size=prompt_len - 1).tolist()
+             for _ in range(batch)]
+  need = gen.buckets.cache * -(-(prompt_len + steps) // gen.buckets.cache)
+  longest = max([need] + [int(c) for c in cache_lens])
+
+  def timed(fn, n):
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn(n)
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  def static(n):
+    gen.generate(prompts, cap=steps, forced_lengths=[n] * batch, cache_len=need,
+                 max_seq_len=longest, seed=0, temperature=0.6, top_p=0.9)
+
+  def slots(cache_len):
+    def run(n):
+      b = gen.open_slots(batch, cache_len, max_seq_len=longest)
+      b.insert(list(range(batch)), prompts, list(range(batch)), [0] * batch,
+               forced_lengths=[n] * batch)
+      b.decode(b.slots)  # until every slot is done: n - 1 steps after the insert's token
+      jax.block_until_ready(b.state)
+    return run
+
+  out = []
+  for name, fn, cache in [("static", static, need)] + [("slots", slots(c), c)
+                                                       for c in cache_lens]:
+    fn(steps)  # compile
+    full, half = timed(fn, steps), timed(fn, steps // 2)
+    out.append({"program": f"decode step ({name})", "batch": batch, "cache_len": int(cache),
+                "prompt_len": prompt_len, "steps": steps,
+                "ms_per_step": round(1e3 * (full - half) / (steps - steps // 2), 3)})
+  return out

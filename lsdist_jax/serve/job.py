@@ -135,6 +135,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     clock = now
 
   engine = engine or load_engine(config)
+  compiled_before = len(engine.generator.compile_log)  # an engine may serve several jobs
   lap("load_engine")
   max_seq_len = int(config.generation.max_seq_len)
   too_long = []
@@ -224,7 +225,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
              "background_compile_seconds": round(engine.generator.background_compile_seconds, 2),
              "kv_budget_tokens": options.kv_budget_tokens, "setup_seconds": setup,
              **runner_split(split),
-             **compile_summary(engine.generator.compile_log)}
+             **compile_summary(engine.generator.compile_log[compiled_before:])}
   if kind == "batch":
     summary.update({"requests": n_requests,
                     "error_lines": sum(item.prompt_ids is None for item in items)})

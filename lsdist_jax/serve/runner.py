@@ -198,10 +198,10 @@ class Runner:
     generated: list[list[int]] = [[] for _ in range(n)]
     finished = np.zeros(n, bool)
     records: list[BatchRecord] = []
+    # generate / recover / compile, and (`_run_phase`) where a continuous run's wall clock goes,
+    # compilation the calls waited for included: insert calls (dispatch), decode calls (they
+    # wait for the device), reading the slots back, decode steps
     seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
-    # where a continuous run's wall clock goes (compilation the calls waited for included):
-    # insert calls (dispatch), decode calls (they wait for the device), reading the slots back
-    seconds.update(insert_calls=0.0, decode_calls=0.0, reads=0.0, decode_steps=0.0)
     carried: list[int] = []
     phases = list(plan.phases)
     self._precompile(phases)
@@ -291,10 +291,10 @@ class Runner:
       steps = batch.decode(refill if pending else batch.slots - drain)
       decoded_at = time.perf_counter()
       read = batch.read()
-      seconds["insert_calls"] += inserted_at - started
-      seconds["decode_calls"] += decoded_at - inserted_at
-      seconds["reads"] += time.perf_counter() - decoded_at
-      seconds["decode_steps"] += steps
+      for key, value in (("insert_calls", inserted_at - started),
+                         ("decode_calls", decoded_at - inserted_at),
+                         ("reads", time.perf_counter() - decoded_at), ("decode_steps", steps)):
+        seconds[key] = seconds.get(key, 0.0) + value
       # A draining phase ends here: its rows still running leave with what they generated.
       ending = not pending and drain > 0
       kept = completed = 0
