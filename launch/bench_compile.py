@@ -15,6 +15,11 @@ flags.DEFINE_integer("slots", 256, "slot batch rows")
 flags.DEFINE_integer("cache", 256, "slot batch cache length")
 flags.DEFINE_integer("rows", 64, "inserted / prefilled rows")
 flags.DEFINE_integer("block", 64, "context block (prompt tokens)")
+flags.DEFINE_integer("step_batch", 0, "also time a decode step, static and slot loops, at this "
+                     "batch (0: not)")
+flags.DEFINE_integer("step_prompt", 128, "prompt tokens of the decode-step rows")
+flags.DEFINE_integer("step_steps", 256, "steps each decode-step row runs")
+flags.DEFINE_list("step_caches", ["512", "1024"], "slot batch cache lengths of the step rows")
 flags.DEFINE_string("out", "", "write the JSON here")
 FLAGS = flags.FLAGS
 
@@ -23,7 +28,8 @@ def main(argv):
   del argv
   import jax
 
-  from lsdist_jax.benchmark.compile_times import prefill_run_rows, program_rows
+  from lsdist_jax.benchmark.compile_times import (decode_step_rows, prefill_run_rows,
+                                                  program_rows)
   from lsdist_jax.engine import Engine
   from lsdist_jax.files import write_json
 
@@ -31,6 +37,10 @@ def main(argv):
   shape = dict(slots=FLAGS.slots, cache_len=FLAGS.cache, rows=FLAGS.rows, block=FLAGS.block)
   rows = program_rows(engine, **shape) + prefill_run_rows(engine, rows=FLAGS.rows,
                                                           block=FLAGS.block)
+  if FLAGS.step_batch:
+    rows += decode_step_rows(engine, batch=FLAGS.step_batch, prompt_len=FLAGS.step_prompt,
+                             steps=FLAGS.step_steps,
+                             cache_lens=[int(c) for c in FLAGS.step_caches])
   for row in rows:
     print(row)
   if FLAGS.out:

@@ -160,3 +160,14 @@ def test_programs_compile_in_the_order_a_phase_needs_them(tiny_params):
   built = [k[0] for k in list(whole._executables) + list(whole._pending)]
   assert sorted(built) == ["slot_decode/4/64", "slot_first/4/64/4", "slot_insert/4/64/4/8/-1"]
   assert whole.precompiled_runs == 3
+
+
+def test_decode_step_rows_time_both_loops_at_each_cache():
+  from lsdist_jax.benchmark.compile_times import decode_step_rows
+  from lsdist_jax.engine import Engine
+
+  engine = Engine.random("tiny", dtype="float32")
+  rows = decode_step_rows(engine, batch=2, prompt_len=8, steps=8, cache_lens=[32, 64], repeats=1)
+  assert [(r["program"], r["cache_len"]) for r in rows] == [
+      ("decode step (static)", 32), ("decode step (slots)", 32), ("decode step (slots)", 64)]
+  assert all(r["ms_per_step"] == r["ms_per_step"] for r in rows)  # a number, not NaN
