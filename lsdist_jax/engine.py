@@ -321,19 +321,29 @@ def _load_gguf(path: str, chat_format: str, name: str = "", preset=None):
 def load_engine(config) -> Engine:
   """The LLM named by config.model, placed on this process's devices (with the compilation
   cache of config.engine.compilation_cache, `compilation_cache_dir`)."""
-  apply_xla_flags(config.engine.get("xla_flags", ""))
-  directory = compilation_cache_dir(config.engine.get("compilation_cache", ""))
-  if directory:
-    use_compilation_cache(directory)
+  prepare_compilation(config)
   return Engine.load(config.model.path or config.model.name, dtype=config.model.dtype,
                      chat_format=config.model.chat_format, mesh_config=config.mesh,
                      engine_config=config.engine, seed=config.seed)
 
 
+def prepare_compilation(config) -> None:
+  """What must precede the first compilation: engine.xla_flags and the persistent compilation
+  cache of engine.compilation_cache (`compilation_cache_dir`)."""
+  apply_xla_flags(config.engine.get("xla_flags", ""))
+  directory = compilation_cache_dir(config.engine.get("compilation_cache", ""))
+  if directory:
+    use_compilation_cache(directory)
+
+
 def kv_token_bytes(engine: Engine) -> int:
   """Bytes one token of KV cache takes on this engine (every layer's keys and values)."""
-  c = engine.config
-  return c.num_layers * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(DTYPES[engine.dtype]).itemsize
+  return kv_bytes_per_token(engine.config, engine.dtype)
+
+
+def kv_bytes_per_token(c: LlamaConfig, dtype: str) -> int:
+  """Bytes one token of KV cache takes for a model of config `c` in `dtype`."""
+  return c.num_layers * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(DTYPES[dtype]).itemsize
 
 
 def kv_budget_tokens(engine: Engine, setting, memory_fraction: float = 0.7) -> tuple[int, str]:
@@ -345,8 +355,19 @@ def kv_budget_tokens(engine: Engine, setting, memory_fraction: float = 0.7) -> t
     return int(setting), "set in the config"
   if setting != "auto":
     raise ConfigError(f"schedule.kv_budget_tokens={setting!r}; expected a number or 'auto'")
-  per_token = kv_token_bytes(engine)
-  devices = list(engine.mesh.devices.flat) if engine.mesh is not None else jax.local_devices()[:1]
+  devices = list(engine.mesh.devices.flat) if engine.mesh is not None else None
+  tokens, how = free_memory_tokens(kv_token_bytes(engine), memory_fraction, devices)
+  if tokens < 1:
+    raise ConfigError(f"schedule.kv_budget_tokens='auto' found no memory for a KV cache ({how})")
+  return tokens, how
+
+
+def free_memory_tokens(per_token: int, memory_fraction: float = 0.7,
+                       devices=None) -> tuple[int, str]:
+  """(tokens, how): `memory_fraction` of the accelerator memory free now on `devices` (this
+  process's first by default) over `per_token` KV bytes, summed over them; on a CPU (no memory
+  figures), a quarter of the available RAM."""
+  devices = devices or jax.local_devices()[:1]
   stats = [d.memory_stats() or {} for d in devices]
   if all("bytes_limit" in st for st in stats):
     free = min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
@@ -360,8 +381,6 @@ def kv_budget_tokens(engine: Engine, setting, memory_fraction: float = 0.7) -> t
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     tokens = int(0.25 * available / per_token)
     how = f"auto: a quarter of {available / 2**30:.1f} GiB of free RAM, {per_token} bytes a token"
-  if tokens < 1:
-    raise ConfigError(f"schedule.kv_budget_tokens='auto' found no memory for a KV cache ({how})")
   return tokens, how
 
 

@@ -281,3 +281,34 @@ def test_the_summary_says_where_the_time_went(engine, tmp_path):
   again = job(config(), tmp_path / "in.jsonl", tmp_path / "again.jsonl", engine)
   assert again["programs_compiled"] == 0 and again["slowest_compiles"] == []
   assert len(summary["slowest_compiles"]) == min(5, summary["programs_compiled"])
+
+
+def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
+  """A job that fits at once compiles its decode loop on a shape-only generator before the
+  weights load; the loaded engine runs that program (adopted, not compiled again) and the
+  responses are those of a job without the head start."""
+  from lsdist_jax.llama.generator import Generator
+  from lsdist_jax.serve import early
+
+  cfg = config()
+  cfg.engine.compile_threads = 2
+  adopted = []
+  real_adopt = Generator.adopt
+  monkeypatch.setattr(Generator, "adopt",
+                      lambda self, other: adopted.append(real_adopt(self, other)) or adopted[-1])
+  src = write_prompts(tmp_path / "in.jsonl", n=4)
+  summary = run_generate(cfg, str(src), str(tmp_path / "early.jsonl"), None, show_progress=False)
+  assert adopted == [1] and summary["served_now"] == 4
+  plain = config()
+  plain.engine.compile_threads = 0  # no early start, nothing compiled ahead
+  run_generate(plain, str(src), str(tmp_path / "plain.jsonl"), None, show_progress=False)
+  assert rows_of(tmp_path / "early.jsonl") == rows_of(tmp_path / "plain.jsonl")
+  # a guess that cannot hold: no early start; a generator of another dtype is not adopted
+  tight = config()
+  tight.engine.compile_threads = 2
+  tight.schedule.kv_budget_tokens = 96
+  assert early.start(tight, 4) is None
+  shapes_only = early.start(cfg, 4)
+  other = config()
+  other.model.dtype = "bfloat16" if cfg.model.dtype == "float32" else "float32"
+  assert load_engine(other).generator.adopt(shapes_only) == 0

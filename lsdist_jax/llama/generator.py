@@ -121,6 +121,40 @@ class Generator:
       self._pending[key] = self._pool.submit(self._compile_behind, jitted, args)
     return True
 
+  def adopt(self, other: "Generator") -> int:
+    """Takes over the programs `other` compiled or is compiling in the background (a shape-only
+    generator, `serve/early.py`), where its parameters have this one's structure, shapes and
+    dtypes (else none: they would not run on these); returns how many it took."""
+    def shapes(params):
+      leaves, tree = jax.tree.flatten(params)
+      return tree, [(tuple(x.shape), str(x.dtype)) for x in leaves]
+
+    def program(gen):  # what, besides the inputs' shapes, makes the compiled programs
+      m = gen.model
+      return (m.config, m.dtype, m.param_dtype, m.decode_impl, m.scan_prefill, gen.mesh,
+              gen.top_k_candidates, gen.eos_ids, gen.filler_id)
+
+    if program(other) != program(self) or shapes(other.params) != shapes(self.params):
+      return 0
+    with other._lock:
+      offered = dict(other._pending)
+      other._pending.clear()
+    taken = 0
+    with self._lock:
+      for key, future in offered.items():
+        if key in self._executables or key in self._pending:
+          continue
+        self._pending[key] = future
+        taken += 1
+    for future in offered.values():  # its compile time counts as this generator's, in the back
+      future.add_done_callback(self._count_adopted)
+    return taken
+
+  def _count_adopted(self, future) -> None:
+    if not future.cancelled() and future.exception() is None:
+      with self._lock:
+        self.background_compile_seconds += future.result()[1]
+
   def drop_precompiles(self) -> int:
     """Cancels the background compilations not yet started (a run that ended needs them no
     more, and a process waits for its threads' queue at exit); those under way finish and

@@ -26,7 +26,7 @@ from lsdist_jax.serve.job_items import JobItem, batch_items, chunk_requests, out
 from lsdist_jax.serve.job_items import prompt_items
 from lsdist_jax.serve.openai_batch import duplicate_ids
 from lsdist_jax.serve.runner import runner_split
-from lsdist_jax.serve.strategies import JOB_PLANNERS
+from lsdist_jax.serve.strategies import JOB_PLANNERS, is_continuous
 
 PARTS_FORMAT = 2  # bump when a part's content changes meaning
 
@@ -134,7 +134,13 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     setup[name] = round(now - clock, 2)
     clock = now
 
+  early = None
+  if engine is None and kind == "prompts" and is_continuous(strategy):
+    # the decode loop of a job that fits at once compiles while the model loads
+    early = start_early(config, min(len(entries), int(chunk_size)))
   engine = engine or load_engine(config)
+  if early is not None:
+    engine.generator.adopt(early)
   compiled_before = len(engine.generator.compile_log)  # an engine may serve several jobs
   lap("load_engine")
   max_seq_len = int(config.generation.max_seq_len)
@@ -230,6 +236,17 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     summary.update({"requests": n_requests,
                     "error_lines": sum(item.prompt_ids is None for item in items)})
   return summary
+
+
+def start_early(config, n_requests: int):
+  """`serve.early.start`; a failure there only loses the head start (logged)."""
+  from lsdist_jax.serve import early
+
+  try:
+    return early.start(config, n_requests)
+  except Exception as e:  # noqa: BLE001 - the job itself reports real problems when it loads
+    logging.warning("generate: no early compilation (%s: %s)", type(e).__name__, e)
+    return None
 
 
 def compile_summary(log: list[dict], top: int = 5) -> dict:

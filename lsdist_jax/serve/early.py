@@ -1,0 +1,100 @@
+"""The generate job's first program, compiled while the model loads.
+
+A job whose requests all fit in one slot batch runs them at once (`plan.fits_at_once`): one
+phase of bucket(n) slots over a cache of max_seq_len, whatever the prompts. Its decode loop is
+the job's longest compilation (9 s alone on an H200, more beside others) and depends only on
+shapes: the model's (from the file's header), the slots and the cache. `start` builds it on a
+shape-only generator (abstract parameters) as soon as the input's line count is known, before
+the weights are read and dequantized; `adopt` hands it to the loaded engine's generator, which
+then runs it like a program compiled ahead. A guess that turns out wrong (prompts dropped as too
+long, a budget that does not hold them) costs only background compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+from lsdist_jax.llama.config import LlamaConfig, get_preset
+
+
+def header_config(name_or_path: str) -> LlamaConfig | None:
+  """The model's config without its weights: a GGUF file's header, the bundled SmolLM2's, or
+  the `tiny` preset; None for anything else (nothing is compiled early)."""
+  from lsdist_jax.llama import gguf_file
+  from lsdist_jax.llama.config import from_gguf_metadata
+
+  if name_or_path == "tiny":
+    return get_preset("tiny")
+  if name_or_path in ("smollm2-135m-instruct", "smollm2-135m"):
+    return get_preset("smollm2-135m-instruct")
+  if not (os.path.isfile(name_or_path) and name_or_path.endswith(".gguf")):
+    return None
+  try:
+    header = gguf_file.read(name_or_path)
+    if header is None:
+      return None
+    return from_gguf_metadata(header.fields, "output.weight" in header.tensors,
+                              name=os.path.basename(name_or_path))
+  except Exception as e:  # the loader names a bad file properly; here it only means "not early"
+    logging.debug("no early compilation for %s: %s", name_or_path, e)
+    return None
+
+
+def placed_params(model, dtype: str):
+  """The parameters' shapes and dtypes once an `Engine` has placed them (norm scales in float32,
+  the rest in the engine's dtype), without making them."""
+  from lsdist_jax.engine import DTYPES
+  from lsdist_jax.llama.model import abstract_params
+
+  def cast(path, x):
+    keep32 = any(getattr(k, "key", None) == "scale" for k in path)
+    return jax.ShapeDtypeStruct(x.shape, np.float32 if keep32 else DTYPES[dtype])
+
+  boxed = abstract_params(model)
+  plain = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, boxed,
+                       is_leaf=lambda x: hasattr(x, "unbox"))
+  return jax.tree_util.tree_map_with_path(cast, plain)
+
+
+def start(config, n_requests: int):
+  """A shape-only Generator compiling, in the background, the decode loop of the one-phase plan
+  `n_requests` requests run when they all fit at once; None when the model's shape is not known
+  without loading it, on a mesh, with compile_threads 0, or when they would not fit."""
+  from lsdist_jax import engine as eng
+  from lsdist_jax.llama.generator import Generator
+  from lsdist_jax.llama.model import Llama
+  from lsdist_jax.schedule.continuous import slots_for
+  from lsdist_jax.serve.plan import load_cost_model
+  from lsdist_jax.shapes import Buckets, round_up
+
+  threads = int(config.engine.get("compile_threads", 0))
+  cfg = header_config(config.model.path or config.model.name)
+  if cfg is None or threads < 1 or n_requests < 1 or eng.engine_mesh(config.mesh) is not None:
+    return None
+  eng.prepare_compilation(config)
+  dtype = config.model.dtype
+  impl = eng.resolve_decode_impl(config.engine.get("decode_attention", "auto"), dtype, None,
+                                 cfg.head_dim)
+  model = Llama(cfg, dtype=eng.DTYPES[dtype], param_dtype=eng.DTYPES[dtype], decode_impl=impl,
+                scan_prefill=bool(config.engine.get("scan_prefill", True)))
+  setting = config.schedule.kv_budget_tokens
+  if isinstance(setting, str):
+    budget, _ = eng.free_memory_tokens(eng.kv_bytes_per_token(cfg, dtype),
+                                       float(config.schedule.kv_memory_fraction))
+  else:
+    budget = int(setting)
+  cost = load_cost_model(config)
+  cache = round_up(int(config.generation.max_seq_len), int(cost.cache_bucket))
+  from lsdist_jax.schedule import Options
+
+  options = Options.from_config(dict(config.schedule.items(), kv_budget_tokens=budget))
+  if cache * n_requests > budget or slots_for(cache, cost, options, rows=n_requests) < n_requests:
+    return None
+  gen = Generator(model, placed_params(model, dtype), buckets=Buckets.from_config(config.engine),
+                  pad_id=cfg.pad_token_id, compile_threads=threads)
+  gen.precompile_slots(slots_for(cache, cost, options, rows=n_requests), cache, [])
+  return gen
