@@ -168,6 +168,7 @@ def test_decode_step_rows_time_both_loops_at_each_cache():
 
   engine = Engine.random("tiny", dtype="float32")
   rows = decode_step_rows(engine, batch=2, prompt_len=8, steps=8, cache_lens=[32, 64], repeats=1)
-  assert [(r["program"], r["cache_len"]) for r in rows] == [
-      ("decode step (static)", 32), ("decode step (slots)", 32), ("decode step (slots)", 64)]
+  assert [r["program"] for r in rows] == ["decode step (static)"] + ["decode step (slots)"] * 2
+  # the static loop at the cache its rows need (the engine's bucket), the slots at each asked
+  assert rows[0]["cache_len"] >= 8 + 8 and [r["cache_len"] for r in rows[1:]] == [32, 64]
   assert all(r["ms_per_step"] == r["ms_per_step"] for r in rows)  # a number, not NaN
