@@ -3,6 +3,11 @@
 
   python launch/bench_compile.py --model=smollm2-135m --out=docs/results/compile_times_cpu.json
 
+With --step_batch it also times a decode step of the static and the slot loop on the same rows;
+--gguf runs them on the real model and the shipped prompts, --step_trace profiles one slot run:
+
+  python launch/bench_compile.py --gguf=<SmolLM2 GGUF> --step_batch=1024 --step_trace=<dir>
+
 On a GPU it times the GPU backend's compilation (the job's bottleneck there).
 """
 
@@ -20,6 +25,10 @@ flags.DEFINE_integer("step_batch", 0, "also time a decode step, static and slot 
 flags.DEFINE_integer("step_prompt", 128, "prompt tokens of the decode-step rows")
 flags.DEFINE_integer("step_steps", 256, "steps each decode-step row runs")
 flags.DEFINE_list("step_caches", ["512", "1024"], "slot batch cache lengths of the step rows")
+flags.DEFINE_string("gguf", "", "time this model file's real weights (the step rows then run "
+                    "the shipped Alpaca prompts, chat-formatted) instead of random ones")
+flags.DEFINE_string("step_trace", "", "also trace one slot run of the step rows with "
+                    "jax.profiler into this folder and print its busiest device events")
 flags.DEFINE_string("out", "", "write the JSON here")
 FLAGS = flags.FLAGS
 
@@ -29,23 +38,34 @@ def main(argv):
   import jax
 
   from lsdist_jax.benchmark.compile_times import (decode_step_rows, prefill_run_rows,
-                                                  program_rows)
+                                                  program_rows, trace_summary)
   from lsdist_jax.engine import Engine
   from lsdist_jax.files import write_json
 
-  engine = Engine.random(FLAGS.model)
+  engine = Engine.load(FLAGS.gguf) if FLAGS.gguf else Engine.random(FLAGS.model)
+  prompts = None
+  if FLAGS.gguf and FLAGS.step_batch:
+    from lsdist_jax.data import prompt_text, read_pool
+
+    texts = [prompt_text(r) for r in read_pool()][:FLAGS.step_batch]
+    prompts = [ids[-FLAGS.step_prompt:] for ids in engine.encode(texts)]
   shape = dict(slots=FLAGS.slots, cache_len=FLAGS.cache, rows=FLAGS.rows, block=FLAGS.block)
   rows = program_rows(engine, **shape) + prefill_run_rows(engine, rows=FLAGS.rows,
                                                           block=FLAGS.block)
   if FLAGS.step_batch:
     rows += decode_step_rows(engine, batch=FLAGS.step_batch, prompt_len=FLAGS.step_prompt,
                              steps=FLAGS.step_steps,
-                             cache_lens=[int(c) for c in FLAGS.step_caches])
+                             cache_lens=[int(c) for c in FLAGS.step_caches], prompts=prompts,
+                             trace_dir=FLAGS.step_trace)
+    if FLAGS.step_trace:
+      rows.append({"program": "decode step trace (busiest events)",
+                   "events": trace_summary(FLAGS.step_trace)})
   for row in rows:
     print(row)
   if FLAGS.out:
     device = jax.devices()[0]
-    write_json({"device": f"{device.platform}: {device.device_kind}", "model": FLAGS.model,
+    write_json({"device": f"{device.platform}: {device.device_kind}",
+                "model": FLAGS.gguf or FLAGS.model,
                 "shape": shape, "command": "python launch/bench_compile.py --model="
                 f"{FLAGS.model} --slots={FLAGS.slots} --cache={FLAGS.cache} --rows={FLAGS.rows} "
                 f"--block={FLAGS.block}", "rows": rows}, FLAGS.out)

@@ -4,6 +4,7 @@ are those of a run that compiled each program on first use."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lsdist_jax.llama.generator import Generator
 from lsdist_jax.llama.model import Llama
@@ -172,3 +173,26 @@ def test_decode_step_rows_time_both_loops_at_each_cache():
   # the static loop at the cache its rows need (the engine's bucket), the slots at each asked
   assert rows[0]["cache_len"] >= 8 + 8 and [r["cache_len"] for r in rows[1:]] == [32, 64]
   assert all(r["ms_per_step"] == r["ms_per_step"] for r in rows)  # a number, not NaN
+
+
+def test_trace_summary_ranks_device_events_by_total_time(tmp_path):
+  import gzip
+  import json
+
+  from lsdist_jax.benchmark.compile_times import trace_summary
+
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "X", "pid": 1, "name": "python", "dur": 9e6},
+            {"ph": "X", "pid": 2, "name": "attention", "dur": 3000.0},
+            {"ph": "X", "pid": 2, "name": "attention", "dur": 1000.0},
+            {"ph": "X", "pid": 2, "name": "sort", "dur": 2500.0}]
+  folder = tmp_path / "plugins" / "profile" / "run"
+  folder.mkdir(parents=True)
+  with gzip.open(folder / "host.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  assert trace_summary(str(tmp_path)) == [
+      {"name": "attention", "lane": "/device:GPU:0", "ms": 4.0, "count": 2},
+      {"name": "sort", "lane": "/device:GPU:0", "ms": 2.5, "count": 1}]
+  with pytest.raises(FileNotFoundError):
+    trace_summary(str(tmp_path / "plugins" / "none"))

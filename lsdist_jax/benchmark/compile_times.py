@@ -85,18 +85,24 @@ def prefill_run_rows(engine, *, rows: int, block: int, repeats: int = 5) -> list
 
 
 def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_lens,
-                     repeats: int = 3) -> list[dict]:
+                     repeats: int = 3, prompts=None, trace_dir: str = "") -> list[dict]:
   """Milliseconds per decode step of the static loop (`Generator.generate`) and of a slot batch's
   loop (`SlotBatch.decode`, what continuous plans run) on the same `batch` rows of `prompt_len`
-  random tokens, every row forced to run exactly `steps` (and steps // 2) tokens: the difference
-  over the difference in steps, compiled first, median of `repeats`. The static loop runs at the
-  cache its rows need; the slot loop at each of `cache_lens` (the live tokens stay the same)."""
+  random tokens (or the token ids `prompts`, cycled), every row forced to run exactly `steps`
+  (and steps // 2) tokens: the difference over the difference in steps, compiled first, median
+  of `repeats`. The static loop runs at the cache its rows need; the slot loop at each of
+  `cache_lens` (the live tokens stay the same). With `trace_dir`, one more slot run at the
+  first cache length is traced with jax.profiler (a Perfetto trace: `trace_summary`)."""
   import statistics
 
   gen = engine.generator
   rng = np.random.default_rng(0)
-  prompts = [[1] + rng.integers(3, engine.config.vocab_size, size=prompt_len - 1).tolist()
-             for _ in range(batch)]
+  if prompts:
+    prompts = [list(prompts[i % len(prompts)]) for i in range(batch)]
+  else:
+    prompts = [[1] + rng.integers(3, engine.config.vocab_size, size=prompt_len - 1).tolist()
+               for _ in range(batch)]
+  prompt_len = max(len(p) for p in prompts)
   need = gen.buckets.cache * -(-(prompt_len + steps) // gen.buckets.cache)
   longest = max([need] + [int(c) for c in cache_lens])
 
@@ -129,4 +135,37 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
     out.append({"program": f"decode step ({name})", "batch": batch, "cache_len": int(cache),
                 "prompt_len": prompt_len, "steps": steps,
                 "ms_per_step": round(1e3 * (full - half) / (steps - steps // 2), 3)})
+  if trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      slots(int(cache_lens[0]))(steps)
   return out
+
+
+def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
+  """The `top` event names of a jax.profiler Perfetto trace under `trace_dir` by total time:
+  [{"name", "ms", "count", "lane"}], device lanes (a process named for a GPU or TPU) only where
+  the trace has any, else every lane."""
+  import glob
+  import gzip
+  import json
+
+  found = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
+  if not found:
+    raise FileNotFoundError(f"no Perfetto trace (*.trace.json.gz) under {trace_dir}")
+  with gzip.open(found[-1], "rt") as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events) if isinstance(events, dict) else events
+  lanes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, name in lanes.items() if "GPU" in name or "TPU" in name}
+  totals: dict[tuple, list] = {}
+  for e in events:
+    if e.get("ph") != "X" or (device and e.get("pid") not in device):
+      continue
+    key = (e.get("name", ""), lanes.get(e.get("pid"), ""))
+    entry = totals.setdefault(key, [0.0, 0])
+    entry[0] += float(e.get("dur", 0.0)) / 1e3
+    entry[1] += 1
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+  return [{"name": name, "lane": lane, "ms": round(ms, 3), "count": n}
+          for (name, lane), (ms, n) in ranked]
