@@ -182,13 +182,11 @@ class Engine:
   def _place_params(self, params):
     """numpy/jax tree -> device arrays of the engine's dtype (norm scales stay float32),
     sharded by the logical-axis rules when there is a mesh."""
-    dtype = DTYPES[self.dtype]
-
     def cast(path, x):
-      keep32 = any(getattr(k, "key", None) == "scale" for k in path)
+      dtype = placed_dtype(path, self.dtype)
       if isinstance(x, jax.Array):  # already on a device: convert there, no host round trip
-        return x.astype(jnp.float32 if keep32 else dtype)
-      return np.asarray(x, np.float32 if keep32 else dtype)
+        return x.astype(dtype)
+      return np.asarray(x, dtype)
 
     params = jax.tree_util.tree_map_with_path(cast, params)
     if self.mesh is None:
@@ -303,6 +301,12 @@ def random_leaf_fn(shape: tuple, dtype: str, sharding=None):
   return jax.jit(make, out_shardings=sharding)
 
 
+def placed_dtype(path, dtype: str):
+  """The dtype an engine of `dtype` keeps the parameter at tree path `path` in: norm scales in
+  float32, the rest in `dtype`."""
+  return np.float32 if any(getattr(k, "key", None) == "scale" for k in path) else DTYPES[dtype]
+
+
 def _load_gguf(path: str, chat_format: str, name: str = "", preset=None):
   """(config, params, tokenizer) of a GGUF file: the tokenizer is built in a thread while the
   weights are read and dequantized (each takes seconds; numpy's dequantization releases the
@@ -313,7 +317,7 @@ def _load_gguf(path: str, chat_format: str, name: str = "", preset=None):
 
   with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
     hf = pool.submit(gguf_hf_tokenizer, path)
-    cfg, params = wts.load_gguf(path, preset) if preset is not None else wts.load_gguf(path)
+    cfg, params = wts.load_gguf(path, preset)
     tokenizer = Tokenizer(hf.result(), chat_format, name or cfg.name, cfg.bos_token_id)
   return cfg, params, tokenizer
 

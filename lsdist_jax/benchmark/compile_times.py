@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsdist_jax.benchmark.engine import median_time
 from lsdist_jax.llama import decode
 
 A = jax.ShapeDtypeStruct
@@ -73,13 +74,9 @@ def prefill_run_rows(engine, *, rows: int, block: int, repeats: int = 5) -> list
     model = engine.model.clone(scan_prefill=scan)
     fn = jax.jit(lambda p, t, pl: decode.prefill_hidden(p, t, pl, model=model, hidden_layer=-1))
     hidden[scan] = np.asarray(jax.block_until_ready(fn(engine.params, tokens, pad)))
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(engine.params, tokens, pad))
-      times.append(time.perf_counter() - start)
+    seconds = median_time(lambda: jax.block_until_ready(fn(engine.params, tokens, pad)), repeats)
     out.append({"program": "prefill_hidden (run)", "scan_prefill": scan,
-                "seconds": round(float(np.median(times)), 5)})
+                "seconds": round(float(seconds), 5)})
   out[-1]["max_abs_diff_vs_unrolled"] = float(np.max(np.abs(hidden[True] - hidden[False])))
   return out
 
@@ -93,8 +90,6 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
   of `repeats`. The static loop runs at the cache its rows need; the slot loop at each of
   `cache_lens` (the live tokens stay the same). With `trace_dir`, one more slot run at the
   first cache length is traced with jax.profiler (a Perfetto trace: `trace_summary`)."""
-  import statistics
-
   gen = engine.generator
   rng = np.random.default_rng(0)
   if prompts:
@@ -105,14 +100,6 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
   prompt_len = max(len(p) for p in prompts)
   need = gen.buckets.cache * -(-(prompt_len + steps) // gen.buckets.cache)
   longest = max([need] + [int(c) for c in cache_lens])
-
-  def timed(fn, n):
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      fn(n)
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
   def static(n):
     gen.generate(prompts, cap=steps, forced_lengths=[n] * batch, cache_len=need,
@@ -131,7 +118,8 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
   for name, fn, cache in [("static", static, need)] + [("slots", slots(c), c)
                                                        for c in cache_lens]:
     fn(steps)  # compile
-    full, half = timed(fn, steps), timed(fn, steps // 2)
+    full = median_time(lambda: fn(steps), repeats)
+    half = median_time(lambda: fn(steps // 2), repeats)
     out.append({"program": f"decode step ({name})", "batch": batch, "cache_len": int(cache),
                 "prompt_len": prompt_len, "steps": steps,
                 "ms_per_step": round(1e3 * (full - half) / (steps - steps // 2), 3)})

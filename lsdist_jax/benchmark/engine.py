@@ -40,7 +40,8 @@ class EngineBenchSettings:
   prompts_jsonl: str = ""  # Alpaca-format JSONL to take prompts from (default: the loader's)
 
 
-def _median_time(fn, repeats):
+def median_time(fn, repeats):
+  """Median wall seconds of `repeats` calls of fn()."""
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -54,7 +55,7 @@ def copy_bandwidth_bytes_per_s(jax, jnp, nbytes=2 << 30):
   x = jnp.arange(nbytes // 4, dtype=jnp.float32)
   copy = jax.jit(lambda a: a + 1.0)
   copy(x).block_until_ready()
-  t = _median_time(lambda: copy(x).block_until_ready(), 10)
+  t = median_time(lambda: copy(x).block_until_ready(), 10)
   return 2 * nbytes / t
 
 
@@ -101,7 +102,7 @@ def sampler_micro(engine, prompts, temperature, top_p):
   }
   for name, fn in variants.items():
     fn(logits).block_until_ready()
-    ms = 1e3 * _median_time(lambda: fn(logits).block_until_ready(), 20)
+    ms = 1e3 * median_time(lambda: fn(logits).block_until_ready(), 20)
     print(f"sampler {name:14s} b={logits.shape[0]}: {ms:.3f} ms", flush=True)
 
 
@@ -152,7 +153,7 @@ def attention_sweep(jax, jnp):
       try:
         out = fn(q, k, v, lo, hi)
         err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - want)))
-        ms = 1e3 * _median_time(lambda: fn(q, k, v, lo, hi).block_until_ready(), 20) / layers
+        ms = 1e3 * median_time(lambda: fn(q, k, v, lo, hi).block_until_ready(), 20) / layers
       except Exception as e:  # noqa: BLE001 - a variant the compiler refuses is reported, not fatal
         print(f"attention {name} {label}: failed ({type(e).__name__}: {str(e)[:300]})")
         continue
@@ -177,8 +178,8 @@ def time_ours(engine, prompts, new_tokens, temperature, top_p, repeats):
                         **kw)
 
   run(8)  # compile
-  full = _median_time(lambda: run(new_tokens), repeats)
-  half = _median_time(lambda: run(new_tokens // 2), repeats)
+  full = median_time(lambda: run(new_tokens), repeats)
+  half = median_time(lambda: run(new_tokens // 2), repeats)
   ms_per_step = 1e3 * (full - half) / (new_tokens - new_tokens // 2)
   return full, ms_per_step
 
@@ -316,8 +317,8 @@ def run_engine_benchmark(s: EngineBenchSettings) -> dict:
         return gen.generate(prompts, cap=steps, forced_lengths=[n] * len(prompts), **kw)
 
       run(4)
-      full = _median_time(lambda: run(steps), s.repeats)
-      half = _median_time(lambda: run(steps // 2), s.repeats)
+      full = median_time(lambda: run(steps), s.repeats)
+      half = median_time(lambda: run(steps // 2), s.repeats)
       ms_step = 1e3 * (full - half) / (steps - steps // 2)
       bcfg = big.config
       # the measured window is steps 128..256: on average 64 + 192 live slots of the cache
@@ -399,8 +400,8 @@ def measure_mesh_row(model: str, data: int, tensor: int, batch: int, cache: int,
     raise RuntimeError(f"rows generated {first.num_generated.min()}..{first.num_generated.max()}"
                        f" tokens, expected {steps} each")
   run(steps // 2)  # compiled already (the same shapes); warms the half-length call
-  full = _median_time(lambda: run(steps), repeats)
-  half = _median_time(lambda: run(steps // 2), repeats)
+  full = median_time(lambda: run(steps), repeats)
+  half = median_time(lambda: run(steps // 2), repeats)
   ms_step = 1e3 * (full - half) / (steps - steps // 2)
   programs = [exe.as_text() for key, exe in gen._executables.items() if key[0].startswith("gen")]
   counts = shd.collective_counts(programs[0]) if programs else {}

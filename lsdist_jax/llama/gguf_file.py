@@ -96,14 +96,12 @@ class _Cursor:
           self.pos += struct.calcsize(fmt)
           return values
         self.skip(count * _FIXED[etype])
-      elif etype == _STRING and full:
-        if count * 8 > self.size - self.pos:
-          raise _Corrupt(f"an array of {count:,} strings runs past the end of the file")
-        return [self.string(decode=True, errors="replace") for _ in range(count)]
       elif etype in (_STRING, _ARRAY):
         if count * 8 > self.size - self.pos:  # every element takes at least 8 bytes
           raise _Corrupt(f"an array of {count:,} elements runs past the end of the file "
                          f"({self.size:,} bytes)")
+        if etype == _STRING and full:
+          return [self.string(decode=True, errors="replace") for _ in range(count)]
         for _ in range(count):  # strings skipped, not decoded (the vocabulary)
           self.string() if etype == _STRING else self.value(etype)
       else:

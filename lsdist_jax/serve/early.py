@@ -16,7 +16,6 @@ import logging
 import os
 
 import jax
-import numpy as np
 
 from lsdist_jax.llama.config import LlamaConfig, get_preset
 
@@ -47,12 +46,11 @@ def header_config(name_or_path: str) -> LlamaConfig | None:
 def placed_params(model, dtype: str):
   """The parameters' shapes and dtypes once an `Engine` has placed them (norm scales in float32,
   the rest in the engine's dtype), without making them."""
-  from lsdist_jax.engine import DTYPES
+  from lsdist_jax.engine import placed_dtype
   from lsdist_jax.llama.model import abstract_params
 
   def cast(path, x):
-    keep32 = any(getattr(k, "key", None) == "scale" for k in path)
-    return jax.ShapeDtypeStruct(x.shape, np.float32 if keep32 else DTYPES[dtype])
+    return jax.ShapeDtypeStruct(x.shape, placed_dtype(path, dtype))
 
   boxed = abstract_params(model)
   plain = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, boxed,
@@ -67,8 +65,8 @@ def start(config, n_requests: int):
   from lsdist_jax import engine as eng
   from lsdist_jax.llama.generator import Generator
   from lsdist_jax.llama.model import Llama
-  from lsdist_jax.schedule.continuous import slots_for
-  from lsdist_jax.serve.plan import load_cost_model
+  from lsdist_jax.schedule import Options
+  from lsdist_jax.serve.plan import load_cost_model, slots_at_once
   from lsdist_jax.shapes import Buckets, round_up
 
   threads = int(config.engine.get("compile_threads", 0))
@@ -89,12 +87,11 @@ def start(config, n_requests: int):
     budget = int(setting)
   cost = load_cost_model(config)
   cache = round_up(int(config.generation.max_seq_len), int(cost.cache_bucket))
-  from lsdist_jax.schedule import Options
-
   options = Options.from_config(dict(config.schedule.items(), kv_budget_tokens=budget))
-  if cache * n_requests > budget or slots_for(cache, cost, options, rows=n_requests) < n_requests:
+  slots = slots_at_once(n_requests, cache, cost, options)
+  if not slots:
     return None
   gen = Generator(model, placed_params(model, dtype), buckets=Buckets.from_config(config.engine),
                   pad_id=cfg.pad_token_id, compile_threads=threads)
-  gen.precompile_slots(slots_for(cache, cost, options, rows=n_requests), cache, [])
+  gen.precompile_slots(slots, cache, [])
   return gen

@@ -208,9 +208,16 @@ def fits_at_once(requests: Requests, max_seq_len: int, cost: CostModel,
   running them all together."""
   sched = planner_requests(requests.prompt_len, max_seq_len, max_tokens=requests.max_tokens)
   cache_len = int(slot_cache_len(sched.prompt_len, sched.room, cost).max())
-  if cache_len * requests.n > options.kv_budget_tokens:
-    return False
-  return slots_for(cache_len, cost, options, rows=requests.n) >= requests.n
+  return slots_at_once(requests.n, cache_len, cost, options) > 0
+
+
+def slots_at_once(n: int, cache_len: int, cost: CostModel, options: Options) -> int:
+  """The slots of one phase that holds n rows of `cache_len` cache tokens at once, under the KV
+  budget and max_batch (`slots_for`); 0 where they do not fit."""
+  if cache_len * n > options.kv_budget_tokens:
+    return 0
+  slots = slots_for(cache_len, cost, options, rows=n)
+  return slots if slots >= n else 0
 
 
 def schedule_and_run(engine, requests: Requests, config, predictor, planner: str, cost: CostModel,
