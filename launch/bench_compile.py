@@ -25,10 +25,14 @@ flags.DEFINE_integer("step_batch", 0, "also time a decode step, static and slot 
 flags.DEFINE_integer("step_prompt", 128, "prompt tokens of the decode-step rows")
 flags.DEFINE_integer("step_steps", 256, "steps each decode-step row runs")
 flags.DEFINE_list("step_caches", ["512", "1024"], "slot batch cache lengths of the step rows")
+flags.DEFINE_list("step_loops", ["static", "slots"], "which decode loops the step rows time")
 flags.DEFINE_string("gguf", "", "time this model file's real weights (the step rows then run "
                     "the shipped Alpaca prompts, chat-formatted) instead of random ones")
 flags.DEFINE_string("step_trace", "", "also trace one slot run of the step rows with "
                     "jax.profiler into this folder and print its busiest device events")
+flags.DEFINE_bool("programs", True, "time the job's programs' compilation and the prefills' "
+                  "runs (--noprograms: the decode-step rows alone)")
+flags.DEFINE_integer("trace_top", 25, "event names the trace summary lists")
 flags.DEFINE_string("out", "", "write the JSON here")
 FLAGS = flags.FLAGS
 
@@ -38,7 +42,8 @@ def main(argv):
   import jax
 
   from lsdist_jax.benchmark.compile_times import (decode_step_rows, prefill_run_rows,
-                                                  program_rows, trace_summary)
+                                                  program_rows, trace_streams,
+                                                  trace_summary)
   from lsdist_jax.engine import Engine
   from lsdist_jax.files import write_json
 
@@ -50,16 +55,19 @@ def main(argv):
     texts = [prompt_text(r) for r in read_pool()][:FLAGS.step_batch]
     prompts = [ids[-FLAGS.step_prompt:] for ids in engine.encode(texts)]
   shape = dict(slots=FLAGS.slots, cache_len=FLAGS.cache, rows=FLAGS.rows, block=FLAGS.block)
-  rows = program_rows(engine, **shape) + prefill_run_rows(engine, rows=FLAGS.rows,
-                                                          block=FLAGS.block)
+  rows = []
+  if FLAGS.programs:
+    rows = program_rows(engine, **shape) + prefill_run_rows(engine, rows=FLAGS.rows,
+                                                            block=FLAGS.block)
   if FLAGS.step_batch:
     rows += decode_step_rows(engine, batch=FLAGS.step_batch, prompt_len=FLAGS.step_prompt,
                              steps=FLAGS.step_steps,
                              cache_lens=[int(c) for c in FLAGS.step_caches], prompts=prompts,
-                             trace_dir=FLAGS.step_trace)
+                             trace_dir=FLAGS.step_trace, loops=FLAGS.step_loops)
     if FLAGS.step_trace:
       rows.append({"program": "decode step trace (busiest events)",
-                   "events": trace_summary(FLAGS.step_trace)})
+                   "events": trace_summary(FLAGS.step_trace, FLAGS.trace_top),
+                   "streams": trace_streams(FLAGS.step_trace)})
   for row in rows:
     print(row)
   if FLAGS.out:

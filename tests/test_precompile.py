@@ -179,14 +179,15 @@ def test_trace_summary_ranks_device_events_by_total_time(tmp_path):
   import gzip
   import json
 
-  from lsdist_jax.benchmark.compile_times import trace_summary
+  from lsdist_jax.benchmark.compile_times import trace_streams, trace_summary
 
   events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
             {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
             {"ph": "X", "pid": 1, "name": "python", "dur": 9e6},
-            {"ph": "X", "pid": 2, "name": "attention", "dur": 3000.0},
-            {"ph": "X", "pid": 2, "name": "attention", "dur": 1000.0},
-            {"ph": "X", "pid": 2, "name": "sort", "dur": 2500.0}]
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "stream 7"}},
+            {"ph": "X", "pid": 2, "tid": 7, "name": "attention", "ts": 0.0, "dur": 3000.0},
+            {"ph": "X", "pid": 2, "tid": 7, "name": "attention", "ts": 2000.0, "dur": 1000.0},
+            {"ph": "X", "pid": 2, "tid": 7, "name": "sort", "ts": 10000.0, "dur": 2500.0}]
   folder = tmp_path / "plugins" / "profile" / "run"
   folder.mkdir(parents=True)
   with gzip.open(folder / "host.trace.json.gz", "wt") as f:
@@ -194,5 +195,8 @@ def test_trace_summary_ranks_device_events_by_total_time(tmp_path):
   assert trace_summary(str(tmp_path)) == [
       {"name": "attention", "lane": "/device:GPU:0", "ms": 4.0, "count": 2},
       {"name": "sort", "lane": "/device:GPU:0", "ms": 2.5, "count": 1}]
+  # the stream covers 0-3 ms (the overlap counted once) and 10-12.5 ms of a 12.5 ms span
+  assert trace_streams(str(tmp_path)) == [{"lane": "/device:GPU:0", "thread": "stream 7",
+                                           "events": 3, "busy_ms": 5.5, "span_ms": 12.5}]
   with pytest.raises(FileNotFoundError):
     trace_summary(str(tmp_path / "plugins" / "none"))

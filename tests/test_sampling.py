@@ -124,7 +124,7 @@ def hf_kept(logits, temperature, top_p, stable=True, accurate_softmax=False):
 
 
 _mask = jax.jit(nucleus_mask, static_argnums=3)
-_sample = jax.jit(sample_tokens, static_argnums=(4, 5))
+_sample = jax.jit(sample_tokens, static_argnums=(4, 5, 6))
 
 
 def ours_kept(logits, temperature, top_p, top_k_candidates=16):
@@ -225,9 +225,12 @@ def test_draws_lie_in_the_nucleus_and_tiers_agree_with_a_full_sort(vocab):
     mask = np.repeat(np.asarray(_mask(jnp.asarray(logits), jnp.float32(t), setting, 16)),
                      draws, axis=0)
     assert mask[np.arange(rows * draws), full].all(), (t, p)
-    for k, hard in ((4, 8), (4, 1000), (16, 64)):
-      tiered = np.asarray(_sample(tiled, u, jnp.float32(t), setting, k, hard))
-      np.testing.assert_array_equal(tiered, full, err_msg=f"T={t} p={p} k={k} hard={hard}")
+    # wide rows gathered or all searched; searched among at most `mid` tokens, the rest sorted
+    for k, hard, mid in ((4, 8, 1024), (4, 1000, 1024), (16, 64, 1024), (4, 8, 8),
+                         (4, 1000, 24)):
+      tiered = np.asarray(_sample(tiled, u, jnp.float32(t), setting, k, hard, mid))
+      np.testing.assert_array_equal(tiered, full,
+                                    err_msg=f"T={t} p={p} k={k} hard={hard} mid={mid}")
     if 0 < p < 1 and t > 0:  # both tiers were exercised: narrow rows and rows past 16 tokens
       sizes = mask[::draws].sum(-1)
       assert sizes.min() <= 4 and sizes.max() > 16

@@ -82,14 +82,16 @@ def prefill_run_rows(engine, *, rows: int, block: int, repeats: int = 5) -> list
 
 
 def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_lens,
-                     repeats: int = 3, prompts=None, trace_dir: str = "") -> list[dict]:
+                     repeats: int = 3, prompts=None, trace_dir: str = "",
+                     loops=("static", "slots")) -> list[dict]:
   """Milliseconds per decode step of the static loop (`Generator.generate`) and of a slot batch's
   loop (`SlotBatch.decode`, what continuous plans run) on the same `batch` rows of `prompt_len`
   random tokens (or the token ids `prompts`, cycled), every row forced to run exactly `steps`
   (and steps // 2) tokens: the difference over the difference in steps, compiled first, median
   of `repeats`. The static loop runs at the cache its rows need; the slot loop at each of
   `cache_lens` (the live tokens stay the same). With `trace_dir`, one more slot run at the
-  first cache length is traced with jax.profiler (a Perfetto trace: `trace_summary`)."""
+  first cache length is traced with jax.profiler (a Perfetto trace: `trace_summary`). loops:
+  which of the two to time."""
   gen = engine.generator
   rng = np.random.default_rng(0)
   if prompts:
@@ -115,8 +117,8 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
     return run
 
   out = []
-  for name, fn, cache in [("static", static, need)] + [("slots", slots(c), c)
-                                                       for c in cache_lens]:
+  runs = [("static", static, need)] + [("slots", slots(c), c) for c in cache_lens]
+  for name, fn, cache in [run for run in runs if run[0] in loops]:
     fn(steps)  # compile
     full = median_time(lambda: fn(steps), repeats)
     half = median_time(lambda: fn(steps // 2), repeats)
@@ -129,10 +131,8 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
   return out
 
 
-def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
-  """The `top` event names of a jax.profiler Perfetto trace under `trace_dir` by total time:
-  [{"name", "ms", "count", "lane"}], device lanes (a process named for a GPU or TPU) only where
-  the trace has any, else every lane."""
+def _trace_events(trace_dir: str):
+  """(events, lane name by pid, device pids) of the newest Perfetto trace under `trace_dir`."""
   import glob
   import gzip
   import json
@@ -146,6 +146,14 @@ def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
   lanes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   device = {pid for pid, name in lanes.items() if "GPU" in name or "TPU" in name}
+  return events, lanes, device
+
+
+def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
+  """The `top` event names of a jax.profiler Perfetto trace under `trace_dir` by total time:
+  [{"name", "ms", "count", "lane"}], device lanes (a process named for a GPU or TPU) only where
+  the trace has any, else every lane."""
+  events, lanes, device = _trace_events(trace_dir)
   totals: dict[tuple, list] = {}
   for e in events:
     if e.get("ph") != "X" or (device and e.get("pid") not in device):
@@ -157,3 +165,30 @@ def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
   ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
   return [{"name": name, "lane": lane, "ms": round(ms, 3), "count": n}
           for (name, lane), (ms, n) in ranked]
+
+
+def trace_streams(trace_dir: str) -> list[dict]:
+  """Per device stream (lane and thread) of the trace: its events, the time they cover (busy_ms,
+  overlaps counted once) and the span from the first start to the last end (span_ms). A stream
+  busy for much less than its span waits on the host (launches, copies, the loop's condition):
+  [{"lane", "thread", "events", "busy_ms", "span_ms"}], busiest first."""
+  events, lanes, device = _trace_events(trace_dir)
+  threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
+             for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  spans: dict[tuple, list] = {}
+  for e in events:
+    if e.get("ph") == "X" and (not device or e.get("pid") in device):
+      start = float(e.get("ts", 0.0))
+      spans.setdefault((e.get("pid"), e.get("tid")), []).append(
+          (start, start + float(e.get("dur", 0.0))))
+  out = []
+  for key, intervals in spans.items():
+    intervals.sort()
+    busy, reach = 0.0, -float("inf")
+    for start, end in intervals:  # the union of the intervals
+      busy += max(0.0, end - max(start, reach))
+      reach = max(reach, end)
+    out.append({"lane": lanes.get(key[0], ""), "thread": threads.get(key, str(key[1])),
+                "events": len(intervals), "busy_ms": round(busy / 1e3, 3),
+                "span_ms": round((reach - intervals[0][0]) / 1e3, 3)})
+  return sorted(out, key=lambda row: -row["busy_ms"])

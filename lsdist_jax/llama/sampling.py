@@ -34,10 +34,12 @@ boundary token may differ. Given an accurate softmax, transformers' set is this 
 row tried (tests/test_sampling.py; 6,912 rows of 49,152 tokens while writing it).
 
 Where the set is found does not change it: among the `top_k_candidates` best-ranked tokens when
-the tail after them is <= d (the usual case); otherwise (a wide row) from the row's full ranking,
-for up to `hard_rows` gathered rows, or for every row when more are wide. The draw is by inverse
-CDF over the kept tokens in rank order: u * (their mass) picks the first token whose cumulative
-mass exceeds it.
+the tail after them is <= d (the usual case); otherwise (a wide row) among the tokens scoring
+within a few nats of the row's best, once those below hold well under d of the mass (found by
+bisection, at most `mid_candidates` of them, ranked by a sort of those alone), and only where
+they are more from the row's full ranking. Wide rows are gathered (up to `hard_rows` of them),
+or every row is searched when more are wide. The draw is by inverse CDF over the kept tokens in
+rank order: u * (their mass) picks the first token whose cumulative mass exceeds it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 _GRID = float(2 ** 23)  # probabilities on this grid sum exactly in float32 while the sum < 2
+# The wide-row search: score thresholds up to this many nats under the row's best, bisected in
+# this many steps (to 1/8 nat), the mass below one kept under this share of d.
+_SEARCH_NATS, _SEARCH_STEPS, _SEARCH_SHARE = 16.0, 7, 0.99
 
 
 def request_uniforms(seed: jax.Array, request_ids: jax.Array, steps: jax.Array) -> jax.Array:
@@ -215,12 +220,55 @@ def nucleus_mask(logits: jax.Array, temperature, top_p, top_k_candidates: int = 
                    jnp.where(drop[:, None] <= 0.0, every, nucleus))
 
 
+def _mid_nucleus(scores, probs, total, drop, k):
+  """(ranked ids [R, k], their probs, m [R], over [R]) from the tokens scoring within a few nats
+  of each row's best: the threshold sigma is bisected (unrolled: no device loop) to the highest
+  one whose tokens below hold at most _SEARCH_SHARE * d of the mass, so that none of them can be
+  kept (each one's tail is at most that mass); the (at most k) tokens at or above sigma are
+  gathered in id order and sorted by rank. over: the row had more than k such tokens, or none
+  of the thresholds tried holds the rule (then only the full ranking is exact)."""
+  rows, vocab = scores.shape
+  best = jnp.max(scores, axis=-1)
+  limit = _SEARCH_SHARE * jnp.asarray(drop, jnp.float32)
+
+  def holds(nats):  # the mass under best - nats is small enough: [R] bool
+    below = jnp.sum(jnp.where(scores < (best - nats)[:, None], probs, 0.0), axis=-1)
+    return below <= limit
+
+  lo, hi = jnp.zeros((rows,), jnp.float32), jnp.full((rows,), _SEARCH_NATS, jnp.float32)
+  found = holds(hi)
+  for _ in range(_SEARCH_STEPS):
+    mid = (lo + hi) / 2
+    ok = holds(mid)
+    lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+  candidate = scores >= (best - hi)[:, None]  # [R, V], every row's best among them
+  at = jnp.cumsum(candidate, axis=-1, dtype=jnp.int32) - 1
+  over = (at[:, -1] >= k) | ~found
+  ids = jnp.full((rows, k), vocab, jnp.int32).at[
+      jnp.arange(rows)[:, None], jnp.where(candidate & (at < k), at, k)].set(
+          jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), (rows, vocab)), mode="drop")
+  real = ids < vocab
+  safe = jnp.minimum(ids, vocab - 1)
+  keys = jnp.where(real, -jnp.take_along_axis(scores, safe, axis=-1), jnp.inf)
+  # rank order: score descending, ties the higher id first; padding (no token) last
+  _, neg_ids = jax.lax.sort((keys, -ids), dimension=-1, num_keys=2)
+  ranked_ids = -neg_ids
+  real = ranked_ids < vocab
+  ranked_ids = jnp.minimum(ranked_ids, vocab - 1)
+  ranked = jnp.where(real, jnp.take_along_axis(probs, ranked_ids, axis=-1), 0.0)
+  m, _ = nucleus_count(ranked, total, drop)
+  return ranked_ids, ranked, m, over
+
+
 def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p,
-                  top_k_candidates: int = 16, hard_rows: int = 32) -> jax.Array:
+                  top_k_candidates: int = 16, hard_rows: int | None = None,
+                  mid_candidates: int = 1024) -> jax.Array:
   """One token per row by the module's rule. logits: [B, V], u: [B] -> [B] int32.
   temperature: scalar or [B]; top_p: float32 scalar, `top_p_setting(p)` (exact 1 - p) or per
   row [B, 2]. Rows with d <= 0 draw from every token, the others from their nucleus; which
-  branches run is chosen per call from the rows (all of one kind: only that one)."""
+  branches run is chosen per call from the rows (all of one kind: only that one). hard_rows:
+  how many wide rows are gathered before every row is searched (None: max(32, B / 8));
+  mid_candidates: the most tokens a wide row's search ranks before its full sort."""
   batch, vocab = logits.shape
   temperature = row_temperature(temperature, batch)
   scores, probs = scores_and_probs(logits, temperature)
@@ -228,7 +276,8 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
   every = drop <= 0.0  # [B] rows whose candidates are every token
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   k = min(top_k_candidates, vocab)
-  hard_rows = min(hard_rows, batch)
+  hard_rows = min(max(32, batch // 8) if hard_rows is None else hard_rows, batch)
+  mid = min(mid_candidates, vocab)
 
   def nucleus(_):
     total = total_mass(probs)
@@ -237,9 +286,16 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
     easy = pick(ranked, ids, m, u)
 
     def wide_rows(rows):
-      full_ids, full_ranked, full_m = _full_nucleus(scores[rows], probs[rows],
-                                                    (total[0][rows], total[1][rows]), drop[rows])
-      picked = pick(full_ranked, full_ids, full_m, u[rows])
+      part = (scores[rows], probs[rows], (total[0][rows], total[1][rows]), drop[rows])
+      mid_ids, mid_ranked, mid_m, over = _mid_nucleus(*part, mid)
+      searched = pick(mid_ranked, mid_ids, mid_m, u[rows])
+
+      def sort_over(_):  # rows the search could not settle: from their full ranking
+        full_ids, full_ranked, full_m = _full_nucleus(*part)
+        return jnp.where(over, pick(full_ranked, full_ids, full_m, u[rows]), searched)
+
+      over = over & wide[rows]
+      picked = jax.lax.cond(jnp.any(over), sort_over, lambda _: searched, None)
       return jnp.where(wide[rows], picked, easy[rows])
 
     def gather_wide(_):
