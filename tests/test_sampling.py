@@ -125,6 +125,8 @@ def hf_kept(logits, temperature, top_p, stable=True, accurate_softmax=False):
 
 _mask = jax.jit(nucleus_mask, static_argnums=3)
 _sample = jax.jit(sample_tokens, static_argnums=(4, 5, 6))
+_sample_active = jax.jit(lambda *a, active: sample_tokens(*a, active=active),
+                         static_argnums=(4, 5, 6))
 
 
 def ours_kept(logits, temperature, top_p, top_k_candidates=16):
@@ -264,3 +266,25 @@ def test_per_row_settings_equal_each_row_drawn_with_its_own(top_k_candidates, ha
                             jnp.asarray(temperature[every]), pairs[np.array(every)],
                             top_k_candidates, hard_rows))
   assert (only == got[every]).all()
+
+
+def test_inactive_rows_are_never_searched_and_leave_active_rows_unchanged():
+  """Rows marked inactive (finished rows of a decode loop, whose logits may be flat) do not
+  count as wide: with more flat inactive rows than the gathered tier holds, the active rows
+  still draw exactly what they draw alone, whichever tier the call takes."""
+  rng = np.random.default_rng(7)
+  rows, vocab = 16, 400
+  logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 3.0
+  logits[8:] = rng.normal(size=(8, vocab)).astype(np.float32) * 0.01  # flat: all wide
+  u = jnp.asarray(rng.uniform(size=rows).astype(np.float32))
+  setting = jnp.asarray(top_p_setting(0.9))
+  active = np.arange(rows) < 8
+  got = np.asarray(_sample_active(jnp.asarray(logits), u, jnp.float32(0.7), setting, 4, 2, 1024,
+                                  active=jnp.asarray(active)))
+  alone = np.asarray(_sample(jnp.asarray(logits[:8]), u[:8], jnp.float32(0.7), setting, 4, 2,
+                             1024))
+  full = np.asarray(_sample(jnp.asarray(logits), u, jnp.float32(0.7), setting, vocab, rows,
+                            1024))
+  np.testing.assert_array_equal(got[:8], alone)
+  np.testing.assert_array_equal(got[:8], full[:8])
+  assert ((got >= 0) & (got < vocab)).all()

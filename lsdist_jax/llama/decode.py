@@ -45,7 +45,7 @@ def _keep_cache_layout(cache, mesh):
 
 def _choose_fn(mesh, batch: int):
   """`sampling.choose` over the batch's rows: on a mesh, per device (see above)."""
-  return shd.rowwise(sampling.choose, mesh, batch, num_rows=7)
+  return shd.rowwise(sampling.choose, mesh, batch, num_rows=8)
 
 
 def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, active,
@@ -70,9 +70,9 @@ def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, a
 
   sample = _choose_fn(mesh, b)
 
-  def choose(logits_last, i):
+  def choose(logits_last, i, live):
     return sample(logits_last, request_ids, start_step + i, forced_len, seed, temperature,
-                  top_p, top_k_candidates=top_k_candidates, eos=eos, filler_id=filler_id)
+                  top_p, live, top_k_candidates=top_k_candidates, eos=eos, filler_id=filler_id)
 
   def update(state, tok, i):
     out, n_gen, done, finished = state
@@ -92,7 +92,7 @@ def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, a
   n_gen = jnp.zeros((b,), jnp.int32)
   done = ~active | (row_limit <= 0)
   finished = jnp.zeros((b,), bool)
-  tok = choose(logits[:, -1], jnp.zeros((), jnp.int32))
+  tok = choose(logits[:, -1], jnp.zeros((), jnp.int32), ~done)
   state = update((out, n_gen, done, finished), tok, jnp.zeros((), jnp.int32))
 
   def cond(carry):
@@ -103,7 +103,7 @@ def generate_core(params, tokens, pad_len, request_ids, start_step, row_limit, a
     logits, _, cache = model.apply(variables, tok[:, None], cache, p + i - 1, pad_len,
                                    logits_at="last", active=~state[2])
     cache = _keep_cache_layout(cache, mesh)
-    tok = choose(logits[:, -1], i)
+    tok = choose(logits[:, -1], i, ~state[2])
     state = update(state, tok, i)
     return i + 1, tok, cache, state
 
@@ -182,8 +182,8 @@ def slot_first(state, logits, slots, request_ids, start_steps, caps, limits, for
   s_len = state["out"].shape[1] - 1
   eos = jnp.asarray(eos_ids, jnp.int32)
   tok = _choose_fn(mesh, k)(logits, request_ids, start_steps, forced_len, seed, temperature,
-                            top_p, top_k_candidates=top_k_candidates, eos=eos,
-                            filler_id=filler_id)
+                            top_p, jnp.ones((k,), bool), top_k_candidates=top_k_candidates,
+                            eos=eos, filler_id=filler_id)
   is_eos = jnp.isin(tok, eos)
   accept = ~is_eos & (caps > 0) & (limits > 0)
   n_gen = accept.astype(jnp.int32)
@@ -222,7 +222,7 @@ def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: 
                                    logits_at="last", active=~done)
     cache = _keep_cache_layout(cache, mesh)
     tok = sample(logits[:, -1], st["rid"], st["start"] + n_gen, st["forced"], seed,
-                 temperature, top_p, top_k_candidates=top_k_candidates, eos=eos,
+                 temperature, top_p, ~done, top_k_candidates=top_k_candidates, eos=eos,
                  filler_id=filler_id)
     is_eos = jnp.isin(tok, eos)
     newly_finished = ~done & is_eos

@@ -262,13 +262,16 @@ def _mid_nucleus(scores, probs, total, drop, k):
 
 def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p,
                   top_k_candidates: int = 16, hard_rows: int | None = None,
-                  mid_candidates: int = 1024) -> jax.Array:
+                  mid_candidates: int = 1024, active: jax.Array | None = None) -> jax.Array:
   """One token per row by the module's rule. logits: [B, V], u: [B] -> [B] int32.
   temperature: scalar or [B]; top_p: float32 scalar, `top_p_setting(p)` (exact 1 - p) or per
   row [B, 2]. Rows with d <= 0 draw from every token, the others from their nucleus; which
   branches run is chosen per call from the rows (all of one kind: only that one). hard_rows:
   how many wide rows are gathered before every row is searched (None: max(32, B / 8));
-  mid_candidates: the most tokens a wide row's search ranks before its full sort."""
+  mid_candidates: the most tokens a wide row's search ranks before its full sort. active: [B]
+  bool, the rows whose token is used (None: all); any other row gets some token of its head
+  candidates and is never searched or sorted (finished rows of a decode loop, whose logits are
+  often flat, would otherwise send every step to the sort of all rows)."""
   batch, vocab = logits.shape
   temperature = row_temperature(temperature, batch)
   scores, probs = scores_and_probs(logits, temperature)
@@ -283,6 +286,8 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
     total = total_mass(probs)
     ids, ranked, m, wide = _head_nucleus(scores, probs, total, drop, k)
     wide = wide & ~every  # a d <= 0 row is drawn by `plain`, never sorted
+    if active is not None:
+      wide = wide & active
     easy = pick(ranked, ids, m, u)
 
     def wide_rows(rows):
@@ -343,12 +348,13 @@ def pick_in_nucleus(sorted_probs, sorted_ids, top_p, u):
   return pick(sorted_probs, sorted_ids, nucleus_size(sorted_probs, top_p), u)
 
 
-def choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p, *,
+def choose(logits_last, request_ids, steps, forced_len, seed, temperature, top_p, active, *,
            top_k_candidates, eos, filler_id):
   """The token of each row at its token index `steps` (with length replay). Per row [B]:
-  request_ids, steps, forced_len, seed, temperature; top_p [B, 2]."""
+  request_ids, steps, forced_len, seed, temperature, active (rows whose token is used: the
+  others are never searched, `sample_tokens`); top_p [B, 2]."""
   u = request_uniforms(seed, request_ids, steps)
-  tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates)
+  tok = sample_tokens(logits_last, u, temperature, top_p, top_k_candidates, active=active)
   # Length replay: EOS exactly at the recorded length, never before it.
   replay = forced_len >= 0
   tok = jnp.where(replay & (steps >= forced_len), eos[0], tok)
