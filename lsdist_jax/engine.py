@@ -251,9 +251,10 @@ class Engine:
         responses.append(Response(text, tokens, bool(result.finished[row])))
     return responses
 
-  def embed(self, prompts, layer: int = -1) -> np.ndarray:
-    """The hidden state of each prompt's last token at `layer` (-1: final norm). [n, D]."""
-    return self.generator.embed(self._as_ids(prompts), hidden_layer=layer)
+  def embed(self, prompts, layer: int = -1, **merge) -> np.ndarray:
+    """The hidden state of each prompt's last token at `layer` (-1: final norm). [n, D].
+    merge: `Generator.embed`'s prefill_seconds and compile_seconds (fewer block lengths)."""
+    return self.generator.embed(self._as_ids(prompts), hidden_layer=layer, **merge)
 
 
 DECODE_IMPLS = ("auto", "dot", "reduce", "pallas")

@@ -51,6 +51,33 @@ def context_block(block, prompt_bucket: int, cache_len: int):
   return int(out) if out.ndim == 0 else out
 
 
+def merge_blocks(calls: Sequence[int], rows: int, prefill_seconds, compile_seconds: float
+                 ) -> dict[int, int]:
+  """The context block each block level of a run of prefill calls runs at (one program per
+  level): adjacent levels merge upward, the cheapest merge first, while the merge's extra
+  prefill time (each of the lower level's calls padded to the next block,
+  `prefill_seconds(rows, block)`) stays under `compile_seconds`, the compilation one program
+  fewer saves. calls: each call's block. -> {block: the block it runs at}."""
+  levels = sorted(set(int(b) for b in calls))
+  count = {b: sum(int(c) == b for c in calls) for b in levels}
+  target = {b: b for b in levels}
+  while len(levels) > 1:
+    def extra(i):
+      low, high = levels[i], levels[i + 1]
+      return count[low] * (float(prefill_seconds(rows, high)) - float(prefill_seconds(rows, low)))
+
+    i = min(range(len(levels) - 1), key=extra)
+    if extra(i) >= compile_seconds:
+      break
+    low, high = levels[i], levels[i + 1]
+    count[high] += count.pop(low)
+    for b, t in target.items():
+      if t == low:
+        target[b] = high
+    levels.pop(i)
+  return target
+
+
 def _engine_defaults():
   from lsdist_jax.config import defaults
 

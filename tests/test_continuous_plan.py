@@ -409,3 +409,10 @@ def test_a_search_charged_for_compilation_plans_fewer_programs(requests):
   priced = expected_seconds(charged, requests, samples, COST,
                             dataclasses.replace(OPTIONS, compile_seconds=2.0))
   assert priced == pytest.approx(plain + 2.0 * run_charged.programs)
+  # programs compiled (or compiling) already are not charged: the early start's decode loop
+  assert len(run_charged.program_keys) == run_charged.programs
+  decode = {key for key in run_charged.program_keys if key[0] == "decode"}
+  assert decode
+  early = expected_seconds(charged, requests, samples, COST,
+                           dataclasses.replace(OPTIONS, compile_seconds=2.0, compiled=decode))
+  assert early == pytest.approx(priced - 2.0 * len(decode))

@@ -306,9 +306,19 @@ def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
   # a guess that cannot hold: no early start; a generator of another dtype is not adopted
   tight = config()
   tight.engine.compile_threads = 2
-  tight.schedule.kv_budget_tokens = 96
+  from lsdist_jax.serve.plan import load_cost_model
+  from lsdist_jax.shapes import round_up
+
+  cache = round_up(int(cfg.generation.max_seq_len), load_cost_model(cfg).cache_bucket)
+  tight.schedule.kv_budget_tokens = cache - 1  # not one row
   assert early.start(tight, 4) is None
   shapes_only = early.start(cfg, 4)
+  assert shapes_only.programs == {("decode", 4, cache)}
   other = config()
   other.model.dtype = "bfloat16" if cfg.model.dtype == "float32" else "float32"
-  assert load_engine(other).generator.adopt(shapes_only) == 0
+  assert load_engine(other).generator.adopt(shapes_only.generator) == 0
+  # more requests than fit at once: the loop of the most slots the budget holds
+  two_rows = config()
+  two_rows.engine.compile_threads = 2
+  two_rows.schedule.kv_budget_tokens = 2 * cache
+  assert early.start(two_rows, 4).programs == {("decode", 2, cache)}

@@ -70,6 +70,33 @@ def test_embed_runs_one_program_per_block_and_keeps_prompt_order(tiny_params):
   np.testing.assert_allclose(hidden[:5], alone, rtol=2e-4, atol=2e-4)
 
 
+def test_merge_blocks_merges_the_cheapest_levels_while_padding_costs_less_than_compiling():
+  from lsdist_jax.shapes import merge_blocks
+
+  def seconds(rows, block):  # 1 ms a row-token: 64 rows x 64 more tokens cost 4.1 s
+    return 1e-3 * rows * block
+
+  calls = [64] * 5 + [128] * 2 + [256]
+  assert merge_blocks(calls, 64, seconds, 0.0) == {64: 64, 128: 128, 256: 256}  # none
+  # 128 -> 256: 2 calls x 8.2 s = 16.4 s; 64 -> 128: 5 x 4.1 = 20.5 s
+  assert merge_blocks(calls, 64, seconds, 17.0) == {64: 64, 128: 256, 256: 256}
+  # then 64 -> 256: 5 x 12.3 = 61.4 s
+  assert merge_blocks(calls, 64, seconds, 70.0) == {64: 256, 128: 256, 256: 256}
+  assert merge_blocks([32, 32], 8, seconds, 1e9) == {32: 32}
+
+
+def test_embed_with_merged_blocks_compiles_one_program_and_keeps_the_states(tiny_params):
+  gen = _generator(tiny_params, threads=2)
+  prompts = _prompts(11, 2, 40, seed=3)  # blocks of 8 to 64 tokens
+  bucketed = gen.embed(prompts, max_batch=4)
+  assert gen.compile_count > 1
+  merged_gen = _generator(tiny_params, threads=2)
+  merged = merged_gen.embed(prompts, max_batch=4, prefill_seconds=lambda rows, block: 0.0,
+                            compile_seconds=1.0)
+  assert merged_gen.compile_count == 1
+  np.testing.assert_allclose(merged, bucketed, rtol=2e-4, atol=2e-4)
+
+
 def test_continuous_run_with_programs_compiled_ahead_equals_on_first_use(tiny_params):
   prompts = _prompts(8, 3, 7, seed=7)  # one context block (8) for every prompt
   order = np.random.default_rng(2).permutation(8)

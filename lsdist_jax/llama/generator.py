@@ -22,7 +22,7 @@ from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
 from lsdist_jax.llama.slots import SlotBatch, first_name, insert_name, shared_rows
-from lsdist_jax.shapes import Buckets, batch_bucket, round_up
+from lsdist_jax.shapes import Buckets, batch_bucket, merge_blocks, round_up
 
 
 def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
@@ -309,11 +309,14 @@ class Generator:
                         steps=int(steps))
 
   def embed(self, prompts: Sequence[Sequence[int]], hidden_layer: int = -1,
-            max_batch: int = 64) -> np.ndarray:
+            max_batch: int = 64, prefill_seconds=None, compile_seconds: float = 0.0
+            ) -> np.ndarray:
     """The hidden state of each prompt's last token at `hidden_layer`. -> [n, D] float32.
     Prompts run longest first in calls of max_batch rows, every call at one row count and
     its prompts padded to a context block (prompt bucket x 2^i), so a call compiles at most
-    one program per block length (ahead, in parallel, with compile_threads)."""
+    one program per block length (ahead, in parallel, with compile_threads). With
+    `prefill_seconds(rows, block)` (a cost model's) and `compile_seconds`, block lengths merge
+    into longer ones where the padding costs less than a compilation (`shapes.merge_blocks`)."""
     if len(prompts) == 0:
       raise ValueError("no prompts given")
     order = np.argsort([-len(x) for x in prompts], kind="stable")
@@ -324,7 +327,11 @@ class Generator:
       tokens, pad_len, _, _, p = self._pack([prompts[i] for i in order[start:start + max_batch]])
       if p > limit:
         raise ValueError(f"prompt of {p} tokens exceeds the model's context ({limit})")
-      calls.append(self._pad_call(tokens, pad_len, rows, self.buckets.insert_block(p, limit)))
+      calls.append((tokens, pad_len, self.buckets.insert_block(p, limit)))
+    blocks = {b: b for *_, b in calls}
+    if prefill_seconds is not None and compile_seconds > 0:
+      blocks = merge_blocks([b for *_, b in calls], rows, prefill_seconds, compile_seconds)
+    calls = [self._pad_call(tokens, pad_len, rows, blocks[b]) for tokens, pad_len, b in calls]
     name, fn = f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer)
     for tokens, pad_len in calls:
       self.precompile(name, fn, self.params, _abstract(tokens), _abstract(pad_len))

@@ -101,6 +101,7 @@ class ContinuousSimResult(SimResult):
   # distinct programs the run compiles (`programs`): each phase's decode loop, an insert per
   # (rows, context block) and a first-token sampler per rows
   programs: int = 0
+  program_keys: frozenset = frozenset()  # those programs (`programs`' keys)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -297,7 +298,8 @@ def simulate_continuous(plan: ContinuousPlan, requests: Requests, true_length: n
     raise AssertionError("the simulation did not generate every request's true length")
   return ContinuousSimResult(tally.seconds, len(phases), extra, int(true.sum()), tally.computed,
                              tally.inserts, tally.decodes, tally.steps, tally.carried,
-                             tally.phase_seconds, len(tally.programs))
+                             tally.phase_seconds, len(tally.programs),
+                             frozenset(tally.programs))
 
 
 def sample_lengths(pmf: np.ndarray, rng: np.random.Generator, draws: int) -> np.ndarray:
@@ -316,7 +318,9 @@ def sample_lengths(pmf: np.ndarray, rng: np.random.Generator, draws: int) -> np.
 def expected_seconds(plan: ContinuousPlan, requests: Requests, samples: np.ndarray,
                      cost: CostModel, options: Options) -> float:
   """Mean simulated seconds of `plan` over the rows of `samples` ([draws, n] lengths), with
-  options.compile_seconds for each distinct program the run compiles."""
+  options.compile_seconds for each distinct program the run compiles (none for those in
+  options.compiled: compiled or compiling already)."""
   samples = np.atleast_2d(samples)
   runs = [simulate_continuous(plan, requests, s, cost, options) for s in samples]
-  return float(np.mean([r.seconds + options.compile_seconds * r.programs for r in runs]))
+  return float(np.mean([r.seconds + options.compile_seconds
+                        * len(r.program_keys - options.compiled) for r in runs]))

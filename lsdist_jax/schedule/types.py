@@ -101,6 +101,9 @@ class Options:
   fcr: bool = _schedule_default("fcr")
   recovery_threshold: float = _schedule_default("recovery_threshold")
   compile_seconds: float = _schedule_default("compile_seconds")
+  # programs compiled or compiling already (keys as `continuous.programs` makes them, e.g. the
+  # decode loop the generate job starts compiling while its model loads): no compile_seconds
+  compiled: frozenset = frozenset()
 
   def __post_init__(self):
     if isinstance(self.kv_budget_tokens, str):

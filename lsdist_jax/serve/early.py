@@ -8,12 +8,19 @@ shape-only generator (abstract parameters) as soon as the input's line count is 
 the weights are read and dequantized; `adopt` hands it to the loaded engine's generator, which
 then runs it like a program compiled ahead. A guess that turns out wrong (prompts dropped as too
 long, a budget that does not hold them) costs only background compilation.
+
+A larger job is planned from its predictions, later; `start` then compiles the decode loop of
+the most slots the budget allows over a cache of max_seq_len (the plan that gives every request
+its whole room), and the planner charges that program no compilation (`Options.compiled`), so a
+plan that uses it starts decoding without waiting for its loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from typing import Any
 
 import jax
 
@@ -58,14 +65,22 @@ def placed_params(model, dtype: str):
   return jax.tree_util.tree_map_with_path(cast, plain)
 
 
-def start(config, n_requests: int):
+@dataclasses.dataclass
+class EarlyStart:
+  generator: Any  # the shape-only `Generator` compiling in the background (`Generator.adopt`)
+  programs: frozenset  # what it compiles, as the planner names programs (`Options.compiled`)
+
+
+def start(config, n_requests: int) -> EarlyStart | None:
   """A shape-only Generator compiling, in the background, the decode loop of the one-phase plan
-  `n_requests` requests run when they all fit at once; None when the model's shape is not known
-  without loading it, on a mesh, with compile_threads 0, or when they would not fit."""
+  `n_requests` requests run when they all fit at once, or, when they do not, of the most slots
+  over a cache of max_seq_len; None when the model's shape is not known without loading it, on
+  a mesh, with compile_threads 0, or when not even one row fits the KV budget."""
   from lsdist_jax import engine as eng
   from lsdist_jax.llama.generator import Generator
   from lsdist_jax.llama.model import Llama
   from lsdist_jax.schedule import Options
+  from lsdist_jax.schedule.continuous import slots_for
   from lsdist_jax.serve.plan import load_cost_model, slots_at_once
   from lsdist_jax.shapes import Buckets, round_up
 
@@ -89,9 +104,11 @@ def start(config, n_requests: int):
   cache = round_up(int(config.generation.max_seq_len), int(cost.cache_bucket))
   options = Options.from_config(dict(config.schedule.items(), kv_budget_tokens=budget))
   slots = slots_at_once(n_requests, cache, cost, options)
-  if not slots:
-    return None
+  if not slots:  # not all at once: the most slots, if one row fits at all
+    if options.kv_budget_tokens < cache:
+      return None
+    slots = slots_for(cache, cost, options)
   gen = Generator(model, placed_params(model, dtype), buckets=Buckets.from_config(config.engine),
                   pad_id=cfg.pad_token_id, compile_threads=threads)
   gen.precompile_slots(slots, cache, [])
-  return gen
+  return EarlyStart(gen, frozenset({("decode", slots, cache)}))

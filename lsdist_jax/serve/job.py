@@ -12,6 +12,8 @@ chunk is there.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -136,11 +138,11 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
 
   early = None
   if engine is None and kind == "prompts" and is_continuous(strategy):
-    # the decode loop of a job that fits at once compiles while the model loads
+    # a decode loop the job will likely run compiles while the model loads (serve/early.py)
     early = start_early(config, min(len(entries), int(chunk_size)))
   engine = engine or load_engine(config)
-  if early is not None:
-    engine.generator.adopt(early)
+  if early is not None and not engine.generator.adopt(early.generator):
+    early = None
   compiled_before = len(engine.generator.compile_log)  # an engine may serve several jobs
   lap("load_engine")
   max_seq_len = int(config.generation.max_seq_len)
@@ -167,6 +169,8 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   cost = serve_plan.load_cost_model(config, engine=engine)
   # One KV budget for every chunk ("auto" is sized from the device's free memory once, here)
   options = serve_plan.planner_options(config, engine)
+  if early is not None:  # plans that run the early program do not wait for its compilation
+    options = dataclasses.replace(options, compiled=early.programs)
   lap("predictor_and_budget")
 
   settings = settings_key(config, engine)

@@ -103,14 +103,15 @@ def load_predictors(dirs: dict, hidden_dim: int, max_len: int, engine=None,
   return out
 
 
-def predict(engine, requests: Requests, predictor, hidden_layer: int):
+def predict(engine, requests: Requests, predictor, hidden_layer: int, cost=None,
+            compile_seconds: float = 0.0):
   """(pmf [n, L+1] or None, scalar [n] or None) for the requests: the prompts' hidden states
   (prefilled once per distinct prompt) through the predictor. In length replay the predictor
   reads the hidden states recorded in the store (its model's), while the prefill still runs
-  on this engine so its time is counted."""
+  on this engine so its time is counted. cost, compile_seconds: `embed_requests`'."""
   if predictor.kind == "lora":
     return None, predict_lora(predictor, requests)
-  embed_requests(engine, requests, hidden_layer)
+  embed_requests(engine, requests, hidden_layer, cost, compile_seconds)
   return predict_hidden(predictor, requests.predictor_input())
 
 
@@ -239,7 +240,8 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
     planner = "continuous-vanilla" if is_continuous(planner) else "vanilla"
     options = dataclasses.replace(options, fixed_batch=max(1, options.fixed_batch))
   else:
-    pmf, scalar = predict(engine, requests, predictor, int(config.collect.hidden_layer))
+    pmf, scalar = predict(engine, requests, predictor, int(config.collect.hidden_layer), cost,
+                          options.compile_seconds)
   sched = planner_requests(requests.prompt_len, config.generation.max_seq_len, pmf, scalar,
                           max_tokens=requests.max_tokens)
   plan = plan_any(planner, sched, cost, options)

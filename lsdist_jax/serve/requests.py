@@ -106,10 +106,15 @@ def store_requests(data: dict, rows, n_requests: int, max_len: int) -> Requests:
                   recorded_length=lengths[k, copy % lengths.shape[1]])
 
 
-def embed_requests(engine, requests: Requests, layer: int) -> float:
-  """Prefills each distinct prompt once for its hidden state; returns the seconds it took."""
+def embed_requests(engine, requests: Requests, layer: int, cost=None,
+                   compile_seconds: float = 0.0) -> float:
+  """Prefills each distinct prompt once for its hidden state; returns the seconds it took.
+  With a cost model and compile_seconds, prompt blocks merge where padding costs less than a
+  compilation (`Generator.embed`)."""
   t0 = time.perf_counter()
   _, first, inverse = np.unique(requests.dataset_index, return_index=True, return_inverse=True)
-  hidden = engine.embed([requests.prompt_ids[int(i)] for i in first], layer=layer)
+  merge = {} if cost is None else dict(prefill_seconds=cost.prefill_time,
+                                       compile_seconds=float(compile_seconds))
+  hidden = engine.embed([requests.prompt_ids[int(i)] for i in first], layer=layer, **merge)
   requests.hidden = hidden[inverse]
   return time.perf_counter() - t0
