@@ -321,4 +321,8 @@ def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
   two_rows = config()
   two_rows.engine.compile_threads = 2
   two_rows.schedule.kv_budget_tokens = 2 * cache
-  assert early.start(two_rows, 4).programs == {("decode", 2, cache)}
+  guess = early.start(two_rows, 4)
+  rows = int(load_cost_model(cfg).padded_batch(2))
+  assert guess.programs == {("decode", 2, cache), ("first", 2, cache, rows)}
+  assert sorted(key[0].split("/")[0] for key in guess.generator._pending) == [
+      "slot_decode", "slot_first"]

@@ -388,14 +388,16 @@ class Generator:
                      hidden_layer=int(hidden_layer))
 
   def precompile_slots(self, slots: int, cache_len: int, inserts: Sequence[tuple[int, int]], *,
-                       hidden_layer: int = -1, share_prefill: bool = False) -> int:
+                       hidden_layer: int = -1, share_prefill: bool = False,
+                       samplers_for: Sequence[int] = ()) -> int:
     """Starts compiling, in the background (`precompile`), the programs a slot batch of
     `open_slots(slots, cache_len, hidden_layer=...)` will run, in the order it needs them: the
     first of `inserts` (rows as `SlotBatch.insert` rounds them, a context block as
     `Buckets.insert_block`) and its first-token sampling, the decode loop, then each further
     insert and sampler; with `share_prefill` each insert's shared-prefill twin
-    (`slots.shared_rows`) too. A short queue of compile threads thus builds what the first fill
-    waits for first. Returns how many started."""
+    (`slots.shared_rows`) too; then the first-token sampler of inserts of each of
+    `samplers_for` rows (it does not depend on the context block). A short queue of compile
+    threads thus builds what the first fill waits for first. Returns how many started."""
     b = batch_bucket(int(slots), self.buckets.batch)
     s = round_up(int(cache_len), self.buckets.cache)
     state = jax.eval_shape(lambda: decode.slot_state(b, s, model=self.model))
@@ -410,24 +412,30 @@ class Generator:
                                  self.params, state, _abstract(np.int32(0)),
                                  *map(_abstract, sampling_rows(b, b, 0, 0.6, 0.9))))
 
+    def sampler(rows):  # one per rows, whatever the block
+      if rows in samplers:
+        return 0
+      samplers.add(rows)
+      ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 4  # starts, caps, limits, forced
+      return int(self.precompile(  # logits, slots, request ids, then `ints`, then settings
+          first_name(b, s, rows), first_fn, state,
+          jax.ShapeDtypeStruct((rows, self.config.vocab_size), np.float32),
+          jax.ShapeDtypeStruct((rows,), np.int32), jax.ShapeDtypeStruct((rows,), np.uint32),
+          *ints, *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9))))
+
     for k, (rows, block) in enumerate(fitting):
       for u in sorted({rows, shared_rows(self, rows) if share_prefill else rows}):
         started += self.precompile(  # slots, tokens [u, block], pad_len [u], source
             insert_name(b, s, rows, block, hidden_layer, u), insert_fn, self.params, state,
             jax.ShapeDtypeStruct((rows,), np.int32), jax.ShapeDtypeStruct((u, block), np.int32),
             jax.ShapeDtypeStruct((u,), np.int32), jax.ShapeDtypeStruct((rows,), np.int32))
-      if rows not in samplers:  # one per rows, whatever the block
-        samplers.add(rows)
-        ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 4  # starts, caps, limits, forced
-        started += self.precompile(  # logits, slots, request ids, then `ints`, then settings
-            first_name(b, s, rows), first_fn, state,
-            jax.ShapeDtypeStruct((rows, self.config.vocab_size), np.float32),
-            jax.ShapeDtypeStruct((rows,), np.int32), jax.ShapeDtypeStruct((rows,), np.uint32),
-            *ints, *map(_abstract, sampling_rows(rows, rows, 0, 0.6, 0.9)))
+      started += sampler(rows)
       if k == 0:
         started += decode_loop()
     if not fitting:
       started += decode_loop()
+    for rows in samplers_for:
+      started += sampler(self._rows_bucket(int(rows)))
     return started
 
   def _slot_shardings(self, batch: int, cache_len: int):

@@ -11,8 +11,9 @@ long, a budget that does not hold them) costs only background compilation.
 
 A larger job is planned from its predictions, later; `start` then compiles the decode loop of
 the most slots the budget allows over a cache of max_seq_len (the plan that gives every request
-its whole room), and the planner charges that program no compilation (`Options.compiled`), so a
-plan that uses it starts decoding without waiting for its loop.
+its whole room) and the first fill's first-token sampler, and the planner charges those
+programs no compilation (`Options.compiled`), so a plan that uses them starts decoding without
+waiting for them.
 """
 
 from __future__ import annotations
@@ -110,5 +111,10 @@ def start(config, n_requests: int) -> EarlyStart | None:
     slots = slots_for(cache, cost, options)
   gen = Generator(model, placed_params(model, dtype), buckets=Buckets.from_config(config.engine),
                   pad_id=cfg.pad_token_id, compile_threads=threads)
-  gen.precompile_slots(slots, cache, [])
-  return EarlyStart(gen, frozenset({("decode", slots, cache)}))
+  programs = {("decode", slots, cache)}
+  if slots >= n_requests:  # all at once: the insert's block waits for the prompts' lengths
+    gen.precompile_slots(slots, cache, [])
+  else:  # and the first fill's first-token sampler (a sampler does not depend on the block)
+    gen.precompile_slots(slots, cache, [], samplers_for=[slots])
+    programs.add(("first", slots, cache, int(cost.padded_batch(slots))))
+  return EarlyStart(gen, frozenset(programs))
