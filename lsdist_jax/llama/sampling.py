@@ -262,13 +262,16 @@ def _mid_nucleus(scores, probs, total, drop, k):
 
 def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p,
                   top_k_candidates: int = 16, hard_rows: int | None = None,
-                  mid_candidates: int = 1024, active: jax.Array | None = None) -> jax.Array:
+                  mid_candidates: int | None = None, active: jax.Array | None = None
+                  ) -> jax.Array:
   """One token per row by the module's rule. logits: [B, V], u: [B] -> [B] int32.
   temperature: scalar or [B]; top_p: float32 scalar, `top_p_setting(p)` (exact 1 - p) or per
   row [B, 2]. Rows with d <= 0 draw from every token, the others from their nucleus; which
   branches run is chosen per call from the rows (all of one kind: only that one). hard_rows:
   how many wide rows are gathered before every row is searched (None: max(32, B / 8));
-  mid_candidates: the most tokens a wide row's search ranks before its full sort. active: [B]
+  mid_candidates: the most tokens a wide row's search ranks before its full sort (0: no search;
+  None: 1,024 on accelerators, none on the CPU, whose sorts are cheap at its batch sizes and
+  whose compilation the search would only lengthen; the tokens are the same). active: [B]
   bool, the rows whose token is used (None: all); any other row gets some token of its head
   candidates and is never searched or sorted (finished rows of a decode loop, whose logits are
   often flat, would otherwise send every step to the sort of all rows)."""
@@ -280,6 +283,8 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   k = min(top_k_candidates, vocab)
   hard_rows = min(max(32, batch // 8) if hard_rows is None else hard_rows, batch)
+  if mid_candidates is None:
+    mid_candidates = 0 if jax.default_backend() == "cpu" else 1024
   mid = min(mid_candidates, vocab)
 
   def nucleus(_):
@@ -292,6 +297,9 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
 
     def wide_rows(rows):
       part = (scores[rows], probs[rows], (total[0][rows], total[1][rows]), drop[rows])
+      if mid < 1:  # no search: the full ranking
+        full_ids, full_ranked, full_m = _full_nucleus(*part)
+        return jnp.where(wide[rows], pick(full_ranked, full_ids, full_m, u[rows]), easy[rows])
       mid_ids, mid_ranked, mid_m, over = _mid_nucleus(*part, mid)
       searched = pick(mid_ranked, mid_ids, mid_m, u[rows])
 
