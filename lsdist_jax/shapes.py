@@ -6,6 +6,7 @@ planners (what a batch costs and holds in memory) and the runner (what it record
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Sequence
 
@@ -58,8 +59,8 @@ def merge_blocks(calls: Sequence[int], rows: int, prefill_seconds, compile_secon
   prefill time (each of the lower level's calls padded to the next block,
   `prefill_seconds(rows, block)`) stays under `compile_seconds`, the compilation one program
   fewer saves. calls: each call's block. -> {block: the block it runs at}."""
-  levels = sorted(set(int(b) for b in calls))
-  count = {b: sum(int(c) == b for c in calls) for b in levels}
+  count = collections.Counter(int(b) for b in calls)
+  levels = sorted(count)
   target = {b: b for b in levels}
   while len(levels) > 1:
     def extra(i):

@@ -132,7 +132,9 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
 
 
 def _trace_events(trace_dir: str):
-  """(events, lane name by pid, device pids) of the newest Perfetto trace under `trace_dir`."""
+  """(timed events, lane name by pid, every event) of the newest Perfetto trace under
+  `trace_dir`: the timed events are its complete ones, of device lanes (a process named for a GPU
+  or TPU) only where the trace has any."""
   import glob
   import gzip
   import json
@@ -146,18 +148,18 @@ def _trace_events(trace_dir: str):
   lanes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   device = {pid for pid, name in lanes.items() if "GPU" in name or "TPU" in name}
-  return events, lanes, device
+  # complete events, on device lanes only where the trace has any
+  spans = [e for e in events if e.get("ph") == "X" and (not device or e.get("pid") in device)]
+  return spans, lanes, events
 
 
 def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
   """The `top` event names of a jax.profiler Perfetto trace under `trace_dir` by total time:
   [{"name", "ms", "count", "lane"}], device lanes (a process named for a GPU or TPU) only where
   the trace has any, else every lane."""
-  events, lanes, device = _trace_events(trace_dir)
+  spans, lanes, _ = _trace_events(trace_dir)
   totals: dict[tuple, list] = {}
-  for e in events:
-    if e.get("ph") != "X" or (device and e.get("pid") not in device):
-      continue
+  for e in spans:
     key = (e.get("name", ""), lanes.get(e.get("pid"), ""))
     entry = totals.setdefault(key, [0.0, 0])
     entry[0] += float(e.get("dur", 0.0)) / 1e3
@@ -172,17 +174,16 @@ def trace_streams(trace_dir: str) -> list[dict]:
   overlaps counted once) and the span from the first start to the last end (span_ms). A stream
   busy for much less than its span waits on the host (launches, copies, the loop's condition):
   [{"lane", "thread", "events", "busy_ms", "span_ms"}], busiest first."""
-  events, lanes, device = _trace_events(trace_dir)
+  spans, lanes, events = _trace_events(trace_dir)
   threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
              for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  spans: dict[tuple, list] = {}
-  for e in events:
-    if e.get("ph") == "X" and (not device or e.get("pid") in device):
-      start = float(e.get("ts", 0.0))
-      spans.setdefault((e.get("pid"), e.get("tid")), []).append(
-          (start, start + float(e.get("dur", 0.0))))
+  streams: dict[tuple, list] = {}
+  for e in spans:
+    start = float(e.get("ts", 0.0))
+    streams.setdefault((e.get("pid"), e.get("tid")), []).append(
+        (start, start + float(e.get("dur", 0.0))))
   out = []
-  for key, intervals in spans.items():
+  for key, intervals in streams.items():
     intervals.sort()
     busy, reach = 0.0, -float("inf")
     for start, end in intervals:  # the union of the intervals

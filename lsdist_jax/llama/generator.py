@@ -328,9 +328,8 @@ class Generator:
       if p > limit:
         raise ValueError(f"prompt of {p} tokens exceeds the model's context ({limit})")
       calls.append((tokens, pad_len, self.buckets.insert_block(p, limit)))
-    blocks = {b: b for *_, b in calls}
-    if prefill_seconds is not None and compile_seconds > 0:
-      blocks = merge_blocks([b for *_, b in calls], rows, prefill_seconds, compile_seconds)
+    blocks = ({b: b for *_, b in calls} if prefill_seconds is None else
+              merge_blocks([b for *_, b in calls], rows, prefill_seconds, compile_seconds))
     calls = [self._pad_call(tokens, pad_len, rows, blocks[b]) for tokens, pad_len, b in calls]
     name, fn = f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer)
     for tokens, pad_len in calls:

@@ -297,15 +297,18 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
 
     def wide_rows(rows):
       part = (scores[rows], probs[rows], (total[0][rows], total[1][rows]), drop[rows])
-      if mid < 1:  # no search: the full ranking
+
+      def sorted_pick():  # the draw from each row's full ranking
         full_ids, full_ranked, full_m = _full_nucleus(*part)
-        return jnp.where(wide[rows], pick(full_ranked, full_ids, full_m, u[rows]), easy[rows])
+        return pick(full_ranked, full_ids, full_m, u[rows])
+
+      if mid < 1:  # no search
+        return jnp.where(wide[rows], sorted_pick(), easy[rows])
       mid_ids, mid_ranked, mid_m, over = _mid_nucleus(*part, mid)
       searched = pick(mid_ranked, mid_ids, mid_m, u[rows])
 
-      def sort_over(_):  # rows the search could not settle: from their full ranking
-        full_ids, full_ranked, full_m = _full_nucleus(*part)
-        return jnp.where(over, pick(full_ranked, full_ids, full_m, u[rows]), searched)
+      def sort_over(_):  # rows the search could not settle
+        return jnp.where(over, sorted_pick(), searched)
 
       over = over & wide[rows]
       picked = jax.lax.cond(jnp.any(over), sort_over, lambda _: searched, None)

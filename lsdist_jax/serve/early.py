@@ -105,14 +105,15 @@ def start(config, n_requests: int) -> EarlyStart | None:
   cache = round_up(int(config.generation.max_seq_len), int(cost.cache_bucket))
   options = Options.from_config(dict(config.schedule.items(), kv_budget_tokens=budget))
   slots = slots_at_once(n_requests, cache, cost, options)
-  if not slots:  # not all at once: the most slots, if one row fits at all
+  at_once = slots > 0
+  if not at_once:  # the most slots, if one row fits at all
     if options.kv_budget_tokens < cache:
       return None
     slots = slots_for(cache, cost, options)
   gen = Generator(model, placed_params(model, dtype), buckets=Buckets.from_config(config.engine),
                   pad_id=cfg.pad_token_id, compile_threads=threads)
   programs = {("decode", slots, cache)}
-  if slots >= n_requests:  # all at once: the insert's block waits for the prompts' lengths
+  if at_once:  # the insert's block waits for the prompts' lengths
     gen.precompile_slots(slots, cache, [])
   else:  # and the first fill's first-token sampler (a sampler does not depend on the block)
     gen.precompile_slots(slots, cache, [], samplers_for=[slots])

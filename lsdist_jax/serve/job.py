@@ -13,7 +13,6 @@ chunk is there.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import logging
