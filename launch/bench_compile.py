@@ -33,6 +33,8 @@ flags.DEFINE_string("step_trace", "", "also trace one slot run of the step rows 
 flags.DEFINE_bool("programs", True, "time the job's programs' compilation and the prefills' "
                   "runs (--noprograms: the decode-step rows alone)")
 flags.DEFINE_integer("trace_top", 25, "event names the trace summary lists")
+flags.DEFINE_list("insert_rows", [], "also time insert calls of these rows (and a read and an "
+                  "empty decode call) into a slot batch of --slots x --cache at --block")
 flags.DEFINE_string("out", "", "write the JSON here")
 FLAGS = flags.FLAGS
 
@@ -41,9 +43,9 @@ def main(argv):
   del argv
   import jax
 
-  from lsdist_jax.benchmark.compile_times import (decode_step_rows, prefill_run_rows,
-                                                  program_rows, trace_streams,
-                                                  trace_summary)
+  from lsdist_jax.benchmark.compile_times import (decode_step_rows, insert_call_rows,
+                                                  prefill_run_rows, program_rows,
+                                                  trace_streams, trace_summary)
   from lsdist_jax.engine import Engine
   from lsdist_jax.files import write_json
 
@@ -59,6 +61,15 @@ def main(argv):
   if FLAGS.programs:
     rows = program_rows(engine, **shape) + prefill_run_rows(engine, rows=FLAGS.rows,
                                                             block=FLAGS.block)
+  if FLAGS.insert_rows:
+    texts_ids = prompts
+    if FLAGS.gguf and texts_ids is None:
+      from lsdist_jax.data import prompt_text, read_pool
+
+      texts_ids = engine.encode([prompt_text(r) for r in read_pool()[:2048]])
+    rows += insert_call_rows(engine, slots=FLAGS.slots, cache_len=FLAGS.cache,
+                             rows_list=[int(r) for r in FLAGS.insert_rows], block=FLAGS.block,
+                             prompts=texts_ids)
   if FLAGS.step_batch:
     rows += decode_step_rows(engine, batch=FLAGS.step_batch, prompt_len=FLAGS.step_prompt,
                              steps=FLAGS.step_steps,

@@ -62,20 +62,22 @@ def reference_simulate(plan, req, true_length, cost, options):
       else:
         queue.append(r)
     slots = [None] * size
+    most = [size]  # the first fill takes any rows, every later insert a refill's bucket at most
 
     def done(s):
       return gen[s["row"]] == true[s["row"]] or s["j"] == s["cap"]
 
     def insert():
       free = [i for i in range(size) if slots[i] is None]
-      take = queue[:len(free)]
+      take = queue[:min(len(free), most[0])]
+      most[0] = int(cost.padded_batch(refill))
       del queue[:len(take)]
       for i, r in zip(free, take):
         c = int(req.prompt_len[r] + gen[r])
         slots[i] = {"row": r, "ctx": c, "j": 0,
                     "cap": min(phase.cache_len - c, req.max_seq_len - c)}
       c_max = max(slots[i]["ctx"] for i in free[:len(take)])
-      block = insert_block(c_max, phase.cache_len, cost)
+      block = max(int(insert_block(c_max, phase.cache_len, cost)), phase.block)
       out["seconds"] += overhead + float(cost.prefill_time(len(take), block))
       out["computed"] += int(cost.padded_batch(len(take)))
       out["inserts"] += 1
@@ -137,8 +139,9 @@ def random_case(seed):
     members = rng.permutation(np.flatnonzero(where == k))
     slots = int(rng.integers(1, 6))
     drain = int(rng.integers(0, slots)) if rng.random() < 0.5 else 0
+    block = int(rng.choice([0, 8, 16, 32])) if rng.random() < 0.5 else 0  # inserts' floor
     phases.append(Phase(members, int(caches[k]), slots, int(rng.integers(1, slots + 2)),
-                        drain))
+                        drain, min(block, int(caches[k]))))
   return req, true, ContinuousPlan(phases, "random")
 
 
@@ -367,7 +370,9 @@ def test_on_a_bimodal_workload_under_a_binding_budget_continuous_beats_static_or
   long = rng.random(n) < 0.3
   true = np.where(long, rng.integers(300, 520, n), rng.integers(5, 60, n))
   req = Requests(rng.integers(10, 60, n), 640, true_length=true)
-  cost = CostModel.default_gpu()
+  # SmolLM2's decode step on an H100 with a light per-call prefill cost
+  cost = CostModel(step=(1.13, 0.0027, 0.0, 0.0, 9.6e-6), prefill=(2.0, 2.0e-4),
+                   batch_overhead_ms=1.0)
   options = Options(kv_budget_tokens=32 * 640, max_batch=256)
   static_plan = make_plan("oracle", req, cost, options)
   static = simulate(static_plan, req, true, cost,
@@ -416,3 +421,36 @@ def test_a_search_charged_for_compilation_plans_fewer_programs(requests):
   early = expected_seconds(charged, requests, samples, COST,
                            dataclasses.replace(OPTIONS, compile_seconds=2.0, compiled=decode))
   assert early == pytest.approx(priced - 2.0 * len(decode))
+
+
+def test_one_block_per_phase_pays_where_compilation_is_charged():
+  """Charged for each program's compilation, the search pads a phase's inserts to one context
+  block (each refill then one program, whatever its rows' prompts) where that costs less;
+  steady state (nothing charged) it never pads. The padded plan compiles fewer programs."""
+  from lsdist_jax.schedule.continuous_search import with_blocks
+
+  base = random_requests(n=400, seed=3)
+  # mostly short prompts, one in ten long: small refills see several context blocks
+  prompt = np.where(np.arange(base.n) % 10 == 0, 60, 5)
+  requests = Requests(prompt, base.max_seq_len, base.length_pmf, true_length=base.true_length)
+
+  def search(seconds):
+    return make_continuous_plan("continuous-search", requests, COST,
+                                dataclasses.replace(OPTIONS, compile_seconds=seconds))
+
+  free, charged = search(0.0), search(100.0)
+  assert all(p.block == 0 for p in free.phases) and not free.notes["one_block"]
+  assert charged.notes["one_block"] and any(p.block > 0 for p in charged.phases)
+  true = np.asarray(requests.true_length)
+  plain = dataclasses.replace(charged, phases=[dataclasses.replace(p, block=0)
+                                               for p in charged.phases])
+  padded = simulate_continuous(charged, requests, true, COST, OPTIONS)
+  unpadded = simulate_continuous(plain, requests, true, COST, OPTIONS)
+  assert padded.programs < unpadded.programs
+  assert padded.seconds >= unpadded.seconds  # the padding costs prefill time, never saves it
+  # each phase's block: that of its longest member prompt
+  for p in with_blocks(charged.phases, requests, COST):
+    assert p.block == int(insert_block(int(requests.prompt_len[p.members].max()), p.cache_len,
+                                       COST))
+  with pytest.raises(ValueError, match="block"):
+    Phase([0], 64, 4, 1, block=65)

@@ -277,6 +277,12 @@ def test_the_summary_says_where_the_time_went(engine, tmp_path):
   split = summary["runner_split"]
   assert split["decode_steps"] > 0 and split["ms_per_decode_step"] > 0
   assert split["decode_calls"] <= summary["seconds"]
+  # a row per insert + decode call: their rows, steps and seconds add up to the totals
+  calls = [dict(zip(split["calls_columns"], c)) for c in split["calls"]]
+  assert sum(c["inserted_rows"] for c in calls) == 4
+  assert sum(c["decode_steps"] for c in calls) == split["decode_steps"]
+  assert abs(sum(c["decode_s"] for c in calls) - split["decode_calls"]) < 0.01
+  assert all(0 < c["busy_slots"] and c["insert_compile_wait_s"] <= c["insert_s"] for c in calls)
   # the same job again on this engine compiles nothing more, and says so
   again = job(config(), tmp_path / "in.jsonl", tmp_path / "again.jsonl", engine)
   assert again["programs_compiled"] == 0 and again["slowest_compiles"] == []
@@ -284,9 +290,9 @@ def test_the_summary_says_where_the_time_went(engine, tmp_path):
 
 
 def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
-  """A job that fits at once compiles its decode loop on a shape-only generator before the
-  weights load; the loaded engine runs that program (adopted, not compiled again) and the
-  responses are those of a job without the head start."""
+  """A job that fits at once compiles its decode loop and first-token sampler on a shape-only
+  generator before the weights load; the loaded engine runs those programs (adopted, not
+  compiled again) and the responses are those of a job without the head start."""
   from lsdist_jax.llama.generator import Generator
   from lsdist_jax.serve import early
 
@@ -298,7 +304,7 @@ def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
                       lambda self, other: adopted.append(real_adopt(self, other)) or adopted[-1])
   src = write_prompts(tmp_path / "in.jsonl", n=4)
   summary = run_generate(cfg, str(src), str(tmp_path / "early.jsonl"), None, show_progress=False)
-  assert adopted == [1] and summary["served_now"] == 4
+  assert adopted == [2] and summary["served_now"] == 4  # the decode loop and the sampler
   plain = config()
   plain.engine.compile_threads = 0  # no early start, nothing compiled ahead
   run_generate(plain, str(src), str(tmp_path / "plain.jsonl"), None, show_progress=False)
@@ -313,7 +319,8 @@ def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
   tight.schedule.kv_budget_tokens = cache - 1  # not one row
   assert early.start(tight, 4) is None
   shapes_only = early.start(cfg, 4)
-  assert shapes_only.programs == {("decode", 4, cache)}
+  four = int(load_cost_model(cfg).padded_batch(4))
+  assert shapes_only.programs == {("decode", 4, cache), ("first", 4, cache, four)}
   other = config()
   other.model.dtype = "bfloat16" if cfg.model.dtype == "float32" else "float32"
   assert load_engine(other).generator.adopt(shapes_only.generator) == 0
@@ -326,3 +333,49 @@ def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
   assert guess.programs == {("decode", 2, cache), ("first", 2, cache, rows)}
   assert sorted(key[0].split("/")[0] for key in guess.generator._pending) == [
       "slot_decode", "slot_first"]
+  # once the prompts are tokenized: the first fill's insert at the longest prompt's block
+  block = int(guess.generator.buckets.insert_block(20, cache))
+  filled = guess.first_fill(guess.generator, [5, 20, 3])
+  assert filled.programs == guess.programs | {("insert", 2, cache, rows, block)}
+  assert f"slot_insert/2/{cache}/{rows}/{block}/-1" in guess.generator.program_states()
+
+
+def test_a_job_too_large_for_one_batch_compiles_its_prediction_and_refills_early(tmp_path,
+                                                                                monkeypatch):
+  """Once its prompts are tokenized, a job that cannot run at once starts compiling the
+  prediction's prefill and the first fill's and refills' inserts (before the predictor runs);
+  the planner is charged nothing for them, and the responses are those of a job that compiles
+  every program on first use."""
+  import jax
+  import jax.numpy as jnp
+
+  from lsdist_jax.llama.generator import Generator
+  from lsdist_jax.predictor.nets import LengthPredictor
+  from lsdist_jax.predictor.train import export_predictor
+
+  cfg = config()
+  max_len = int(cfg.predictor.max_len)
+  model = LengthPredictor("distribution", max_len, (8,))
+  params = model.init(jax.random.key(0), jnp.zeros((2, 64)))["params"]
+  spec = {"kind": "distribution", "hidden_dim": 64, "max_len": max_len, "hidden_sizes": [8],
+          "dropout": 0.0, "scalar_target": None}
+  export_predictor(str(tmp_path / "pred"), spec, params, np.zeros(64), np.ones(64))
+  calls = []
+  real = Generator.precompile_embed
+  monkeypatch.setattr(Generator, "precompile_embed",
+                      lambda self, *a, **k: calls.append(len(a[0])) or real(self, *a, **k))
+  src = write_prompts(tmp_path / "in.jsonl", n=12)
+
+  def run(threads, out):
+    c = config()
+    c.engine.compile_threads = threads
+    c.schedule.kv_budget_tokens = 4 * 128  # 4 rows of the whole room: refills
+    return run_generate(c, str(src), str(tmp_path / out), str(tmp_path / "pred"),
+                        strategy="continuous-search", show_progress=False)
+
+  early = run(2, "early.jsonl")
+  assert calls == [12, 12]  # ahead (the 12 distinct prompts), then by the prediction itself
+  assert early["served_now"] == 12
+  plain = run(0, "plain.jsonl")
+  assert rows_of(tmp_path / "early.jsonl") == rows_of(tmp_path / "plain.jsonl")
+  assert plain["served_now"] == 12

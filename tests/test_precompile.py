@@ -47,6 +47,8 @@ def test_precompiled_slot_programs_are_the_ones_run(tiny_params):
   started = gen.precompile_slots(4, 64, [(4, 16), (2, 16)])
   assert started == 5  # decode + two inserts, each with its first-token sampling
   assert gen.precompile_slots(4, 64, [(4, 16)]) == 0  # already compiling: not again
+  for future in list(gen._pending.values()):  # built (else a refill runs a covering program)
+    future.result()
   tokens = _slot_run(gen)
   assert gen.compile_count == 5 and gen.precompiled_runs == 5  # none compiled in the foreground
   assert gen.background_compile_seconds > 0
@@ -202,6 +204,21 @@ def test_decode_step_rows_time_both_loops_at_each_cache():
   assert all(r["ms_per_step"] == r["ms_per_step"] for r in rows)  # a number, not NaN
 
 
+def test_insert_call_rows_time_each_rows_count_then_the_fixed_calls():
+  from lsdist_jax.benchmark.compile_times import insert_call_rows
+  from lsdist_jax.engine import Engine
+
+  engine = Engine.random("tiny", dtype="float32")
+  rows = insert_call_rows(engine, slots=4, cache_len=64, rows_list=[1, 4], block=16, repeats=1)
+  assert [(r["program"], r.get("rows")) for r in rows] == [
+      ("slot insert call", 1), ("slot insert call", 4), ("slot read and empty decode call", None)]
+  assert all(0 < r["host_ms"] <= r["done_ms"] for r in rows[:2])
+  assert rows[2]["read_ms"] > 0 and rows[2]["empty_decode_ms"] > 0
+  # one insert program per rows count (the engine's buckets round slots, cache and block)
+  names = [name for name in engine.generator.program_states() if name.startswith("slot_insert")]
+  assert len(names) == 2 and len({name.split("/")[3] for name in names}) == 2
+
+
 def test_trace_summary_ranks_device_events_by_total_time(tmp_path):
   import gzip
   import json
@@ -227,3 +244,39 @@ def test_trace_summary_ranks_device_events_by_total_time(tmp_path):
                                            "events": 3, "busy_ms": 5.5, "span_ms": 12.5}]
   with pytest.raises(FileNotFoundError):
     trace_summary(str(tmp_path / "plugins" / "none"))
+
+
+def test_a_refill_runs_a_covering_insert_while_its_own_still_compiles(tiny_params):
+  """While a refill's own insert compiles in the background, the refill runs the first fill's
+  insert (more rows, padded; `SlotBatch._covering`) instead of waiting for it; the tokens are
+  those of a run on each program's own shapes. A program nobody is compiling is compiled and
+  run as before (no padding for good)."""
+  import threading
+
+  gen = _generator(tiny_params, threads=2)
+  gen.precompile_slots(4, 64, [(4, 16)])
+  for future in list(gen._pending.values()):
+    future.result()
+  release = threading.Event()
+  real = gen._compile_behind
+
+  def held(jitted, args):  # compiles only once released: "still compiling" for the refill
+    release.wait(60)
+    return real(jitted, args)
+
+  gen._compile_behind = held
+  assert gen.precompile_slots(4, 64, [(2, 16)]) == 2  # the refill's insert and its sampler
+  try:
+    tokens = _slot_run(gen)
+    assert gen.program_states()["slot_insert/4/64/2/16/-1"] is False  # never waited for
+    assert gen.compile_seconds < 1.0
+  finally:
+    release.set()
+  assert tokens == _slot_run(_generator(tiny_params, threads=0))
+  # nothing compiling: the refill's own program compiles in the foreground and runs
+  fresh = _generator(tiny_params, threads=2)
+  fresh.precompile_slots(4, 64, [(4, 16)])
+  for future in list(fresh._pending.values()):
+    future.result()
+  assert _slot_run(fresh) == tokens
+  assert fresh.program_states()["slot_insert/4/64/2/16/-1"] is True

@@ -283,12 +283,13 @@ def test_caps_past_every_length_change_no_plan_and_short_caps_plan_short(request
             < expected_cost(plain, requests, COST, OPTIONS))
 
 
-def test_the_plan_line_names_each_phase_and_its_drain():
+def test_the_plan_line_names_each_phase_its_refill_block_and_drain():
   from lsdist_jax.schedule.continuous import ContinuousPlan, Phase
   from lsdist_jax.serve.plan import describe_plan
 
-  plan = ContinuousPlan([Phase([0, 1, 2], 256, 64, 8, drain=16), Phase([3], 1024, 16, 2)],
-                        "continuous-search")
+  plan = ContinuousPlan([Phase([0, 1, 2], 256, 64, 8, drain=16),
+                         Phase([3], 1024, 16, 2, block=64)], "continuous-search")
   line = describe_plan("continuous-search", plan, Options(kv_budget_tokens=65536))
-  assert line == ("plan continuous-search: 2 phase(s): 64 slots x 256 (drains at 16 rows), "
-                  "16 slots x 1024; KV budget 65,536 tokens")
+  assert line == ("plan continuous-search: 2 phase(s): 64 slots x 256 refilled 8 at a time, "
+                  "drains at 16 rows, 16 slots x 1024 refilled 2 at a time, inserts at block 64; "
+                  "KV budget 65,536 tokens")

@@ -131,6 +131,47 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
   return out
 
 
+def insert_call_rows(engine, *, slots: int, cache_len: int, rows_list, block: int,
+                     prompts=None, repeats: int = 5) -> list[dict]:
+  """Milliseconds of a slot batch's per-call work (what a refill costs beside its decode
+  steps), compiled first, median of `repeats`: per rows in `rows_list`, an insert of that many
+  prompts (token ids `prompts`, cycled, or random ones) padded to context block `block`, as
+  host time (the call returning) and as done on the device; then a read of the slots and a
+  decode call that runs no step (every slot done: its fixed cost)."""
+  gen = engine.generator
+  rng = np.random.default_rng(0)
+  top = max(int(r) for r in rows_list)
+  if prompts:
+    prompts = [list(prompts[i % len(prompts)])[-block:] for i in range(top)]
+  else:
+    prompts = [[1] + rng.integers(3, engine.config.vocab_size, size=block - 1).tolist()
+               for _ in range(top)]
+  batch = gen.open_slots(slots, cache_len, max_seq_len=cache_len)
+  out = []
+
+  def insert(n):
+    start = time.perf_counter()
+    batch.insert(list(range(n)), prompts[:n], list(range(n)), [0] * n, min_block=block)
+    host = time.perf_counter() - start
+    jax.block_until_ready(batch.state)
+    return host, time.perf_counter() - start
+
+  for n in [int(r) for r in rows_list]:
+    insert(n)  # compile
+    times = np.array([insert(n) for _ in range(repeats)])
+    out.append({"program": "slot insert call", "slots": slots, "cache_len": cache_len,
+                "rows": n, "block": block, "host_ms": round(1e3 * float(np.median(times[:, 0])), 3),
+                "done_ms": round(1e3 * float(np.median(times[:, 1])), 3)})
+  batch.decode(batch.slots)  # every slot done
+  batch.read()
+  read = median_time(batch.read, repeats)
+  idle = median_time(lambda: batch.decode(batch.slots), repeats)
+  out.append({"program": "slot read and empty decode call", "slots": slots,
+              "cache_len": cache_len, "read_ms": round(1e3 * float(read), 3),
+              "empty_decode_ms": round(1e3 * float(idle), 3)})
+  return out
+
+
 def _trace_events(trace_dir: str):
   """(timed events, lane name by pid, every event) of the newest Perfetto trace under
   `trace_dir`: the timed events are its complete ones, of device lanes (a process named for a GPU

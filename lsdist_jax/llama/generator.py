@@ -104,6 +104,15 @@ class Generator:
       self.wait_seconds += waited
       return jax.block_until_ready(exe(*args))
 
+  def program_states(self) -> dict[str, bool]:
+    """{program name: whether it can run now} for every program compiled, or compiling in the
+    background (False until its compilation is done), whatever its input shapes."""
+    with self._lock:
+      out = {key[0]: future.done() and not future.cancelled() and future.exception() is None
+             for key, future in self._pending.items()}
+    out.update({key[0]: True for key in list(self._executables)})
+    return out
+
   def precompile(self, name: str, jitted, *args) -> bool:
     """Starts compiling `jitted` for these inputs (arrays or jax.ShapeDtypeStructs of the shapes
     `_run` will get under `name`) in a background thread, unless it is compiled or compiling
@@ -317,6 +326,20 @@ class Generator:
     one program per block length (ahead, in parallel, with compile_threads). With
     `prefill_seconds(rows, block)` (a cost model's) and `compile_seconds`, block lengths merge
     into longer ones where the padding costs less than a compilation (`shapes.merge_blocks`)."""
+    order, calls, name, fn = self.precompile_embed(prompts, hidden_layer, max_batch,
+                                                   prefill_seconds, compile_seconds)
+    hidden = np.empty((len(prompts), self.config.hidden_size), np.float32)
+    for start, (tokens, pad_len) in zip(range(0, len(prompts), max_batch), calls):
+      rows_here = order[start:start + max_batch]
+      out = self._run(name, fn, self.params, self._place(tokens), self._place(pad_len))
+      hidden[rows_here] = np.asarray(shd.to_host(out))[:len(rows_here)]
+    return hidden
+
+  def precompile_embed(self, prompts: Sequence[Sequence[int]], hidden_layer: int = -1,
+                       max_batch: int = 64, prefill_seconds=None, compile_seconds: float = 0.0):
+    """Starts compiling, in the background, the prefill programs `embed` with these arguments
+    will run (a job calls it as soon as its prompts are tokenized, ahead of the prediction).
+    -> (prompt order, padded (tokens, pad_len) per call, program name, jitted fn), for embed."""
     if len(prompts) == 0:
       raise ValueError("no prompts given")
     order = np.argsort([-len(x) for x in prompts], kind="stable")
@@ -334,12 +357,7 @@ class Generator:
     name, fn = f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer)
     for tokens, pad_len in calls:
       self.precompile(name, fn, self.params, _abstract(tokens), _abstract(pad_len))
-    hidden = np.empty((len(prompts), self.config.hidden_size), np.float32)
-    for start, (tokens, pad_len) in zip(range(0, len(prompts), max_batch), calls):
-      rows_here = order[start:start + max_batch]
-      out = self._run(name, fn, self.params, self._place(tokens), self._place(pad_len))
-      hidden[rows_here] = np.asarray(shd.to_host(out))[:len(rows_here)]
-    return hidden
+    return order, calls, name, fn
 
   def _pad_call(self, tokens: np.ndarray, pad_len: np.ndarray, rows: int, block: int):
     """[k, p] packed prompts -> [rows, block]: inert padding rows (all padding) below, more

@@ -23,6 +23,9 @@ class SlotRead:
 
 
 
+COVER_PADDING = 4  # an insert may run a compiled program of up to this many times its tokens
+
+
 class SlotBatch:
   """Continuous decoding on one engine (one device or a mesh): `insert` requests into free
   slots, `decode` until enough slots are free, `read` the slots back. A slot's row may generate
@@ -46,7 +49,7 @@ class SlotBatch:
              request_ids: Sequence[int], start_steps: Sequence[int],
              forced_lengths: Sequence[int] | None = None, min_rows: int = 0,
              max_new_tokens: Sequence[int] | None = None, seed=None, temperature=None,
-             top_p=None, share_prefill: bool = False) -> None:
+             top_p=None, share_prefill: bool = False, min_block: int = 0) -> None:
     """Prefills `contexts` (prompt + any tokens generated earlier) into the given free slots.
     The call's row count is the batch bucket of max(len(contexts), min_rows): a caller that
     inserts up to m rows at a time passes min_rows=m, and every insert of one context block
@@ -57,7 +60,8 @@ class SlotBatch:
     prefilled once and their cache copied to each of their slots (an OpenAI batch line's n
     choices). When the distinct contexts fit in half the rows, the prefill runs at that half
     (`shared_rows`): one more program per (rows, context block), never more, as each costs a
-    compilation; otherwise at the full rows. The tokens are those of separate prefills."""
+    compilation; otherwise at the full rows. The tokens are those of separate prefills.
+    min_block: the context block is at least this (a plan's one block per phase)."""
     gen = self.generator
     n = len(contexts)
     if n == 0 or len(slot_ids) != n or len(request_ids) != n or len(start_steps) != n:
@@ -75,7 +79,8 @@ class SlotBatch:
     k = gen._rows_bucket(max(n, int(min_rows)))
     u = shared_rows(gen, k) if share_prefill else k
     u = u if len(distinct) <= u else k
-    p = gen.buckets.insert_block(p, self.cache_len)
+    p = max(gen.buckets.insert_block(p, self.cache_len), int(min_block))
+    k, p, u = self._covering(k, p, u)
     tokens, pad_len = gen._pad_call(tokens, pad_len, u, p)
     room = self.room(lengths)
     if (room < 1).any():
@@ -117,6 +122,30 @@ class SlotBatch:
                           self.state, logits, slots, *rows,
                           *[jnp.asarray(x) for x in settings])
     self.prefilled_rows += u
+
+  def _covering(self, k: int, p: int, u: int) -> tuple[int, int, int]:
+    """(rows, block, prefill rows) an insert runs at: its own (k, p, u), unless its programs are
+    still compiling in the background while an insert program of at least its rows and block
+    (prefilling every row), at most COVER_PADDING times its tokens, and that program's sampler
+    can run now: then that one, padded, rather than wait (e.g. a shared prefill's twin that
+    prefills every row). A much larger one would cost more on each refill than the wait."""
+    gen, s, c, h = self.generator, self.slots, self.cache_len, self.hidden_layer
+    states = gen.program_states()
+    own = (insert_name(s, c, k, p, h, u), first_name(s, c, k))
+    if not any(states.get(name) is False for name in own):  # none of them is compiling
+      return k, p, u
+    prefix = f"slot_insert/{s}/{c}/"
+    best = None
+    for name, ready in states.items():
+      parts = name[len(prefix):].split("/") if name.startswith(prefix) else []
+      if not ready or len(parts) != 3 or parts[2] != str(h):
+        continue  # not ready, or a shared prefill, or another hidden layer's
+      k2, p2 = int(parts[0]), int(parts[1])
+      if (k2 >= k and p2 >= p and k2 * p2 <= COVER_PADDING * k * p
+          and states.get(first_name(s, c, k2), False)):
+        if best is None or k2 * p2 < best[0] * best[1]:
+          best = (k2, p2)
+    return (best[0], best[1], best[0]) if best else (k, p, u)
 
   def decode(self, free_target: int) -> int:
     """Runs decode steps until at least `free_target` slots are done (or all are); returns the

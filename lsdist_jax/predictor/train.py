@@ -348,10 +348,14 @@ class Predictor:
     outs = []
     for start in range(0, x.shape[0], batch):
       chunk = x[start:start + batch]
-      size = 1 << max(0, int(np.ceil(np.log2(max(chunk.shape[0], 1)))))  # few shapes
-      padded = np.pad(chunk, [(0, size - chunk.shape[0]), (0, 0)])
+      padded = np.pad(chunk, [(0, batch - chunk.shape[0]), (0, 0)])  # one program, `warm`'s
       outs.append(np.asarray(self._apply(self.params, padded))[:chunk.shape[0]])
     return np.concatenate(outs) if outs else np.zeros((0,))
+
+  def warm(self) -> None:
+    """Compiles the network's one program (`_run`'s rows) now, e.g. in a thread while a job
+    sets up, so that its prediction does not wait for it."""
+    self._run(np.zeros((1, self.hidden_dim), np.float32))
 
   def predict_pmf(self, hidden, recalibrated: bool = True) -> np.ndarray:
     """[n, D] -> [n, L+1]; with the export's quantile recalibration applied unless

@@ -20,8 +20,10 @@ The runner's rules (`simulate_continuous` follows them exactly):
   One decode call runs steps until at least m slots are free (done or empty) while the queue is
   non-empty, or until every slot is done once the queue is empty. A call that would run no step
   (rows already done at their insert: r = 0) is not made. Then the done rows leave; if the queue
-  is non-empty, one insert call fills min(free, len(queue)) free slots (ascending slot index) with
-  the next queued requests; and so on until the queue is empty and every slot is done.
+  is non-empty, one insert call fills min(free, len(queue), padded_batch(m)) free slots
+  (ascending slot index) with the next queued requests (after the first fill an insert takes no
+  more than a refill's batch bucket: one program per context block; other free slots wait for
+  the next refill); and so on until the queue is empty and every slot is done.
 * A phase with drain d >= 1 ends early: once its queue is empty, its last decode call runs only
   until at most d slots are still running (no step if that holds already). The rows still
   running then leave with the tokens they generated (j + 1 after j decode steps in the slot:
@@ -33,7 +35,9 @@ The runner's rules (`simulate_continuous` follows them exactly):
   rows, the runner appends `final_phase(...)` (a cache that holds every row's whole room, so
   nothing is capped) with those rows as its queue; at most 16 such extra phases.
 * Seconds: each insert call of k rows whose longest context is c_max costs batch_overhead +
-  prefill_time(k, insert_block(c_max)) (the engine pads the block to prompt_bucket x 2^i);
+  prefill_time(k, max(insert_block(c_max), block)) (the engine pads the block to
+  prompt_bucket x 2^i; a phase's `block` > 0 pads every insert to at least that block, so that
+  its inserts share one program);
   each decode call costs batch_overhead + steps * step_time(B, S) plus the live-token cost: at
   its j-th decode step in a slot a row reads c + j cache tokens.
 * Computed tokens: padded_batch(B) per decode step, plus padded_batch(k) per insert call (the
@@ -62,11 +66,15 @@ class Phase:
   slots: int  # B: rows decoding together
   refill: int  # m: a decode call ends once m slots are free (while the queue is non-empty)
   drain: int = 0  # d: once the queue is empty, the phase ends when at most d rows still run
+  block: int = 0  # every insert prefills at least this context block (0: each its own)
 
   def __post_init__(self):
     self.members = np.asarray(self.members, np.int64).reshape(-1)
     self.cache_len, self.slots, self.refill = int(self.cache_len), int(self.slots), int(self.refill)
-    self.drain = int(self.drain)
+    self.drain, self.block = int(self.drain), int(self.block)
+    if not 0 <= self.block <= self.cache_len:
+      raise ValueError(f"a phase's block must be in 0..cache_len={self.cache_len}, got "
+                       f"{self.block}")
     if self.slots < 1 or self.refill < 1 or self.cache_len < 1:
       raise ValueError(f"a phase needs cache_len, slots and refill >= 1, got {self.cache_len}, "
                        f"{self.slots}, {self.refill}")
@@ -198,6 +206,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   finish = np.full(slots, -1, np.int64)  # the step at which the slot's row is done; -1: empty
   slot_row = np.full(slots, -1, np.int64)  # queue position held by the slot; -1: empty
   now = pos = 0
+  most = slots  # rows an insert takes: the first fill any, later at most a refill's bucket
   insert_k, insert_ctx, left_capped = [], [], []
   steps = decodes = 0
   while True:
@@ -206,7 +215,8 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       gone = slot_row[free]
       gone = gone[gone >= 0]
       left_capped.append(gone[capped[gone]])
-      k = min(free.size, n - pos)
+      k = min(free.size, n - pos, most)
+      most = int(cost.padded_batch(refill))
       use, idle = free[:k], free[k:]
       slot_row[use] = np.arange(pos, pos + k)
       finish[use] = now + occ[pos:pos + k]
@@ -243,9 +253,10 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   occ_f = occ.astype(np.float64)
   live = float((occ_f * ctx + occ_f * (occ_f + 1.0) / 2.0).sum())
   ks = np.asarray(insert_k, np.int64)
+  blocks = np.maximum(insert_block(insert_ctx, cache, cost), phase.block)
   overhead = cost.batch_overhead_ms * 1e-3
   seconds = (overhead * (ks.size + decodes)
-             + float(np.sum(cost.prefill_time(ks, insert_block(insert_ctx, cache, cost))))
+             + float(np.sum(cost.prefill_time(ks, blocks)))
              + steps * float(cost.step_time(slots, cache)) + float(cost.live_time(live)))
   tally.seconds += seconds
   tally.phase_seconds.append(seconds)
@@ -253,8 +264,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   tally.inserts += ks.size
   tally.decodes += decodes
   tally.steps += steps
-  tally.programs |= programs(slots, cache, ks, insert_block(insert_ctx, cache, cost), refill,
-                             cost, decodes > 0)
+  tally.programs |= programs(slots, cache, ks, blocks, refill, cost, decodes > 0)
   return np.concatenate([unfit, queue[np.concatenate(left_capped)]])
 
 
@@ -264,8 +274,12 @@ def programs(slots: int, cache: int, ks, blocks, refill: int, cost: CostModel,
   blocks `blocks` (the runner's rule: the first fill at its own rows bucket, every later insert
   padded to at least `refill` rows): its decode loop, an insert per (rows, block), a first-token
   sampler per rows."""
-  rows = [int(cost.padded_batch(max(int(k), refill if i else 1))) for i, k in enumerate(ks)]
-  out = {("insert", slots, cache, r, int(b)) for r, b in zip(rows, np.asarray(blocks).tolist())}
+  ks = np.asarray(ks, np.int64).reshape(-1)
+  least = np.full(ks.size, int(refill), np.int64)
+  least[:1] = 1
+  rows = np.asarray(cost.padded_batch(np.maximum(ks, least)), np.int64).reshape(-1).tolist()
+  blocks = np.broadcast_to(np.asarray(blocks, np.int64), ks.shape).tolist()
+  out = {("insert", slots, cache, r, b) for r, b in zip(rows, blocks)}
   out |= {("first", slots, cache, r) for r in rows}
   return out | ({("decode", slots, cache)} if decoded else set())
 

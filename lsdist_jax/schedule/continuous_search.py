@@ -10,8 +10,8 @@ from typing import Callable
 import numpy as np
 
 from lsdist_jax.schedule.continuous import (ContinuousPlan, Phase, expected_seconds,
-                                            refill_for, sample_lengths, simulate_continuous,
-                                            slot_cache_len, slots_for)
+                                            insert_block, refill_for, sample_lengths,
+                                            simulate_continuous, slot_cache_len, slots_for)
 from lsdist_jax.schedule.cost import CostModel
 from lsdist_jax.schedule.planners import CAP_GRID, SEARCH_THRESHOLDS, predicted_length
 from lsdist_jax.schedule.types import Options, Requests
@@ -89,6 +89,15 @@ def with_drain(phases: list[Phase], fraction: float) -> list[Phase]:
           for k, p in enumerate(phases)]
 
 
+def with_blocks(phases: list[Phase], requests: Requests, cost: CostModel) -> list[Phase]:
+  """Every phase's inserts at one context block, that of its longest member prompt (rows
+  carried in with longer contexts still take their own): one insert program per rows count
+  instead of one per block, for padding that costs less than a compilation."""
+  return [dataclasses.replace(p, block=int(insert_block(
+      int(requests.prompt_len[p.members].max()), p.cache_len, cost))) if p.members.size else p
+          for p in phases]
+
+
 def _search_drain(best: ContinuousPlan, evaluate, fractions) -> ContinuousPlan:
   """`best` with the drain fraction (of `fractions`, 0 meaning `best` as it is) of least
   `evaluate`; notes: drain_fraction, and the search table gains a row per fraction tried,
@@ -125,8 +134,9 @@ def plan_continuous(requests: Requests, cost: CostModel, options: Options,
                         notes={"refill_fraction": float(refill_fraction)})
 
 
-def _phases_key(phases: list[Phase]) -> tuple:
-  return tuple((p.cache_len, p.slots, p.members.tobytes()) for p in phases)
+def _phases_key(phases: list[Phase], blocks: bool = False) -> tuple:
+  return tuple((p.cache_len, p.slots, p.members.tobytes()) + ((p.block,) if blocks else ())
+               for p in phases)
 
 
 def _search(candidates, evaluate, strategy: str) -> ContinuousPlan:
@@ -138,7 +148,7 @@ def _search(candidates, evaluate, strategy: str) -> ContinuousPlan:
   for phases, fraction, threshold, notes in candidates:
     plan = ContinuousPlan(_with_refill(phases, fraction), strategy, threshold,
                           notes={"refill_fraction": float(fraction), **notes})
-    key = (_phases_key(phases), fraction)
+    key = (_phases_key(phases, blocks=True), fraction)
     if key not in seen:
       seen[key] = evaluate(plan)
     plan.expected_cost = seen[key]
@@ -148,6 +158,24 @@ def _search(candidates, evaluate, strategy: str) -> ContinuousPlan:
       best = plan
   best.notes["search"] = table
   return best
+
+
+def _search_refill(best: ContinuousPlan, evaluate, first: float, refill_fractions,
+                   requests: Requests, cost: CostModel, strategy: str) -> ContinuousPlan:
+  """`best` (searched at refill fraction `first`) with the refill fraction, and one context
+  block per phase or not (`with_blocks`; notes: one_block), of least `evaluate`: with
+  compilations charged, fewer insert programs may let a smaller refill win. The search table
+  gains a row per candidate after the first."""
+  notes = {k: best.notes[k] for k in ("threshold", "min_phase_factor", "key_cap")}
+  blocked = with_blocks(best.phases, requests, cost)
+  variants = [(best.phases, False)] + ([(blocked, True)] if _phases_key(blocked, True) !=
+                                       _phases_key(best.phases, True) else [])
+  candidates = [(phases, f, best.threshold, dict(notes, one_block=one))
+                for phases, one in variants for f in refill_fractions]
+  candidates.sort(key=lambda c: (c[1] != first) or c[3]["one_block"])  # `best` itself first
+  refined = _search(candidates, evaluate, strategy)
+  refined.notes["search"] = best.notes["search"] + refined.notes["search"][1:]
+  return refined
 
 
 def plan_continuous_search(requests: Requests, cost: CostModel, options: Options,
@@ -195,14 +223,8 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
     return expected_seconds(plan, requests, samples, cost, options)
 
   best = _search(candidates(), evaluate, "continuous-search")
-  notes = {k: best.notes[k] for k in ("threshold", "min_phase_factor", "key_cap")}
-  others = [(best.phases, f, best.threshold, notes) for f in refill_fractions if f != first]
-  if others:
-    table = best.notes["search"]
-    refined = _search([(best.phases, first, best.threshold, notes)] + others, evaluate,
-                      "continuous-search")
-    refined.notes["search"] = table + refined.notes["search"][1:]
-    best = refined
+  best = _search_refill(best, evaluate, first, refill_fractions, requests, cost,
+                        "continuous-search")
   best = _search_drain(best, evaluate, drain_fractions)
   best.notes.update(draws=int(draws), rng_seed=int(rng_seed))
   return best

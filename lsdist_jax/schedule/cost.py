@@ -151,11 +151,15 @@ class CostModel:
 
   @classmethod
   def default_gpu(cls) -> "CostModel":
-    """SmolLM2-135M on an H100 with the Pallas decode attention, from launch/bench_engine.py's
-    figures (docs/results/engine.json): about 1.13 ms + 2.7 us per row + 9.6 ns per live cache
-    token (23 KB at the measured 2.39 TB/s). Profile the device for real work."""
-    return cls(step=(1.13, 0.0027, 0.0, 0.0, 9.6e-6), prefill=(2.0, 2.0e-4),
-               batch_overhead_ms=1.0, source="default-gpu")
+    """SmolLM2-135M: the decode step on an H100 with the Pallas decode attention, from
+    launch/bench_engine.py's figures (docs/results/engine.json): about 1.13 ms + 2.7 us per row
+    + 9.6 ns per live cache token (23 KB at the measured 2.39 TB/s); an insert's prefill and a
+    call's fixed cost on an H200 (`launch/bench_compile.py --insert_rows`,
+    docs/results/compile_times_h200.json): 6 ms + 1.1 us per prefilled token (64 to 1,024 rows
+    at block 256: 24 to 295 ms), a decode call that runs no step 2.9 ms. Profile the device for
+    real work."""
+    return cls(step=(1.13, 0.0027, 0.0, 0.0, 9.6e-6), prefill=(6.0, 1.1e-3),
+               batch_overhead_ms=3.0, source="default-gpu")
 
 
 def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -48,7 +48,11 @@ def survival(pmf: np.ndarray) -> np.ndarray:
 
 def quantile(pmf: np.ndarray, q) -> np.ndarray:
   """Smallest length whose CDF reaches q (scalar or [n]). -> [n] int."""
-  f = cdf(pmf)
+  return quantile_of_cdf(cdf(pmf), q)
+
+
+def quantile_of_cdf(f: np.ndarray, q) -> np.ndarray:
+  """`quantile` from the CDF (`cdf(pmf)`), for many quantiles of one pmf."""
   q = np.broadcast_to(np.asarray(q, np.float64), f.shape[:-1])
   return np.minimum((f < q[..., None] - 1e-12).sum(axis=-1), f.shape[-1] - 1)
 

@@ -182,7 +182,7 @@ def _fixed_batches_within_budget(order, requests, cost, options) -> list[Batch]:
 def predicted_length(requests: Requests, threshold: float) -> np.ndarray:
   """The length a planner sorts by: the pmf's threshold quantile, else the scalar prediction."""
   if requests.length_pmf is not None:
-    return dist.quantile(requests.length_pmf, threshold)
+    return dist.quantile_of_cdf(requests.length_cdf(), threshold)
   if requests.scalar_length is not None:
     return np.rint(np.asarray(requests.scalar_length)).astype(np.int64)
   raise ValueError("this planner needs predicted pmfs or scalar lengths")

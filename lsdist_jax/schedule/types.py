@@ -78,6 +78,14 @@ class Requests:
     room = self.max_seq_len - self.prompt_len
     return room if self.max_tokens is None else np.minimum(room, self.max_tokens)
 
+  def length_cdf(self) -> np.ndarray:
+    """dist.cdf(length_pmf), computed once per pmf (the searches ask for many quantiles)."""
+    cached = self.__dict__.get("_length_cdf")
+    if cached is None or cached[0] is not self.length_pmf:
+      cached = (self.length_pmf, dist.cdf(self.length_pmf))
+      self.__dict__["_length_cdf"] = cached
+    return cached[1]
+
   def pmf_within_room(self) -> np.ndarray:
     """The predicted pmf with mass beyond each request's room folded onto the room."""
     return dist.truncate(self.length_pmf, self.room)

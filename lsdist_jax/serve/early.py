@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from lsdist_jax.llama.config import LlamaConfig, get_preset
 
@@ -70,6 +71,32 @@ def placed_params(model, dtype: str):
 class EarlyStart:
   generator: Any  # the shape-only `Generator` compiling in the background (`Generator.adopt`)
   programs: frozenset  # what it compiles, as the planner names programs (`Options.compiled`)
+  slots: int = 0  # the slot batch it guessed: slots x cache
+  cache: int = 0
+  rows: int = 0  # its first fill's rows, as the planner counts them (a batch bucket)
+  at_once: bool = True  # whether every request fits that batch at once (no refills)
+
+  def first_fill(self, generator, prompt_len, cost=None) -> "EarlyStart":
+    """Once the prompts are tokenized: starts compiling (on `generator`, which adopted this
+    one's programs) the first fill's insert of all its rows at the context block of the
+    longest prompt, prefilling every row (it covers any fill of these prompts); for a job
+    that does not fit at once, also the refill's insert and sampler at that block, for the
+    smallest refill the planner tries (`REFILL_FRACTIONS`: a plan of one block per phase then
+    compiles nothing more). Returns this early start with those among its programs."""
+    from lsdist_jax.schedule.continuous import refill_for
+    from lsdist_jax.schedule.continuous_search import REFILL_FRACTIONS
+
+    block = int(generator.buckets.insert_block(int(np.max(prompt_len)), self.cache))
+    inserts = [(self.slots, block)]
+    programs = {("insert", self.slots, self.cache, self.rows, block),
+                ("first", self.slots, self.cache, self.rows)}
+    if not self.at_once and cost is not None:
+      refill = int(cost.padded_batch(refill_for(self.slots, min(REFILL_FRACTIONS))))
+      inserts.append((refill, block))
+      programs |= {("insert", self.slots, self.cache, refill, block),
+                   ("first", self.slots, self.cache, refill)}
+    generator.precompile_slots(self.slots, self.cache, inserts)
+    return dataclasses.replace(self, programs=self.programs | programs)
 
 
 def start(config, n_requests: int) -> EarlyStart | None:
@@ -113,9 +140,9 @@ def start(config, n_requests: int) -> EarlyStart | None:
   gen = Generator(model, placed_params(model, dtype), buckets=Buckets.from_config(config.engine),
                   pad_id=cfg.pad_token_id, compile_threads=threads)
   programs = {("decode", slots, cache)}
-  if at_once:  # the insert's block waits for the prompts' lengths
-    gen.precompile_slots(slots, cache, [])
-  else:  # and the first fill's first-token sampler (a sampler does not depend on the block)
-    gen.precompile_slots(slots, cache, [], samplers_for=[slots])
-    programs.add(("first", slots, cache, int(cost.padded_batch(slots))))
-  return EarlyStart(gen, frozenset(programs))
+  rows = int(cost.padded_batch(slots))
+  # and the first fill's first-token sampler (a sampler does not depend on the block; the
+  # insert's waits for the prompts' lengths: `EarlyStart.first_fill`)
+  gen.precompile_slots(slots, cache, [], samplers_for=[slots])
+  programs.add(("first", slots, cache, rows))
+  return EarlyStart(gen, frozenset(programs), slots, cache, rows, at_once)

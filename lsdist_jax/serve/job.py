@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 
 from lsdist_jax.errors import ConfigError, InputError, UserError
@@ -168,7 +169,10 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   cost = serve_plan.load_cost_model(config, engine=engine)
   # One KV budget for every chunk ("auto" is sized from the device's free memory once, here)
   options = serve_plan.planner_options(config, engine)
-  if early is not None:  # plans that run the early program do not wait for its compilation
+  if early is not None and items:
+    # now that the prompts are known: the prediction's prefill, the first fill's and the
+    # refills' inserts compile while the rest sets up; plans that run them do not wait for them
+    early = compile_ahead(early, engine, items[:int(chunk_size)], config, predictor, cost)
     options = dataclasses.replace(options, compiled=early.programs)
   lap("predictor_and_budget")
 
@@ -214,7 +218,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
       tokens += result.generated_tokens
       served += requests.n
       for key, value in result.seconds.items():
-        split[key] = split.get(key, 0.0) + value
+        split[key] = split.get(key, type(value)()) + value  # seconds add up, call rows join
     created = int(time.time())
     rows = [json.dumps(output_row(item, toks, fins, engine, model_name, created),
                        ensure_ascii=False) for item, (toks, fins) in zip(part, outputs)]
@@ -233,12 +237,29 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
              "compile_seconds": round(engine.generator.compile_seconds, 2),
              "background_compile_seconds": round(engine.generator.background_compile_seconds, 2),
              "kv_budget_tokens": options.kv_budget_tokens, "setup_seconds": setup,
-             **runner_split(split),
+             **runner_split(split, calls=True),
              **compile_summary(engine.generator.compile_log[compiled_before:])}
   if kind == "batch":
     summary.update({"requests": n_requests,
                     "error_lines": sum(item.prompt_ids is None for item in items)})
   return summary
+
+
+def compile_ahead(early, engine, items, config, predictor, cost):
+  """`early` with the first chunk's prediction prefill (`precompile_embed_requests`, where a
+  hidden-state predictor will run) and its first fill's and refills' inserts
+  (`EarlyStart.first_fill`) compiling in the background."""
+  from lsdist_jax.serve.requests import precompile_embed_requests
+
+  served = [item for item in items if item.prompt_ids is not None]
+  if not served:
+    return early
+  requests, _ = chunk_requests(served, config.generation)
+  if predictor is not None and predictor.kind != "lora" and not early.at_once:
+    precompile_embed_requests(engine, requests, int(config.collect.hidden_layer), cost,
+                              float(config.schedule.compile_seconds))
+    threading.Thread(target=predictor.warm, name="predictor-warm", daemon=True).start()
+  return early.first_fill(engine.generator, requests.prompt_len, cost)
 
 
 def start_early(config, n_requests: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -111,8 +112,16 @@ def predict(engine, requests: Requests, predictor, hidden_layer: int, cost=None,
   on this engine so its time is counted. cost, compile_seconds: `embed_requests`'."""
   if predictor.kind == "lora":
     return None, predict_lora(predictor, requests)
-  embed_requests(engine, requests, hidden_layer, cost, compile_seconds)
-  return predict_hidden(predictor, requests.predictor_input())
+  embedded = embed_requests(engine, requests, hidden_layer, cost, compile_seconds)
+  started = time.perf_counter()
+  # equal hidden states (one prompt's repeats) are predicted once
+  hidden, which = np.unique(requests.predictor_input(), axis=0, return_inverse=True)
+  pmf, scalar = predict_hidden(predictor, hidden)
+  which = which.reshape(-1)
+  logging.info("prediction: %d distinct prompts embedded in %.2f s, %d distinct states "
+               "predicted in %.2f s", len(np.unique(requests.dataset_index)), embedded,
+               hidden.shape[0], time.perf_counter() - started)
+  return (None if pmf is None else pmf[which]), (None if scalar is None else scalar[which])
 
 
 def predict_lora(predictor, requests: Requests) -> np.ndarray:
@@ -192,8 +201,9 @@ def make_runner(engine, requests: Requests, config, forced_lengths=None, on_prog
 def describe_plan(planner: str, plan, options: Options) -> str:
   """One line on a plan: its strategy, batches or phases (slots, cache), the KV budget."""
   if is_continuous(planner):
-    phases = ", ".join(f"{p.slots} slots x {p.cache_len}"
-                       + (f" (drains at {p.drain} rows)" if p.drain else "")
+    phases = ", ".join(f"{p.slots} slots x {p.cache_len} refilled {p.refill} at a time"
+                       + (f", inserts at block {p.block}" if p.block else "")
+                       + (f", drains at {p.drain} rows" if p.drain else "")
                        for p in plan.phases)
     shape = f"{len(plan.phases)} phase(s): {phases}"
   else:
@@ -229,6 +239,7 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
   default from the config now)."""
   options = options or planner_options(config, engine)
   pmf = scalar = None
+  started = time.perf_counter()
   if is_continuous(planner) and fits_at_once(requests, config.generation.max_seq_len, cost,
                                              options):
     # every request runs from its first token to its last in one slot batch: there is nothing
@@ -244,8 +255,12 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
                           options.compile_seconds)
   sched = planner_requests(requests.prompt_len, config.generation.max_seq_len, pmf, scalar,
                           max_tokens=requests.max_tokens)
+  predicted = time.perf_counter()
   plan = plan_any(planner, sched, cost, options)
+  planned = time.perf_counter()
   logging.info("%s", describe_plan(planner, plan, options))
   # a job's equal prompts (n choices of a batch line, repeated lines) share their prefill
   runner = make_runner(engine, requests, config, on_progress=on_progress, share_prefill=True)
-  return run_plan(runner, planner, plan, sched, cost, options)
+  result = run_plan(runner, planner, plan, sched, cost, options)
+  result.seconds.update(predict=predicted - started, plan=planned - predicted)
+  return result

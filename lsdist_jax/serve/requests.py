@@ -106,15 +106,35 @@ def store_requests(data: dict, rows, n_requests: int, max_len: int) -> Requests:
                   recorded_length=lengths[k, copy % lengths.shape[1]])
 
 
+def distinct_prompts(requests: Requests) -> tuple[list, np.ndarray]:
+  """(each distinct prompt's token ids, once, [n] the distinct prompt of each request): by
+  dataset index, and equal token ids on different lines of a job share one too."""
+  _, first, inverse = np.unique(requests.dataset_index, return_index=True, return_inverse=True)
+  keys: dict[tuple, int] = {}
+  where = np.array([keys.setdefault(tuple(requests.prompt_ids[int(i)]), len(keys))
+                    for i in first], np.int64)
+  return [list(k) for k in keys], where[inverse]
+
+
 def embed_requests(engine, requests: Requests, layer: int, cost=None,
                    compile_seconds: float = 0.0) -> float:
   """Prefills each distinct prompt once for its hidden state; returns the seconds it took.
   With a cost model and compile_seconds, prompt blocks merge where padding costs less than a
-  compilation (`Generator.embed`)."""
+  compilation (`Generator.embed`, whose programs `precompile_embed_requests` starts early)."""
   t0 = time.perf_counter()
-  _, first, inverse = np.unique(requests.dataset_index, return_index=True, return_inverse=True)
-  merge = {} if cost is None else dict(prefill_seconds=cost.prefill_time,
-                                       compile_seconds=float(compile_seconds))
-  hidden = engine.embed([requests.prompt_ids[int(i)] for i in first], layer=layer, **merge)
-  requests.hidden = hidden[inverse]
+  prompts, which = distinct_prompts(requests)
+  hidden = engine.embed(prompts, layer=layer, **_merge(cost, compile_seconds))
+  requests.hidden = hidden[which]
   return time.perf_counter() - t0
+
+
+def precompile_embed_requests(engine, requests: Requests, layer: int, cost=None,
+                              compile_seconds: float = 0.0) -> None:
+  """Starts compiling the prefill programs `embed_requests` with these arguments runs."""
+  engine.generator.precompile_embed(engine._as_ids(distinct_prompts(requests)[0]), layer,
+                                    **_merge(cost, compile_seconds))
+
+
+def _merge(cost, compile_seconds: float) -> dict:
+  return {} if cost is None else dict(prefill_seconds=cost.prefill_time,
+                                      compile_seconds=float(compile_seconds))

@@ -245,11 +245,13 @@ class Runner:
         continue
       slots = buckets.batch_size(int(phase.slots))
       first = members[:slots]
-      inserts = [(len(first), buckets.insert_block(int(self.prompt_len[first].max()), s))]
+      floor = int(phase.block)
+      inserts = [(len(first), max(floor, buckets.insert_block(int(self.prompt_len[first].max()),
+                                                             s)))]
       if k > 0 or members.size > len(first):  # a later phase may also take carried rows
         refill = max(1, min(int(phase.refill), slots))
-        inserts += [(refill, int(b))
-                    for b in np.unique(buckets.insert_block(self.prompt_len[members], s))]
+        inserts += [(refill, int(b)) for b in np.unique(np.maximum(
+            buckets.insert_block(self.prompt_len[members], s), floor))]
       gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts,
                            share_prefill=self.share_prefill)
 
@@ -274,20 +276,21 @@ class Runner:
       take = pending[:min(len(free), most)]
       del pending[:len(take)]
       inserted = gen.buckets.batch_size(max(len(take), min_rows)) if take else 0
-      started = time.perf_counter()
+      started, compiled0 = time.perf_counter(), gen.compile_seconds
       if take:
         batch.insert(free[:len(take)], [self.prompt_ids[r] + generated[r] for r in take],
                      [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
                      None if self.forced is None else [int(self.forced[r]) for r in take],
                      max_new_tokens=self._left(take, generated), min_rows=min_rows,
-                     share_prefill=self.share_prefill, **self._settings(take))
+                     share_prefill=self.share_prefill, min_block=int(phase.block),
+                     **self._settings(take))
         most, min_rows = gen.buckets.batch_size(refill), refill
         for j, r in zip(free, take):
           occupant[j] = r
       busy = sum(r >= 0 for r in occupant)
       if busy == 0:
         break
-      inserted_at = time.perf_counter()
+      inserted_at, compiled1 = time.perf_counter(), gen.compile_seconds
       steps = batch.decode(refill if pending else batch.slots - drain)
       decoded_at = time.perf_counter()
       read = batch.read()
@@ -295,6 +298,11 @@ class Runner:
                          ("decode_calls", decoded_at - inserted_at),
                          ("reads", time.perf_counter() - decoded_at), ("decode_steps", steps)):
         seconds[key] = seconds.get(key, 0.0) + value
+      # one row per insert + decode: what each waited for compilation, and the slots' use
+      seconds.setdefault("calls", []).append(
+          (len(take), round(inserted_at - started, 4), round(compiled1 - compiled0, 4), busy,
+           steps, round(decoded_at - inserted_at, 4),
+           round(gen.compile_seconds - compiled1, 4)))
       # A draining phase ends here: its rows still running leave with what they generated.
       ending = not pending and drain > 0
       kept = completed = 0
@@ -320,16 +328,27 @@ class Runner:
     return carried
 
 
-def runner_split(seconds: dict) -> dict:
+def runner_split(seconds: dict, calls: bool = False) -> dict:
   """{"runner_split": ...}: where a continuous run's time went (insert, decode and read calls,
-  decode steps, milliseconds per decode step), from its RunResult.seconds; {} for static runs."""
+  decode steps, milliseconds per decode step; the prediction and planning before it where
+  timed), from its RunResult.seconds; {} for static runs. calls: also a row per insert and
+  decode call (`CALL_COLUMNS`)."""
   if "decode_calls" not in seconds:
     return {}
   out = {k: round(float(seconds[k]), 3) for k in ("insert_calls", "decode_calls", "reads")}
   steps = int(seconds["decode_steps"])
   out.update(decode_steps=steps,
              ms_per_decode_step=round(1e3 * seconds["decode_calls"] / max(steps, 1), 3))
+  out.update({k: round(float(seconds[k]), 3) for k in ("predict", "plan") if k in seconds})
+  if calls and seconds.get("calls"):
+    out["calls_columns"] = CALL_COLUMNS
+    out["calls"] = [list(c) for c in seconds["calls"]]
   return {"runner_split": out}
+
+
+# A continuous run's calls, one row per insert and the decode call after it (`runner_split`)
+CALL_COLUMNS = ("inserted_rows", "insert_s", "insert_compile_wait_s", "busy_slots",
+                "decode_steps", "decode_s", "decode_compile_wait_s")
 
 
 class EngineClock:
