@@ -117,9 +117,13 @@ class Engine:
 
   @classmethod
   def load(cls, name_or_path: str, *, dtype: str = "bfloat16", chat_format: str = "auto",
-           mesh_config=None, engine_config=None, seed: int = 0, **kwargs) -> "Engine":
+           mesh_config=None, engine_config=None, seed: int = 0, gguf_tokenizer=None,
+           **kwargs) -> "Engine":
     """A preset name (`smollm2-135m-instruct`; `tiny` gives random weights for tests), an HF
-    directory (config.json + safetensors + tokenizer), a `.gguf` file, or an orbax export."""
+    directory (config.json + safetensors + tokenizer), a `.gguf` file, or an orbax export.
+    gguf_tokenizer: a Future of the GGUF's Tokenizer built elsewhere with this chat_format (the
+    generate job's early start builds it to tokenize while the weights load); None, or a
+    Future that fails or gives None: built here."""
     source = name_or_path
     tokenizer = None
     if name_or_path.startswith("random:"):
@@ -133,7 +137,7 @@ class Engine:
     elif name_or_path in ("smollm2-135m-instruct", "smollm2-135m"):
       path = find_smollm2_gguf()
       cfg, params, tokenizer = _load_gguf(path, chat_format, name_or_path,
-                                          get_preset("smollm2-135m-instruct"))
+                                          get_preset("smollm2-135m-instruct"), gguf_tokenizer)
       source = path
     elif name_or_path in PRESETS:
       raise ConfigError(f"preset {name_or_path!r} has no bundled weights: pass an HF directory "
@@ -143,7 +147,7 @@ class Engine:
           f"model not found: {name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor an "
           "existing HF directory, .gguf file or orbax export")
     elif os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
-      cfg, params, tokenizer = _load_gguf(name_or_path, chat_format)
+      cfg, params, tokenizer = _load_gguf(name_or_path, chat_format, ready=gguf_tokenizer)
     elif wts.is_orbax_export(name_or_path):
       cfg, params, meta = wts.load_orbax(name_or_path)
       tok_dir = os.path.join(name_or_path, "tokenizer")
@@ -308,14 +312,25 @@ def placed_dtype(path, dtype: str):
   return np.float32 if any(getattr(k, "key", None) == "scale" for k in path) else DTYPES[dtype]
 
 
-def _load_gguf(path: str, chat_format: str, name: str = "", preset=None):
+def _load_gguf(path: str, chat_format: str, name: str = "", preset=None, ready=None):
   """(config, params, tokenizer) of a GGUF file: the tokenizer is built in a thread while the
   weights are read and dequantized (each takes seconds; numpy's dequantization releases the
-  GIL)."""
+  GIL), unless `ready` (a Future) gives one built elsewhere."""
   from concurrent.futures import ThreadPoolExecutor
 
   from lsdist_jax.llama.tokenizer import gguf_hf_tokenizer
 
+  if ready is not None:
+    cfg, params = wts.load_gguf(path, preset)
+    try:
+      tokenizer = ready.result()
+    except Exception as e:  # noqa: BLE001 - built here instead
+      logging.debug("the tokenizer built ahead failed (%s); building it again", e)
+      tokenizer = None
+    if tokenizer is not None:
+      return cfg, params, tokenizer
+    return cfg, params, Tokenizer(gguf_hf_tokenizer(path), chat_format, name or cfg.name,
+                                  cfg.bos_token_id)
   with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
     hf = pool.submit(gguf_hf_tokenizer, path)
     cfg, params = wts.load_gguf(path, preset)
@@ -323,13 +338,15 @@ def _load_gguf(path: str, chat_format: str, name: str = "", preset=None):
   return cfg, params, tokenizer
 
 
-def load_engine(config) -> Engine:
+def load_engine(config, gguf_tokenizer=None) -> Engine:
   """The LLM named by config.model, placed on this process's devices (with the compilation
-  cache of config.engine.compilation_cache, `compilation_cache_dir`)."""
+  cache of config.engine.compilation_cache, `compilation_cache_dir`); gguf_tokenizer:
+  `Engine.load`'s."""
   prepare_compilation(config)
   return Engine.load(config.model.path or config.model.name, dtype=config.model.dtype,
                      chat_format=config.model.chat_format, mesh_config=config.mesh,
-                     engine_config=config.engine, seed=config.seed)
+                     engine_config=config.engine, seed=config.seed,
+                     gguf_tokenizer=gguf_tokenizer)
 
 
 def prepare_compilation(config) -> None:

@@ -175,6 +175,24 @@ def job_run(args, name: str, input_path: str, prompts: int, cache: str, cold: bo
              if k in summary}}
 
 
+def compact_calls(row: dict) -> dict:
+  """The row with its runner split's table of calls (one per insert + decode) summed up: the
+  insert calls, the rows they inserted, the slots busy as each decode call started (a mean
+  weighted by its steps), and the steps of the last call (the final drain)."""
+  split = row.get("runner_split")
+  if not split or "calls" not in split:
+    return row
+  calls = [dict(zip(split["calls_columns"], c)) for c in split["calls"]]
+  steps = sum(c["decode_steps"] for c in calls)
+  brief = {"insert_calls": sum(c["inserted_rows"] > 0 for c in calls),
+           "inserted_rows": sum(c["inserted_rows"] for c in calls),
+           "busy_slots_at_decode_start": round(
+               sum(c["busy_slots"] * c["decode_steps"] for c in calls) / max(steps, 1), 1),
+           "last_call_steps": calls[-1]["decode_steps"]}
+  split = {k: v for k, v in split.items() if k not in ("calls", "calls_columns")}
+  return dict(row, runner_split=dict(split, calls=brief))
+
+
 def describe_row(row: dict) -> str:
   return (f"process {row['process_s']} s, job {row['job_s']} s, compile {row['compile_s']} s, "
           f"{row['samples_per_s']} samples/s, {row['tokens_per_s']} tokens/s, "
@@ -378,6 +396,7 @@ def report(args, about: dict | None, rows: list[dict], plain: list[dict]) -> dic
     notes.append(f"every job run also took {args.job_args}")
   keep = ("batch", "samples_per_s", "tokens_per_s", "seconds", "compile_s", "kv_tokens",
           "kv_budget_tokens", "skipped")
+  rows = [compact_calls(r) for r in rows]
   data = merge_results(
       args.results, rows, same_row,
       plain_batching=[{k: p[k] for k in keep if k in p} for p in plain],

@@ -95,3 +95,26 @@ def test_the_header_built_tokenizer_is_transformers_on_every_shipped_prompt(gguf
                                     tokenize=False) == formatted
     assert (ours(formatted, add_special_tokens=False)["input_ids"]
             == theirs(formatted, add_special_tokens=False)["input_ids"]), text
+
+
+def test_the_early_start_tokenizes_prompts_as_the_loaded_model(gguf_path):
+  """The job's early start tokenizes the prompts while the weights load (to compile their
+  programs ahead): its token ids are the loaded engine's, by preset name and by file path."""
+  from lsdist_jax.config import default_config
+  from lsdist_jax.serve import early
+
+  from concurrent.futures import Future
+
+  for name, path in (("smollm2-135m-instruct", ""), ("smollm2-135m-instruct", gguf_path)):
+    cfg = default_config()
+    cfg.model.name, cfg.model.path = name, path
+    engine = Engine.load(path or name, dtype="float32")
+    tokenizer = early.gguf_tokenizer(cfg, early.header_config(path or name))
+    assert tokenizer.encode_prompts(PROMPTS) == engine.encode(PROMPTS)
+    # handed to the loading engine, it is the engine's; a failed one is built again
+    ready, failed = Future(), Future()
+    ready.set_result(tokenizer)
+    failed.set_exception(RuntimeError("no tokenizer"))
+    assert Engine.load(path or name, dtype="float32", gguf_tokenizer=ready).tokenizer is tokenizer
+    again = Engine.load(path or name, dtype="float32", gguf_tokenizer=failed)
+    assert again.encode(PROMPTS) == engine.encode(PROMPTS)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 import jax
@@ -75,6 +77,14 @@ class EarlyStart:
   cache: int = 0
   rows: int = 0  # its first fill's rows, as the planner counts them (a batch bucket)
   at_once: bool = True  # whether every request fits that batch at once (no refills)
+  thread: Any = None  # tokenizing the prompts to compile their programs too (`ahead`)
+  tokenizer: Any = None  # a Future of the Tokenizer `ahead` builds (`Engine.load`'s)
+  ids: list | None = None  # the prompts' token ids, by that tokenizer
+
+  def join(self) -> None:
+    """Waits for `ahead` (call before the engine adopts the programs)."""
+    if self.thread is not None:
+      self.thread.join()
 
   def first_fill(self, generator, prompt_len, cost=None) -> "EarlyStart":
     """Once the prompts are tokenized: starts compiling (on `generator`, which adopted this
@@ -99,11 +109,15 @@ class EarlyStart:
     return dataclasses.replace(self, programs=self.programs | programs)
 
 
-def start(config, n_requests: int) -> EarlyStart | None:
+def start(config, n_requests: int, texts=(), embed_layer: int | None = None
+          ) -> EarlyStart | None:
   """A shape-only Generator compiling, in the background, the decode loop of the one-phase plan
   `n_requests` requests run when they all fit at once, or, when they do not, of the most slots
-  over a cache of max_seq_len; None when the model's shape is not known without loading it, on
-  a mesh, with compile_threads 0, or when not even one row fits the KV budget."""
+  over a cache of max_seq_len, and its first fill's sampler; None when the model's shape is not
+  known without loading it, on a mesh, with compile_threads 0, or when not even one row fits
+  the KV budget. With the requests' prompt `texts`, a thread (`ahead`) tokenizes them as the
+  loaded model will and starts compiling their first fill's and refills' inserts, and with
+  `embed_layer` the prediction's prefill at that layer, all while the weights load."""
   from lsdist_jax import engine as eng
   from lsdist_jax.llama.generator import Generator
   from lsdist_jax.llama.model import Llama
@@ -145,4 +159,53 @@ def start(config, n_requests: int) -> EarlyStart | None:
   # insert's waits for the prompts' lengths: `EarlyStart.first_fill`)
   gen.precompile_slots(slots, cache, [], samplers_for=[slots])
   programs.add(("first", slots, cache, rows))
-  return EarlyStart(gen, frozenset(programs), slots, cache, rows, at_once)
+  early = EarlyStart(gen, frozenset(programs), slots, cache, rows, at_once)
+  if len(texts):
+    early.tokenizer = Future()
+    early.thread = threading.Thread(target=ahead, name="early-tokenize", daemon=True,
+                                    args=(early, config, cfg, list(texts), cost, embed_layer))
+    early.thread.start()
+  return early
+
+
+def ahead(early: EarlyStart, config, cfg: LlamaConfig, texts, cost, embed_layer) -> None:
+  """`early`'s programs that need the prompts' lengths, compiling on its generator: the model
+  file's tokenizer built as the engine builds it (and handed to it: `early.tokenizer`), the
+  prompts tokenized (`early.ids`), then `EarlyStart.first_fill` and, with `embed_layer` and
+  refills to plan, the prediction's prefill of the distinct prompts
+  (`Generator.precompile_embed`, as `serve.requests.embed_requests` will run it). Only a head
+  start: anything amiss is logged and left to the job."""
+  try:
+    tokenizer = gguf_tokenizer(config, cfg)
+    early.tokenizer.set_result(tokenizer)
+    if tokenizer is None:
+      return
+    ids = early.ids = tokenizer.encode_prompts(texts)
+    early.first_fill(early.generator, [len(x) for x in ids], cost)
+    if embed_layer is not None and not early.at_once:
+      distinct = [list(x) for x in dict.fromkeys(tuple(x) for x in ids)]
+      early.generator.precompile_embed(distinct, int(embed_layer),
+                                       prefill_seconds=cost.prefill_time,
+                                       compile_seconds=float(config.schedule.compile_seconds))
+  except Exception as e:  # noqa: BLE001 - the job tokenizes and compiles what it needs itself
+    logging.warning("generate: no early compilation of the prompts' programs (%s: %s)",
+                    type(e).__name__, e)
+  finally:
+    if not early.tokenizer.done():
+      early.tokenizer.set_result(None)  # the engine builds its own
+
+
+def gguf_tokenizer(config, cfg: LlamaConfig):
+  """The Tokenizer `Engine.load` builds for config.model where it is a GGUF file (or the
+  bundled SmolLM2's); None otherwise."""
+  from lsdist_jax.engine import find_smollm2_gguf
+  from lsdist_jax.llama.tokenizer import Tokenizer, gguf_hf_tokenizer
+
+  name = config.model.path or config.model.name
+  if name in ("smollm2-135m-instruct", "smollm2-135m"):
+    path, label = find_smollm2_gguf(), name
+  elif os.path.isfile(name) and name.endswith(".gguf"):
+    path, label = name, cfg.name
+  else:
+    return None
+  return Tokenizer(gguf_hf_tokenizer(path), config.model.chat_format, label, cfg.bos_token_id)

@@ -139,8 +139,12 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   early = None
   if engine is None and kind == "prompts" and is_continuous(strategy):
     # a decode loop the job will likely run compiles while the model loads (serve/early.py)
-    early = start_early(config, min(len(entries), int(chunk_size)))
-  engine = engine or load_engine(config)
+    first = entries[:int(chunk_size)]
+    early = start_early(config, [p.text for p in first],
+                        int(config.collect.hidden_layer) if predictor_path else None)
+  engine = engine or load_engine(config, early.tokenizer if early is not None else None)
+  if early is not None:
+    early.join()
   if early is not None and not engine.generator.adopt(early.generator):
     early = None
   compiled_before = len(engine.generator.compile_log)  # an engine may serve several jobs
@@ -151,7 +155,9 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     items = batch_items(entries, engine, max_seq_len, model_names(config, engine),
                         ignore_model_field)
   else:
-    ids = engine.encode([p.text for p in entries])
+    ids = (early.ids if early is not None and early.ids is not None
+           and len(early.ids) == len(entries) and early.tokenizer.result() is engine.tokenizer
+           else engine.encode([p.text for p in entries]))  # tokenized while the model loaded
     too_long = long_prompts(entries, ids, max_seq_len)
     if too_long and not skip_long:
       raise InputError(f"{input_path}: {len(too_long)} prompt(s) too long (pass --skip_long to "
@@ -262,12 +268,13 @@ def compile_ahead(early, engine, items, config, predictor, cost):
   return early.first_fill(engine.generator, requests.prompt_len, cost)
 
 
-def start_early(config, n_requests: int):
-  """`serve.early.start`; a failure there only loses the head start (logged)."""
+def start_early(config, texts: list[str], embed_layer: int | None):
+  """`serve.early.start` for these prompts; a failure there only loses the head start
+  (logged)."""
   from lsdist_jax.serve import early
 
   try:
-    return early.start(config, n_requests)
+    return early.start(config, len(texts), texts, embed_layer)
   except Exception as e:  # noqa: BLE001 - the job itself reports real problems when it loads
     logging.warning("generate: no early compilation (%s: %s)", type(e).__name__, e)
     return None
