@@ -40,6 +40,7 @@ STORE = os.path.join(REPO, "docs", "data", "smollm2_alpaca_7451")
 ORDER_SEED = 18  # the prompt files' fixed shuffled order (issue 18)
 COLD_TARGET_S = 30.0  # 500 prompts, cold: the whole process
 PLAIN_TARGET = 1.5  # 8,192 prompts, cold: end-to-end samples/s over the best plain batching
+STEADY_TARGET = 0.8  # 8,192 prompts, cold: end to end over the same run's steady state
 STEP_GROUPS = ("prompts", "jobs", "plain", "report")
 
 
@@ -168,6 +169,7 @@ def job_run(args, name: str, input_path: str, prompts: int, cache: str, cold: bo
           "compile_s": summary.get("compile_seconds"),
           "background_compile_s": summary.get("background_compile_seconds"),
           "samples_per_s": summary.get("samples_per_s"),
+          "steady_samples_per_s": summary.get("steady_samples_per_s"),
           "tokens_per_s": summary.get("tokens_per_s"),
           "kv_budget_tokens": summary.get("kv_budget_tokens"),
           **{k: summary[k] for k in ("setup_seconds", "programs_compiled", "slowest_compiles",
@@ -335,6 +337,12 @@ def target_lines(rows: list[dict], plain: list[dict], n_test: int, n_cycled: int
                  f"(B={best['batch']}: {best['samples_per_s']} samples/s; target >= "
                  f"{PLAIN_TARGET}x); over the whole process ({n_cycled / big['process_s']:.2f} "
                  f"prompts/s) {n_cycled / big['process_s'] / best['samples_per_s']:.2f}x.")
+  if big and big.get("steady_samples_per_s"):
+    ratio = big["samples_per_s"] / big["steady_samples_per_s"]
+    lines.append(f"{n_cycled:,} prompts cold: end to end {ratio:.2f}x the steady state of the "
+                 f"same run ({big['steady_samples_per_s']} samples/s: prediction, planning and "
+                 f"generation as the benchmark counts them; target >= {STEADY_TARGET}x; "
+                 f"{'met' if ratio >= STEADY_TARGET else 'missed'}).")
   small = next((r for r in rows if r["prompts"] == n_test and r["cold"]), None)
   if small:
     verdict = "met" if small["process_s"] <= COLD_TARGET_S else "missed"

@@ -376,6 +376,10 @@ def test_a_job_too_large_for_one_batch_compiles_its_prediction_and_refills_early
   early = run(2, "early.jsonl")
   assert calls == [12, 12]  # ahead (the 12 distinct prompts), then by the prediction itself
   assert early["served_now"] == 12
+  # the steady state (prediction, planning, generation) leaves compilation and writing out
+  split = early["runner_split"]
+  assert split["predict"] > 0 and split["plan"] > 0
+  assert early["steady_samples_per_s"] >= early["samples_per_s"]
   plain = run(0, "plain.jsonl")
   assert rows_of(tmp_path / "early.jsonl") == rows_of(tmp_path / "plain.jsonl")
   assert plain["served_now"] == 12

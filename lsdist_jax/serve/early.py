@@ -181,12 +181,12 @@ def ahead(early: EarlyStart, config, cfg: LlamaConfig, texts, cost, embed_layer)
     if tokenizer is None:
       return
     ids = early.ids = tokenizer.encode_prompts(texts)
-    early.first_fill(early.generator, [len(x) for x in ids], cost)
-    if embed_layer is not None and not early.at_once:
+    if embed_layer is not None and not early.at_once:  # first: the prediction runs first
       distinct = [list(x) for x in dict.fromkeys(tuple(x) for x in ids)]
       early.generator.precompile_embed(distinct, int(embed_layer),
                                        prefill_seconds=cost.prefill_time,
                                        compile_seconds=float(config.schedule.compile_seconds))
+    early.first_fill(early.generator, [len(x) for x in ids], cost)
   except Exception as e:  # noqa: BLE001 - the job tokenizes and compiles what it needs itself
     logging.warning("generate: no early compilation of the prompts' programs (%s: %s)",
                     type(e).__name__, e)

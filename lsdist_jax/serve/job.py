@@ -238,7 +238,13 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   summary = {"format": kind, "prompts": len(items), "served_now": served,
              "skipped_malformed": len(malformed), "skipped_long": len(too_long),
              "seconds": round(elapsed, 2), "samples_per_s": round(served / max(elapsed, 1e-9), 3),
-             "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "output": output_path,
+             "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+             # prediction, planning and generation, no compilation: the benchmark's steady
+             # state (`benchmark.run.summarize`)
+             "steady_samples_per_s": round(served / max(sum(
+                 split.get(k, 0.0) for k in ("predict", "plan", "generate", "recover")), 1e-9),
+                                           3),
+             "output": output_path,
              # compilation the job waited for, and compilation done behind running work
              "compile_seconds": round(engine.generator.compile_seconds, 2),
              "background_compile_seconds": round(engine.generator.background_compile_seconds, 2),

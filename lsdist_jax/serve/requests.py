@@ -25,6 +25,8 @@ class Requests:
   prompt_ids: list[list[int]] | None = None  # [n] token ids (None: engine-free simulation)
   hidden: np.ndarray | None = None  # [n, D] prompt hidden states (filled by `embed_requests`)
   recorded_hidden: np.ndarray | None = None  # [n, D] a store's hidden states (replay, simulation)
+  # (the distinct prompts' hidden states [m, D], [n] each request's): `embed_requests`
+  distinct_hidden: tuple | None = None
   recorded_length: np.ndarray | None = None  # [n] a recorded response length (replay, simulation)
   texts: list[str] | None = None  # [n] prompt text (a predictor on another model reads it)
   # Per-request settings (an OpenAI batch line's), each [n] or None (the config's for all):
@@ -44,6 +46,15 @@ class Requests:
     if hidden is None:
       raise ValueError("these requests have no hidden states yet: embed them first")
     return hidden
+
+  def distinct_predictor_input(self) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct hidden states [m, D], [n] each request's): `predictor_input` with each state
+    once (a prompt's repeats are predicted once)."""
+    if (self.recorded_hidden is None and self.distinct_hidden is not None
+        and self.distinct_hidden[1].size == self.n):
+      return self.distinct_hidden
+    hidden, which = np.unique(self.predictor_input(), axis=0, return_inverse=True)
+    return hidden, which.reshape(-1)
 
 
 def cycle(n_requests: int, n_prompts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +136,7 @@ def embed_requests(engine, requests: Requests, layer: int, cost=None,
   prompts, which = distinct_prompts(requests)
   hidden = engine.embed(prompts, layer=layer, **_merge(cost, compile_seconds))
   requests.hidden = hidden[which]
+  requests.distinct_hidden = (hidden, which)
   return time.perf_counter() - t0
 
 
