@@ -8,8 +8,16 @@ With --step_batch it also times a decode step of the static and the slot loop on
 
   python launch/bench_compile.py --gguf=<SmolLM2 GGUF> --step_batch=1024 --step_trace=<dir>
 
+--insert_rows times a slot batch's insert calls (and a read and an empty decode call), what a
+refill costs beside its decode steps:
+
+  python launch/bench_compile.py --gguf=<SmolLM2 GGUF> --slots=1024 --cache=1024 --block=256 \
+      --insert_rows=64,128,512,1024 --noprograms
+
 On a GPU it times the GPU backend's compilation (the job's bottleneck there).
 """
+
+import sys
 
 from absl import flags
 
@@ -85,9 +93,9 @@ def main(argv):
     device = jax.devices()[0]
     write_json({"device": f"{device.platform}: {device.device_kind}",
                 "model": FLAGS.gguf or FLAGS.model,
-                "shape": shape, "command": "python launch/bench_compile.py --model="
-                f"{FLAGS.model} --slots={FLAGS.slots} --cache={FLAGS.cache} --rows={FLAGS.rows} "
-                f"--block={FLAGS.block}", "rows": rows}, FLAGS.out)
+                "shape": shape, "command": " ".join(["python", "launch/bench_compile.py"]
+                                                     + sys.argv[1:]),
+                "rows": rows}, FLAGS.out)
 
 
 if __name__ == "__main__":
