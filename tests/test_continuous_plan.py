@@ -454,3 +454,26 @@ def test_one_block_per_phase_pays_where_compilation_is_charged():
                                        COST))
   with pytest.raises(ValueError, match="block"):
     Phase([0], 64, 4, 1, block=65)
+
+
+def test_the_search_admits_in_the_order_of_least_expected_time(requests):
+  """Besides each phase's own order (longest key first) the search tries the predicted mean's
+  longest-first and shortest-first orders and keeps the one of least expected time; an order
+  only permutes each phase's members."""
+  from lsdist_jax.schedule.continuous_search import admission_orders, with_order
+
+  plan = make_continuous_plan("continuous-search", requests, COST, OPTIONS)
+  rows = [r for r in plan.notes["search"] if r[0] == "order"]
+  assert [r[1] for r in rows] == ["mean_longest_first", "mean_shortest_first"]
+  assert plan.notes["admission"] in ("key_longest_first", "mean_longest_first",
+                                     "mean_shortest_first")
+  assert plan.expected_cost <= min(r[3] for r in rows) + 1e-9
+  mean = dist.mean(requests.pmf_within_room())
+  for name, order in admission_orders(requests).items():
+    assert sorted(order.tolist()) == list(range(requests.n))
+    ranked = mean[order]
+    assert (np.diff(ranked) <= 0).all() if name == "mean_longest_first" else (
+        np.diff(ranked) >= 0).all()
+    for before, after in zip(plan.phases, with_order(plan.phases, order)):
+      assert sorted(before.members.tolist()) == sorted(after.members.tolist())
+      assert (np.diff(np.argsort(order)[after.members]) > 0).all()  # in `order` within a phase

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from lsdist_jax.schedule import dist
 from lsdist_jax.schedule.continuous import (ContinuousPlan, Phase, expected_seconds,
                                             insert_block, refill_for, sample_lengths,
                                             simulate_continuous, slot_cache_len, slots_for)
@@ -96,6 +97,45 @@ def with_blocks(phases: list[Phase], requests: Requests, cost: CostModel) -> lis
   return [dataclasses.replace(p, block=int(insert_block(
       int(requests.prompt_len[p.members].max()), p.cache_len, cost))) if p.members.size else p
           for p in phases]
+
+
+def admission_orders(requests: Requests) -> dict[str, np.ndarray]:
+  """Admission orders (request ids, first admitted first) the search tries besides each
+  phase's own (longest key first): by predicted mean length, longest first and shortest
+  first. Shortest first leaves the predicted-long requests for the end, where they fill the
+  slots while the queue drains: with many responses that run to the cap and are hard to tell
+  apart, the tail after the last refill is about one response long whatever the order, and is
+  better spent full."""
+  mean = dist.mean(requests.pmf_within_room())
+  ids = np.arange(requests.n)
+  return {"mean_longest_first": np.lexsort((ids, -mean)),
+          "mean_shortest_first": np.lexsort((ids, mean))}
+
+
+def with_order(phases: list[Phase], order: np.ndarray) -> list[Phase]:
+  """Each phase's members admitted in `order` (request ids by priority)."""
+  rank = np.empty(order.size, np.int64)
+  rank[order] = np.arange(order.size)
+  return [dataclasses.replace(p, members=p.members[np.argsort(rank[p.members], kind="stable")])
+          for p in phases]
+
+
+def _search_order(best: ContinuousPlan, evaluate, requests: Requests) -> ContinuousPlan:
+  """`best` with the admission order (its own, or one of `admission_orders`) of least
+  `evaluate`; notes: admission, and the search table gains a row per order tried,
+  ("order", name, min_phase_factor, expected seconds, key cap)."""
+  chosen, table = best, []
+  best.notes["admission"] = "key_longest_first"
+  for name, order in admission_orders(requests).items():
+    plan = dataclasses.replace(best, phases=with_order(best.phases, order),
+                               notes=dict(best.notes, admission=name))
+    plan.expected_cost = evaluate(plan)
+    table.append(("order", name, best.notes.get("min_phase_factor"), plan.expected_cost,
+                  best.notes.get("key_cap")))
+    if plan.expected_cost < chosen.expected_cost:
+      chosen = plan
+  chosen.notes["search"] = list(best.notes.get("search", [])) + table
+  return chosen
 
 
 def _search_drain(best: ContinuousPlan, evaluate, fractions) -> ContinuousPlan:
@@ -192,9 +232,11 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
   request whose quantile is longer than K to a short, wide cache first (it carries on to a
   longer one), as the oracle may; one more candidate gives every request its whole room (no
   row carried on: the fewest programs, which wins where options.compile_seconds outweighs the
-  decode time shorter caches save). Last, the drain (`with_drain`) for the best plan. notes:
-  search = [(threshold, refill fraction, min_phase_factor, expected seconds, key cap)], then a
-  ("drain", fraction, ...) row per drain tried."""
+  decode time shorter caches save). Then, for the best phases, the refill size and one block
+  per phase or not (`_search_refill`), the admission order (`_search_order`) and last the drain
+  (`with_drain`). notes: search = [(threshold, refill fraction, min_phase_factor, expected
+  seconds, key cap)], then an ("order", name, ...) row per order and a ("drain", fraction, ...)
+  row per drain tried."""
   if requests.length_pmf is None:
     raise ValueError("continuous-search needs predicted pmfs")
   samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(rng_seed), draws)
@@ -225,6 +267,7 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
   best = _search(candidates(), evaluate, "continuous-search")
   best = _search_refill(best, evaluate, first, refill_fractions, requests, cost,
                         "continuous-search")
+  best = _search_order(best, evaluate, requests)
   best = _search_drain(best, evaluate, drain_fractions)
   best.notes.update(draws=int(draws), rng_seed=int(rng_seed))
   return best
