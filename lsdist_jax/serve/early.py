@@ -1,4 +1,4 @@
-"""The generate job's first program, compiled while the model loads.
+"""The generate job's first programs, compiled while the model loads.
 
 A job whose requests all fit in one slot batch runs them at once (`plan.fits_at_once`): one
 phase of bucket(n) slots over a cache of max_seq_len, whatever the prompts. Its decode loop is
@@ -14,6 +14,12 @@ the most slots the budget allows over a cache of max_seq_len (the plan that give
 its whole room) and the first fill's first-token sampler, and the planner charges those
 programs no compilation (`Options.compiled`), so a plan that uses them starts decoding without
 waiting for them.
+
+Both also compile what depends on the prompts' lengths: a thread (`ahead`) builds the model
+file's tokenizer (the one `Engine.load` then takes instead of building its own), tokenizes the
+prompts (the token ids the job then uses) and starts compiling the first fill's insert, for a
+larger job also the smallest refill's insert and the prediction's prefill
+(`EarlyStart.first_fill`, `Generator.precompile_embed`).
 """
 
 from __future__ import annotations
