@@ -79,6 +79,18 @@ def merge_blocks(calls: Sequence[int], rows: int, prefill_seconds, compile_secon
   return target
 
 
+def embed_rows(n: int, sizes: Sequence[int], block: int, prefill_seconds=None) -> int:
+  """The rows each call of a prefill of n prompts runs at, of `sizes` (row counts the engine
+  runs, ascending; the largest is the most per call): with `prefill_seconds(rows, block)`, the
+  size whose calls (ceil(n / rows) of them, each padded to `rows`, at context block `block`)
+  take the least time, ties to the larger; without, the largest (24 prompts: one call of 64
+  rows, or where a call's fixed cost is small two of 16)."""
+  sizes = sorted(int(r) for r in sizes)
+  if prefill_seconds is None or len(sizes) == 1:
+    return sizes[-1]
+  return min(sizes, key=lambda r: (-(-int(n) // r) * float(prefill_seconds(r, block)), -r))
+
+
 def _engine_defaults():
   from lsdist_jax.config import defaults
 

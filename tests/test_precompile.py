@@ -87,6 +87,22 @@ def test_merge_blocks_merges_the_cheapest_levels_while_padding_costs_less_than_c
   assert merge_blocks([32, 32], 8, seconds, 1e9) == {32: 32}
 
 
+def test_embed_rows_pad_the_least_time_of_prefill():
+  from lsdist_jax.shapes import embed_rows
+
+  def per_token(rows, block):  # no fixed cost a call: the fewest padded rows win
+    return 1e-6 * rows * block
+
+  def per_call(rows, block):  # a large fixed cost a call: the fewest calls win
+    return 1.0 + 1e-6 * rows * block
+
+  assert embed_rows(24, (4, 16, 64), 128) == 64  # no cost model: the largest
+  assert embed_rows(24, (4, 16, 64), 128, per_token) == 4  # 24 rows, none padded
+  assert embed_rows(24, (16, 64), 128, per_token) == 16  # 2 x 16 = 32 rows, not 64
+  assert embed_rows(24, (4, 16, 64), 128, per_call) == 64  # one call
+  assert embed_rows(64, (16, 64), 128, per_token) == 64  # equal padding: the fewer calls
+
+
 def test_embed_with_merged_blocks_compiles_one_program_and_keeps_the_states(tiny_params):
   gen = _generator(tiny_params, threads=2)
   prompts = _prompts(11, 2, 40, seed=3)  # blocks of 8 to 64 tokens

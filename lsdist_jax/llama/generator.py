@@ -22,7 +22,7 @@ from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
 from lsdist_jax.llama.slots import SlotBatch, first_name, insert_name, shared_rows
-from lsdist_jax.shapes import Buckets, batch_bucket, merge_blocks, round_up
+from lsdist_jax.shapes import Buckets, batch_bucket, embed_rows, merge_blocks, round_up
 
 
 def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
@@ -95,9 +95,8 @@ class Generator:
       waited = time.perf_counter() - start
       self.compile_seconds += waited
       self._executables[key] = exe
-      seconds = waited if seconds is None else seconds
-      self.compile_log.append({"name": name, "seconds": round(seconds, 3),
-                               "waited": round(waited, 3)})
+      seconds = round(waited if seconds is None else seconds, 3)
+      self.compile_log.append({"name": name, "seconds": seconds, "waited": round(waited, 3)})
     if self.device_lock is None:
       return exe(*args)
     with exclusive(self.device_lock) as waited:
@@ -105,8 +104,7 @@ class Generator:
       return jax.block_until_ready(exe(*args))
 
   def program_states(self) -> dict[str, bool]:
-    """{program name: whether it can run now} for every program compiled, or compiling in the
-    background (False until its compilation is done), whatever its input shapes."""
+    """{name: whether it can run now} of every program compiled or compiling, any shapes."""
     with self._lock:
       out = {key[0]: future.done() and not future.cancelled() and future.exception() is None
              for key, future in self._pending.items()}
@@ -321,33 +319,36 @@ class Generator:
             max_batch: int = 64, prefill_seconds=None, compile_seconds: float = 0.0
             ) -> np.ndarray:
     """The hidden state of each prompt's last token at `hidden_layer`. -> [n, D] float32.
-    Prompts run longest first in calls of max_batch rows, every call at one row count and
-    its prompts padded to a context block (prompt bucket x 2^i), so a call compiles at most
+    Prompts run longest first in calls of at most max_batch rows, every call at one row count
+    and its prompts padded to a context block (prompt bucket x 2^i), so a call compiles at most
     one program per block length (ahead, in parallel, with compile_threads). With
-    `prefill_seconds(rows, block)` (a cost model's) and `compile_seconds`, block lengths merge
-    into longer ones where the padding costs less than a compilation (`shapes.merge_blocks`)."""
-    order, calls, name, fn = self.precompile_embed(prompts, hidden_layer, max_batch,
-                                                   prefill_seconds, compile_seconds)
+    `prefill_seconds(rows, block)` (a cost model's) the rows of least padded time
+    (`shapes.embed_rows`), and blocks merge where padding costs less than `compile_seconds`."""
+    order, calls, name, fn, rows = self.precompile_embed(prompts, hidden_layer, max_batch,
+                                                         prefill_seconds, compile_seconds)
     hidden = np.empty((len(prompts), self.config.hidden_size), np.float32)
-    for start, (tokens, pad_len) in zip(range(0, len(prompts), max_batch), calls):
-      rows_here = order[start:start + max_batch]
+    for start, (tokens, pad_len) in zip(range(0, len(prompts), rows), calls):
+      rows_here = order[start:start + rows]
       out = self._run(name, fn, self.params, self._place(tokens), self._place(pad_len))
       hidden[rows_here] = np.asarray(shd.to_host(out))[:len(rows_here)]
     return hidden
 
   def precompile_embed(self, prompts: Sequence[Sequence[int]], hidden_layer: int = -1,
                        max_batch: int = 64, prefill_seconds=None, compile_seconds: float = 0.0):
-    """Starts compiling, in the background, the prefill programs `embed` with these arguments
-    will run (a job calls it as soon as its prompts are tokenized, ahead of the prediction).
-    -> (prompt order, padded (tokens, pad_len) per call, program name, jitted fn), for embed."""
+    """Starts compiling the prefill programs `embed` with these arguments runs (a job calls it
+    once its prompts are tokenized). -> (prompt order, (tokens, pad_len) per call, name, fn,
+    rows per call), for embed."""
     if len(prompts) == 0:
       raise ValueError("no prompts given")
     order = np.argsort([-len(x) for x in prompts], kind="stable")
-    rows = self._rows_bucket(min(int(max_batch), len(prompts)))
+    top = self._rows_bucket(min(int(max_batch), len(prompts)))
     limit = self.config.max_position_embeddings or 1 << 30
+    sizes = {self._rows_bucket(b) for b in self.buckets.batch if b <= top} | {top}
+    rows = embed_rows(len(prompts), sizes, self.buckets.insert_block(
+        max(len(x) for x in prompts), limit), prefill_seconds)
     calls = []
-    for start in range(0, len(prompts), max_batch):
-      tokens, pad_len, _, _, p = self._pack([prompts[i] for i in order[start:start + max_batch]])
+    for start in range(0, len(prompts), rows):
+      tokens, pad_len, _, _, p = self._pack([prompts[i] for i in order[start:start + rows]])
       if p > limit:
         raise ValueError(f"prompt of {p} tokens exceeds the model's context ({limit})")
       calls.append((tokens, pad_len, self.buckets.insert_block(p, limit)))
@@ -357,7 +358,7 @@ class Generator:
     name, fn = f"prefill/{hidden_layer}", self._prefill_fn(hidden_layer)
     for tokens, pad_len in calls:
       self.precompile(name, fn, self.params, _abstract(tokens), _abstract(pad_len))
-    return order, calls, name, fn
+    return order, calls, name, fn, rows
 
   def _pad_call(self, tokens: np.ndarray, pad_len: np.ndarray, rows: int, block: int):
     """[k, p] packed prompts -> [rows, block]: inert padding rows (all padding) below, more
