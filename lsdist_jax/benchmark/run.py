@@ -160,7 +160,7 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
     # Compilation is timed apart by the engine (ahead-of-time per shape) and left out of
     # samples/s; the prefill for hidden states and each predictor are compiled here, first.
     for predictor in predictors.values():
-      serve_plan.predict(engine, requests, predictor, hidden_layer)
+      serve_plan.predict(engine, requests, predictor, hidden_layer, cost)
 
   def run_one(name, true_length):
     planner, kind = STRATEGIES[name]
@@ -175,7 +175,7 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       # a predictor with its own generator (LoRA): its compilation and waits are left out too
       own = getattr(predictors[kind], "generator", None)
       own_clock = EngineClock(own) if own is not None and own is not engine.generator else None
-      pmf, scalar = serve_plan.predict(engine, requests, predictors[kind], hidden_layer)
+      pmf, scalar = serve_plan.predict(engine, requests, predictors[kind], hidden_layer, cost)
       _, seconds["predict"] = clock.split()
       if own_clock is not None:
         seconds["predict"] -= own_clock.excluded()
