@@ -193,8 +193,8 @@ class Engine:
       return np.asarray(x, dtype)
 
     params = jax.tree_util.tree_map_with_path(cast, params)
-    if self.mesh is None:
-      return jax.tree.map(jnp.asarray, params)
+    if self.mesh is None:  # one transfer of the whole tree, no op dispatched per leaf
+      return jax.device_put(params)
     # device arrays already in place (random_params) stay; host arrays go shard by shard
     return jax.device_put(params, shd.param_shardings(abstract_params(self.model), self.mesh))
 
