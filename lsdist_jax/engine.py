@@ -320,20 +320,18 @@ def _load_gguf(path: str, chat_format: str, name: str = "", preset=None, ready=N
 
   from lsdist_jax.llama.tokenizer import gguf_hf_tokenizer
 
-  if ready is not None:
-    cfg, params = wts.load_gguf(path, preset)
-    try:
-      tokenizer = ready.result()
-    except Exception as e:  # noqa: BLE001 - built here instead
-      logging.debug("the tokenizer built ahead failed (%s); building it again", e)
-      tokenizer = None
-    if tokenizer is not None:
-      return cfg, params, tokenizer
-    return cfg, params, Tokenizer(gguf_hf_tokenizer(path), chat_format, name or cfg.name,
-                                  cfg.bos_token_id)
   with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
-    hf = pool.submit(gguf_hf_tokenizer, path)
+    hf = pool.submit(gguf_hf_tokenizer, path) if ready is None else None
     cfg, params = wts.load_gguf(path, preset)
+    if ready is not None:
+      try:
+        tokenizer = ready.result()
+      except Exception as e:  # noqa: BLE001 - built here instead
+        logging.debug("the tokenizer built ahead failed (%s); building it again", e)
+        tokenizer = None
+      if tokenizer is not None:
+        return cfg, params, tokenizer
+      hf = pool.submit(gguf_hf_tokenizer, path)
     tokenizer = Tokenizer(hf.result(), chat_format, name or cfg.name, cfg.bos_token_id)
   return cfg, params, tokenizer
 

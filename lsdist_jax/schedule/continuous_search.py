@@ -120,17 +120,17 @@ def with_order(phases: list[Phase], order: np.ndarray) -> list[Phase]:
           for p in phases]
 
 
-def _search_order(best: ContinuousPlan, evaluate, requests: Requests) -> ContinuousPlan:
-  """`best` with the admission order (its own, or one of `admission_orders`) of least
-  `evaluate`; notes: admission, and the search table gains a row per order tried,
-  ("order", name, min_phase_factor, expected seconds, key cap)."""
+def _search_variants(best: ContinuousPlan, evaluate, label: str, note: str, own,
+                     variants) -> ContinuousPlan:
+  """`best`, or the variant of its phases (`variants`: (value, phases) pairs) of least
+  `evaluate`; notes[note]: the value chosen (`own` for `best` as it is), and the search table
+  gains a row per variant, (label, value, min_phase_factor, expected seconds, key cap)."""
   chosen, table = best, []
-  best.notes["admission"] = "key_longest_first"
-  for name, order in admission_orders(requests).items():
-    plan = dataclasses.replace(best, phases=with_order(best.phases, order),
-                               notes=dict(best.notes, admission=name))
+  best.notes[note] = own
+  for value, phases in variants:
+    plan = dataclasses.replace(best, phases=phases, notes=dict(best.notes, **{note: value}))
     plan.expected_cost = evaluate(plan)
-    table.append(("order", name, best.notes.get("min_phase_factor"), plan.expected_cost,
+    table.append((label, value, best.notes.get("min_phase_factor"), plan.expected_cost,
                   best.notes.get("key_cap")))
     if plan.expected_cost < chosen.expected_cost:
       chosen = plan
@@ -138,24 +138,19 @@ def _search_order(best: ContinuousPlan, evaluate, requests: Requests) -> Continu
   return chosen
 
 
+def _search_order(best: ContinuousPlan, evaluate, requests: Requests) -> ContinuousPlan:
+  """`best` with the admission order (its own, or one of `admission_orders`) of least
+  `evaluate`; notes: admission; search rows ("order", name, ...)."""
+  return _search_variants(best, evaluate, "order", "admission", "key_longest_first",
+                          [(name, with_order(best.phases, order))
+                           for name, order in admission_orders(requests).items()])
+
+
 def _search_drain(best: ContinuousPlan, evaluate, fractions) -> ContinuousPlan:
   """`best` with the drain fraction (of `fractions`, 0 meaning `best` as it is) of least
-  `evaluate`; notes: drain_fraction, and the search table gains a row per fraction tried,
-  ("drain", fraction, min_phase_factor, expected seconds, key cap)."""
-  chosen, table = best, []
-  best.notes["drain_fraction"] = 0.0
-  for fraction in fractions:
-    if fraction == 0.0:
-      continue
-    plan = dataclasses.replace(best, phases=with_drain(best.phases, fraction),
-                               notes=dict(best.notes, drain_fraction=float(fraction)))
-    plan.expected_cost = evaluate(plan)
-    table.append(("drain", float(fraction), best.notes.get("min_phase_factor"),
-                  plan.expected_cost, best.notes.get("key_cap")))
-    if plan.expected_cost < chosen.expected_cost:
-      chosen = plan
-  chosen.notes["search"] = list(best.notes.get("search", [])) + table
-  return chosen
+  `evaluate`; notes: drain_fraction; search rows ("drain", fraction, ...)."""
+  return _search_variants(best, evaluate, "drain", "drain_fraction", 0.0,
+                          [(float(f), with_drain(best.phases, f)) for f in fractions if f != 0.0])
 
 
 # ----------------------------------------------------------------------------- planners

@@ -117,7 +117,7 @@ def predict(engine, requests: Requests, predictor, hidden_layer: int, cost=None,
   hidden, which = requests.distinct_predictor_input()  # a prompt's repeats predicted once
   pmf, scalar = predict_hidden(predictor, hidden)
   logging.info("prediction: %d distinct prompts embedded in %.2f s, %d distinct states "
-               "predicted in %.2f s", len(np.unique(requests.dataset_index)), embedded,
+               "predicted in %.2f s", requests.distinct_hidden[0].shape[0], embedded,
                hidden.shape[0], time.perf_counter() - started)
   return (None if pmf is None else pmf[which]), (None if scalar is None else scalar[which])
 
