@@ -48,6 +48,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from lsdist_jax.processes import process_age_s
+
+  before_job = process_age_s()  # interpreter start, imports and flags, before the job's clock
   from lsdist_jax.logs import quiet_libraries
 
   quiet_libraries()
@@ -56,6 +59,7 @@ def main(argv):
   summary = run_generate(FLAGS.config, FLAGS.input, FLAGS.output, FLAGS.predictor,
                          FLAGS.strategy, FLAGS.chunk, FLAGS.skip_malformed, FLAGS.skip_long,
                          ignore_model_field=FLAGS.ignore_model_field)
+  summary["before_job_s"] = before_job
   print(summary)
   if FLAGS.summary:
     from lsdist_jax.files import write_json

@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 import jax
@@ -100,7 +101,10 @@ class Engine:
     scan = bool(engine_config.get("scan_prefill", True)) if engine_config is not None else False
     self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
                        decode_impl=self.decode_impl, mesh=self.mesh, scan_prefill=scan)
-    self.params = self._place_params(params)
+    placed = time.perf_counter()
+    self.params = jax.block_until_ready(self._place_params(params))
+    # where loading took its time (`Engine.load` adds its own parts): seconds by part
+    self.load_seconds = {"place": round(time.perf_counter() - placed, 2)}
     buckets = Buckets.from_config(engine_config) if engine_config is not None else Buckets()
     threads = int(engine_config.get("compile_threads", 0)) if engine_config is not None else 0
     self.generator = Generator(self.model, self.params, mesh=self.mesh, buckets=buckets,
@@ -126,6 +130,9 @@ class Engine:
     Future that fails or gives None: built here."""
     source = name_or_path
     tokenizer = None
+    started = time.perf_counter()
+    jax.devices()  # the backend's start (CUDA's, on a GPU), timed apart from the weights
+    timeline = {"backend": round(time.perf_counter() - started, 2)}
     if name_or_path.startswith("random:"):
       # Random weights of a preset's shape (length-replay benchmarks of models we lack).
       return cls.random(name_or_path.split(":", 1)[1], dtype=dtype, seed=seed,
@@ -137,7 +144,8 @@ class Engine:
     elif name_or_path in ("smollm2-135m-instruct", "smollm2-135m"):
       path = find_smollm2_gguf()
       cfg, params, tokenizer = _load_gguf(path, chat_format, name_or_path,
-                                          get_preset("smollm2-135m-instruct"), gguf_tokenizer)
+                                          get_preset("smollm2-135m-instruct"), gguf_tokenizer,
+                                          timeline)
       source = path
     elif name_or_path in PRESETS:
       raise ConfigError(f"preset {name_or_path!r} has no bundled weights: pass an HF directory "
@@ -147,7 +155,8 @@ class Engine:
           f"model not found: {name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor an "
           "existing HF directory, .gguf file or orbax export")
     elif os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
-      cfg, params, tokenizer = _load_gguf(name_or_path, chat_format, ready=gguf_tokenizer)
+      cfg, params, tokenizer = _load_gguf(name_or_path, chat_format, ready=gguf_tokenizer,
+                                          timeline=timeline)
     elif wts.is_orbax_export(name_or_path):
       cfg, params, meta = wts.load_orbax(name_or_path)
       tok_dir = os.path.join(name_or_path, "tokenizer")
@@ -165,8 +174,11 @@ class Engine:
     else:
       raise BadFileError(f"do not know how to load {name_or_path!r}: expected a preset, an HF "
                          "directory, a .gguf file or an orbax export directory")
-    return cls(cfg, params, tokenizer, dtype=dtype, mesh_config=mesh_config,
-               engine_config=engine_config, source=source, **kwargs)
+    timeline.setdefault("read", round(time.perf_counter() - started - timeline["backend"], 2))
+    engine = cls(cfg, params, tokenizer, dtype=dtype, mesh_config=mesh_config,
+                 engine_config=engine_config, source=source, **kwargs)
+    engine.load_seconds = {**timeline, **engine.load_seconds}
+    return engine
 
   @classmethod
   def random(cls, preset: str | LlamaConfig, *, dtype: str = "bfloat16", seed: int = 0,
@@ -312,17 +324,23 @@ def placed_dtype(path, dtype: str):
   return np.float32 if any(getattr(k, "key", None) == "scale" for k in path) else DTYPES[dtype]
 
 
-def _load_gguf(path: str, chat_format: str, name: str = "", preset=None, ready=None):
+def _load_gguf(path: str, chat_format: str, name: str = "", preset=None, ready=None,
+               timeline=None):
   """(config, params, tokenizer) of a GGUF file: the tokenizer is built in a thread while the
   weights are read and dequantized (each takes seconds; numpy's dequantization releases the
-  GIL), unless `ready` (a Future) gives one built elsewhere."""
+  GIL), unless `ready` (a Future) gives one built elsewhere. Adds to `timeline` the seconds of
+  the read ("read") and of the wait for the tokenizer after it ("tokenizer_wait")."""
   from concurrent.futures import ThreadPoolExecutor
 
   from lsdist_jax.llama.tokenizer import gguf_hf_tokenizer
 
   with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
     hf = pool.submit(gguf_hf_tokenizer, path) if ready is None else None
+    timeline = {} if timeline is None else timeline
+    started = time.perf_counter()
     cfg, params = wts.load_gguf(path, preset)
+    read = time.perf_counter()
+    timeline["read"] = round(read - started, 2)
     if ready is not None:
       try:
         tokenizer = ready.result()
@@ -330,9 +348,11 @@ def _load_gguf(path: str, chat_format: str, name: str = "", preset=None, ready=N
         logging.debug("the tokenizer built ahead failed (%s); building it again", e)
         tokenizer = None
       if tokenizer is not None:
+        timeline["tokenizer_wait"] = round(time.perf_counter() - read, 2)
         return cfg, params, tokenizer
       hf = pool.submit(gguf_hf_tokenizer, path)
     tokenizer = Tokenizer(hf.result(), chat_format, name or cfg.name, cfg.bos_token_id)
+    timeline["tokenizer_wait"] = round(time.perf_counter() - read, 2)
   return cfg, params, tokenizer
 
 

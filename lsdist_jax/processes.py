@@ -11,6 +11,19 @@ import time
 from typing import Callable, Sequence
 
 
+def process_age_s() -> float | None:
+  """Seconds since this process started (interpreter start, imports, flags: what precedes a
+  job's own clock), from Linux's /proc; None where there is none."""
+  try:
+    with open("/proc/self/stat", encoding="ascii") as f:
+      started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start, in clock ticks
+    with open("/proc/uptime", encoding="ascii") as f:
+      uptime = float(f.read().split()[0])
+    return round(uptime - started / os.sysconf("SC_CLK_TCK"), 2)
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 def device_env(device: str | None, **extra) -> dict:
   """This process's environment with only `device` visible (CUDA_VISIBLE_DEVICES), if given."""
   env = dict(os.environ, **extra)

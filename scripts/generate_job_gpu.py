@@ -172,8 +172,8 @@ def job_run(args, name: str, input_path: str, prompts: int, cache: str, cold: bo
           "steady_samples_per_s": summary.get("steady_samples_per_s"),
           "tokens_per_s": summary.get("tokens_per_s"),
           "kv_budget_tokens": summary.get("kv_budget_tokens"),
-          **{k: summary[k] for k in ("setup_seconds", "programs_compiled", "slowest_compiles",
-                                       "runner_split")
+          **{k: summary[k] for k in ("before_job_s", "setup_seconds", "load_seconds",
+                                       "programs_compiled", "slowest_compiles", "runner_split")
              if k in summary}}
 
 

@@ -196,6 +196,19 @@ def test_launcher_user_errors_are_one_line_and_exit_status_2(tmp_path):
   assert "error: unknown config key" in typo.stderr and "temprature" in typo.stderr
 
 
+def test_the_launchers_summary_times_the_process_before_the_job(tmp_path):
+  src = write_prompts(tmp_path / "in.jsonl", n=2)
+  done = launch([f"--input={src}", f"--output={tmp_path / 'o.jsonl'}",
+                 f"--summary={tmp_path / 's.json'}", "--config.generation.max_seq_len=48"],
+                tmp_path)
+  assert done.returncode == 0, done.stderr[-2000:]
+  summary = json.loads((tmp_path / "s.json").read_text())
+  assert len(rows_of(tmp_path / "o.jsonl")) == 2 and summary["served_now"] == 2
+  # interpreter start, imports and flags: more than nothing, less than the test's whole run
+  assert 0 < summary["before_job_s"] < 300
+  assert {"backend", "read", "place"} <= set(summary["load_seconds"])
+
+
 def test_the_compilation_cache_is_on_by_default_in_the_users_cache_folder(monkeypatch, tmp_path):
   from lsdist_jax.engine import compilation_cache_dir
 
@@ -273,7 +286,11 @@ def test_a_job_that_fits_in_one_slot_batch_runs_without_its_predictor():
 def test_the_summary_says_where_the_time_went(engine, tmp_path):
   summary = job(config(), write_prompts(tmp_path / "in.jsonl", n=4), tmp_path / "out.jsonl",
                 engine)
-  assert set(summary["setup_seconds"]) == {"load_engine", "tokenize", "predictor_and_budget"}
+  # an engine given: no early start; its load's parts are the engine's own
+  assert set(summary["setup_seconds"]) == {"load_engine", "early_wait", "tokenize",
+                                           "predictor_and_budget"}
+  assert {"backend", "read", "place"} <= set(summary["load_seconds"])
+  assert all(v >= 0 for v in summary["load_seconds"].values())
   split = summary["runner_split"]
   assert split["decode_steps"] > 0 and split["ms_per_decode_step"] > 0
   assert split["decode_calls"] <= summary["seconds"]

@@ -48,6 +48,8 @@ def test_chat_format_and_tokenizer_of_the_embedded_model(gguf_path):
   assert engine.config.tie_word_embeddings and engine.config.num_kv_heads == 3
   hidden = engine.embed(PROMPTS)
   assert hidden.shape == (3, 576) and np.isfinite(hidden).all()
+  # the load says where its time went: the GGUF's read, the tokenizer, the placement
+  assert set(engine.load_seconds) == {"backend", "read", "tokenizer_wait", "place"}
 
 
 def test_tokenizer_kept_after_conversion_is_the_same_tokenizer(gguf_path, tmp_path, monkeypatch):

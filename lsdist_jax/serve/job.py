@@ -142,13 +142,15 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     first = entries[:int(chunk_size)]
     early = start_early(config, [p.text for p in first],
                         int(config.collect.hidden_layer) if predictor_path else None)
+    lap("early_start")  # the backend starts here, when it compiles early
   engine = engine or load_engine(config, early.tokenizer if early is not None else None)
+  lap("load_engine")
   if early is not None:
     early.join()
   if early is not None and not engine.generator.adopt(early.generator):
     early = None
   compiled_before = len(engine.generator.compile_log)  # an engine may serve several jobs
-  lap("load_engine")
+  lap("early_wait")
   max_seq_len = int(config.generation.max_seq_len)
   too_long = []
   if kind == "batch":
@@ -249,6 +251,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
              "compile_seconds": round(engine.generator.compile_seconds, 2),
              "background_compile_seconds": round(engine.generator.background_compile_seconds, 2),
              "kv_budget_tokens": options.kv_budget_tokens, "setup_seconds": setup,
+             "load_seconds": getattr(engine, "load_seconds", {}),
              **runner_split(split, calls=True),
              **compile_summary(engine.generator.compile_log[compiled_before:])}
   if kind == "batch":
