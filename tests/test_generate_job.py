@@ -287,8 +287,8 @@ def test_the_summary_says_where_the_time_went(engine, tmp_path):
   summary = job(config(), write_prompts(tmp_path / "in.jsonl", n=4), tmp_path / "out.jsonl",
                 engine)
   # an engine given: no early start; its load's parts are the engine's own
-  assert set(summary["setup_seconds"]) == {"load_engine", "early_wait", "tokenize",
-                                           "predictor_and_budget"}
+  assert set(summary["setup_seconds"]) == {"read_input", "load_engine", "early_wait",
+                                           "tokenize", "predictor_and_budget"}
   assert {"backend", "read", "place"} <= set(summary["load_seconds"])
   assert all(v >= 0 for v in summary["load_seconds"].values())
   split = summary["runner_split"]

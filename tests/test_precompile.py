@@ -42,9 +42,18 @@ def _slot_run(gen):
   return read.tokens.tolist(), read.num_generated.tolist()
 
 
-def test_precompiled_slot_programs_are_the_ones_run(tiny_params):
+def test_precompiled_slot_programs_are_the_ones_run(tiny_params, monkeypatch):
+  import sys
+
+  from lsdist_jax.processes import GIL_HANDOFF_S
+
+  monkeypatch.setattr(sys, "getswitchinterval", lambda: 0.005)  # Python's default: 5 ms
+  switched = []
+  monkeypatch.setattr(sys, "setswitchinterval", switched.append)
   gen = _generator(tiny_params, threads=2)
   started = gen.precompile_slots(4, 64, [(4, 16), (2, 16)])
+  # compile threads trace in Python: the threads beside them get the GIL back sooner
+  assert switched == [GIL_HANDOFF_S] and GIL_HANDOFF_S < 0.005
   assert started == 5  # decode + two inserts, each with its first-token sampling
   assert gen.precompile_slots(4, 64, [(4, 16)]) == 0  # already compiling: not again
   for future in list(gen._pending.values()):  # built (else a refill runs a covering program)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Sequence
 
 import jax
@@ -22,6 +22,7 @@ from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
 from lsdist_jax.llama.slots import SlotBatch, first_name, insert_name, shared_rows
+from lsdist_jax.processes import compile_pool
 from lsdist_jax.shapes import Buckets, batch_bucket, embed_rows, merge_blocks, round_up
 
 
@@ -63,8 +64,7 @@ class Generator:
     # run waited for it; its whole compilation unless it was built in the background)}
     self.compile_log: list[dict] = []
     self._pending: dict[tuple, Future] = {}
-    self._lock = threading.Lock()
-    self._pool: ThreadPoolExecutor | None = None
+    self._lock, self._pool = threading.Lock(), None  # the pool: `compile_pool`, when first used
 
   @property
   def compile_count(self) -> int:
@@ -124,7 +124,7 @@ class Generator:
       if key in self._executables or key in self._pending:
         return False
       if self._pool is None:
-        self._pool = ThreadPoolExecutor(self.compile_threads, thread_name_prefix="precompile")
+        self._pool = compile_pool(self.compile_threads)  # and a short GIL switch interval
       self._pending[key] = self._pool.submit(self._compile_behind, jitted, args)
     return True
 

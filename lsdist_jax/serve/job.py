@@ -110,6 +110,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
   file: every line answered, with a response or its own error line); returns a throughput
   summary. `stop_after_chunks` ends early after generating that many chunks, output
   unassembled (tests simulate an interrupted job)."""
+  setup, clock = {}, time.perf_counter()  # the imports and the input's read count as setup
   from lsdist_jax.engine import load_engine
   from lsdist_jax.serve import plan as serve_plan
 
@@ -128,7 +129,6 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     check_predictor(predictor_path, config, strategy)
   elif strategy == "ssch":
     raise ConfigError("--strategy ssch needs --predictor: a LoRA predictor export")
-  setup, clock = {}, time.perf_counter()
 
   def lap(name):  # the setup's timeline, reported in the summary
     nonlocal clock
@@ -136,6 +136,7 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
     setup[name] = round(now - clock, 2)
     clock = now
 
+  lap("read_input")
   early = None
   if engine is None and kind == "prompts" and is_continuous(strategy):
     # a decode loop the job will likely run compiles while the model loads (serve/early.py)
