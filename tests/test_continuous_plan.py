@@ -257,8 +257,9 @@ def test_the_searches_drain_only_where_it_pays(requests, name):
   and a drained plan's expected time is its simulation's."""
   planner = CONTINUOUS_PLANNERS[name]
   options = dataclasses.replace(OPTIONS, kv_budget_tokens=16 * 160)
-  plain = planner(requests, COST, options, drain_fractions=(0.0,))
-  drained = planner(requests, COST, options)
+  # the last phase's refill (tried after the drain) left out: it may add a phase after the last
+  plain = planner(requests, COST, options, drain_fractions=(0.0,), last_refill_fractions=())
+  drained = planner(requests, COST, options, last_refill_fractions=())
   assert drained.expected_cost <= plain.expected_cost
   assert drained.phases[-1].drain == 0 and all(p.drain == 0 for p in plain.phases)
   assert [r for r in drained.notes["search"] if r[0] == "drain"]
@@ -477,3 +478,96 @@ def test_the_search_admits_in_the_order_of_least_expected_time(requests):
     for before, after in zip(plan.phases, with_order(plan.phases, order)):
       assert sorted(before.members.tolist()) == sorted(after.members.tolist())
       assert (np.diff(np.argsort(order)[after.members]) > 0).all()  # in `order` within a phase
+
+
+def test_the_last_refill_is_tried_and_kept_only_where_expected_time_falls(requests):
+  """The searches try, last, the refill of the phase that holds every request's whole room (the
+  last phase's own where its cache is that long, else one more phase without members of its own
+  for the rows capped at the end): a variant is kept only where the expected time falls, and
+  the plan keeps every request once within the KV budget."""
+  from lsdist_jax.schedule.continuous_search import (LAST_REFILL_FRACTIONS, slot_cache_len,
+                                                     with_last_refill)
+
+  top = int(slot_cache_len(requests.prompt_len, requests.room, COST).max())
+  for name in ("continuous-search", "continuous-oracle"):
+    planner = CONTINUOUS_PLANNERS[name]
+    # a cascade (keys capped short): rows carry to the end, where the refill matters
+    plain = planner(requests, COST, OPTIONS, key_caps=(32,), last_refill_fractions=())
+    tried = planner(requests, COST, OPTIONS, key_caps=(32,))
+    rows = [r for r in tried.notes["search"] if r[0] == "last_refill"]
+    assert rows and {r[1] for r in rows} <= set(LAST_REFILL_FRACTIONS)
+    assert plain.notes["last_refill"] is None and not [
+        r for r in plain.notes["search"] if r[0] == "last_refill"]
+    assert tried.expected_cost <= plain.expected_cost
+    if tried.notes["last_refill"] is None:
+      assert all(r[3] >= plain.expected_cost for r in rows)
+      assert _phases_equal(tried.phases, plain.phases)
+    else:
+      assert tried.expected_cost < plain.expected_cost
+      assert tried.expected_cost == pytest.approx(min(r[3] for r in rows), rel=1e-12)
+      assert _phases_equal(tried.phases, with_last_refill(
+          plain.phases, requests, COST, OPTIONS, tried.notes["last_refill"]))
+      assert tried.phases[-1].cache_len == top
+    make_continuous_plan(name, requests, COST, OPTIONS)  # coverage and budget checks pass
+
+
+def _phases_equal(a, b) -> bool:
+  return len(a) == len(b) and all(
+      (p.cache_len, p.slots, p.refill, p.drain, p.block) == (q.cache_len, q.slots, q.refill,
+                                                             q.drain, q.block)
+      and p.members.tolist() == q.members.tolist() for p, q in zip(a, b))
+
+
+def test_an_appended_whole_room_phase_runs_as_the_runners_final_phase():
+  """with_last_refill appends, to phases whose last cache is short, a phase of the whole-room
+  cache with no members: at the final phase's own refill and slots it simulates exactly as the
+  runner's final phase; at another refill it is what the capped rows run in (no extra phase),
+  replayed step by step the same; a whole-room last phase only changes its refill."""
+  from lsdist_jax.schedule.continuous_search import continuous_phases, with_last_refill
+
+  requests = random_requests(n=60, seed=5)
+  options = dataclasses.replace(OPTIONS, kv_budget_tokens=8 * 320)  # 8 slots of the whole room
+  key = np.minimum(requests.true_length, 24)  # short caches: most long rows are capped
+  phases = continuous_phases(requests, key, COST, options)
+  base = ContinuousPlan(phases, "x")
+  ran = simulate_continuous(base, requests, requests.true_length, COST, options)
+  assert ran.recovery_batches == 1  # the runner's final phase: > 8 rows, so 8 slots
+  same = ContinuousPlan(with_last_refill(phases, requests, COST, options, 1 / 8), "x")
+  assert same.phases[-1].slots == 8
+  assert same.phases[-1].members.size == 0 and len(same.phases) == len(phases) + 1
+  again = simulate_continuous(same, requests, requests.true_length, COST, options)
+  assert again.recovery_batches == 0 and again.seconds == pytest.approx(ran.seconds, rel=1e-12)
+  assert again.decode_steps == ran.decode_steps and again.insert_calls == ran.insert_calls
+  for fraction in (1 / 2, 1.0):
+    plan = ContinuousPlan(with_last_refill(phases, requests, COST, options, fraction), "x")
+    assert plan.phases[-1].refill == max(1, round(fraction * plan.phases[-1].slots))
+    got = simulate_continuous(plan, requests, requests.true_length, COST, options)
+    ref = reference_simulate(plan, requests, requests.true_length, COST, options)
+    assert got.recovery_batches == 0 and got.seconds == pytest.approx(ref["seconds"], rel=1e-9)
+  whole = with_last_refill(plan.phases, requests, COST, options, 1 / 4)
+  assert len(whole) == len(plan.phases) and whole[-1].refill == whole[-1].slots // 4
+
+
+@pytest.mark.parametrize("name", ["continuous-search", "continuous-oracle"])
+def test_rows_capped_together_end_in_a_phase_that_takes_them_together(name):
+  """Half the requests run to 300 tokens, which no prediction tells apart: they are capped in
+  the short, wide cache together and their rest is equally long. The runner's final phase
+  would take them a refill (slots / 8) at a time as its slots all free at once; the search
+  appends a whole-room phase that refills every slot, and the run is faster."""
+  n = 200
+  pmf = np.zeros((n, 311))
+  pmf[:, [5, 300]] = 0.5
+  true = np.where(np.arange(n) % 2 == 0, 5, 300)
+  requests = Requests(np.full(n, 10), 320, pmf, true_length=true)
+  planner = CONTINUOUS_PLANNERS[name]
+  plain = planner(requests, COST, OPTIONS, last_refill_fractions=())
+  tried = planner(requests, COST, OPTIONS)
+  assert plain.phases[-1].cache_len < 320 and plain.notes["last_refill"] is None
+  assert tried.notes["last_refill"] == 1.0 and tried.expected_cost < plain.expected_cost
+  last = tried.phases[-1]
+  assert last.cache_len == 320 and last.members.size == 0 and last.refill == last.slots
+  assert _phases_equal(tried.phases[:-1], plain.phases)
+  faster = simulate_continuous(tried, requests, true, COST, OPTIONS)
+  slower = simulate_continuous(plain, requests, true, COST, OPTIONS)
+  assert faster.recovery_batches == 0 and slower.recovery_batches == 1
+  assert faster.seconds < slower.seconds

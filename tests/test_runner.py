@@ -135,6 +135,29 @@ def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
     runner.run_continuous(ContinuousPlan([Phase(order[:7], 32, 4, 1)]))
 
 
+def test_a_planned_phase_without_members_runs_the_rows_carried_into_it(runner):
+  """The searches may end a plan with a whole-room phase of no members of its own
+  (continuous_search.with_last_refill): the rows capped before run there, token for token as
+  one static batch, and the runner appends no final phase; one that nothing reaches runs no
+  call."""
+  vanilla = runner.run(Plan([Batch(np.arange(12), 72)]))
+  order = np.random.default_rng(2).permutation(12)
+  plan = ContinuousPlan([Phase(order, 32, 4, 1), Phase(np.zeros(0, np.int64), 96, 4, 4)])
+
+  def final_phase(contexts, rooms):
+    raise AssertionError("no row should be left after the plan's own phases")
+
+  result = runner.run_continuous(plan, final_phase)
+  assert result.tokens == vanilla.tokens
+  assert (result.finished == vanilla.finished).all()
+  assert {r.phase for r in result.batches} == {"main"}
+  assert any(r.cache_len == 96 for r in result.batches)
+  whole = runner.run_continuous(ContinuousPlan([Phase(order, 96, 4, 1),
+                                                Phase(np.zeros(0, np.int64), 96, 4, 4)]),
+                                final_phase)
+  assert whole.tokens == vanilla.tokens
+
+
 def test_a_draining_phase_carries_its_running_rows_on_unchanged(runner):
   """Phases that end once at most `drain` rows still run (schedule/continuous.py): those rows
   leave mid-response and continue in the next phase, token for token as one static batch."""

@@ -28,6 +28,11 @@ SEARCH_KEY_CAPS = (None, 128, 256, 512)  # the key caps continuous-search tries
 # Drains the searches try, as fractions of each phase's slots (every phase but the last): a
 # phase whose queue is empty ends once at most this many rows still run, and they carry on.
 DRAIN_FRACTIONS = (0.0, 1 / 8, 1 / 4)
+# Refills the searches try, last, for the phase that holds every row's whole room: the plan's own
+# last phase where its cache is that long, else one more phase of that cache with no members of
+# its own (where the rows capped at the end go: as the runner's final phase, at this refill). A
+# refill of all its slots runs those rows as one batch, no insert while any still decodes.
+LAST_REFILL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
 # ----------------------------------------------------------------------------- phase building
@@ -88,6 +93,21 @@ def with_drain(phases: list[Phase], fraction: float) -> list[Phase]:
   return [dataclasses.replace(p, drain=min(p.slots - 1, int(fraction * p.slots))
                               if k + 1 < len(phases) else 0)
           for k, p in enumerate(phases)]
+
+
+def with_last_refill(phases: list[Phase], requests: Requests, cost: CostModel, options: Options,
+                     fraction: float) -> list[Phase]:
+  """`phases` whose rows all end in a phase of the cache that holds every request's whole room
+  (`slot_cache_len` of its prompt and room), at refill `fraction` of its slots: the last phase's
+  refill where its cache is that long, else one more phase of that cache with no members (the
+  rows carried out of the last phase queue there instead of in the runner's `final_phase`;
+  slots from the KV budget, as for a phase of every request)."""
+  top = int(slot_cache_len(requests.prompt_len, requests.room, cost).max())
+  if phases and phases[-1].cache_len >= top:
+    last = phases[-1]
+    return phases[:-1] + [dataclasses.replace(last, refill=refill_for(last.slots, fraction))]
+  slots = slots_for(top, cost, options, rows=requests.n)
+  return list(phases) + [Phase(np.zeros(0, np.int64), top, slots, refill_for(slots, fraction))]
 
 
 def with_blocks(phases: list[Phase], requests: Requests, cost: CostModel) -> list[Phase]:
@@ -151,6 +171,22 @@ def _search_drain(best: ContinuousPlan, evaluate, fractions) -> ContinuousPlan:
   `evaluate`; notes: drain_fraction; search rows ("drain", fraction, ...)."""
   return _search_variants(best, evaluate, "drain", "drain_fraction", 0.0,
                           [(float(f), with_drain(best.phases, f)) for f in fractions if f != 0.0])
+
+
+def _search_last_refill(best: ContinuousPlan, evaluate, requests: Requests, cost: CostModel,
+                        options: Options, fractions) -> ContinuousPlan:
+  """`best`, or `best` with its rows ending in a whole-room phase at a refill of `fractions`
+  (`with_last_refill`), of least `evaluate`; notes: last_refill (None: `best` as it is);
+  search rows ("last_refill", fraction, ...). Not tried where every phase holds the whole room
+  (no row is ever carried; the refill search covered those phases)."""
+  top = int(slot_cache_len(requests.prompt_len, requests.room, cost).max()) if requests.n else 0
+  carries = any(p.cache_len < top for p in best.phases)
+  variants = []
+  for f in fractions if carries else ():
+    phases = with_last_refill(best.phases, requests, cost, options, f)
+    if len(phases) > len(best.phases) or phases[-1].refill != best.phases[-1].refill:
+      variants.append((float(f), phases))
+  return _search_variants(best, evaluate, "last_refill", "last_refill", None, variants)
 
 
 # ----------------------------------------------------------------------------- planners
@@ -219,7 +255,8 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
                            refill_fractions=REFILL_FRACTIONS,
                            phase_factors=PHASE_FACTORS,
                            key_caps=SEARCH_KEY_CAPS,
-                           drain_fractions=DRAIN_FRACTIONS) -> ContinuousPlan:
+                           drain_fractions=DRAIN_FRACTIONS,
+                           last_refill_fractions=LAST_REFILL_FRACTIONS) -> ContinuousPlan:
   """The probabilistic planner: the threshold, key cap, refill fraction and min_phase_factor
   whose plan has the least expected time, estimated by simulating each candidate on the same
   `draws` sets of lengths sampled from the predicted pmfs (seed `rng_seed`; common random
@@ -228,10 +265,11 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
   longer one), as the oracle may; one more candidate gives every request its whole room (no
   row carried on: the fewest programs, which wins where options.compile_seconds outweighs the
   decode time shorter caches save). Then, for the best phases, the refill size and one block
-  per phase or not (`_search_refill`), the admission order (`_search_order`) and last the drain
-  (`with_drain`). notes: search = [(threshold, refill fraction, min_phase_factor, expected
-  seconds, key cap)], then an ("order", name, ...) row per order and a ("drain", fraction, ...)
-  row per drain tried."""
+  per phase or not (`_search_refill`), the admission order (`_search_order`), the drain
+  (`with_drain`) and last the refill of the whole-room phase where capped rows end
+  (`with_last_refill`). notes: search = [(threshold, refill fraction, min_phase_factor, expected
+  seconds, key cap)], then an ("order", name, ...) row per order, a ("drain", fraction, ...) row
+  per drain and a ("last_refill", fraction, ...) row per last refill tried."""
   if requests.length_pmf is None:
     raise ValueError("continuous-search needs predicted pmfs")
   samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(rng_seed), draws)
@@ -264,6 +302,7 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
                         "continuous-search")
   best = _search_order(best, evaluate, requests)
   best = _search_drain(best, evaluate, drain_fractions)
+  best = _search_last_refill(best, evaluate, requests, cost, options, last_refill_fractions)
   best.notes.update(draws=int(draws), rng_seed=int(rng_seed))
   return best
 
@@ -271,13 +310,15 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
 def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options,
                            refill_fractions=REFILL_FRACTIONS, phase_factors=PHASE_FACTORS,
                            key_caps=(None,) + CAP_GRID,
-                           drain_fractions=DRAIN_FRACTIONS) -> ContinuousPlan:
+                           drain_fractions=DRAIN_FRACTIONS,
+                           last_refill_fractions=LAST_REFILL_FRACTIONS) -> ContinuousPlan:
   """Phases keyed by the true lengths (no slack), or by min(true length, K) for a key cap K
   (a cascade: a row longer than K starts in a short, wide cache and carries on, as a static
   plan's recovery does); the key cap, refill fraction and min_phase_factor with the least
-  simulated time on the true lengths (then the drain, as continuous-search does). With K = None
-  nothing is capped. notes: search = [(key cap, refill fraction, min_phase_factor, seconds,
-  key cap)], then a ("drain", fraction, ...) row per drain tried."""
+  simulated time on the true lengths (then the drain and the last phase's refill, as
+  continuous-search does). With K = None nothing is capped. notes: search = [(key cap, refill
+  fraction, min_phase_factor, seconds, key cap)], then a ("drain", fraction, ...) row per drain
+  and a ("last_refill", fraction, ...) row per last refill tried."""
   if requests.true_length is None:
     raise ValueError("continuous-oracle needs the true lengths")
   true = np.minimum(np.asarray(requests.true_length, np.int64), requests.room)
@@ -294,8 +335,9 @@ def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options
   def evaluate(plan):
     return simulate_continuous(plan, requests, true, cost, options).seconds
 
-  return _search_drain(_search(candidates(), evaluate, "continuous-oracle"), evaluate,
+  best = _search_drain(_search(candidates(), evaluate, "continuous-oracle"), evaluate,
                        drain_fractions)
+  return _search_last_refill(best, evaluate, requests, cost, options, last_refill_fractions)
 
 
 def plan_continuous_vanilla(requests: Requests, cost: CostModel, options: Options,
