@@ -53,9 +53,15 @@ def test_chat_format_and_tokenizer_of_the_embedded_model(gguf_path):
 
 
 def test_tokenizer_kept_after_conversion_is_the_same_tokenizer(gguf_path, tmp_path, monkeypatch):
+  from lsdist_jax.llama import gguf_tokenizer
   from lsdist_jax.llama.tokenizer import Tokenizer, tokenizer_cache_dir
 
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  header = Tokenizer.from_pretrained(gguf_path, gguf_file=gguf_path, name="smollm2")
+  assert isinstance(header.hf, gguf_tokenizer.HeaderTokenizer)  # built, not converted nor kept
+  assert not os.path.exists(tmp_path / "lsdist_jax")
+  # a file whose tokenizer transformers converts: converted once, then read from the cache
+  monkeypatch.setattr(gguf_tokenizer, "byte_level_tokenizer", lambda path: None)
   converted = Tokenizer.from_pretrained(gguf_path, gguf_file=gguf_path, name="smollm2")
   cache = tokenizer_cache_dir(gguf_path)
   assert cache.startswith(str(tmp_path)) and os.path.isfile(os.path.join(cache, "tokenizer.json"))
@@ -73,6 +79,8 @@ def test_tokenizer_kept_after_conversion_is_the_same_tokenizer(gguf_path, tmp_pa
                                                       converted.hf.eos_token_id)
   ids = converted.encode_prompt(PROMPTS[0])
   assert kept.decode(ids) == converted.decode(ids)
+  assert header.encode_messages(talk) == converted.encode_messages(talk)
+  assert header.decode(ids) == converted.decode(ids)
   monkeypatch.setenv("LSDIST_NO_TOKENIZER_CACHE", "1")
   assert tokenizer_cache_dir(gguf_path) == ""
 

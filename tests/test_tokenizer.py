@@ -91,6 +91,51 @@ def test_the_header_built_tokenizer_is_transformers_conversion(bpe_gguf):
   assert ours("<|im_start|><think>", add_special_tokens=False)["input_ids"] == [1, len(ours) - 1]
 
 
+def test_the_header_built_tokenizer_never_imports_transformers(bpe_gguf):
+  import subprocess
+  import sys
+
+  code = ("import sys; from lsdist_jax.llama.tokenizer import Tokenizer, gguf_hf_tokenizer; "
+          f"t = Tokenizer(gguf_hf_tokenizer({bpe_gguf!r}), name='x'); "
+          "print(t.chat_format, t.encode_prompt('hi there'), 'transformers' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  fmt, *_, imported = out.stdout.split()
+  assert fmt == "template" and imported == "False"
+
+
+def test_the_header_built_tokenizer_saved_is_read_back_by_transformers(bpe_gguf, tmp_path):
+  from transformers import AutoTokenizer
+
+  ours = byte_level_tokenizer(bpe_gguf)
+  ours.save_pretrained(str(tmp_path / "tok"))
+  back = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[3]}]
+  assert back.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+      ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+  for text in TEXTS:
+    ids = ours(text, add_special_tokens=False)["input_ids"]
+    assert back(text, add_special_tokens=False)["input_ids"] == ids
+    assert back.decode(ids, skip_special_tokens=True) == ours.decode(ids, skip_special_tokens=True)
+  assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (
+      ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 2)
+
+
+def test_a_template_beyond_jinja_is_left_to_transformers(bpe_gguf, monkeypatch):
+  from lsdist_jax.llama import gguf_tokenizer
+
+  real = gguf_tokenizer.gguf_file.read
+
+  def with_template(path, arrays=()):
+    header = real(path, arrays)
+    header.fields["tokenizer.chat_template"] = "{% generation %}{{ x }}{% endgeneration %}"
+    return header
+
+  monkeypatch.setattr(gguf_tokenizer.gguf_file, "read", with_template)
+  assert byte_level_tokenizer(bpe_gguf) is None
+
+
 def test_other_vocabularies_are_left_to_transformers(tmp_path):
   path = tmp_path / "spm.gguf"
   writer = gguf.GGUFWriter(str(path), "llama")

@@ -1,4 +1,5 @@
-"""Tokenizer through transformers `AutoTokenizer` (HF directory or GGUF) and the chat format.
+"""Tokenizer through transformers `AutoTokenizer` (an HF directory, a GGUF file; a byte-level
+BPE GGUF through `gguf_tokenizer.HeaderTokenizer`, without transformers) and the chat format.
 
 Chat formats: the tokenizer's own chat template; Llama-2-chat's `[INST] ... [/INST]` with BOS;
 or none (raw text, BOS if the model uses one).
@@ -137,10 +138,15 @@ def tokenizer_cache_dir(gguf_file: str) -> str:
 
 
 def gguf_hf_tokenizer(gguf_file: str):
-  """The transformers tokenizer of a GGUF file: a byte-level BPE vocabulary (SmolLM2's) built
-  from the header in about a second (`gguf_tokenizer.byte_level_tokenizer`), any other converted
-  by transformers (~10 s for its vocabulary and merges on a CPU core); the tokenizer is saved
-  once (`tokenizer_cache_dir`) and later loads read that."""
+  """The tokenizer of a GGUF file: a byte-level BPE vocabulary (SmolLM2's) built from the header
+  in about a second without importing transformers (`gguf_tokenizer.byte_level_tokenizer`), any
+  other converted by transformers (~10 s for its vocabulary and merges on a CPU core) and saved
+  once (`tokenizer_cache_dir`): later loads read that."""
+  from lsdist_jax.llama.gguf_tokenizer import byte_level_tokenizer
+
+  hf = byte_level_tokenizer(gguf_file)  # about a second, where the file's kind allows
+  if hf is not None:
+    return hf
   cache = tokenizer_cache_dir(gguf_file)
   if cache and os.path.isfile(os.path.join(cache, "tokenizer.json")):
     # The kept tokenizer is a fast one (tokenizer.json + its config and chat template): the base
@@ -152,14 +158,10 @@ def gguf_hf_tokenizer(gguf_file: str):
     except (OSError, ValueError) as e:
       logging.warning("tokenizer cache %s unreadable (%s); converting %s again", cache, e,
                       gguf_file)
-  from lsdist_jax.llama.gguf_tokenizer import byte_level_tokenizer
+  from transformers import AutoTokenizer
 
-  hf = byte_level_tokenizer(gguf_file)  # about a second, where the file's kind allows
-  if hf is None:
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
-                                       gguf_file=os.path.basename(gguf_file))
+  hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
+                                     gguf_file=os.path.basename(gguf_file))
   if cache:
     try:  # written whole or not at all: a folder renamed into place
       os.makedirs(os.path.dirname(cache), exist_ok=True)
