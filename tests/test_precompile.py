@@ -61,6 +61,8 @@ def test_precompiled_slot_programs_are_the_ones_run(tiny_params, monkeypatch):
   tokens = _slot_run(gen)
   assert gen.compile_count == 5 and gen.precompiled_runs == 5  # none compiled in the foreground
   assert gen.background_compile_seconds > 0
+  # each says how long it lowered, and when in the process it started
+  assert all(0 < e["lower"] < e["seconds"] and e["started"] > 0 for e in gen.compile_log)
   # queued behind a running compilation: cancelled, never run; the one under way finishes
   busy = _generator(tiny_params, threads=1)
   assert busy.precompile_slots(4, 64, [(4, 16), (2, 16), (1, 16)]) == 7

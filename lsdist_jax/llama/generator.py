@@ -22,7 +22,7 @@ from lsdist_jax.llama.decode import DecodeResult
 from lsdist_jax.llama.model import CACHE_AXES, Llama
 from lsdist_jax.llama.sampling import sampling_rows
 from lsdist_jax.llama.slots import SlotBatch, first_name, insert_name, shared_rows
-from lsdist_jax.processes import compile_pool
+from lsdist_jax.processes import compile_pool, process_age_s
 from lsdist_jax.shapes import Buckets, batch_bucket, embed_rows, merge_blocks, round_up
 
 
@@ -38,17 +38,13 @@ class Generator:
   def __init__(self, model: Llama, params, *, mesh: Mesh | None = None,
                buckets: Buckets | None = None, pad_id: int = 0, top_k_candidates: int = 16,
                compile_threads: int = 0):
-    self.model = model
-    self.config = model.config
-    self.mesh = mesh
+    self.model, self.config, self.mesh = model, model.config, mesh
     self.buckets = buckets or Buckets()
-    self.pad_id = pad_id
-    self.top_k_candidates = top_k_candidates
+    self.pad_id, self.top_k_candidates = pad_id, top_k_candidates
     self.eos_ids = tuple(self.config.eos_token_ids)
     self.filler_id = next(t for t in range(self.config.vocab_size) if t not in self.eos_ids)
     self.params = params
-    self._fns: dict = {}
-    self._executables: dict = {}
+    self._fns, self._executables = {}, {}  # jitted functions; compiled programs by shapes
     self.compile_seconds = 0.0  # time spent compiling, kept apart from running
     # Several processes sharing one device (benchmark workers): each call runs under this file
     # lock and is synced before it is released; the time spent waiting for it is counted here.
@@ -89,14 +85,15 @@ class Generator:
       start = time.perf_counter()
       with self._lock:
         future = self._pending.pop(key, None)
-      exe, seconds = (future.result() if future is not None
-                      else (jitted.lower(*args).compile(), None))
+      exe, seconds, *timing = (future.result() if future is not None
+                               else (jitted.lower(*args).compile(), None))
       self.precompiled_runs += future is not None
       waited = time.perf_counter() - start
       self.compile_seconds += waited
       self._executables[key] = exe
       seconds = round(waited if seconds is None else seconds, 3)
-      self.compile_log.append({"name": name, "seconds": seconds, "waited": round(waited, 3)})
+      self.compile_log.append({"name": name, "seconds": seconds, "waited": round(waited, 3),
+                               **(timing[0] if timing else {})})  # and `_compile_behind`'s
     if self.device_lock is None:
       return exe(*args)
     with exclusive(self.device_lock) as waited:
@@ -173,12 +170,15 @@ class Generator:
     return len(cancelled)
 
   def _compile_behind(self, jitted, args):
-    start = time.perf_counter()
-    exe = jitted.lower(*args).compile()
+    """(executable, seconds, {"lower": seconds of them lowering, "started": process age})."""
+    start, started = time.perf_counter(), process_age_s()
+    lowered = jitted.lower(*args)
+    lower = time.perf_counter() - start
+    exe = lowered.compile()
     seconds = time.perf_counter() - start
     with self._lock:
       self.background_compile_seconds += seconds
-    return exe, seconds
+    return exe, seconds, {"lower": round(lower, 3), "started": started}
 
   def _batch_sharding(self, batch: int, ndim: int) -> NamedSharding:
     spec = shd.logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1),
