@@ -76,6 +76,24 @@ def test_gguf_loads_every_quantization_and_undoes_the_qk_permutation(tmp_path, t
                              atol=tol * float(np.abs(wq).max()) + 1e-7)
 
 
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_our_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
+  rng = np.random.default_rng(0)
+  kind = getattr(gguf.GGMLQuantizationType, qtype)
+  values = (rng.standard_normal((48, 64)) * rng.uniform(0.01, 3, (48, 1))).astype(np.float32)
+  stored = (values if qtype == "F32" else values.astype(np.float16) if qtype == "F16"
+            else gguf.quants.quantize(values, kind))
+  raw = np.frombuffer(np.ascontiguousarray(stored).tobytes(), np.uint8).reshape(48, -1)
+  theirs = gguf.quants.dequantize(raw, kind).astype(np.float32).reshape(-1)
+  mine = gguf_file.dequantize(raw, qtype)
+  assert mine.dtype == np.float32 and mine.shape == theirs.shape
+  np.testing.assert_array_equal(mine, theirs)
+  if qtype != "BF16":  # what was stored comes back (up to the type's rounding)
+    assert np.abs(mine - values.reshape(-1)).max() <= 0.2 * np.abs(values).max()
+  with pytest.raises(ValueError, match="cannot dequantize GGUF type Q5_K"):
+    gguf_file.dequantize(raw, "Q5_K")
+
+
 def test_the_header_reader_agrees_with_the_gguf_package(tmp_path, tiny_params):
   # load_gguf reads the header itself (the package decodes the whole vocabulary, ~10 s for
   # SmolLM2 on a small CPU); fields, tensors and the loaded params must be the package's.

@@ -282,7 +282,8 @@ def gguf_metadata(reader) -> dict[str, Any]:
 def load_gguf(path: str, cfg: LlamaConfig | None = None):
   """(cfg, params) from a GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized to f32).
   The header comes from `gguf_file.read` and each tensor's bytes from a memory map of the file;
-  the gguf package dequantizes (and reads big-endian files whole, which `read` leaves to it)."""
+  `gguf_file.dequantize` dequantizes (the gguf package reads big-endian files, which `read`
+  leaves to it)."""
   import gguf
 
   header = gguf_file.read(path)  # the magic, the header and every tensor's bytes are in the file
@@ -316,13 +317,18 @@ def _load_gguf_with_reader(path: str, cfg: LlamaConfig | None):
     t = tensors[name]
     return t.tensor_type, tuple(int(n) for n in t.shape), t.data
 
-  return _gguf_params(path, cfg, gguf_metadata(reader), set(tensors), tensor)
+  return _gguf_params(path, cfg, gguf_metadata(reader), set(tensors), tensor,
+                      gguf.quants.dequantize)  # the reader's arrays are typed, not bytes
 
 
-def _gguf_params(path: str, cfg: LlamaConfig | None, fields: dict, names: set, tensor):
+def _gguf_params(path: str, cfg: LlamaConfig | None, fields: dict, names: set, tensor,
+                 dequantize=None):
   """(cfg, params) of a GGUF file from its fields, its tensor names and `tensor(name) -> (ggml
-  type, dims in GGUF order, the stored data)`."""
-  import gguf
+  type, dims in GGUF order, the stored data)`; `dequantize(stored, type)` gives its values
+  (`gguf_file.dequantize` of the type's name by default)."""
+  if dequantize is None:
+    def dequantize(stored, qtype):
+      return gguf_file.dequantize(stored, qtype.name)
 
   try:
     file_cfg = from_gguf_metadata(fields, "output.weight" in names, name=os.path.basename(path))
@@ -339,7 +345,7 @@ def _gguf_params(path: str, cfg: LlamaConfig | None, fields: dict, names: set, t
     if qtype.name not in GGUF_TYPES:
       raise BadFileError(f"{path}: tensor {name!r} has type {qtype.name}; supported: "
                          f"{GGUF_TYPES}")
-    raw = gguf.quants.dequantize(stored, qtype).astype(np.float32)
+    raw = dequantize(stored, qtype).astype(np.float32, copy=False)
     raw = raw.reshape(tuple(reversed(dims)))  # [out, in] as in HF
     leaf = ours[-1]
     if leaf in ("wq", "wk"):
