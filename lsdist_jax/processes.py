@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 
 # Seconds a thread holding the GIL runs before yielding it to one that asks (Python's default:
 # 5 ms). Compile threads tracing in Python would otherwise hold each waiting thread back that
-# long at every reacquisition: reading a GGUF (thousands of numpy calls, each releasing the GIL)
-# beside them took 13 s instead of 1 on an H200 host, and 458 s instead of 0.6 on 2 CPU cores.
+# long at every reacquisition: on 2 CPU cores, reading SmolLM2's GGUF with the gguf package's
+# dequantization (thousands of numpy calls, each releasing the GIL) beside two busy threads took
+# 458 s instead of 0.6 (2 s at this interval). On an H200 host no clear effect was measured.
 GIL_HANDOFF_S = 0.0005
 
 

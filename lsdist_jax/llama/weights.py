@@ -300,7 +300,8 @@ def load_gguf(path: str, cfg: LlamaConfig | None = None):
     raw = data[offset:offset + nbytes].reshape(rows, nbytes // max(rows, 1))
     return qtype, dims, raw
 
-  return _gguf_params(path, cfg, header.fields, set(header.tensors), tensor)
+  return _gguf_params(path, cfg, header.fields, set(header.tensors), tensor,
+                      lambda stored, qtype: gguf_file.dequantize(stored, qtype.name))
 
 
 def _load_gguf_with_reader(path: str, cfg: LlamaConfig | None):
@@ -322,13 +323,9 @@ def _load_gguf_with_reader(path: str, cfg: LlamaConfig | None):
 
 
 def _gguf_params(path: str, cfg: LlamaConfig | None, fields: dict, names: set, tensor,
-                 dequantize=None):
-  """(cfg, params) of a GGUF file from its fields, its tensor names and `tensor(name) -> (ggml
-  type, dims in GGUF order, the stored data)`; `dequantize(stored, type)` gives its values
-  (`gguf_file.dequantize` of the type's name by default)."""
-  if dequantize is None:
-    def dequantize(stored, qtype):
-      return gguf_file.dequantize(stored, qtype.name)
+                 dequantize):
+  """(cfg, params) of a GGUF file from its fields, its tensor names, `tensor(name) -> (ggml
+  type, dims in GGUF order, the stored data)` and `dequantize(stored, ggml type)` -> values."""
 
   try:
     file_cfg = from_gguf_metadata(fields, "output.weight" in names, name=os.path.basename(path))
