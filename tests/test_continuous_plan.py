@@ -70,17 +70,21 @@ def reference_simulate(plan, req, true_length, cost, options):
     def insert():
       free = [i for i in range(size) if slots[i] is None]
       take = queue[:min(len(free), most[0])]
-      most[0] = int(cost.padded_batch(refill))
       del queue[:len(take)]
+      # a first fill that leaves rows queued (the phase refills): inserts of a refill's bucket
+      step = int(cost.padded_batch(refill)) if most[0] == size and queue else len(take)
+      most[0] = int(cost.padded_batch(refill))
       for i, r in zip(free, take):
         c = int(req.prompt_len[r] + gen[r])
         slots[i] = {"row": r, "ctx": c, "j": 0,
                     "cap": min(phase.cache_len - c, req.max_seq_len - c)}
-      c_max = max(slots[i]["ctx"] for i in free[:len(take)])
-      block = max(int(insert_block(c_max, phase.cache_len, cost)), phase.block)
-      out["seconds"] += overhead + float(cost.prefill_time(len(take), block))
-      out["computed"] += int(cost.padded_batch(len(take)))
-      out["inserts"] += 1
+      for at in range(0, len(take), step):
+        part = free[at:min(at + step, len(take))]
+        c_max = max(slots[i]["ctx"] for i in part)
+        block = max(int(insert_block(c_max, phase.cache_len, cost)), phase.block)
+        out["seconds"] += overhead + float(cost.prefill_time(len(part), block))
+        out["computed"] += int(cost.padded_batch(len(part)))
+        out["inserts"] += 1
 
     if queue:
       insert()

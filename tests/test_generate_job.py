@@ -346,11 +346,12 @@ def test_the_decode_loop_compiles_while_the_model_loads(tmp_path, monkeypatch):
   two_rows.engine.compile_threads = 2
   two_rows.schedule.kv_budget_tokens = 2 * cache
   guess = early.start(two_rows, 4)
-  rows = int(load_cost_model(cfg).padded_batch(2))
+  # its first fill, too, is made of the smallest refill's inserts (1 row of 2 slots)
+  rows = int(load_cost_model(cfg).padded_batch(1))
   assert guess.programs == {("decode", 2, cache), ("first", 2, cache, rows)}
   assert sorted(key[0].split("/")[0] for key in guess.generator._pending) == [
       "slot_decode", "slot_first"]
-  # once the prompts are tokenized: the first fill's insert at the longest prompt's block
+  # once the prompts are tokenized: that insert at the longest prompt's block
   block = int(guess.generator.buckets.insert_block(20, cache))
   filled = guess.first_fill(guess.generator, [5, 20, 3])
   assert filled.programs == guess.programs | {("insert", 2, cache, rows, block)}

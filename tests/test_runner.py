@@ -135,6 +135,34 @@ def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
     runner.run_continuous(ContinuousPlan([Phase(order[:7], 32, 4, 1)]))
 
 
+def test_a_phase_that_refills_makes_its_first_fill_of_refill_sized_inserts(runner):
+  """A phase with more rows than slots fills its slots with inserts of a refill's bucket, one
+  after another (the programs its refills run), so no insert or sampler of all its slots' rows
+  is compiled; one whose rows fit its slots inserts them in one call. Token for token as one
+  static batch either way."""
+  vanilla = runner.run(Plan([Batch(np.arange(12), 72)]))
+  gen = runner.engine.generator
+  order = np.random.default_rng(6).permutation(12)
+
+  def names(since):
+    return [e["name"] for e in gen.compile_log[since:]]
+
+  before = len(gen.compile_log)
+  result = runner.run_continuous(ContinuousPlan([Phase(order, 80, 8, 2)]))
+  assert result.tokens == vanilla.tokens
+  assert (result.finished == vanilla.finished).all()
+  compiled = names(before)
+  assert "slot_decode/8/96" in compiled
+  assert not any(n.startswith(("slot_insert/8/96/8/", "slot_first/8/96/8")) for n in compiled)
+  assert any(n.startswith("slot_insert/8/96/2/") for n in compiled)
+  assert result.seconds["calls"][0][0] == 8  # the first fill: all 8 slots, before any decode
+  before = len(gen.compile_log)
+  fits = runner.run_continuous(ContinuousPlan([Phase(order[:8], 80, 8, 2),
+                                               Phase(order[8:], 96, 4, 4)]))
+  assert any(n.startswith("slot_insert/8/96/8/") for n in names(before))
+  assert fits.tokens == vanilla.tokens
+
+
 def test_a_planned_phase_without_members_runs_the_rows_carried_into_it(runner):
   """The searches may end a plan with a whole-room phase of no members of its own
   (continuous_search.with_last_refill): the rows capped before run there, token for token as

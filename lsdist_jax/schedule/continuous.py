@@ -216,14 +216,18 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       gone = gone[gone >= 0]
       left_capped.append(gone[capped[gone]])
       k = min(free.size, n - pos, most)
+      # a first fill is one insert when it takes every queued row, else (the phase refills)
+      # inserts of a refill's bucket each, the refills' programs (no decode between them)
+      step = k if most == slots and pos + k >= n else int(cost.padded_batch(refill))
       most = int(cost.padded_batch(refill))
       use, idle = free[:k], free[k:]
       slot_row[use] = np.arange(pos, pos + k)
       finish[use] = now + occ[pos:pos + k]
       slot_row[idle] = -1
       finish[idle] = -1
-      insert_k.append(k)
-      insert_ctx.append(int(ctx[pos:pos + k].max()))
+      for c in range(pos, pos + k, max(step, 1)):
+        insert_k.append(min(step, pos + k - c))
+        insert_ctx.append(int(ctx[c:min(c + step, pos + k)].max()))
       pos += k
     if pos < n:  # every slot is occupied: run until the refill-th earliest is done
       until = int(np.partition(finish, refill - 1)[refill - 1])
@@ -271,12 +275,12 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
 def programs(slots: int, cache: int, ks, blocks, refill: int, cost: CostModel,
              decoded: bool = True) -> set[tuple]:
   """The programs a phase of `slots` x `cache` compiles for insert calls of ks rows at context
-  blocks `blocks` (the runner's rule: the first fill at its own rows bucket, every later insert
-  padded to at least `refill` rows): its decode loop, an insert per (rows, block), a first-token
-  sampler per rows."""
+  blocks `blocks` (the runner's rule: a phase that never refills inserts its rows in one call
+  at their own rows bucket; in one that does, every insert, its first fill's too, is padded to
+  at least `refill` rows): its decode loop, an insert per (rows, block), a first-token sampler
+  per rows."""
   ks = np.asarray(ks, np.int64).reshape(-1)
-  least = np.full(ks.size, int(refill), np.int64)
-  least[:1] = 1
+  least = np.full(ks.size, int(refill) if ks.size > 1 else 1, np.int64)
   rows = np.asarray(cost.padded_batch(np.maximum(ks, least)), np.int64).reshape(-1).tolist()
   blocks = np.broadcast_to(np.asarray(blocks, np.int64), ks.shape).tolist()
   out = {("insert", slots, cache, r, b) for r, b in zip(rows, blocks)}

@@ -11,14 +11,15 @@ long, a budget that does not hold them) costs only background compilation.
 
 A larger job is planned from its predictions, later; `start` then compiles the decode loop of
 the most slots the budget allows over a cache of max_seq_len (the plan that gives every request
-its whole room) and the first fill's first-token sampler, and the planner charges those
-programs no compilation (`Options.compiled`), so a plan that uses them starts decoding without
-waiting for them.
+its whole room) and the first-token sampler of a refill's rows (such a plan's first fill too is
+made of refill-sized inserts: `ServeRunner._run_phase`), and the planner charges those programs
+no compilation (`Options.compiled`), so a plan that uses them starts decoding without waiting
+for them.
 
 Both also compile what depends on the prompts' lengths: a thread (`ahead`) builds the model
 file's tokenizer (the one `Engine.load` then takes instead of building its own), tokenizes the
-prompts (the token ids the job then uses) and starts compiling the first fill's insert, for a
-larger job also the smallest refill's insert and the prediction's prefill
+prompts (the token ids the job then uses) and starts compiling the first fill's insert (for a
+larger job: the smallest refill's, at the longest prompt's block) and the prediction's prefill
 (`EarlyStart.first_fill`, `Generator.precompile_embed`).
 """
 
@@ -81,7 +82,9 @@ class EarlyStart:
   programs: frozenset  # what it compiles, as the planner names programs (`Options.compiled`)
   slots: int = 0  # the slot batch it guessed: slots x cache
   cache: int = 0
-  rows: int = 0  # its first fill's rows, as the planner counts them (a batch bucket)
+  # its inserts' rows, as the planner counts them (a batch bucket): all the slots' when every
+  # request fits at once, else the smallest refill's (`REFILL_FRACTIONS`)
+  rows: int = 0
   at_once: bool = True  # whether every request fits that batch at once (no refills)
   thread: Any = None  # tokenizing the prompts to compile their programs too (`ahead`)
   tokenizer: Any = None  # a Future of the Tokenizer `ahead` builds (`Engine.load`'s)
@@ -92,26 +95,17 @@ class EarlyStart:
     if self.thread is not None:
       self.thread.join()
 
-  def first_fill(self, generator, prompt_len, cost=None) -> "EarlyStart":
+  def first_fill(self, generator, prompt_len) -> "EarlyStart":
     """Once the prompts are tokenized: starts compiling (on `generator`, which adopted this
-    one's programs) the first fill's insert of all its rows at the context block of the
-    longest prompt, prefilling every row (it covers any fill of these prompts); for a job
-    that does not fit at once, also the refill's insert and sampler at that block, for the
-    smallest refill the planner tries (`REFILL_FRACTIONS`: a plan of one block per phase then
+    one's programs) an insert of `rows` rows at the context block of the longest prompt,
+    prefilling every row (it covers any such insert of these prompts), and its sampler: the
+    first fill's of all the slots when every request fits at once, else the smallest refill's
+    the planner tries, of which its first fill too is made (a plan of one block per phase then
     compiles nothing more). Returns this early start with those among its programs."""
-    from lsdist_jax.schedule.continuous import refill_for
-    from lsdist_jax.schedule.continuous_search import REFILL_FRACTIONS
-
     block = int(generator.buckets.insert_block(int(np.max(prompt_len)), self.cache))
-    inserts = [(self.slots, block)]
+    generator.precompile_slots(self.slots, self.cache, [(self.rows, block)])
     programs = {("insert", self.slots, self.cache, self.rows, block),
                 ("first", self.slots, self.cache, self.rows)}
-    if not self.at_once and cost is not None:
-      refill = int(cost.padded_batch(refill_for(self.slots, min(REFILL_FRACTIONS))))
-      inserts.append((refill, block))
-      programs |= {("insert", self.slots, self.cache, refill, block),
-                   ("first", self.slots, self.cache, refill)}
-    generator.precompile_slots(self.slots, self.cache, inserts)
     return dataclasses.replace(self, programs=self.programs | programs)
 
 
@@ -128,7 +122,8 @@ def start(config, n_requests: int, texts=(), embed_layer: int | None = None
   from lsdist_jax.llama.generator import Generator
   from lsdist_jax.llama.model import Llama
   from lsdist_jax.schedule import Options
-  from lsdist_jax.schedule.continuous import slots_for
+  from lsdist_jax.schedule.continuous import refill_for, slots_for
+  from lsdist_jax.schedule.continuous_search import REFILL_FRACTIONS
   from lsdist_jax.serve.plan import load_cost_model, slots_at_once
   from lsdist_jax.shapes import Buckets, round_up
 
@@ -160,10 +155,10 @@ def start(config, n_requests: int, texts=(), embed_layer: int | None = None
   gen = Generator(model, placed_params(model, dtype), buckets=Buckets.from_config(config.engine),
                   pad_id=cfg.pad_token_id, compile_threads=threads)
   programs = {("decode", slots, cache)}
-  rows = int(cost.padded_batch(slots))
-  # and the first fill's first-token sampler (a sampler does not depend on the block; the
+  # and the first-token sampler of its inserts (a sampler does not depend on the block; the
   # insert's waits for the prompts' lengths: `EarlyStart.first_fill`)
-  gen.precompile_slots(slots, cache, [], samplers_for=[slots])
+  rows = int(cost.padded_batch(slots if at_once else refill_for(slots, min(REFILL_FRACTIONS))))
+  gen.precompile_slots(slots, cache, [], samplers_for=[rows])
   programs.add(("first", slots, cache, rows))
   early = EarlyStart(gen, frozenset(programs), slots, cache, rows, at_once)
   if len(texts):
@@ -192,7 +187,7 @@ def ahead(early: EarlyStart, config, cfg: LlamaConfig, texts, cost, embed_layer)
       early.generator.precompile_embed(distinct, int(embed_layer),
                                        prefill_seconds=cost.prefill_time,
                                        compile_seconds=float(config.schedule.compile_seconds))
-    early.first_fill(early.generator, [len(x) for x in ids], cost)
+    early.first_fill(early.generator, [len(x) for x in ids])
   except Exception as e:  # noqa: BLE001 - the job tokenizes and compiles what it needs itself
     logging.warning("generate: no early compilation of the prompts' programs (%s: %s)",
                     type(e).__name__, e)

@@ -229,10 +229,11 @@ class Runner:
   def _precompile(self, phases) -> None:
     """Starts compiling every phase's programs in the background (the engine's
     compile_threads), in the order the run needs them, while the first phase runs: the first
-    fill's insert (its rows and block) and sampler, the decode loop, then a refill's rows at
-    each context block of the phase's prompts; none for refills the first phase never makes
-    (its prompts all fit its first fill). Rows carried in from an earlier phase may bring other
-    blocks; those compile when first run."""
+    insert (of all the phase's rows where they fit its slots at once, else a refill's rows at
+    the block of the first fill's first insert) and its sampler, the decode loop, then a
+    refill's rows at each context block of the phase's prompts; none for refills the first
+    phase never makes (its prompts all fit its first fill). Rows carried in from an earlier
+    phase may bring other blocks; those compile when first run."""
     gen = self.engine.generator
     if gen.compile_threads < 1:
       return
@@ -246,12 +247,17 @@ class Runner:
       slots = buckets.batch_size(int(phase.slots))
       first = members[:slots]
       floor = int(phase.block)
-      inserts = [(len(first), max(floor, buckets.insert_block(int(self.prompt_len[first].max()),
-                                                             s)))]
-      if k > 0 or members.size > len(first):  # a later phase may also take carried rows
+      blocks = np.maximum(buckets.insert_block(self.prompt_len[members], s), floor)
+      inserts = []
+      if members.size == len(first):  # its own rows fit at once: one insert of them all
+        inserts.append((len(first), int(blocks.max())))
+      if k > 0 or members.size > len(first):  # it refills (a later phase may take carried rows)
+        # every insert a refill's rows, the first fill's too (`_run_phase`): its first
+        # insert's block first
         refill = max(1, min(int(phase.refill), slots))
-        inserts += [(refill, int(b)) for b in np.unique(np.maximum(
-            buckets.insert_block(self.prompt_len[members], s), floor))]
+        chunk = buckets.batch_size(refill)
+        inserts += [(refill, int(b)) for b in dict.fromkeys(
+            [int(blocks[:chunk].max())] + sorted(np.unique(blocks).tolist()))]
       gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts,
                            share_prefill=self.share_prefill)
 
@@ -267,24 +273,33 @@ class Runner:
     pending = [r for r, ok in zip(queue, fits) if ok]
     refill = max(1, min(int(phase.refill), batch.slots))
     drain = int(phase.drain)
-    # After the first fill every insert is one program per context block: at most a refill's
-    # bucket of rows, padded to it (slots freed beyond it wait for the next refill).
-    most, min_rows = batch.slots, 0
+    # Every insert of a phase that refills is one program per context block: at most a
+    # refill's bucket of rows, padded to it (slots freed beyond it wait for the next refill).
+    # Its first fill too is made of such inserts, one after another, so that no insert or
+    # sampler of all its slots' rows is compiled; a phase whose rows all fit its slots inserts
+    # them in one call. (`schedule.continuous` simulates this rule.)
+    most, min_rows, bucket = batch.slots, 0, gen.buckets.batch_size(refill)
     while True:
       clock = EngineClock(gen)
       free = [j for j, r in enumerate(occupant) if r < 0]
       take = pending[:min(len(free), most)]
       del pending[:len(take)]
-      inserted = gen.buckets.batch_size(max(len(take), min_rows)) if take else 0
+      if pending:
+        min_rows = refill
+      step = bucket if min_rows else max(len(take), 1)
+      calls = [(free[c:min(c + step, len(take))], take[c:c + step])
+               for c in range(0, len(take), step)]
+      inserted = sum(gen.buckets.batch_size(max(len(rows), min_rows)) for _, rows in calls)
       started, compiled0 = time.perf_counter(), gen.compile_seconds
-      if take:
-        batch.insert(free[:len(take)], [self.prompt_ids[r] + generated[r] for r in take],
-                     [self.request_ids[r] for r in take], [len(generated[r]) for r in take],
-                     None if self.forced is None else [int(self.forced[r]) for r in take],
-                     max_new_tokens=self._left(take, generated), min_rows=min_rows,
+      for into, rows in calls:
+        batch.insert(into, [self.prompt_ids[r] + generated[r] for r in rows],
+                     [self.request_ids[r] for r in rows], [len(generated[r]) for r in rows],
+                     None if self.forced is None else [int(self.forced[r]) for r in rows],
+                     max_new_tokens=self._left(rows, generated), min_rows=min_rows,
                      share_prefill=self.share_prefill, min_block=int(phase.block),
-                     **self._settings(take))
-        most, min_rows = gen.buckets.batch_size(refill), refill
+                     **self._settings(rows))
+      if take:
+        most, min_rows = bucket, refill
         for j, r in zip(free, take):
           occupant[j] = r
       busy = sum(r >= 0 for r in occupant)
