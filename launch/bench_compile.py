@@ -43,6 +43,8 @@ flags.DEFINE_bool("programs", True, "time the job's programs' compilation and th
 flags.DEFINE_integer("trace_top", 25, "event names the trace summary lists")
 flags.DEFINE_list("insert_rows", [], "also time insert calls of these rows (and a read and an "
                   "empty decode call) into a slot batch of --slots x --cache at --block")
+flags.DEFINE_bool("lower_blocks_once", True, "the decode-step and insert rows' model lowers one "
+                  "block for all layers (--nolower_blocks_once: each layer's own)")
 flags.DEFINE_string("out", "", "write the JSON here")
 FLAGS = flags.FLAGS
 
@@ -58,6 +60,8 @@ def main(argv):
   from lsdist_jax.files import write_json
 
   engine = Engine.load(FLAGS.gguf) if FLAGS.gguf else Engine.random(FLAGS.model)
+  engine.model = engine.generator.model = engine.model.clone(
+      lower_blocks_once=FLAGS.lower_blocks_once)
   prompts = None
   if FLAGS.gguf and FLAGS.step_batch:
     from lsdist_jax.data import prompt_text, read_pool

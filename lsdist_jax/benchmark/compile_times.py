@@ -29,17 +29,18 @@ def _timed(fn, *args) -> dict:
 
 def program_rows(engine, *, slots: int, cache_len: int, rows: int, block: int,
                  top_k_candidates: int = 16) -> list[dict]:
-  """One row per (program, scan_prefill): lower_s and compile_s of the prediction prefill
-  (`prefill_hidden`, rows x block), a slot insert (rows x block into slots x cache_len), the
-  first-token sampling after it (`slot_first`, once per rows whatever the block), and a slot
-  batch's decode loop (the last two do not change with the scan)."""
+  """One row per (program, scan_prefill, lower_blocks_once): lower_s and compile_s of the
+  prediction prefill (`prefill_hidden`, rows x block), a slot insert (rows x block into slots x
+  cache_len), the first-token sampling after it (`slot_first`, once per rows whatever the
+  block: no blocks, one row), and a slot batch's decode loop (no scan: its blocks unrolled,
+  each lowered or one lowered for all)."""
   cfg, out = engine.config, []
   ints = A((rows,), np.int32)
   tokens = A((rows, block), np.int32)
   settings = [A((rows,), np.uint32), A((rows,), np.float32), A((rows, 2), np.float32)]
   sampler = dict(top_k_candidates=top_k_candidates, eos_ids=(0,), filler_id=0)
-  for scan in (False, True):
-    model = engine.model.clone(scan_prefill=scan)
+  for scan, once in ((False, False), (False, True), (True, True)):
+    model = engine.model.clone(scan_prefill=scan, lower_blocks_once=once)
     state = jax.eval_shape(lambda: decode.slot_state(slots, cache_len, model=model))
     programs = {
         "prefill_hidden": (lambda p, t, pl: decode.prefill_hidden(p, t, pl, model=model,
@@ -48,17 +49,19 @@ def program_rows(engine, *, slots: int, cache_len: int, rows: int, block: int,
         "slot_insert": (lambda p, st, *a: decode.slot_insert(p, st, *a, model=model),
                         (engine.params, state, ints, tokens, ints, ints)),
     }
-    if not scan:
+    if not scan and not once:
       programs["slot_first"] = (
           lambda st, *a: decode.slot_first(st, *a, **sampler),
           (state, A((rows, cfg.vocab_size), np.float32), ints, A((rows,), np.uint32),
            ints, ints, ints, ints, *settings))
+    if not scan:
       programs["slot_decode"] = (
           lambda p, st, *a: decode.slot_decode(p, st, *a, model=model, **sampler),
           (engine.params, state, A((), np.int32), A((slots,), np.uint32),
            A((slots,), np.float32), A((slots, 2), np.float32)))
     for name, (fn, args) in programs.items():
-      out.append(dict(program=name, scan_prefill=scan, **_timed(fn, *args)))
+      out.append(dict(program=name, scan_prefill=scan, lower_blocks_once=once,
+                      **_timed(fn, *args)))
   return out
 
 

@@ -135,8 +135,8 @@ class Generator:
 
     def program(gen):  # what, besides the inputs' shapes, makes the compiled programs
       m = gen.model
-      return (m.config, m.dtype, m.param_dtype, m.decode_impl, m.scan_prefill, gen.mesh,
-              gen.top_k_candidates, gen.eos_ids, gen.filler_id)
+      return (m.config, m.dtype, m.param_dtype, m.decode_impl, m.scan_prefill,
+              m.lower_blocks_once, gen.mesh, gen.top_k_candidates, gen.eos_ids, gen.filler_id)
 
     if program(other) != program(self) or shapes(other.params) != shapes(self.params):
       return 0

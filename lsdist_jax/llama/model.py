@@ -10,6 +10,7 @@ real tokens start at slot pad_len[b]. A token's RoPE position is its slot minus 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -204,6 +205,11 @@ class Llama(nn.Module):
   # decode.py's prefill-only programs (the prediction prefill, the slot insert) run their blocks
   # as one scan (`prefill_scanned`): a fraction of the compile time, a transient weight copy
   scan_prefill: bool = False
+  # Applying the model (not initializing it), the blocks run as calls of one jitted block
+  # (`_block_call`): traced and lowered once per shape instead of once per layer (a decode
+  # loop's lowering is Python, and its threads share the GIL with the job's loading); XLA
+  # inlines the calls, so the compiled program is the unrolled one.
+  lower_blocks_once: bool = True
 
   @nn.compact
   def __call__(self, tokens: Array, cache: Cache, write_index: Array, pad_len: Array,
@@ -221,10 +227,15 @@ class Llama(nn.Module):
     x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
     hidden = {}
     new_cache = []
+    once = self.lower_blocks_once and not self.is_initializing()
+    spec = (cfg, self.dtype, self.param_dtype, self.decode_impl, self.mesh)
     for i in range(cfg.num_layers):
-      x, layer_cache = Block(cfg, self.dtype, self.param_dtype, self.decode_impl, self.mesh,
-                             name=f"layers_{i}")(
-          x, positions, mask, cache[i], write_index, kv_bounds)
+      if once:
+        x, layer_cache = _block_call(spec, self.variables["params"][f"layers_{i}"], x,
+                                     positions, mask, cache[i], write_index, kv_bounds)
+      else:
+        x, layer_cache = Block(*spec, name=f"layers_{i}")(
+            x, positions, mask, cache[i], write_index, kv_bounds)
       new_cache.append(layer_cache)
       if i in hidden_layers:
         hidden[i] = pick(x)
@@ -236,6 +247,14 @@ class Llama(nn.Module):
     head = None if cfg.tie_word_embeddings else _param(
         self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.param_dtype)
     return _logits(x, embedding, head, self.dtype), hidden, new_cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_call(spec, params, x, positions, mask, layer_cache, write_index, kv_bounds):
+  """`Block(*spec)` applied with `params`: jitted, so that inside a program being traced the
+  layers' calls (same shapes) share one trace and one lowered function."""
+  return Block(*spec).apply({"params": params}, x, positions, mask, layer_cache, write_index,
+                            kv_bounds)
 
 
 def _geometry(shape, cache_len: int, write_index, pad_len, active=None):
