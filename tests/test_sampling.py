@@ -45,7 +45,7 @@ def _reference_nucleus_pick(probs, top_p, u):
 
 
 @pytest.mark.parametrize("top_k_candidates,hard_rows", [(4, 2), (4, 64), (16, 64), (64, 64)],
-                         ids=["sort-all", "gather-hard-rows", "mixed", "top-k-only"])
+                         ids=["rounds", "gather-hard-rows", "mixed", "top-k-only"])
 def test_top_p_keeps_exactly_the_smallest_set_reaching_p(top_k_candidates, hard_rows):
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(64, 50)).astype(np.float32) * 2.0
@@ -212,8 +212,8 @@ def test_nucleus_keeps_the_top_token_and_greedy_keeps_only_the_argmax():
 @pytest.mark.parametrize("vocab", [1000, 5000])
 def test_draws_lie_in_the_nucleus_and_tiers_agree_with_a_full_sort(vocab):
   """Rows of every width (peaked to flat, with ties) drawn at many uniforms: each token is in the
-  rule's mask, and the tiered sampler (top-k candidates, gathered or all-sorted wide rows) draws
-  the very token of a full sort (k = vocab)."""
+  rule's mask, and the tiered sampler (top-k candidates, wide rows gathered in one round or
+  several) draws the very token of a full sort (k = vocab)."""
   rng = np.random.default_rng(vocab + 1)
   rows, draws = 24, 16
   scale = np.geomspace(0.3, 12.0, rows).astype(np.float32)[:, None]
@@ -227,7 +227,8 @@ def test_draws_lie_in_the_nucleus_and_tiers_agree_with_a_full_sort(vocab):
     mask = np.repeat(np.asarray(_mask(jnp.asarray(logits), jnp.float32(t), setting, 16)),
                      draws, axis=0)
     assert mask[np.arange(rows * draws), full].all(), (t, p)
-    # wide rows gathered or all searched; searched among at most `mid` tokens, the rest sorted
+    # wide rows gathered in one round or several; searched among at most `mid` tokens, the
+    # rest sorted
     # (mid 0: no search, every wide row sorted, the CPU's default); the small vocabulary takes
     # the search past its few candidates, the large one the search as accelerators run it
     combos = {1000: ((4, 8, 8), (4, 1000, 24), (16, 64, 0)),
@@ -243,7 +244,7 @@ def test_draws_lie_in_the_nucleus_and_tiers_agree_with_a_full_sort(vocab):
 
 
 @pytest.mark.parametrize("top_k_candidates,hard_rows", [(4, 2), (16, 64)],
-                         ids=["sort-all", "mixed"])
+                         ids=["rounds", "mixed"])
 def test_per_row_settings_equal_each_row_drawn_with_its_own(top_k_candidates, hard_rows):
   """Temperature and top-p per row ([B], [B, 2]): every row, greedy and top-p 1.0 rows among
   nucleus ones, draws what it draws alone with its scalar settings; the kept sets too."""

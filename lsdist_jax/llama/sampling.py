@@ -268,7 +268,9 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
   temperature: scalar or [B]; top_p: float32 scalar, `top_p_setting(p)` (exact 1 - p) or per
   row [B, 2]. Rows with d <= 0 draw from every token, the others from their nucleus; which
   branches run is chosen per call from the rows (all of one kind: only that one). hard_rows:
-  how many wide rows are gathered before every row is searched (None: max(32, B / 8));
+  how many wide rows are gathered and searched at a time, in rounds until none is left (None:
+  max(32, B / 8)); every branch is lowered once (a call's program compiles in a fraction of
+  the time of one with a branch per count of wide rows);
   mid_candidates: the most tokens a wide row's search ranks before its full sort (0: no search;
   None: 1,024 on accelerators, none on the CPU, whose sorts are cheap at its batch sizes and
   whose compilation the search would only lengthen; the tokens are the same). active: [B]
@@ -314,16 +316,22 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
       picked = jax.lax.cond(jnp.any(over), sort_over, lambda _: searched, None)
       return jnp.where(wide[rows], picked, easy[rows])
 
-    def gather_wide(_):
-      rows = jnp.nonzero(wide, size=hard_rows, fill_value=0)[0]
-      return easy.at[rows].set(wide_rows(rows))
+    n_wide = jnp.sum(wide, dtype=jnp.int32)
 
-    def sort_all(_):
-      return wide_rows(jnp.arange(batch))
+    def gathered(_):  # the wide rows, hard_rows at a time (one program whatever their count)
+      # their ids first, then `batch` (padding: its draws are dropped)
+      order = jnp.nonzero(wide, size=-(-batch // hard_rows) * hard_rows, fill_value=batch)[0]
 
-    n_wide = jnp.sum(wide)
-    return jax.lax.switch(jnp.where(n_wide == 0, 0, jnp.where(n_wide <= hard_rows, 1, 2)),
-                          [lambda _: easy, gather_wide, sort_all], None)
+      def one_round(carry):
+        i, out = carry
+        rows = jax.lax.dynamic_slice_in_dim(order, i * hard_rows, hard_rows)
+        got = wide_rows(jnp.minimum(rows, batch - 1))
+        return i + 1, out.at[rows].set(got, mode="drop")
+
+      return jax.lax.while_loop(lambda carry: carry[0] * hard_rows < n_wide, one_round,
+                                (jnp.zeros((), jnp.int32), easy))[1]
+
+    return jax.lax.cond(n_wide > 0, gathered, lambda _: easy, None)
 
   def plain(_):
     # d <= 0: every token is a candidate; inverse CDF in token order needs no sort.
@@ -331,12 +339,10 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
     j = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
     return jnp.minimum(j, vocab - 1).astype(jnp.int32)
 
-  def mixed(_):
-    return jnp.where(every, plain(None), nucleus(None))
-
-  n_every = jnp.sum(every)
-  branch = jnp.where(n_every == 0, 0, jnp.where(n_every == batch, 1, 2))
-  sampled = jax.lax.switch(branch, [nucleus, plain, mixed], None)
+  # each kind of row by its own rule, each rule run only where some row needs it (lowered once)
+  none = jnp.zeros((batch,), jnp.int32)
+  drawn = jax.lax.cond(jnp.all(every), lambda _: none, nucleus, None)
+  sampled = jnp.where(every, jax.lax.cond(jnp.any(every), plain, lambda _: none, None), drawn)
   return jnp.where(temperature <= 0.0, greedy, sampled)
 
 
