@@ -109,11 +109,19 @@ class HeaderTokenizer:
   def __len__(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+  def __call__(self, text, add_special_tokens: bool = True) -> dict:
+    """{"input_ids": ids} of a text, or of each of a list of texts (encoded as one batch)."""
+    if isinstance(text, (list, tuple)):
+      return {"input_ids": [e.ids for e in self.backend.encode_batch(
+          list(text), add_special_tokens=add_special_tokens)]}
     return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
     return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def decode_batch(self, rows, skip_special_tokens: bool = False) -> list[str]:
+    return self.backend.decode_batch([list(r) for r in rows],
+                                     skip_special_tokens=skip_special_tokens)
 
   def apply_chat_template(self, messages, add_generation_prompt: bool = False,
                           tokenize: bool = True, **kwargs):

@@ -86,17 +86,33 @@ class Tokenizer:
     return ids
 
   def _encode_formatted(self, formatted: str) -> list[int]:
-    ids = list(self.hf(formatted, add_special_tokens=False)["input_ids"])
+    return self._bos_first(self.hf(formatted, add_special_tokens=False)["input_ids"])
+
+  def _bos_first(self, ids) -> list[int]:
+    ids = list(ids)
     if self.chat_format in ("llama2", "none") and self.bos_token_id is not None:
       if not ids or ids[0] != self.bos_token_id:
         ids = [self.bos_token_id] + ids
     return ids
 
   def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
-    return [self.encode_prompt(t) for t in texts]
+    """`encode_prompt` of each text, the formatted prompts encoded as one batch (the backend's
+    threads, without the GIL)."""
+    formatted = [self.format(t) for t in texts]
+    if not formatted:
+      return []
+    return [self._bos_first(ids)
+            for ids in self.hf(formatted, add_special_tokens=False)["input_ids"]]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.hf.decode(list(ids), skip_special_tokens=True)
+
+  def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
+    """`decode` of each row, as one batch where the backend has one."""
+    rows = [list(r) for r in rows]
+    if hasattr(self.hf, "decode_batch"):
+      return self.hf.decode_batch(rows, skip_special_tokens=True)
+    return [self.hf.decode(r, skip_special_tokens=True) for r in rows]
 
   def save(self, directory: str) -> None:
     self.hf.save_pretrained(directory)

@@ -229,8 +229,11 @@ def run_generate(config, input_path: str, output_path: str, predictor_path: str 
       for key, value in result.seconds.items():
         split[key] = split.get(key, type(value)()) + value  # seconds add up, call rows join
     created = int(time.time())
-    rows = [json.dumps(output_row(item, toks, fins, engine, model_name, created),
-                       ensure_ascii=False) for item, (toks, fins) in zip(part, outputs)]
+    plain = [k for k, item in enumerate(part) if item.batch is None and outputs[k][0]]
+    texts = dict(zip(plain, engine.tokenizer.decode_batch([outputs[k][0][0] for k in plain])))
+    rows = [json.dumps(output_row(item, toks, fins, engine, model_name, created, texts.get(k)),
+                       ensure_ascii=False)
+            for k, (item, (toks, fins)) in enumerate(zip(part, outputs))]
     write_lines(os.path.join(folder, name), rows)
     generated_chunks += 1
     if stop_after_chunks is not None and generated_chunks >= stop_after_chunks:
@@ -275,7 +278,7 @@ def compile_ahead(early, engine, items, config, predictor, cost):
     precompile_embed_requests(engine, requests, int(config.collect.hidden_layer), cost,
                               float(config.schedule.compile_seconds))
     threading.Thread(target=predictor.warm, name="predictor-warm", daemon=True).start()
-  return early.first_fill(engine.generator, requests.prompt_len, cost)
+  return early.first_fill(engine.generator, requests.prompt_len)
 
 
 def start_early(config, texts: list[str], embed_layer: int | None):
@@ -290,9 +293,10 @@ def start_early(config, texts: list[str], embed_layer: int | None):
     return None
 
 
-def compile_summary(log: list[dict], top: int = 5) -> dict:
+def compile_summary(log: list[dict], top: int = 16) -> dict:
   """How many programs the run compiled, and the `top` that took longest (name, seconds of
-  compilation, seconds a run waited for it)."""
+  compilation, seconds a run waited for it, and for those compiled in the background their
+  lowering's seconds and the process age they started at)."""
   slowest = sorted(log, key=lambda e: -e["seconds"])[:top]
   return {"programs_compiled": len(log), "slowest_compiles": slowest}
 

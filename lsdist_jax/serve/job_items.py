@@ -95,12 +95,14 @@ def chunk_requests(items: list[JobItem], generation) -> tuple[Requests, list[int
 
 
 def output_row(item: JobItem, tokens: list[list[int]], finished: list[bool], engine,
-               model_name: str, created: int) -> dict:
-  """The output line of an item given its choices' tokens and whether each ended with EOS."""
+               model_name: str, created: int, text: str | None = None) -> dict:
+  """The output line of an item given its choices' tokens and whether each ended with EOS
+  (`text`: a prompts line's response decoded already)."""
   decode = engine.tokenizer.decode
   if item.batch is None:
     row = dict(item.record)  # the user's own fields come back
-    row.update({"line": item.line, "prompt": item.prompt.text, "response": decode(tokens[0]),
+    row.update({"line": item.line, "prompt": item.prompt.text,
+                "response": decode(tokens[0]) if text is None else text,
                 "response_tokens": len(tokens[0]), "finished": bool(finished[0])})
     return row
   if item.error is not None:
