@@ -207,6 +207,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   slot_row = np.full(slots, -1, np.int64)  # queue position held by the slot; -1: empty
   now = pos = 0
   most = slots  # rows an insert takes: the first fill any, later at most a refill's bucket
+  bucket = int(cost.padded_batch(refill))
   insert_k, insert_ctx, left_capped = [], [], []
   steps = decodes = 0
   while True:
@@ -218,8 +219,8 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       k = min(free.size, n - pos, most)
       # a first fill is one insert when it takes every queued row, else (the phase refills)
       # inserts of a refill's bucket each, the refills' programs (no decode between them)
-      step = k if most == slots and pos + k >= n else int(cost.padded_batch(refill))
-      most = int(cost.padded_batch(refill))
+      step = k if most == slots and pos + k >= n else bucket
+      most = bucket
       use, idle = free[:k], free[k:]
       slot_row[use] = np.arange(pos, pos + k)
       finish[use] = now + occ[pos:pos + k]
