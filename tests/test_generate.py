@@ -45,6 +45,41 @@ def test_kv_cache_decode_equals_full_forward(tiny_params):
   np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full[:, 4:]), rtol=1e-5, atol=1e-5)
 
 
+def test_blocks_lowered_once_compute_what_each_layer_lowered_computes(tiny_params):
+  """`Llama.lower_blocks_once` (the default) runs the blocks as calls of one jitted block:
+  the same logits, hidden states and cache as each block applied in place, for a prefill and
+  a per-row decode step; jitted, its program lowers one block function for all the layers."""
+  import re
+
+  import jax
+
+  cfg, params = tiny_params
+  tokens = jnp.asarray(np.random.default_rng(2).integers(3, 256, size=(3, 9)))
+  pad = jnp.asarray([0, 2, 4], jnp.int32)
+  outs = {}
+  for once in (True, False):
+    model = Llama(cfg, jnp.float32, jnp.float32, lower_blocks_once=once)
+
+    def run(p, model=model):
+      logits, hidden, cache = model.apply({"params": p}, tokens, init_cache(cfg, 3, 16,
+                                                                           jnp.float32),
+                                          jnp.int32(0), pad, hidden_layers=(0, -1))
+      step, _, cache = model.apply({"params": p}, tokens[:, -1:], cache,
+                                   jnp.asarray([9, 10, 11], jnp.int32), pad)
+      return logits, hidden, step, cache
+
+    outs[once] = jax.jit(run)(params)
+    text = jax.jit(run).lower(params).as_text()
+    defined = re.findall(r"func\.func [a-z ]*@(_block_call\w*)", text)
+    called = re.findall(r"call @(_block_call\w*)", text)
+    if once:  # one function per shape (the prefill's, the step's), called once per layer
+      assert len(defined) == 2 and sorted(called) == sorted(defined * cfg.num_layers)
+    else:
+      assert defined == called == []
+  for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
 def test_batch_composition_and_padding_do_not_change_a_request(generator):
   prompts = _prompts(6)
   alone = [_responses(generator.generate([p], cap=40, max_seq_len=128, request_ids=[r],

@@ -166,9 +166,11 @@ def test_compile_times_cover_each_program_both_ways_and_the_prefills_agree():
 
   engine = Engine.random("tiny", dtype="float32")
   rows = program_rows(engine, slots=4, cache_len=32, rows=2, block=8)
-  assert [(r["program"], r["scan_prefill"]) for r in rows] == [
-      ("prefill_hidden", False), ("slot_insert", False), ("slot_first", False),
-      ("slot_decode", False), ("prefill_hidden", True), ("slot_insert", True)]
+  assert [(r["program"], r["scan_prefill"], r["lower_blocks_once"]) for r in rows] == [
+      ("prefill_hidden", False, False), ("slot_insert", False, False),
+      ("slot_first", False, False), ("slot_decode", False, False),
+      ("prefill_hidden", False, True), ("slot_insert", False, True),
+      ("slot_decode", False, True), ("prefill_hidden", True, True), ("slot_insert", True, True)]
   assert all(r["lower_s"] > 0 and r["compile_s"] > 0 for r in rows)
   run = prefill_run_rows(engine, rows=2, block=8, repeats=2)
   assert [r["scan_prefill"] for r in run] == [False, True] and all(r["seconds"] > 0 for r in run)

@@ -91,6 +91,27 @@ def test_the_header_built_tokenizer_is_transformers_conversion(bpe_gguf):
   assert ours("<|im_start|><think>", add_special_tokens=False)["input_ids"] == [1, len(ours) - 1]
 
 
+def test_prompts_encoded_and_responses_decoded_as_one_batch_equal_one_by_one(bpe_gguf):
+  """`Tokenizer.encode_prompts` (one batch call) and `decode_batch` give what encode_prompt and
+  decode give text by text, on the header-built tokenizer and on transformers'."""
+  import os
+
+  from transformers import AutoTokenizer
+
+  from lsdist_jax.llama.tokenizer import Tokenizer
+
+  theirs = AutoTokenizer.from_pretrained(os.path.dirname(bpe_gguf),
+                                         gguf_file=os.path.basename(bpe_gguf))
+  for hf in (byte_level_tokenizer(bpe_gguf), theirs):
+    for chat_format in ("template", "none"):
+      tok = Tokenizer(hf, chat_format, "x", 1)
+      batch = tok.encode_prompts(TEXTS)
+      assert batch == [tok.encode_prompt(t) for t in TEXTS]
+      assert tok.encode_prompts([]) == []
+      assert tok.decode_batch(batch) == [tok.decode(ids) for ids in batch]
+      assert any(len(ids) > 3 for ids in batch)
+
+
 def test_the_header_built_tokenizer_never_imports_transformers(bpe_gguf):
   import subprocess
   import sys

@@ -339,10 +339,10 @@ def sample_tokens(logits: jax.Array, u: jax.Array, temperature: jax.Array, top_p
     j = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
     return jnp.minimum(j, vocab - 1).astype(jnp.int32)
 
-  # each kind of row by its own rule, each rule run only where some row needs it (lowered once)
-  none = jnp.zeros((batch,), jnp.int32)
-  drawn = jax.lax.cond(jnp.all(every), lambda _: none, nucleus, None)
-  sampled = jnp.where(every, jax.lax.cond(jnp.any(every), plain, lambda _: none, None), drawn)
+  # each kind of row by its own rule, each rule run only where some row needs it (lowered
+  # once); a rule skipped stands in with the greedy tokens (no row takes them)
+  drawn = jax.lax.cond(jnp.all(every), lambda _: greedy, nucleus, None)
+  sampled = jnp.where(every, jax.lax.cond(jnp.any(every), plain, lambda _: greedy, None), drawn)
   return jnp.where(temperature <= 0.0, greedy, sampled)
 
 
