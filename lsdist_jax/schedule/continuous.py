@@ -14,8 +14,10 @@ The runner's rules (`simulate_continuous` follows them exactly):
 * The phase's queue is the rows carried from the previous phase followed by its members. Rows of
   the queue that do not fit (c >= S) are taken out at the start and carried on to the next phase
   (ahead of the rows this phase caps), in queue order.
-* One insert call fills min(B, len(queue)) slots (ascending slot index, queue order); then
-  decode. A row with r tokens still to generate occupies its slot for min(r, cap) decode steps
+* The first fill takes min(B, len(queue)) rows into slots in ascending slot index, queue
+  order: in one insert call when it takes the whole queue, else (the phase refills) in insert
+  calls of padded_batch(m) rows each, one after another (the refills' program, so that none of
+  all B rows is compiled); then decode. A row with r tokens still to generate occupies its slot for min(r, cap) decode steps
   and is then done: finished if r <= cap, else capped (it generated exactly cap tokens here).
   One decode call runs steps until at least m slots are free (done or empty) while the queue is
   non-empty, or until every slot is done once the queue is empty. A call that would run no step
