@@ -71,8 +71,10 @@ def reference_simulate(plan, req, true_length, cost, options):
       free = [i for i in range(size) if slots[i] is None]
       take = queue[:min(len(free), most[0])]
       del queue[:len(take)]
-      # a first fill that leaves rows queued (the phase refills): inserts of a refill's bucket
-      step = int(cost.padded_batch(refill)) if most[0] == size and queue else len(take)
+      # a first fill that leaves rows queued (the phase refills), where the phase splits it:
+      # inserts of a refill's bucket
+      split = most[0] == size and queue and phase.split_first
+      step = int(cost.padded_batch(refill)) if split else len(take)
       most[0] = int(cost.padded_batch(refill))
       for i, r in zip(free, take):
         c = int(req.prompt_len[r] + gen[r])
@@ -139,13 +141,14 @@ def random_case(seed):
   where = rng.integers(0, n_phases, n)
   caches = np.sort(rng.choice([32, 48, 64, 96], n_phases))
   phases = []
+  split = np.random.default_rng(seed + 1000).random(n_phases) < 0.5  # first fills: split or not
   for k in range(n_phases):
     members = rng.permutation(np.flatnonzero(where == k))
     slots = int(rng.integers(1, 6))
     drain = int(rng.integers(0, slots)) if rng.random() < 0.5 else 0
     block = int(rng.choice([0, 8, 16, 32])) if rng.random() < 0.5 else 0  # inserts' floor
     phases.append(Phase(members, int(caches[k]), slots, int(rng.integers(1, slots + 2)),
-                        drain, min(block, int(caches[k]))))
+                        drain, min(block, int(caches[k])), bool(split[k])))
   return req, true, ContinuousPlan(phases, "random")
 
 
@@ -496,8 +499,9 @@ def test_the_last_refill_is_tried_and_kept_only_where_expected_time_falls(reques
   for name in ("continuous-search", "continuous-oracle"):
     planner = CONTINUOUS_PLANNERS[name]
     # a cascade (keys capped short): rows carry to the end, where the refill matters
-    plain = planner(requests, COST, OPTIONS, key_caps=(32,), last_refill_fractions=())
-    tried = planner(requests, COST, OPTIONS, key_caps=(32,))
+    plain = planner(requests, COST, OPTIONS, key_caps=(32,), last_refill_fractions=(),
+                    split_first=(True,))
+    tried = planner(requests, COST, OPTIONS, key_caps=(32,), split_first=(True,))
     rows = [r for r in tried.notes["search"] if r[0] == "last_refill"]
     assert rows and {r[1] for r in rows} <= set(LAST_REFILL_FRACTIONS)
     assert plain.notes["last_refill"] is None and not [
@@ -575,3 +579,32 @@ def test_rows_capped_together_end_in_a_phase_that_takes_them_together(name):
   slower = simulate_continuous(plain, requests, true, COST, OPTIONS)
   assert faster.recovery_batches == 0 and slower.recovery_batches == 1
   assert faster.seconds < slower.seconds
+
+
+def test_first_fills_are_split_where_compilation_is_charged_and_one_insert_where_it_is_cheaper(
+    requests):
+  """The searches try, last, every phase's first fill as one insert (`Phase.split_first`
+  False) and keep it only where the expected time falls: with compilation charged (the
+  search's expected time charges it; the oracle's simulated time does not), the split fill
+  (the refills' programs, none of all the slots' rows) is kept; with none charged and costly
+  prefill calls, one insert. continuous-vanilla decides by the first fill's own cost."""
+  from lsdist_jax.schedule.continuous_search import first_fill_by_cost
+
+  calls = dataclasses.replace(COST, batch_overhead_ms=400.0)  # each insert call costs 0.4 s
+  for cost, compile_seconds, want in ((COST, 50.0, True), (calls, 0.0, False)):
+    options = dataclasses.replace(OPTIONS, compile_seconds=compile_seconds)
+    for name in ("continuous-search", "continuous-oracle"):
+      plan = CONTINUOUS_PLANNERS[name](requests, cost, options)
+      rows = [r for r in plan.notes["search"] if r[0] == "split_first"]
+      chosen = plan.notes["split_first"]
+      assert len(rows) == 1 and {p.split_first for p in plan.phases} == {chosen}
+      assert (plan.expected_cost <= rows[0][3]) if chosen else (
+          plan.expected_cost == pytest.approx(rows[0][3], rel=1e-12))
+      if name == "continuous-search" or not compile_seconds:
+        assert chosen is want, (name, compile_seconds)
+      make_continuous_plan(name, requests, cost, options)
+    vanilla = CONTINUOUS_PLANNERS["continuous-vanilla"](requests, cost, options)
+    assert vanilla.phases[0].split_first is want
+  # a phase that takes every request at once has nothing to split
+  whole = Phase(np.arange(8), 256, 16, 2)
+  assert first_fill_by_cost(whole, requests, calls, OPTIONS) is whole

@@ -135,11 +135,11 @@ def test_continuous_plan_with_carried_rows_equals_static_generation(runner):
     runner.run_continuous(ContinuousPlan([Phase(order[:7], 32, 4, 1)]))
 
 
-def test_a_phase_that_refills_makes_its_first_fill_of_refill_sized_inserts(runner):
+def test_a_phase_that_refills_makes_its_first_fill_of_refill_sized_inserts(runner, monkeypatch):
   """A phase with more rows than slots fills its slots with inserts of a refill's bucket, one
   after another (the programs its refills run), so no insert or sampler of all its slots' rows
-  is compiled; one whose rows fit its slots inserts them in one call. Token for token as one
-  static batch either way."""
+  is compiled; one whose rows fit its slots, or that does not split its first fill, inserts
+  them in one call. Token for token as one static batch every way."""
   vanilla = runner.run(Plan([Batch(np.arange(12), 72)]))
   gen = runner.engine.generator
   order = np.random.default_rng(6).permutation(12)
@@ -161,6 +161,18 @@ def test_a_phase_that_refills_makes_its_first_fill_of_refill_sized_inserts(runne
                                                Phase(order[8:], 96, 4, 4)]))
   assert any(n.startswith("slot_insert/8/96/8/") for n in names(before))
   assert fits.tokens == vanilla.tokens
+  # a phase that does not split its first fill inserts all its first rows in one call (that
+  # program, compiled just above)
+  from lsdist_jax.llama.slots import SlotBatch
+
+  inserted, real_insert = [], SlotBatch.insert
+  monkeypatch.setattr(SlotBatch, "insert", lambda self, slot_ids, contexts, *a, **k: (
+      inserted.append(len(contexts)), real_insert(self, slot_ids, contexts, *a, **k))[1])
+  for split in (True, False):
+    inserted.clear()
+    run = runner.run_continuous(ContinuousPlan([Phase(order, 80, 8, 2, split_first=split)]))
+    assert run.tokens == vanilla.tokens
+    assert inserted[:4 if split else 1] == ([2, 2, 2, 2] if split else [8])
 
 
 def test_a_planned_phase_without_members_runs_the_rows_carried_into_it(runner):

@@ -15,10 +15,11 @@ The runner's rules (`simulate_continuous` follows them exactly):
   the queue that do not fit (c >= S) are taken out at the start and carried on to the next phase
   (ahead of the rows this phase caps), in queue order.
 * The first fill takes min(B, len(queue)) rows into slots in ascending slot index, queue
-  order: in one insert call when it takes the whole queue, else (the phase refills) in insert
-  calls of padded_batch(m) rows each, one after another (the refills' program, so that none of
-  all B rows is compiled); then decode. A row with r tokens still to generate occupies its slot for min(r, cap) decode steps
-  and is then done: finished if r <= cap, else capped (it generated exactly cap tokens here).
+  order: in one insert call when it takes the whole queue or the phase's `split_first` is
+  False, else (the phase refills) in insert calls of padded_batch(m) rows each, one after
+  another (the refills' program, so that none of all B rows is compiled); then decode. A row
+  with r tokens still to generate occupies its slot for min(r, cap) decode steps and is then
+  done: finished if r <= cap, else capped (it generated exactly cap tokens here).
   One decode call runs steps until at least m slots are free (done or empty) while the queue is
   non-empty, or until every slot is done once the queue is empty. A call that would run no step
   (rows already done at their insert: r = 0) is not made. Then the done rows leave; if the queue
@@ -69,11 +70,15 @@ class Phase:
   refill: int  # m: a decode call ends once m slots are free (while the queue is non-empty)
   drain: int = 0  # d: once the queue is empty, the phase ends when at most d rows still run
   block: int = 0  # every insert prefills at least this context block (0: each its own)
+  # where the phase refills, its first fill is made of refill-sized inserts (the refills'
+  # programs: none of all its slots' rows to compile); False: one insert of all its first rows
+  split_first: bool = True
 
   def __post_init__(self):
     self.members = np.asarray(self.members, np.int64).reshape(-1)
     self.cache_len, self.slots, self.refill = int(self.cache_len), int(self.slots), int(self.refill)
-    self.drain, self.block = int(self.drain), int(self.block)
+    self.drain, self.block, self.split_first = int(self.drain), int(self.block), bool(
+        self.split_first)
     if not 0 <= self.block <= self.cache_len:
       raise ValueError(f"a phase's block must be in 0..cache_len={self.cache_len}, got "
                        f"{self.block}")
@@ -221,7 +226,9 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       k = min(free.size, n - pos, most)
       # a first fill is one insert when it takes every queued row, else (the phase refills)
       # inserts of a refill's bucket each, the refills' programs (no decode between them)
-      step = k if most == slots and pos + k >= n else bucket
+      if most == slots:  # the first fill
+        whole_first = pos + k >= n or not phase.split_first
+      step = k if most == slots and whole_first else bucket
       most = bucket
       use, idle = free[:k], free[k:]
       slot_row[use] = np.arange(pos, pos + k)
@@ -271,19 +278,20 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   tally.inserts += ks.size
   tally.decodes += decodes
   tally.steps += steps
-  tally.programs |= programs(slots, cache, ks, blocks, refill, cost, decodes > 0)
+  tally.programs |= programs(slots, cache, ks, blocks, refill, cost, decodes > 0, whole_first)
   return np.concatenate([unfit, queue[np.concatenate(left_capped)]])
 
 
 def programs(slots: int, cache: int, ks, blocks, refill: int, cost: CostModel,
-             decoded: bool = True) -> set[tuple]:
+             decoded: bool = True, whole_first: bool = True) -> set[tuple]:
   """The programs a phase of `slots` x `cache` compiles for insert calls of ks rows at context
-  blocks `blocks` (the runner's rule: a phase that never refills inserts its rows in one call
-  at their own rows bucket; in one that does, every insert, its first fill's too, is padded to
-  at least `refill` rows): its decode loop, an insert per (rows, block), a first-token sampler
-  per rows."""
+  blocks `blocks` (the runner's rule: every insert after the first fill padded to at least
+  `refill` rows; the first fill one insert at its own rows bucket where `whole_first`, else
+  refill-sized inserts like the rest): its decode loop, an insert per (rows, block), a
+  first-token sampler per rows."""
   ks = np.asarray(ks, np.int64).reshape(-1)
-  least = np.full(ks.size, int(refill) if ks.size > 1 else 1, np.int64)
+  least = np.full(ks.size, int(refill), np.int64)
+  least[:1] = 1 if whole_first else int(refill)
   rows = np.asarray(cost.padded_batch(np.maximum(ks, least)), np.int64).reshape(-1).tolist()
   blocks = np.broadcast_to(np.asarray(blocks, np.int64), ks.shape).tolist()
   out = {("insert", slots, cache, r, b) for r, b in zip(rows, blocks)}

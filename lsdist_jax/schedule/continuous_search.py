@@ -189,6 +189,45 @@ def _search_last_refill(best: ContinuousPlan, evaluate, requests: Requests, cost
   return _search_variants(best, evaluate, "last_refill", "last_refill", None, variants)
 
 
+def _search_first_fill(best: ContinuousPlan, evaluate, choices=(True, False)
+                       ) -> ContinuousPlan:
+  """`best` (first fills split), or, where `choices` holds False, `best` with every phase's
+  first fill one insert (`Phase.split_first` False), of least `evaluate`: a split first fill
+  compiles no insert of all the slots' rows, which wins where options.compile_seconds is
+  charged; one insert makes fewer, larger prefill calls. notes: split_first; search row
+  ("split_first", False, ...)."""
+  return _search_variants(best, evaluate, "split_first", "split_first", True, [
+      (False, [dataclasses.replace(p, split_first=False) for p in best.phases])]
+      if False in choices else [])
+
+
+def first_fill_by_cost(phase: Phase, requests: Requests, cost: CostModel,
+                       options: Options) -> Phase:
+  """`phase` (every request queued in it) with the first fill of least cost, without lengths:
+  split (`split_first`) unless one insert of the first rows costs less than the refill-sized
+  inserts, its two programs' compilation charged (options.compile_seconds, unless
+  options.compiled holds them)."""
+  n = phase.members.size
+  k = min(n, phase.slots)
+  if n <= k:
+    return phase
+  cache, members = phase.cache_len, phase.members[:k]
+  step = int(cost.padded_batch(max(1, min(phase.refill, phase.slots))))
+
+  def seconds(rows):  # one insert call of these members
+    block = max(int(insert_block(int(requests.prompt_len[rows].max()), cache, cost)),
+                phase.block)
+    return cost.batch_overhead_ms * 1e-3 + float(cost.prefill_time(rows.size, block))
+
+  split = sum(seconds(members[c:c + step]) for c in range(0, k, step))
+  rows = int(cost.padded_batch(k))
+  own = {("insert", phase.slots, cache, rows, max(int(insert_block(
+      int(requests.prompt_len[members].max()), cache, cost)), phase.block)),
+         ("first", phase.slots, cache, rows)}
+  whole = seconds(members) + options.compile_seconds * len(own - options.compiled)
+  return dataclasses.replace(phase, split_first=bool(split <= whole))
+
+
 # ----------------------------------------------------------------------------- planners
 
 
@@ -256,7 +295,8 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
                            phase_factors=PHASE_FACTORS,
                            key_caps=SEARCH_KEY_CAPS,
                            drain_fractions=DRAIN_FRACTIONS,
-                           last_refill_fractions=LAST_REFILL_FRACTIONS) -> ContinuousPlan:
+                           last_refill_fractions=LAST_REFILL_FRACTIONS,
+                           split_first=(True, False)) -> ContinuousPlan:
   """The probabilistic planner: the threshold, key cap, refill fraction and min_phase_factor
   whose plan has the least expected time, estimated by simulating each candidate on the same
   `draws` sets of lengths sampled from the predicted pmfs (seed `rng_seed`; common random
@@ -266,10 +306,12 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
   row carried on: the fewest programs, which wins where options.compile_seconds outweighs the
   decode time shorter caches save). Then, for the best phases, the refill size and one block
   per phase or not (`_search_refill`), the admission order (`_search_order`), the drain
-  (`with_drain`) and last the refill of the whole-room phase where capped rows end
-  (`with_last_refill`). notes: search = [(threshold, refill fraction, min_phase_factor, expected
-  seconds, key cap)], then an ("order", name, ...) row per order, a ("drain", fraction, ...) row
-  per drain and a ("last_refill", fraction, ...) row per last refill tried."""
+  (`with_drain`), the refill of the whole-room phase where capped rows end
+  (`with_last_refill`) and last the first fills, split or not (`split_first`). notes: search =
+  [(threshold, refill fraction, min_phase_factor, expected seconds, key cap)], then an
+  ("order", name, ...) row per order, a ("drain", fraction, ...) row per drain, a
+  ("last_refill", fraction, ...) row per last refill tried and a ("split_first", False, ...)
+  row."""
   if requests.length_pmf is None:
     raise ValueError("continuous-search needs predicted pmfs")
   samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(rng_seed), draws)
@@ -303,6 +345,7 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
   best = _search_order(best, evaluate, requests)
   best = _search_drain(best, evaluate, drain_fractions)
   best = _search_last_refill(best, evaluate, requests, cost, options, last_refill_fractions)
+  best = _search_first_fill(best, evaluate, split_first)
   best.notes.update(draws=int(draws), rng_seed=int(rng_seed))
   return best
 
@@ -311,14 +354,16 @@ def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options
                            refill_fractions=REFILL_FRACTIONS, phase_factors=PHASE_FACTORS,
                            key_caps=(None,) + CAP_GRID,
                            drain_fractions=DRAIN_FRACTIONS,
-                           last_refill_fractions=LAST_REFILL_FRACTIONS) -> ContinuousPlan:
+                           last_refill_fractions=LAST_REFILL_FRACTIONS,
+                           split_first=(True, False)) -> ContinuousPlan:
   """Phases keyed by the true lengths (no slack), or by min(true length, K) for a key cap K
   (a cascade: a row longer than K starts in a short, wide cache and carries on, as a static
   plan's recovery does); the key cap, refill fraction and min_phase_factor with the least
-  simulated time on the true lengths (then the drain and the last phase's refill, as
-  continuous-search does). With K = None nothing is capped. notes: search = [(key cap, refill
-  fraction, min_phase_factor, seconds, key cap)], then a ("drain", fraction, ...) row per drain
-  and a ("last_refill", fraction, ...) row per last refill tried."""
+  simulated time on the true lengths (then the drain, the last phase's refill and the first
+  fills, as continuous-search does). With K = None nothing is capped. notes: search = [(key
+  cap, refill fraction, min_phase_factor, seconds, key cap)], then a ("drain", fraction, ...)
+  row per drain, a ("last_refill", fraction, ...) row per last refill tried and a
+  ("split_first", False, ...) row."""
   if requests.true_length is None:
     raise ValueError("continuous-oracle needs the true lengths")
   true = np.minimum(np.asarray(requests.true_length, np.int64), requests.room)
@@ -337,17 +382,19 @@ def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options
 
   best = _search_drain(_search(candidates(), evaluate, "continuous-oracle"), evaluate,
                        drain_fractions)
-  return _search_last_refill(best, evaluate, requests, cost, options, last_refill_fractions)
+  return _search_first_fill(_search_last_refill(best, evaluate, requests, cost, options,
+                                                last_refill_fractions), evaluate, split_first)
 
 
 def plan_continuous_vanilla(requests: Requests, cost: CostModel, options: Options,
                             refill_fraction: float = DEFAULT_REFILL_FRACTION) -> ContinuousPlan:
   """No prediction: dataset order, one phase whose cache holds every request's whole room
   (nothing is capped), slots from the KV budget (no more than the bucket holding every
-  request)."""
+  request), its first fill split or not by its cost (`first_fill_by_cost`)."""
   cache_len = int(slot_cache_len(requests.prompt_len, requests.room, cost).max())
   slots = slots_for(cache_len, cost, options, rows=requests.n)
-  phase = Phase(np.arange(requests.n), cache_len, slots, refill_for(slots, refill_fraction))
+  phase = first_fill_by_cost(Phase(np.arange(requests.n), cache_len, slots,
+                                   refill_for(slots, refill_fraction)), requests, cost, options)
   return ContinuousPlan([phase], "continuous-vanilla",
                         notes={"refill_fraction": float(refill_fraction)})
 

@@ -229,11 +229,12 @@ class Runner:
   def _precompile(self, phases) -> None:
     """Starts compiling every phase's programs in the background (the engine's
     compile_threads), in the order the run needs them, while the first phase runs: the first
-    insert (of all the phase's rows where they fit its slots at once, else a refill's rows at
-    the block of the first fill's first insert) and its sampler, the decode loop, then a
-    refill's rows at each context block of the phase's prompts; none for refills the first
-    phase never makes (its prompts all fit its first fill). Rows carried in from an earlier
-    phase may bring other blocks; those compile when first run."""
+    insert (of all its first fill's rows where they fit its slots at once or the phase does
+    not split its first fill, else a refill's rows at the block of the first fill's first
+    insert) and its sampler, the decode loop, then a refill's rows at each context block of
+    the phase's prompts; none for refills the first phase never makes (its prompts all fit its
+    first fill). Rows carried in from an earlier phase may bring other blocks; those compile
+    when first run."""
     gen = self.engine.generator
     if gen.compile_threads < 1:
       return
@@ -249,11 +250,11 @@ class Runner:
       floor = int(phase.block)
       blocks = np.maximum(buckets.insert_block(self.prompt_len[members], s), floor)
       inserts = []
-      if members.size == len(first):  # its own rows fit at once: one insert of them all
-        inserts.append((len(first), int(blocks.max())))
+      if members.size == len(first) or not phase.split_first:  # a first fill of one insert
+        inserts.append((len(first), int(blocks[:len(first)].max())))
       if k > 0 or members.size > len(first):  # it refills (a later phase may take carried rows)
-        # every insert a refill's rows, the first fill's too (`_run_phase`): its first
-        # insert's block first
+        # every later insert a refill's rows, a split first fill's too (`_run_phase`): its
+        # first insert's block first
         refill = max(1, min(int(phase.refill), slots))
         chunk = buckets.batch_size(refill)
         inserts += [(refill, int(b)) for b in dict.fromkeys(
@@ -273,18 +274,18 @@ class Runner:
     pending = [r for r, ok in zip(queue, fits) if ok]
     refill = max(1, min(int(phase.refill), batch.slots))
     drain = int(phase.drain)
-    # Every insert of a phase that refills is one program per context block: at most a
-    # refill's bucket of rows, padded to it (slots freed beyond it wait for the next refill).
-    # Its first fill too is made of such inserts, one after another, so that no insert or
-    # sampler of all its slots' rows is compiled; a phase whose rows all fit its slots inserts
-    # them in one call. (`schedule.continuous` simulates this rule.)
+    # After the first fill every insert is one program per context block: at most a refill's
+    # bucket of rows, padded to it (slots freed beyond it wait for the next refill). A phase
+    # that refills makes its first fill too of such inserts, one after another (`split_first`),
+    # so that no insert or sampler of all its slots' rows is compiled; otherwise the first fill
+    # is one call. (`schedule.continuous` simulates this rule.)
     most, min_rows, bucket = batch.slots, 0, gen.buckets.batch_size(refill)
     while True:
       clock = EngineClock(gen)
       free = [j for j, r in enumerate(occupant) if r < 0]
       take = pending[:min(len(free), most)]
       del pending[:len(take)]
-      if pending:
+      if pending and phase.split_first:
         min_rows = refill
       step = bucket if min_rows else max(len(take), 1)
       calls = [(free[c:min(c + step, len(take))], take[c:c + step])
