@@ -83,8 +83,9 @@ def continuous_phases(requests: Requests, key_len: np.ndarray, cost: CostModel, 
   return phases
 
 
-def _with_refill(phases: list[Phase], fraction: float) -> list[Phase]:
-  return [dataclasses.replace(p, refill=refill_for(p.slots, fraction)) for p in phases]
+def _with_refill(phases: list[Phase], fraction: float, split: bool = True) -> list[Phase]:
+  return [dataclasses.replace(p, refill=refill_for(p.slots, fraction), split_first=split)
+          for p in phases]
 
 
 def with_drain(phases: list[Phase], fraction: float) -> list[Phase]:
@@ -107,7 +108,8 @@ def with_last_refill(phases: list[Phase], requests: Requests, cost: CostModel, o
     last = phases[-1]
     return phases[:-1] + [dataclasses.replace(last, refill=refill_for(last.slots, fraction))]
   slots = slots_for(top, cost, options, rows=requests.n)
-  return list(phases) + [Phase(np.zeros(0, np.int64), top, slots, refill_for(slots, fraction))]
+  return list(phases) + [Phase(np.zeros(0, np.int64), top, slots, refill_for(slots, fraction),
+                               split_first=phases[-1].split_first if phases else True)]
 
 
 def with_blocks(phases: list[Phase], requests: Requests, cost: CostModel) -> list[Phase]:
@@ -191,14 +193,15 @@ def _search_last_refill(best: ContinuousPlan, evaluate, requests: Requests, cost
 
 def _search_first_fill(best: ContinuousPlan, evaluate, choices=(True, False)
                        ) -> ContinuousPlan:
-  """`best` (first fills split), or, where `choices` holds False, `best` with every phase's
-  first fill one insert (`Phase.split_first` False), of least `evaluate`: a split first fill
-  compiles no insert of all the slots' rows, which wins where options.compile_seconds is
-  charged; one insert makes fewer, larger prefill calls. notes: split_first; search row
-  ("split_first", False, ...)."""
-  return _search_variants(best, evaluate, "split_first", "split_first", True, [
-      (False, [dataclasses.replace(p, split_first=False) for p in best.phases])]
-      if False in choices else [])
+  """`best` (searched with its phases' first fills split or not: `Phase.split_first`, one
+  value for all), or, where `choices` holds the other value, `best` with it, of least
+  `evaluate`: a split first fill compiles no insert of all the slots' rows, which wins where
+  options.compile_seconds is charged; one insert makes fewer, larger prefill calls. notes:
+  split_first; search row ("split_first", the other value, ...)."""
+  own = all(p.split_first for p in best.phases)
+  return _search_variants(best, evaluate, "split_first", "split_first", own, [
+      (not own, [dataclasses.replace(p, split_first=not own) for p in best.phases])]
+      if (not own) in choices else [])
 
 
 def first_fill_by_cost(phase: Phase, requests: Requests, cost: CostModel,
@@ -235,10 +238,11 @@ def plan_continuous(requests: Requests, cost: CostModel, options: Options,
                     threshold: float | None = None,
                     refill_fraction: float = DEFAULT_REFILL_FRACTION) -> ContinuousPlan:
   """Phases keyed by the pmf's `threshold` quantile (options.threshold by default), or by the
-  scalar prediction."""
+  scalar prediction; first fills split where compilation is charged (as the searches start)."""
   threshold = options.threshold if threshold is None else float(threshold)
   key = np.minimum(predicted_length(requests, threshold), requests.room)
   phases = continuous_phases(requests, key, cost, options, refill_fraction=refill_fraction)
+  phases = [dataclasses.replace(p, split_first=options.compile_seconds > 0) for p in phases]
   return ContinuousPlan(phases, "continuous",
                         threshold if requests.length_pmf is not None else None,
                         notes={"refill_fraction": float(refill_fraction)})
@@ -249,14 +253,14 @@ def _phases_key(phases: list[Phase], blocks: bool = False) -> tuple:
                for p in phases)
 
 
-def _search(candidates, evaluate, strategy: str) -> ContinuousPlan:
-  """The candidate plan of least `evaluate(plan)`. candidates: (phases, refill fraction,
-  threshold, notes); the table row of each is (notes' first value, fraction, min_phase_factor,
-  seconds, key cap). Identical phase lists (many thresholds give the same phases) are evaluated
-  once."""
+def _search(candidates, evaluate, strategy: str, split: bool = True) -> ContinuousPlan:
+  """The candidate plan of least `evaluate(plan)`, first fills split or not (`split`).
+  candidates: (phases, refill fraction, threshold, notes); the table row of each is (notes'
+  first value, fraction, min_phase_factor, seconds, key cap). Identical phase lists (many
+  thresholds give the same phases) are evaluated once."""
   best, table, seen = None, [], {}
   for phases, fraction, threshold, notes in candidates:
-    plan = ContinuousPlan(_with_refill(phases, fraction), strategy, threshold,
+    plan = ContinuousPlan(_with_refill(phases, fraction, split), strategy, threshold,
                           notes={"refill_fraction": float(fraction), **notes})
     key = (_phases_key(phases, blocks=True), fraction)
     if key not in seen:
@@ -283,7 +287,7 @@ def _search_refill(best: ContinuousPlan, evaluate, first: float, refill_fraction
   candidates = [(phases, f, best.threshold, dict(notes, one_block=one))
                 for phases, one in variants for f in refill_fractions]
   candidates.sort(key=lambda c: (c[1] != first) or c[3]["one_block"])  # `best` itself first
-  refined = _search(candidates, evaluate, strategy)
+  refined = _search(candidates, evaluate, strategy, best.phases[0].split_first)
   refined.notes["search"] = best.notes["search"] + refined.notes["search"][1:]
   return refined
 
@@ -339,7 +343,9 @@ def plan_continuous_search(requests: Requests, cost: CostModel, options: Options
   def evaluate(plan):
     return expected_seconds(plan, requests, samples, cost, options)
 
-  best = _search(candidates(), evaluate, "continuous-search")
+  # first fills split where compilation is charged (the job), else one insert (the steady
+  # state); the other tried last
+  best = _search(candidates(), evaluate, "continuous-search", options.compile_seconds > 0)
   best = _search_refill(best, evaluate, first, refill_fractions, requests, cost,
                         "continuous-search")
   best = _search_order(best, evaluate, requests)
@@ -380,7 +386,8 @@ def plan_continuous_oracle(requests: Requests, cost: CostModel, options: Options
   def evaluate(plan):
     return simulate_continuous(plan, requests, true, cost, options).seconds
 
-  best = _search_drain(_search(candidates(), evaluate, "continuous-oracle"), evaluate,
+  best = _search_drain(_search(candidates(), evaluate, "continuous-oracle",
+                               options.compile_seconds > 0), evaluate,
                        drain_fractions)
   return _search_first_fill(_search_last_refill(best, evaluate, requests, cost, options,
                                                 last_refill_fractions), evaluate, split_first)
