@@ -50,7 +50,8 @@ def reference_simulate(plan, req, true_length, cost, options):
   while k < len(phases) or carried:
     if k >= len(phases):
       ctx = np.array([req.prompt_len[r] + gen[r] for r in carried])
-      phases.append(final_phase(ctx, req.max_seq_len - ctx, cost, options))
+      phases.append(dataclasses.replace(final_phase(ctx, req.max_seq_len - ctx, cost, options),
+                                        split_first=phases[-1].split_first))
       extra += 1
     phase = phases[k]
     k += 1

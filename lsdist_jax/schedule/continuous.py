@@ -36,7 +36,8 @@ The runner's rules (`simulate_continuous` follows them exactly):
 * Rows capped in a phase are carried to the front of the next phase's queue in the order they
   left: by the decode call after which they left, then by slot index. If the last phase leaves
   rows, the runner appends `final_phase(...)` (a cache that holds every row's whole room, so
-  nothing is capped) with those rows as its queue; at most 16 such extra phases.
+  nothing is capped; its first fill split or not as the phase before it) with those rows as
+  its queue; at most 16 such extra phases.
 * Seconds: each insert call of k rows whose longest context is c_max costs batch_overhead +
   prefill_time(k, max(insert_block(c_max), block)) (the engine pads the block to
   prompt_bucket x 2^i; a phase's `block` > 0 pads every insert to at least that block, so that
@@ -49,6 +50,7 @@ The runner's rules (`simulate_continuous` follows them exactly):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -318,7 +320,8 @@ def simulate_continuous(plan: ContinuousPlan, requests: Requests, true_length: n
       if extra == max_extra_phases:
         raise RuntimeError(f"{carried.size} requests unfinished after {extra} extra phases")
       ctx = requests.prompt_len[carried] + generated[carried]
-      phases.append(final_phase(ctx, requests.max_seq_len - ctx, cost, options))
+      phases.append(dataclasses.replace(final_phase(ctx, requests.max_seq_len - ctx, cost,
+                                                    options), split_first=phases[-1].split_first))
       extra += 1
     carried = _run_phase(phases[k], carried, requests, true, generated, cost, tally)
     tally.carried += carried.size

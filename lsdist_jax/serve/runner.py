@@ -192,7 +192,8 @@ class Runner:
     moves to the front of the next phase's queue, continued from its context, and so do the
     rows still running when a phase with `drain` ends (its queue empty, at most `drain` rows
     running: the slots' tail would run at low occupancy); rows left after
-    the last phase run in phases `final_phase(contexts, rooms)` returns (their queue)."""
+    the last phase run in phases `final_phase(contexts, rooms)` returns (their queue), each
+    with the first-fill choice (`split_first`) of the phase before it."""
     n = len(self.prompt_ids)
     _check_each_once(n, plan.phases)
     generated: list[list[int]] = [[] for _ in range(n)]
@@ -218,7 +219,9 @@ class Runner:
         rooms = self.max_seq_len - contexts
         if self.max_tokens is not None:
           rooms = np.minimum(rooms, np.asarray(self._left(rows, generated)))
-        phase, name = final_phase(contexts, rooms), "recovery"
+        # with the first-fill choice of the phase before it (its plan's)
+        phase, name = dataclasses.replace(final_phase(contexts, rooms),
+                                          split_first=phase.split_first), "recovery"
         extra += 1
       queue = carried + [int(m) for m in phase.members]
       carried = self._run_phase(phase, queue, name, generated, finished, records, seconds)
