@@ -85,10 +85,10 @@ def byte_level_tokenizer(path: str):
 
 class HeaderTokenizer:
   """A `tokenizers` tokenizer with the calls of a transformers fast tokenizer that `Tokenizer`
-  makes: `tok(text)["input_ids"]`, `decode`, `apply_chat_template` (the template rendered as
-  transformers renders it: a sandboxed jinja with its `raise_exception`, `tojson` and
-  `strftime_now`), `save_pretrained` (a folder transformers' AutoTokenizer reads), the special
-  tokens and their ids."""
+  makes: `tok(text)["input_ids"]`, `decode`, `batch_decode`, `apply_chat_template` (the
+  template rendered as transformers renders it: a sandboxed jinja with its `raise_exception`,
+  `tojson` and `strftime_now`), `save_pretrained` (a folder transformers' AutoTokenizer reads),
+  the special tokens and their ids."""
 
   def __init__(self, backend, chat_template: str | None, special: dict[str, str],
                name_or_path: str = ""):
@@ -119,7 +119,7 @@ class HeaderTokenizer:
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
     return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-  def decode_batch(self, rows, skip_special_tokens: bool = False) -> list[str]:
+  def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
     return self.backend.decode_batch([list(r) for r in rows],
                                      skip_special_tokens=skip_special_tokens)
 

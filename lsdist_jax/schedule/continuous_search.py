@@ -11,7 +11,7 @@ import numpy as np
 
 from lsdist_jax.schedule import dist
 from lsdist_jax.schedule.continuous import (ContinuousPlan, Phase, expected_seconds,
-                                            insert_block, refill_for, sample_lengths,
+                                            insert_block, programs, refill_for, sample_lengths,
                                             simulate_continuous, slot_cache_len, slots_for)
 from lsdist_jax.schedule.cost import CostModel
 from lsdist_jax.schedule.planners import CAP_GRID, SEARCH_THRESHOLDS, predicted_length
@@ -215,18 +215,17 @@ def first_fill_by_cost(phase: Phase, requests: Requests, cost: CostModel,
   if n <= k:
     return phase
   cache, members = phase.cache_len, phase.members[:k]
-  step = int(cost.padded_batch(max(1, min(phase.refill, phase.slots))))
+  refill = max(1, min(phase.refill, phase.slots))
+  step = int(cost.padded_batch(refill))
+
+  def block(rows):  # the context block an insert of these members prefills
+    return max(int(insert_block(int(requests.prompt_len[rows].max()), cache, cost)), phase.block)
 
   def seconds(rows):  # one insert call of these members
-    block = max(int(insert_block(int(requests.prompt_len[rows].max()), cache, cost)),
-                phase.block)
-    return cost.batch_overhead_ms * 1e-3 + float(cost.prefill_time(rows.size, block))
+    return cost.batch_overhead_ms * 1e-3 + float(cost.prefill_time(rows.size, block(rows)))
 
   split = sum(seconds(members[c:c + step]) for c in range(0, k, step))
-  rows = int(cost.padded_batch(k))
-  own = {("insert", phase.slots, cache, rows, max(int(insert_block(
-      int(requests.prompt_len[members].max()), cache, cost)), phase.block)),
-         ("first", phase.slots, cache, rows)}
+  own = programs(phase.slots, cache, [k], [block(members)], refill, cost, decoded=False)
   whole = seconds(members) + options.compile_seconds * len(own - options.compiled)
   return dataclasses.replace(phase, split_first=bool(split <= whole))
 
