@@ -18,6 +18,10 @@ flags.DEFINE_string("store", None, "length store (default: config.collect.store 
                     "<workdir>/store)")
 flags.DEFINE_list("requests", ["2048"], "request counts to simulate")
 flags.DEFINE_string("out", "", "write the JSON here")
+flags.DEFINE_list("strategies", [], "strategies to simulate (default: the config's "
+                  "benchmark.strategies); simulation also runs the paged ones")
+flags.DEFINE_bool("paged_sweep", False, "also simulate paged-vanilla at every batch size it may "
+                  "run (rows paged-vanilla@<slots>)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -37,7 +41,9 @@ def main(argv):
   cost = load_cost_model(config, FLAGS.workdir)
   runs = []
   for n in FLAGS.requests:
-    out = simulate_strategies(config, store, paths.predictor_exports(FLAGS.workdir), cost, int(n))
+    out = simulate_strategies(config, store, paths.predictor_exports(FLAGS.workdir), cost, int(n),
+                              strategies=FLAGS.strategies or None,
+                              paged_sweep=FLAGS.paged_sweep)
     out["cost_model_file"] = paths.cost_model(config, FLAGS.workdir)
     print(f"\n{n} requests, KV budget {out['kv_budget_tokens']} tokens (simulated)")
     print(report.markdown_table(out["rows"]))

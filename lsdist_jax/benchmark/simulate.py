@@ -18,7 +18,9 @@ from lsdist_jax.schedule.continuous import simulate_continuous
 from lsdist_jax.schedule.simulate import simulate
 from lsdist_jax.serve import plan as serve_plan
 from lsdist_jax.serve.requests import store_requests
-from lsdist_jax.serve.strategies import (NEEDS_TRUE_LENGTHS, STRATEGIES, is_continuous,
+from lsdist_jax.schedule.paged import simulate_paged
+from lsdist_jax.schedule.paged_search import PAGED_PLANNERS, plan_paged_vanilla, slot_choices
+from lsdist_jax.serve.strategies import (NEEDS_TRUE_LENGTHS, STRATEGIES, is_continuous, is_paged,
                                          strategy_options)
 
 EXACT = "exact-distribution"
@@ -38,9 +40,10 @@ def exact_pmfs(data: dict, rows: np.ndarray, max_len: int) -> np.ndarray:
 
 
 def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: CostModel,
-                        n_requests: int, strategies=None) -> dict:
+                        n_requests: int, strategies=None, paged_sweep: bool = False) -> dict:
   """Simulated samples/s of each strategy (config.benchmark.strategies by default, then
-  exact-distribution) on `n_requests` store requests; ratios against vanilla:best and oracle."""
+  exact-distribution) on `n_requests` store requests; ratios against vanilla:best and oracle.
+  paged_sweep: also paged-vanilla at each batch size it may run (`paged-vanilla@<slots>`)."""
   from lsdist_jax.store import LengthStore
 
   max_seq_len = int(config.generation.max_seq_len)
@@ -79,18 +82,36 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
     sched = serve_plan.planner_requests(reqs.prompt_len, max_seq_len, pmf, scalar,
                                         true_length if planner in NEEDS_TRUE_LENGTHS else None)
     opts = strategy_options(name, options, cost, reqs.prompt_len, max_seq_len)
-    plan = serve_plan.plan_any(planner, sched, cost, opts)
-    if is_continuous(planner):
-      result = simulate_continuous(plan, sched, true_length, cost, opts)
-    else:
-      result = simulate(plan, sched, true_length, cost,
-                        serve_plan.recovery_fn(planner, sched, cost, opts))
-    out_rows.append({"strategy": name, "samples_per_s": n_requests / result.seconds,
-                     "tokens_per_s": result.generated_tokens / result.seconds,
-                     "seconds": result.seconds, "expected_seconds": plan.expected_cost,
-                     "effective_token_ratio": result.effective_token_ratio,
-                     "batches": result.batches, "recovery_batches": result.recovery_batches,
-                     "generated_tokens": result.generated_tokens})
+    out_rows.append(_row(name, *_plan_and_run(planner, sched, true_length, cost, opts),
+                         n_requests))
+  if paged_sweep:  # paged-vanilla at every batch size it may run (each chosen in hindsight)
+    sched = serve_plan.planner_requests(reqs.prompt_len, max_seq_len, None, None, None)
+    for slots in slot_choices(sched, cost, options):
+      plan = plan_paged_vanilla(sched, cost, options, slots=slots)
+      out_rows.append(_row(f"paged-vanilla@{slots}", plan,
+                           simulate_paged(plan, sched, reqs.recorded_length, cost, options),
+                           n_requests))
   report.add_ratios(out_rows)
   return {"requests": n_requests, "kv_budget_tokens": int(options.kv_budget_tokens),
           "cost_model": cost.source, "rows": out_rows}
+
+
+def _plan_and_run(planner: str, sched, true_length, cost: CostModel, opts):
+  """(plan, its simulated result) for a static, continuous or paged planner."""
+  if is_paged(planner):
+    plan = PAGED_PLANNERS[planner](sched, cost, opts)
+    return plan, simulate_paged(plan, sched, true_length, cost, opts)
+  plan = serve_plan.plan_any(planner, sched, cost, opts)
+  if is_continuous(planner):
+    return plan, simulate_continuous(plan, sched, true_length, cost, opts)
+  return plan, simulate(plan, sched, true_length, cost,
+                        serve_plan.recovery_fn(planner, sched, cost, opts))
+
+
+def _row(name: str, plan, result, n_requests: int) -> dict:
+  return {"strategy": name, "samples_per_s": n_requests / result.seconds,
+          "tokens_per_s": result.generated_tokens / result.seconds,
+          "seconds": result.seconds, "expected_seconds": plan.expected_cost,
+          "effective_token_ratio": result.effective_token_ratio,
+          "batches": result.batches, "recovery_batches": result.recovery_batches,
+          "generated_tokens": result.generated_tokens}

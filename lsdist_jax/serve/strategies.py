@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 
 from lsdist_jax.schedule.continuous_search import CONTINUOUS_PLANNERS
+from lsdist_jax.schedule.paged_search import PAGED_PLANNERS
 
 DEFAULT_VANILLA_BATCH = 16  # the paper's fixed batch
 
@@ -28,20 +29,29 @@ STRATEGIES = {
     "continuous-vanilla": ("continuous-vanilla", None),
     "ours-continuous": ("continuous-search", "distribution"),
     "oracle-continuous": ("continuous-oracle", None),
+    # paged execution, schedule/paged_search.py: simulated only (launch/simulate.py)
+    "paged-vanilla": ("paged-vanilla", None),
+    "ours-paged": ("paged-search", "distribution"),
+    "oracle-paged": ("paged-oracle", None),
 }
-NEEDS_TRUE_LENGTHS = ("oracle", "continuous-oracle")  # planners given every true length
+# planners given every true length
+NEEDS_TRUE_LENGTHS = ("oracle", "continuous-oracle", "paged-oracle")
 
 # The generate job's --strategy: planners that use a distribution predictor, and ssch with a
 # LoRA predictor export.
 JOB_PLANNERS = ("continuous-search", "vbs", "search", "optimal", "ssch")
 
 
-def check_strategies(names) -> list[str]:
-  """The names, each known; the first must not need true lengths (it gives them)."""
+def check_strategies(names, engine: bool = True) -> list[str]:
+  """The names, each known (and, for an `engine` run, one the engine executes: not a paged one);
+  the first must not need true lengths (it gives them)."""
   names = list(names)
   for name in names:
     if name not in STRATEGIES:
       raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+    if engine and is_paged(STRATEGIES[name][0]):
+      raise ValueError(f"strategy {name!r} is paged execution, which the engine does not run "
+                       "yet: simulate it (launch/simulate.py)")
   if names and STRATEGIES[names[0]][0] in NEEDS_TRUE_LENGTHS:
     raise ValueError(f"{names[0]} needs a strategy before it whose run gives the true lengths")
   return names
@@ -49,6 +59,10 @@ def check_strategies(names) -> list[str]:
 
 def is_continuous(planner: str) -> bool:
   return planner in CONTINUOUS_PLANNERS
+
+
+def is_paged(planner: str) -> bool:
+  return planner in PAGED_PLANNERS
 
 
 def vanilla_best_batch(cost, options, prompt_len: np.ndarray, max_seq_len: int) -> int:

@@ -1,0 +1,272 @@
+"""Paged continuous execution (simulated; the engine does not run it yet): every row's KV cache
+lives in pages of one pool of `kv_budget_tokens` tokens and grows a page at a time, so the
+budget bounds the tokens rows hold, not slots x a cache length. What a length predictor decides
+here is admission: how many requests may run at once without the pool running out, and in what
+order they enter. The planners are in `schedule/paged_search.py`. numpy only.
+
+The rules (`simulate_paged` follows them; the engine's paged runner is to follow the same):
+
+* A plan has `slots` B (rows decoding together), `page` tokens per page, a pool of
+  P = kv_budget_tokens // page pages, `refill` m (at most B), an admission `order` (request ids) and an
+  admission rule. The queue starts as `order`.
+* A row with context c (prompt + tokens generated before) holds ceil(c / page) pages once
+  inserted; with r tokens still to generate it runs r decode steps. At its j-th step (1-based)
+  it writes the KV of position c + j - 1 (a new page when that position is a page's first) and
+  reads c + j cache tokens.
+* Before each decode step the rows whose next position starts a page ask for one. If the free
+  pages do not cover them, running rows are preempted in the reverse order of their admission
+  (the latest first, as vLLM does), each freeing its pages (a preempted row asks for nothing),
+  until they do. A preempted row leaves with the tokens it holds (j + 1 after j steps: its
+  insert sampled the first) and goes back to the front of the queue (rows preempted together
+  in admission order) to be prefilled again from its context. Rows that finish at a step free
+  their pages after it.
+* Refill points: the start, and the end of every decode call. There the queue's front requests
+  (those with nothing left to generate leave at once) are admitted into free slots in queue
+  order until one is refused (into every free slot: preemption may free many at once):
+  - `fcfs` (no prediction): admitted while the free pages less the row's pages at its first
+    step stay >= `watermark`;
+  - `reserve`: each running row's usage is projected from its projected total length (the
+    true one, or the `quantile` of its predicted length given the tokens it has); a request
+    is admitted when the projected pool use of the running rows and it, step by step from now,
+    stays within `level` x P pages, and the free pages cover its first step (a row's use at
+    future step t is bounded by (c + t + page - 1) / page, so exact lengths never preempt).
+  If nothing runs, the front request is admitted anyway. The admitted rows are inserted in one
+  call at the start, else in calls of the bucket of m rows each.
+* A decode call runs steps until at least min(B, f + m) slots are free (f: free after the
+  refill; preempted and finished rows free theirs) while the queue is not empty, else until
+  every row is done.
+* Seconds: an insert call of k rows of longest context c costs batch_overhead + prefill_time(k,
+  insert_block(c)); a decode call batch_overhead + steps x step_time(B, max_seq_len) plus the
+  live-token cost of the cache tokens its rows read.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from lsdist_jax.schedule.continuous import ContinuousSimResult, insert_block
+from lsdist_jax.schedule.cost import CostModel
+from lsdist_jax.schedule.types import Options, Requests
+from lsdist_jax.shapes import round_up
+
+ADMISSIONS = ("fcfs", "reserve")
+PROJECTIONS = ("predicted", "true")
+
+
+@dataclasses.dataclass
+class PagedPlan:
+  order: np.ndarray  # request ids, admission order
+  slots: int  # B
+  page: int  # tokens per page
+  refill: int  # m
+  admission: str = "fcfs"
+  watermark: int = 0  # fcfs: pages left free at admission
+  quantile: float = 0.9  # reserve, predicted: a row's projected length
+  level: float = 1.0  # reserve: the projected peak may reach this fraction of the pool
+  projection: str = "predicted"  # reserve: "predicted" (the pmf) or "true" (true lengths)
+  strategy: str = ""
+  expected_cost: float | None = None
+  threshold: float | None = None
+  notes: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.order = np.asarray(self.order, np.int64).reshape(-1)
+    self.slots, self.page, self.refill = int(self.slots), int(self.page), int(self.refill)
+    if self.slots < 1 or self.page < 1 or self.refill < 1:
+      raise ValueError(f"a paged plan needs slots, page and refill >= 1; got {self.slots}, "
+                       f"{self.page}, {self.refill}")
+    self.refill = min(self.refill, self.slots)
+    if self.admission not in ADMISSIONS or self.projection not in PROJECTIONS:
+      raise ValueError(f"admission must be one of {ADMISSIONS} and projection one of "
+                       f"{PROJECTIONS}; got {self.admission!r}, {self.projection!r}")
+
+  def members(self) -> np.ndarray:
+    return self.order
+
+
+def pool_pages(options: Options, page: int, max_seq_len: int) -> int:
+  """Pages of the pool; it must hold one row of max_seq_len tokens."""
+  pages = int(options.kv_budget_tokens) // int(page)
+  if pages * int(page) < int(max_seq_len):
+    raise ValueError(f"kv_budget_tokens={options.kv_budget_tokens} does not hold one row of "
+                     f"max_seq_len={max_seq_len} tokens in pages of {page}")
+  return pages
+
+
+class Projector:
+  """Projected total lengths of rows that have generated g tokens and go on (length > g):
+  exact (`true`), or the q-quantile of the predicted pmf given length > g (the room where the
+  pmf has no mass left)."""
+
+  def __init__(self, requests: Requests, true: np.ndarray | None, quantile: float):
+    self.true, self.q, self.room = true, float(quantile), requests.room
+    if true is None:
+      cdf = requests.__dict__.get("_paged_cdf")
+      if cdf is None or cdf[0] is not requests.length_pmf:
+        f = np.cumsum(requests.pmf_within_room(), axis=1)
+        f /= f[:, -1:]
+        cdf = (requests.length_pmf, f, (f + 2.0 * np.arange(f.shape[0])[:, None]).reshape(-1))
+        requests.__dict__["_paged_cdf"] = cdf
+      self.cdf, self.flat = cdf[1], cdf[2]
+
+  def __call__(self, ids: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    if self.true is not None:
+      return np.maximum(self.true[ids], generated + 1)
+    bins = self.cdf.shape[1]
+    g = np.minimum(generated, bins - 1)
+    below = self.cdf[ids, g]
+    target = below + self.q * (1.0 - below)
+    idx = np.searchsorted(self.flat, target - 1e-12 + 2.0 * ids, side="left") - bins * ids
+    length = np.where(1.0 - below > 1e-9, np.minimum(idx, bins - 1), self.room[ids])
+    return np.maximum(length, generated + 1)
+
+
+def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
+                   cost: CostModel, options: Options) -> ContinuousSimResult:
+  """Seconds of `plan` run by the rules above when request r generates true_length[r] tokens
+  (at most its room)."""
+  true = np.minimum(np.asarray(true_length, np.int64), requests.room)
+  page, B, m = plan.page, plan.slots, plan.refill
+  pool = pool_pages(options, page, requests.max_seq_len)
+  horizon = int(requests.max_seq_len) + 1
+  project = None
+  if plan.admission == "reserve":
+    project = Projector(requests, true if plan.projection == "true" else None, plan.quantile)
+  prompt = requests.prompt_len
+  generated = np.zeros(requests.n, np.int64)
+  queue = collections.deque(int(r) for r in plan.order)
+  row = np.full(B, -1, np.int64)
+  ctx = np.zeros(B, np.int64)
+  left = np.zeros(B, np.int64)
+  held = np.zeros(B, np.int64)
+  stamp = np.zeros(B, np.int64)
+  ran = np.zeros(B, np.int64)
+  free_pages, counter = pool, 0
+  bucket = int(cost.padded_batch(m))
+  block_cap = round_up(int(requests.max_seq_len), int(cost.cache_bucket))
+  insert_k, insert_ctx = [], []
+  steps = decodes = preempted = 0
+  live = 0.0
+  first = True
+  while True:
+    # ---- refill point
+    free = np.flatnonzero(row < 0)
+    most = free.size
+    usage = None
+    admitted = []
+    while queue and len(admitted) < most:
+      r = queue[0]
+      if generated[r] >= true[r]:  # nothing left (preempted after its last token)
+        queue.popleft()
+        continue
+      c = int(prompt[r] + generated[r])
+      need = -(-(c + 1) // page)
+      running = bool((row >= 0).any()) or bool(admitted)
+      if plan.admission == "fcfs":
+        ok = free_pages - need >= plan.watermark
+      else:
+        if usage is None:
+          usage = _projected_use(project, row, ran, ctx, generated, page, horizon)
+        total = int(project(np.array([r]), np.array([generated[r]]))[0])
+        own = _ramp(c, total - int(generated[r]), page, horizon)
+        ok = free_pages >= need and float((usage + own).max()) <= plan.level * pool
+      if not ok and running:
+        break
+      if free_pages < -(-c // page):
+        break  # cannot happen when nothing runs (the pool holds a whole row)
+      queue.popleft()
+      s = int(free[len(admitted)])
+      row[s], ctx[s], left[s], ran[s] = r, c, true[r] - generated[r], 0
+      held[s] = -(-c // page)
+      free_pages -= int(held[s])
+      stamp[s], counter = counter, counter + 1
+      if usage is not None:
+        usage = usage + own
+      admitted.append(c)
+    step = len(admitted) if first else bucket
+    for i in range(0, len(admitted), max(step, 1)):
+      insert_k.append(min(step, len(admitted) - i))
+      insert_ctx.append(max(admitted[i:i + step]))
+    first = False
+    if not (row >= 0).any():
+      if queue:
+        continue
+      break
+    # ---- decode call
+    target = min(B, int((row < 0).sum()) + m)
+    ran_steps = 0
+    while True:
+      running = row >= 0
+      if not running.any():
+        break
+      needers = running & (ctx % page == 0)
+      short = int(needers.sum()) - free_pages
+      if short > 0:
+        for s in np.flatnonzero(running)[np.argsort(-stamp[running])]:
+          free_pages += int(held[s])
+          short -= int(held[s]) + int(needers[s])
+          needers[s] = False
+          r = int(row[s])
+          generated[r] += int(ran[s]) + 1
+          queue.appendleft(r)  # later-admitted pushed first: the queue keeps admission order
+          row[s], held[s] = -1, 0
+          preempted += 1
+          if short <= 0:
+            break
+        running = row >= 0
+      held[needers] += 1
+      free_pages -= int(needers.sum())
+      live += float((ctx[running] + 1).sum())
+      ctx[running] += 1
+      ran[running] += 1
+      left[running] -= 1
+      ran_steps += 1
+      done = running & (left == 0)
+      for s in np.flatnonzero(done):
+        generated[row[s]] += int(ran[s])
+      free_pages += int(held[done].sum())
+      row[done], held[done] = -1, 0
+      if queue and int((row < 0).sum()) >= target:
+        break
+    if ran_steps:
+      decodes += 1
+      steps += ran_steps
+  if not np.array_equal(generated, true):
+    raise AssertionError("the paged simulation did not generate every request's true length")
+  ks = np.asarray(insert_k, np.int64)
+  blocks = insert_block(np.asarray(insert_ctx, np.int64), block_cap, cost)
+  overhead = cost.batch_overhead_ms * 1e-3
+  seconds = (overhead * (ks.size + decodes) + float(np.sum(cost.prefill_time(ks, blocks)))
+             + steps * float(cost.step_time(B, block_cap)) + float(cost.live_time(live)))
+  computed = int(np.sum(cost.padded_batch(ks))) + int(cost.padded_batch(B)) * steps
+  keys = {("paged-insert", B, pool, int(cost.padded_batch(k)), int(b))
+          for k, b in zip(ks.tolist(), np.broadcast_to(blocks, ks.shape).tolist())}
+  keys |= {("paged-decode", B, pool)}
+  return ContinuousSimResult(seconds, 1, 0, int(true.sum()), computed, int(ks.size), decodes,
+                             steps, preempted, [seconds], len(keys), frozenset(keys))
+
+
+def _ramp(context: int, tokens: int, page: int, horizon: int) -> np.ndarray:
+  """A row's projected pages at future steps t = 0..horizon-1 (step t+1 of its run): bounded by
+  (context + t + page) / page while it runs (t < tokens), 0 after."""
+  t = np.arange(horizon, dtype=np.float64)
+  return np.where(t < tokens, (context + t + page) / page, 0.0)
+
+
+def _projected_use(project, row, ran, ctx, generated, page, horizon) -> np.ndarray:
+  """Sum of the running rows' `_ramp`s: projected pages in use at each future step (difference
+  counts over the steps at which rows are projected to end)."""
+  running = np.flatnonzero(row >= 0)
+  if running.size == 0:
+    return np.zeros(horizon)
+  ids = row[running]
+  have = generated[ids] + ran[running]  # tokens a running row has (its length is more)
+  ends = np.clip(project(ids, have) - have, 0, horizon)
+  base = (ctx[running] + page) / page
+  ended = np.cumsum(np.bincount(ends, minlength=horizon + 1))[:horizon]
+  ended_base = np.cumsum(np.bincount(ends, weights=base, minlength=horizon + 1))[:horizon]
+  t = np.arange(horizon, dtype=np.float64)
+  return (base.sum() - ended_base) + (running.size - ended) * t / page
