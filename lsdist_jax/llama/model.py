@@ -20,6 +20,7 @@ from flax import linen as nn
 from lsdist_jax import sharding as shd
 from lsdist_jax.llama.config import LlamaConfig
 from lsdist_jax.llama import decode_attention as pallas_decode
+from lsdist_jax.llama import paged_attention
 
 Array = jax.Array
 Cache = list  # [{"k": [B, KVH, S, Dh], "v": [B, KVH, S, Dh]}] * num_layers
@@ -101,6 +102,13 @@ class Attention(nn.Module):
     cache_dtype = layer_cache["k"].dtype
     k_new = k.transpose(0, 2, 1, 3).astype(cache_dtype)  # [B, KVH, T, Dh]
     v_new = v.transpose(0, 2, 1, 3).astype(cache_dtype)
+    if kv_bounds is not None and len(kv_bounds) == 3:  # a paged pool (llama/paged.py)
+      if t != 1:
+        raise ValueError(f"a paged pool takes one token per row, got {t}")
+      out, pool = paged_attention.write_and_attend(
+          q.reshape(b, kvh, groups, hd), k_new[:, :, 0], v_new[:, :, 0], layer_cache,
+          write_index, *kv_bounds, impl=self.decode_impl, dtype=self.dtype)
+      return jnp.einsum("bthk,hkd->btd", out.reshape(b, 1, h, hd), wo.astype(self.dtype)), pool
     if jnp.ndim(write_index) == 0:
       zero = jnp.zeros((), jnp.int32)
       start = (zero, zero, write_index.astype(jnp.int32), zero)
@@ -195,7 +203,8 @@ class Llama(nn.Module):
   row that is not active reads no cache at all (its outputs are then meaningless).
   `logits_at="last"` computes the head only for the last position (prefill and decode);
   `hidden_layers` picks which hidden states to return: k in 0..num_layers-1 is block k's output,
-  -1 is the final-norm output (the head's input).
+  -1 is the final-norm output (the head's input). `pages` [B, MP]: the cache is a paged pool
+  (`paged_attention`), one token per row at write_index [B].
   """
   config: LlamaConfig
   dtype: Any = jnp.bfloat16
@@ -214,12 +223,17 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, cache: Cache, write_index: Array, pad_len: Array,
                logits_at: str = "last", hidden_layers: Sequence[int] = (),
-               hidden_at: str = "last", active: Array | None = None):
+               hidden_at: str = "last", active: Array | None = None,
+               pages: Array | None = None):
     cfg = self.config
     embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        self.param_dtype)
-    positions, mask, kv_bounds = _geometry(tokens.shape, cache[0]["k"].shape[2], write_index,
-                                           pad_len, active)
+    # a paged pool (pages [B, MP]: each row's pages): MP x page logical positions per row
+    cache_len = (cache[0]["k"].shape[2] if pages is None
+                 else pages.shape[1] * cache[0]["k"].shape[2])
+    positions, mask, kv_bounds = _geometry(tokens.shape, cache_len, write_index, pad_len, active)
+    if pages is not None:
+      kv_bounds = kv_bounds + (pages,)
 
     def pick(x):
       return x[:, -1:] if hidden_at == "last" else x

@@ -1,4 +1,5 @@
-"""Paged continuous execution (simulated; the engine does not run it yet): every row's KV cache
+"""Paged continuous execution (the engine's side: `llama/paged.py`, `serve/paged_runner.py`):
+every row's KV cache
 lives in pages of one pool of `kv_budget_tokens` tokens and grows a page at a time, so the
 budget bounds the tokens rows hold, not slots x a cache length. What a length predictor decides
 here is admission: how many requests may run at once without the pool running out, and in what
@@ -17,12 +18,13 @@ The rules (`simulate_paged` follows them; the engine's paged runner is to follow
   pages do not cover them, running rows are preempted in the reverse order of their admission
   (the latest first, as vLLM does), each freeing its pages (a preempted row asks for nothing),
   until they do. A preempted row leaves with the tokens it holds (j + 1 after j steps: its
-  insert sampled the first) and goes back to the front of the queue (rows preempted together
-  in admission order) to be prefilled again from its context. Rows that finish at a step free
+  insert sampled the first) and, unless that reaches its room, goes back to the front of the
+  queue (rows preempted together in admission order) to be prefilled again from its context. Rows that finish at a step free
   their pages after it.
 * Refill points: the start, and the end of every decode call. There the queue's front requests
-  (those with nothing left to generate leave at once) are admitted into free slots in queue
-  order until one is refused (into every free slot: preemption may free many at once):
+  are admitted into free slots in queue order until one is refused (into every free slot:
+  preemption may free many at once); one with nothing left to generate (preempted with its last
+  token) is done at its insert, its pages and slot free before the decode call:
   - `fcfs` (no prediction): admitted while the free pages less the row's pages at its first
     step stay >= `watermark`;
   - `reserve`: each running row's usage is projected from its projected total length (the
@@ -31,7 +33,8 @@ The rules (`simulate_paged` follows them; the engine's paged runner is to follow
     stays within `level` x P pages, and the free pages cover its first step (a row's use at
     future step t is bounded by (c + t + page - 1) / page, so exact lengths never preempt).
   If nothing runs, the front request is admitted anyway. The admitted rows are inserted in one
-  call at the start, else in calls of the bucket of m rows each.
+  call at the start, else in calls of the bucket of m rows each (a call of fewer rows runs at
+  m rows: one program per context block).
 * A decode call runs steps until at least min(B, f + m) slots are free (f: free after the
   refill; preempted and finished rows free theirs) while the queue is not empty, else until
   every row is done.
@@ -124,6 +127,42 @@ class Projector:
     return np.maximum(length, generated + 1)
 
 
+class Admission:
+  """The admission rule at a refill point (`fcfs` or `reserve`), shared by the simulator and
+  the runner. `start` takes the running rows (request ids, contexts in cache, tokens each has in
+  all); `try_admit` says whether request r (context c, g tokens so far) enters now, and counts
+  it in if so."""
+
+  def __init__(self, plan: PagedPlan, requests: Requests, true: np.ndarray | None, pool: int):
+    self.plan, self.pool, self.page = plan, pool, plan.page
+    self.horizon = int(requests.max_seq_len) + 1
+    self.project = None
+    if plan.admission == "reserve":
+      self.project = Projector(requests, true if plan.projection == "true" else None,
+                               plan.quantile)
+
+  def start(self, ids: np.ndarray, contexts: np.ndarray, have: np.ndarray) -> None:
+    self.rows = (np.asarray(ids, np.int64), np.asarray(contexts, np.int64),
+                 np.asarray(have, np.int64))
+    self.usage = None
+
+  def try_admit(self, r: int, c: int, g: int, free_pages: int, running: bool) -> bool:
+    """Whether request r may enter (with `free_pages` free); `running`: anything runs or was
+    admitted this round (if not, it enters anyway)."""
+    need = -(-(c + 1) // self.page)
+    if self.plan.admission == "fcfs":
+      ok = free_pages - need >= self.plan.watermark
+    else:
+      if self.usage is None:
+        self.usage = _projected_use(self.project, *self.rows, self.page, self.horizon)
+      total = int(self.project(np.array([r]), np.array([g]))[0])
+      own = _ramp(c, total - g, self.page, self.horizon)
+      ok = free_pages >= need and float((self.usage + own).max()) <= self.plan.level * self.pool
+      if ok or not running:
+        self.usage = self.usage + own
+    return bool(ok or not running)
+
+
 def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
                    cost: CostModel, options: Options) -> ContinuousSimResult:
   """Seconds of `plan` run by the rules above when request r generates true_length[r] tokens
@@ -131,11 +170,8 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
   true = np.minimum(np.asarray(true_length, np.int64), requests.room)
   page, B, m = plan.page, plan.slots, plan.refill
   pool = pool_pages(options, page, requests.max_seq_len)
-  horizon = int(requests.max_seq_len) + 1
-  project = None
-  if plan.admission == "reserve":
-    project = Projector(requests, true if plan.projection == "true" else None, plan.quantile)
-  prompt = requests.prompt_len
+  admission = Admission(plan, requests, true, pool)
+  prompt, room = requests.prompt_len, requests.room
   generated = np.zeros(requests.n, np.int64)
   queue = collections.deque(int(r) for r in plan.order)
   row = np.full(B, -1, np.int64)
@@ -154,43 +190,30 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
   while True:
     # ---- refill point
     free = np.flatnonzero(row < 0)
-    most = free.size
-    usage = None
+    on = row >= 0
+    admission.start(row[on], ctx[on], generated[row[on]] + ran[on])
     admitted = []
-    while queue and len(admitted) < most:
+    while queue and len(admitted) < free.size:
       r = queue[0]
-      if generated[r] >= true[r]:  # nothing left (preempted after its last token)
-        queue.popleft()
-        continue
       c = int(prompt[r] + generated[r])
-      need = -(-(c + 1) // page)
-      running = bool((row >= 0).any()) or bool(admitted)
-      if plan.admission == "fcfs":
-        ok = free_pages - need >= plan.watermark
-      else:
-        if usage is None:
-          usage = _projected_use(project, row, ran, ctx, generated, page, horizon)
-        total = int(project(np.array([r]), np.array([generated[r]]))[0])
-        own = _ramp(c, total - int(generated[r]), page, horizon)
-        ok = free_pages >= need and float((usage + own).max()) <= plan.level * pool
-      if not ok and running:
+      running = bool(on.any()) or bool(admitted)
+      if not admission.try_admit(r, c, int(generated[r]), free_pages, running):
         break
-      if free_pages < -(-c // page):
-        break  # cannot happen when nothing runs (the pool holds a whole row)
       queue.popleft()
       s = int(free[len(admitted)])
       row[s], ctx[s], left[s], ran[s] = r, c, true[r] - generated[r], 0
       held[s] = -(-c // page)
       free_pages -= int(held[s])
       stamp[s], counter = counter, counter + 1
-      if usage is not None:
-        usage = usage + own
       admitted.append(c)
     step = len(admitted) if first else bucket
-    for i in range(0, len(admitted), max(step, 1)):
-      insert_k.append(min(step, len(admitted) - i))
+    for i in range(0, len(admitted), max(step, 1)):  # after the first, padded to m rows
+      insert_k.append(max(min(step, len(admitted) - i), 0 if first else m))
       insert_ctx.append(max(admitted[i:i + step]))
     first = False
+    ended = (row >= 0) & (left == 0)  # nothing left to generate: done at its insert
+    free_pages += int(held[ended].sum())
+    row[ended], held[ended] = -1, 0
     if not (row >= 0).any():
       if queue:
         continue
@@ -205,13 +228,14 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
       needers = running & (ctx % page == 0)
       short = int(needers.sum()) - free_pages
       if short > 0:
-        for s in np.flatnonzero(running)[np.argsort(-stamp[running])]:
+        for s in np.flatnonzero(running)[np.argsort(-stamp[running], kind="stable")]:
           free_pages += int(held[s])
           short -= int(held[s]) + int(needers[s])
           needers[s] = False
           r = int(row[s])
           generated[r] += int(ran[s]) + 1
-          queue.appendleft(r)  # later-admitted pushed first: the queue keeps admission order
+          if generated[r] < room[r]:
+            queue.appendleft(r)  # later-admitted pushed first: the queue keeps admission order
           row[s], held[s] = -1, 0
           preempted += 1
           if short <= 0:
@@ -256,17 +280,15 @@ def _ramp(context: int, tokens: int, page: int, horizon: int) -> np.ndarray:
   return np.where(t < tokens, (context + t + page) / page, 0.0)
 
 
-def _projected_use(project, row, ran, ctx, generated, page, horizon) -> np.ndarray:
-  """Sum of the running rows' `_ramp`s: projected pages in use at each future step (difference
-  counts over the steps at which rows are projected to end)."""
-  running = np.flatnonzero(row >= 0)
-  if running.size == 0:
+def _projected_use(project, ids, contexts, have, page, horizon) -> np.ndarray:
+  """Sum of the running rows' `_ramp`s (request ids, contexts in cache, tokens each has in
+  all): projected pages in use at each future step (difference counts over the steps at which
+  rows are projected to end)."""
+  if ids.size == 0:
     return np.zeros(horizon)
-  ids = row[running]
-  have = generated[ids] + ran[running]  # tokens a running row has (its length is more)
   ends = np.clip(project(ids, have) - have, 0, horizon)
-  base = (ctx[running] + page) / page
+  base = (contexts + page) / page
   ended = np.cumsum(np.bincount(ends, minlength=horizon + 1))[:horizon]
   ended_base = np.cumsum(np.bincount(ends, weights=base, minlength=horizon + 1))[:horizon]
   t = np.arange(horizon, dtype=np.float64)
-  return (base.sum() - ended_base) + (running.size - ended) * t / page
+  return (base.sum() - ended_base) + (ids.size - ended) * t / page

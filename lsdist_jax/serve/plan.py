@@ -19,7 +19,8 @@ from lsdist_jax.schedule import plan_recovery, with_engine_shapes
 from lsdist_jax.schedule.continuous import final_phase, slot_cache_len, slots_for
 from lsdist_jax.schedule.continuous_search import make_continuous_plan
 from lsdist_jax.serve.requests import Requests, embed_requests
-from lsdist_jax.serve.strategies import is_continuous
+from lsdist_jax.schedule.paged_search import PAGED_PLANNERS
+from lsdist_jax.serve.strategies import is_continuous, is_paged
 
 
 def load_cost_model(config, workdir: str | None = None, engine=None) -> CostModel:
@@ -163,7 +164,10 @@ def recovery_fn(planner: str, requests: PlannerRequests, cost: CostModel, option
 
 
 def plan_any(planner: str, requests: PlannerRequests, cost: CostModel, options: Options):
-  """A static plan (schedule.PLANNERS) or a continuous one (schedule.continuous), by name."""
+  """A static plan (schedule.PLANNERS), a continuous one (schedule.continuous) or a paged one
+  (schedule.paged), by name."""
+  if is_paged(planner):
+    return PAGED_PLANNERS[planner](requests, cost, options)
   if is_continuous(planner):
     return make_continuous_plan(planner, requests, cost, options)
   return make_plan(planner, requests, cost, options)
@@ -172,7 +176,11 @@ def plan_any(planner: str, requests: PlannerRequests, cost: CostModel, options: 
 def run_plan(runner, planner: str, plan, requests: PlannerRequests, cost: CostModel,
              options: Options):
   """Executes `plan` with `runner`: static batches with FCR recovery planned by `planner`, or
-  continuous phases with the final-phase rule for rows left at the end."""
+  continuous phases with the final-phase rule for rows left at the end, or a paged plan."""
+  if is_paged(planner):
+    from lsdist_jax.serve.paged_runner import run_paged
+
+    return run_paged(runner, plan, requests, options)
   if is_continuous(planner):
     return runner.run_continuous(plan, lambda contexts, rooms: final_phase(contexts, rooms, cost,
                                                                             options))
@@ -198,7 +206,10 @@ def make_runner(engine, requests: Requests, config, forced_lengths=None, on_prog
 
 def describe_plan(planner: str, plan, options: Options) -> str:
   """One line on a plan: its strategy, batches or phases (slots, cache), the KV budget."""
-  if is_continuous(planner):
+  if is_paged(planner):
+    shape = (f"{plan.slots} slots over pages of {plan.page} tokens, {plan.admission} admission, "
+             f"refilled {plan.refill} at a time")
+  elif is_continuous(planner):
     phases = ", ".join(f"{p.slots} slots x {p.cache_len} refilled {p.refill} at a time"
                        + (f", inserts at block {p.block}" if p.block else "")
                        + (f", drains at {p.drain} rows" if p.drain else "")

@@ -36,6 +36,7 @@ class RunResult:
   finished: np.ndarray  # [n] bool: ended with EOS (else stopped at max_seq_len)
   batches: list[BatchRecord]
   seconds: dict[str, float]  # generate, recover, compile (time of calls that compiled)
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. a paged run's calls
 
   @property
   def generated_tokens(self) -> int:

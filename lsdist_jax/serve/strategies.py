@@ -29,7 +29,7 @@ STRATEGIES = {
     "continuous-vanilla": ("continuous-vanilla", None),
     "ours-continuous": ("continuous-search", "distribution"),
     "oracle-continuous": ("continuous-oracle", None),
-    # paged execution, schedule/paged_search.py: simulated only (launch/simulate.py)
+    # paged execution over one KV pool, schedule/paged_search.py
     "paged-vanilla": ("paged-vanilla", None),
     "ours-paged": ("paged-search", "distribution"),
     "oracle-paged": ("paged-oracle", None),
@@ -42,16 +42,12 @@ NEEDS_TRUE_LENGTHS = ("oracle", "continuous-oracle", "paged-oracle")
 JOB_PLANNERS = ("continuous-search", "vbs", "search", "optimal", "ssch")
 
 
-def check_strategies(names, engine: bool = True) -> list[str]:
-  """The names, each known (and, for an `engine` run, one the engine executes: not a paged one);
-  the first must not need true lengths (it gives them)."""
+def check_strategies(names) -> list[str]:
+  """The names, each known; the first must not need true lengths (it gives them)."""
   names = list(names)
   for name in names:
     if name not in STRATEGIES:
       raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-    if engine and is_paged(STRATEGIES[name][0]):
-      raise ValueError(f"strategy {name!r} is paged execution, which the engine does not run "
-                       "yet: simulate it (launch/simulate.py)")
   if names and STRATEGIES[names[0]][0] in NEEDS_TRUE_LENGTHS:
     raise ValueError(f"{names[0]} needs a strategy before it whose run gives the true lengths")
   return names

@@ -1,0 +1,125 @@
+"""The paged engine on the tiny model: a paged run returns exactly the responses of plain
+generation (preempted rows included), its calls and steps are those `simulate_paged` replays,
+and the paged decode kernel agrees with the gathered attention."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsdist_jax.llama.generator import Generator
+from lsdist_jax.llama.model import Llama
+from lsdist_jax.llama.paged import open_paged
+from lsdist_jax.llama.paged_attention import paged_decode_attention, write_and_attend
+from lsdist_jax.schedule import CostModel, Options, Requests
+from lsdist_jax.schedule.paged import PagedPlan, simulate_paged
+from lsdist_jax.serve.paged_runner import run_paged
+from lsdist_jax.serve.runner import Runner
+from lsdist_jax.shapes import Buckets
+
+MAX_SEQ_LEN = 72
+BUCKETS = Buckets(batch=(1, 2, 4, 8, 16), prompt=8, cache=32)
+
+
+@dataclasses.dataclass
+class Batch:
+  members: np.ndarray
+  cap: int
+
+
+@dataclasses.dataclass
+class Plan:
+  batches: list
+
+
+class _Engine:
+  def __init__(self, generator):
+    self.generator = generator
+
+
+def _runner(tiny_params, forced=None, n=12, seed=11):
+  cfg, params = tiny_params
+  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=BUCKETS)
+  rng = np.random.default_rng(seed)
+  prompts = [[1] + rng.integers(3, 256, size=rng.integers(3, 12)).tolist() for _ in range(n)]
+  return Runner(_Engine(gen), prompts, request_ids=range(100, 100 + n), temperature=0.8,
+                top_p=0.9, seed=3, max_seq_len=MAX_SEQ_LEN, forced_lengths=forced)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_params):
+  runner = _runner(tiny_params)
+  return runner, runner.run(Plan([Batch(np.arange(12), MAX_SEQ_LEN)]))
+
+
+@pytest.mark.parametrize("admission,budget,slots,page", [
+    ("fcfs", 8 * 72, 8, 8),  # room for every row: no preemption
+    ("fcfs", 160, 8, 8),  # a pool of 20 pages: rows are preempted and prefilled again
+    ("reserve", 192, 4, 16),
+])
+def test_a_paged_run_returns_the_responses_of_plain_generation(reference, admission, budget,
+                                                               slots, page):
+  runner, plain = reference
+  lengths = np.array([len(t) for t in plain.tokens])
+  requests = Requests(runner.prompt_len, MAX_SEQ_LEN, true_length=lengths)
+  plan = PagedPlan(np.random.default_rng(1).permutation(12), slots, page, 2, admission,
+                   projection="true")
+  result = run_paged(runner, plan, requests, Options(kv_budget_tokens=budget, max_batch=16))
+  assert result.tokens == plain.tokens
+  assert (result.finished == plain.finished).all()
+  if budget == 160:
+    assert result.counts["preemptions"] > 0
+
+
+def test_calls_steps_and_preemptions_are_the_simulators(tiny_params):
+  rng = np.random.default_rng(4)
+  forced = rng.integers(0, 50, 16)
+  runner = _runner(tiny_params, forced=forced, n=16, seed=5)
+  true = np.minimum(forced, MAX_SEQ_LEN - runner.prompt_len)
+  cost = CostModel(batch_buckets=BUCKETS.batch, prompt_bucket=8, cache_bucket=32)
+  for admission, budget in (("fcfs", 256), ("reserve", 320), ("fcfs", 1024)):
+    requests = Requests(runner.prompt_len, MAX_SEQ_LEN, true_length=true)
+    plan = PagedPlan(np.arange(16), 8, 8, 2, admission, watermark=1, projection="true")
+    options = Options(kv_budget_tokens=budget, max_batch=16)
+    result = run_paged(runner, plan, requests, options)
+    sim = simulate_paged(plan, requests, true, cost, options)
+    assert [len(t) for t in result.tokens] == true.tolist()
+    assert result.counts == {"insert_calls": sim.insert_calls, "decode_calls": sim.decode_calls,
+                             "decode_steps": sim.decode_steps, "preemptions": sim.carried_rows}
+    if budget == 256:
+      assert sim.carried_rows > 0
+
+
+def test_the_paged_kernel_agrees_with_the_gathered_attention():
+  rng = np.random.default_rng(0)
+  b, kvh, groups, hd, pages, page, width = 3, 2, 2, 16, 12, 8, 4
+  q = jnp.asarray(rng.normal(size=(b, kvh, groups, hd)), jnp.float32)
+  pool = {name: jnp.asarray(rng.normal(size=(kvh, pages, page, hd)), jnp.float32)
+          for name in ("k", "v")}
+  table = jnp.asarray([[3, 7, 1, pages], [0, 2, pages, pages], [5, 4, 6, 8]], jnp.int32)
+  lo = jnp.asarray([0, 0, 0], jnp.int32)
+  write = jnp.asarray([20, 9, 31], jnp.int32)  # each row writes its newest position here
+  new = {name: jnp.asarray(rng.normal(size=(b, kvh, hd)), jnp.float32) for name in ("k", "v")}
+  out, written = write_and_attend(q, new["k"], new["v"], pool, write, lo, write + 1, table,
+                                  impl="dot", dtype=jnp.float32)
+  flat = {name: x.reshape(kvh, pages * page, hd) for name, x in written.items()}
+  kernel = paged_decode_attention(q, flat["k"], flat["v"], lo, write + 1, table, page=page,
+                                  interpret=True)
+  np.testing.assert_allclose(np.asarray(kernel), np.asarray(out), atol=2e-5)
+  # the new key sits at its page and offset: row 0 position 20 -> entry 2 of its table, page 1
+  np.testing.assert_allclose(np.asarray(written["k"][:, 1, 4]), np.asarray(new["k"][0]))
+  # a row reads its positions only: changing a page it does not hold changes nothing
+  moved = {name: x.at[:, 11].set(0.0) for name, x in written.items()}
+  again = paged_decode_attention(q, moved["k"].reshape(kvh, -1, hd),
+                                 moved["v"].reshape(kvh, -1, hd), lo, write + 1, table,
+                                 page=page, interpret=True)
+  np.testing.assert_allclose(np.asarray(again), np.asarray(kernel), atol=1e-6)
+
+
+def test_a_pool_that_cannot_hold_a_row_is_named(tiny_params):
+  cfg, params = tiny_params
+  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=BUCKETS)
+  with pytest.raises(ValueError, match="does not hold one row"):
+    open_paged(gen, 4, 4, 8, max_seq_len=MAX_SEQ_LEN)
