@@ -1,7 +1,7 @@
 """The LLaMA-2-7B-shape length replay at scale (issue 15): random bf16 weights of the 7B shape,
 every request's EOS forced at a length recorded in the 7,451-prompt SmolLM2 store, 4,096
 requests over its 763 unseen test prompts (recorded samples, no prompt more than 6 times), all
-ten strategies; predictors trained on the store's train split (exports in the workdir).
+strategies; predictors trained on the store's train split (exports in the workdir).
 
   python launch/benchmark.py --config=configs/llama2_7b_replay_7451.py --workdir=runs/replay7451 \
       --name=benchmark_replay_7b --workers=2 --devices=0,1

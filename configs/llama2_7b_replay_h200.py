@@ -23,5 +23,7 @@ def get_config():
   c.schedule.compile_seconds = 0.0  # steady state: plans leave compilation out
   c.benchmark.strategies = ("vanilla:best", "vanilla:16", "ours-continuous", "oracle-continuous",
                             "ssch-scalar-max", "ours-search", "ours-optimal", "oracle",
-                            "continuous-vanilla", "ours")
+                            "continuous-vanilla", "ours",
+                            # one pool of KV pages instead of slots of a cache length each
+                            "paged-vanilla", "ours-paged", "oracle-paged")
   return c

@@ -18,5 +18,7 @@ def get_config():
   c.schedule.compile_seconds = 0.0  # steady state: plans leave compilation out
   c.benchmark.strategies = ("vanilla:best", "ours-search", "ssch-scalar-max", "ours-optimal",
                             "oracle", "ours-continuous", "oracle-continuous",
-                            "continuous-vanilla", "ours", "vanilla:16")
+                            "continuous-vanilla", "ours", "vanilla:16",
+                            # one pool of KV pages instead of slots of a cache length each
+                            "paged-vanilla", "ours-paged", "oracle-paged")
   return c

@@ -105,7 +105,8 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   # that recorded them (the predictors read the recorded hidden states).
   other = dataclasses.replace(get_preset("tiny"), hidden_size=32, name="tiny-32")
   config.benchmark.replay = True
-  config.benchmark.strategies = ("vanilla:16", "ours-optimal", "oracle", "ours-continuous")
+  config.benchmark.strategies = ("vanilla:16", "ours-optimal", "oracle", "ours-continuous",
+                                 "paged-vanilla", "ours-paged", "oracle-paged")
   engine = Engine.random(other, dtype="float32", engine_config=config.engine)
   out = run_benchmark(config, str(tmp_path), engine=engine,
                       predictor_dirs=predictor_exports(workdir))
