@@ -41,3 +41,23 @@ def random_requests(n=300, max_len=256, seed=0, max_seq_len=320):
   true = np.array([rng.choice(max_len + 1, p=p) for p in pmf])
   return Requests(rng.integers(5, 60, n), max_seq_len, pmf, scalar_length=pmf.argmax(1),
                   true_length=true)
+
+
+@dataclasses.dataclass
+class Batch:
+  """A static batch for `Runner.run` (members, cap)."""
+  members: np.ndarray
+  cap: int
+
+
+@dataclasses.dataclass
+class Plan:
+  """A static plan for `Runner.run`."""
+  batches: list
+
+
+class RunnerEngine:
+  """What a `Runner` needs of an engine: its generator."""
+
+  def __init__(self, generator):
+    self.generator = generator

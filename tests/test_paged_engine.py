@@ -2,7 +2,6 @@
 generation (preempted rows included), its calls and steps are those `simulate_paged` replays,
 and the paged decode kernel agrees with the gathered attention."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -23,20 +22,7 @@ MAX_SEQ_LEN = 72
 BUCKETS = Buckets(batch=(1, 2, 4, 8, 16), prompt=8, cache=32)
 
 
-@dataclasses.dataclass
-class Batch:
-  members: np.ndarray
-  cap: int
-
-
-@dataclasses.dataclass
-class Plan:
-  batches: list
-
-
-class _Engine:
-  def __init__(self, generator):
-    self.generator = generator
+from conftest import Batch, Plan, RunnerEngine as _Engine  # noqa: E402
 
 
 def _runner(tiny_params, forced=None, n=12, seed=11):

@@ -13,20 +13,7 @@ from lsdist_jax.schedule.continuous import Phase
 from lsdist_jax.serve.runner import Runner
 
 
-@dataclasses.dataclass
-class Batch:
-  members: np.ndarray
-  cap: int
-
-
-@dataclasses.dataclass
-class Plan:
-  batches: list
-
-
-class _Engine:
-  def __init__(self, generator):
-    self.generator = generator
+from conftest import Batch, Plan, RunnerEngine as _Engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")

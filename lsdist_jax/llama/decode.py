@@ -205,7 +205,7 @@ def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: 
   """Decode steps until at least `free_target` slots are done (or all are). seed [B],
   temperature [B], top_p [B, 2]: each slot's sampling settings. -> (state, steps)"""
   eos = jnp.asarray(eos_ids, jnp.int32)
-  b, width = state["out"].shape
+  b = state["out"].shape[0]
   pad = jnp.zeros((b,), jnp.int32)
   sample = _choose_fn(mesh, b)
 
@@ -224,21 +224,28 @@ def slot_decode(params, state, free_target, seed, temperature, top_p, *, model: 
     tok = sample(logits[:, -1], st["rid"], st["start"] + n_gen, st["forced"], seed,
                  temperature, top_p, ~done, top_k_candidates=top_k_candidates, eos=eos,
                  filler_id=filler_id)
-    is_eos = jnp.isin(tok, eos)
-    newly_finished = ~done & is_eos
-    accept = ~done & ~is_eos & (n_gen < st["cap"])
-    col = jnp.minimum(n_gen, width - 1)
-    # per row through vmap (no global row indices: each device writes its own rows on a mesh)
-    out = jax.vmap(lambda row, at, ok, new: row.at[at].set(jnp.where(ok, new, row[at])))(
-        st["out"], col, accept, tok)
-    new_n = n_gen + accept.astype(jnp.int32)
-    new_done = done | newly_finished | (new_n >= st["limit"]) | (n_gen >= st["cap"])
-    st = dict(st, cache=cache, tok=jnp.where(done, st["tok"], tok), n_gen=new_n, out=out,
-              done=new_done, finished=st["finished"] | newly_finished)
-    return steps + 1, st
+    return steps + 1, take_token(st, tok, cache, eos)
 
   steps, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
   return state, steps
+
+
+def take_token(st: dict, tok, cache, eos) -> dict:
+  """A decode step's tokens `tok` [B] into a slot state (with the step's `cache`): accepted
+  where the row runs, is not at its cap and `tok` is not EOS; the row is done at EOS, its cap
+  or its limit."""
+  done, n_gen = st["done"], st["n_gen"]
+  is_eos = jnp.isin(tok, eos)
+  newly_finished = ~done & is_eos
+  accept = ~done & ~is_eos & (n_gen < st["cap"])
+  col = jnp.minimum(n_gen, st["out"].shape[1] - 1)
+  # per row through vmap (no global row indices: each device writes its own rows on a mesh)
+  out = jax.vmap(lambda row, at, ok, new: row.at[at].set(jnp.where(ok, new, row[at])))(
+      st["out"], col, accept, tok)
+  new_n = n_gen + accept.astype(jnp.int32)
+  new_done = done | newly_finished | (new_n >= st["limit"]) | (n_gen >= st["cap"])
+  return dict(st, cache=cache, tok=jnp.where(done, st["tok"], tok), n_gen=new_n, out=out,
+              done=new_done, finished=st["finished"] | newly_finished)
 
 
 def _prefill(model: Llama, params, tokens, pad_len, hidden_layers=()):

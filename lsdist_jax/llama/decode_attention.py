@@ -26,20 +26,17 @@ def _dot(a, b, contract):
   return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, *, block: int, scale: float):
-  """One (row, kv head): q_ref [Gp, Dh], k_ref/v_ref [S, Dh], o_ref [Gp, Dh]; slots [lo, hi)."""
-  lo = lo_ref[...]
-  hi = hi_ref[...]
-  q = q_ref[...]
+def attend_blocks(q, load, lo, hi, block: int, scale: float):
+  """Online softmax of q [Gp, Dh] over the positions [lo, hi), block by block: load(i) gives
+  block i's keys and values ([block, Dh] each, positions i x block ...). -> [Gp, Dh] float32;
+  zeros where no position is live (a done row: nothing downstream reads it)."""
   gp, dh = q.shape
 
   def step(i, carry):
     run_max, denom, acc = carry
-    start = pl.multiple_of(i * block, block)
-    k = k_ref[pl.ds(start, block), :]
-    v = v_ref[pl.ds(start, block), :]
+    k, v = load(i)
     scores = _dot(q, k, ((1,), (1,))) * scale  # [Gp, block]
-    slots = start + jax.lax.broadcasted_iota(jnp.int32, (gp, block), 1)
+    slots = i * block + jax.lax.broadcasted_iota(jnp.int32, (gp, block), 1)
     scores = jnp.where((slots >= lo) & (slots < hi), scores, -jnp.inf)
     new_max = jnp.maximum(run_max, jnp.max(scores, axis=1))
     probs = jnp.exp(scores - new_max[:, None])
@@ -53,8 +50,18 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, *, block: int, scale: fl
   first = lo // block
   last = jnp.maximum((hi + block - 1) // block, first)
   _, denom, acc = jax.lax.fori_loop(first, last, step, init)
-  # A row with no live slot (done, or lo == hi) gets zeros: nothing downstream reads it.
-  o_ref[...] = (acc / jnp.maximum(denom, 1e-30)[:, None]).astype(o_ref.dtype)
+  return acc / jnp.maximum(denom, 1e-30)[:, None]
+
+
+def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, *, block: int, scale: float):
+  """One (row, kv head): q_ref [Gp, Dh], k_ref/v_ref [S, Dh], o_ref [Gp, Dh]; slots [lo, hi)."""
+
+  def load(i):
+    start = pl.multiple_of(i * block, block)
+    return k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]
+
+  o_ref[...] = attend_blocks(q_ref[...], load, lo_ref[...], hi_ref[...], block,
+                             scale).astype(o_ref.dtype)
 
 
 # (block, num_warps, num_stages) by head_dim; `launch/bench_engine.py --attention_sweep` times
@@ -81,6 +88,23 @@ def block_size(cache_len: int, preferred: int = 64) -> int:
   return block
 
 
+def launch_parts(q, dtype, interpret: bool, num_warps: int, num_stages: int):
+  """What a (row, kv head) grid's launch shares: (Gp: the query heads of a group padded to the
+  matrix units' rows, q padded so [B, KVH, Gp, Dh] in `dtype`, the per-row and per-head block
+  specs, the Triton settings unless `interpret`)."""
+  groups, dh = q.shape[2], q.shape[3]
+  rows = max(_MIN_ROWS, 1 << (groups - 1).bit_length())
+  q_padded = jnp.pad(q, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(dtype)
+  row_spec = pl.BlockSpec((None,), lambda i, j: (i,))
+  head_spec = pl.BlockSpec((None, None, rows, dh), lambda i, j: (i, j, 0, 0))
+  params = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as pl_triton
+    params["compiler_params"] = pl_triton.CompilerParams(num_warps=num_warps,
+                                                         num_stages=num_stages)
+  return rows, q_padded, row_spec, head_spec, params
+
+
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lo: jax.Array,
                      hi: jax.Array, *, block: int | None = None, interpret: bool = False,
                      num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
@@ -102,16 +126,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lo: j
   num_stages = num_stages or tuned_stages
   if s % block:
     raise ValueError(f"cache length {s} is not a multiple of the block {block}")
-  rows = max(_MIN_ROWS, 1 << (groups - 1).bit_length())
-  q_padded = jnp.pad(q, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_cache.dtype)
-  row_spec = pl.BlockSpec((None,), lambda i, j: (i,))
-  head_spec = pl.BlockSpec((None, None, rows, dh), lambda i, j: (i, j, 0, 0))
+  rows, q_padded, row_spec, head_spec, params = launch_parts(q, k_cache.dtype, interpret,
+                                                             num_warps, num_stages)
   cache_spec = pl.BlockSpec((None, None, s, dh), lambda i, j: (i, j, 0, 0))
-  params = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    params["compiler_params"] = pl_triton.CompilerParams(num_warps=num_warps,
-                                                         num_stages=num_stages)
   out = pl.pallas_call(
       functools.partial(_kernel, block=block, scale=dh ** -0.5),
       out_shape=jax.ShapeDtypeStruct((b, kvh, rows, dh), q.dtype),

@@ -30,6 +30,7 @@ from lsdist_jax import sharding as shd
 from lsdist_jax.llama import decode, sampling
 from lsdist_jax.llama.model import Llama
 from lsdist_jax.llama.sampling import sampling_rows
+from lsdist_jax.llama.slots import take_settings
 from lsdist_jax.shapes import batch_bucket, round_up
 
 
@@ -145,7 +146,7 @@ def paged_decode(params, state, more, seed, temperature, top_p, *, model: Llama,
   """Decode steps until `more` slots more than at the start are done (finished, at their
   limit, or preempted), or every slot is. -> (state, steps)"""
   eos = jnp.asarray(eos_ids, jnp.int32)
-  b, width = state["out"].shape
+  b = state["out"].shape[0]
   pad = jnp.zeros((b,), jnp.int32)
   free_target = jnp.minimum(jnp.sum(state["done"]) + more, b)
 
@@ -163,17 +164,7 @@ def paged_decode(params, state, more, seed, temperature, top_p, *, model: Llama,
     tok = sampling.choose(logits[:, -1], st["rid"], st["start"] + n_gen, st["forced"], seed,
                           temperature, top_p, ~done, top_k_candidates=top_k_candidates,
                           eos=eos, filler_id=filler_id)
-    is_eos = jnp.isin(tok, eos)
-    newly_finished = ~done & is_eos
-    accept = ~done & ~is_eos & (n_gen < st["cap"])
-    col = jnp.minimum(n_gen, width - 1)
-    out = st["out"].at[jnp.arange(b), col].set(jnp.where(accept, tok,
-                                                         st["out"][jnp.arange(b), col]))
-    new_n = n_gen + accept.astype(jnp.int32)
-    new_done = done | newly_finished | (new_n >= st["limit"]) | (n_gen >= st["cap"])
-    st = dict(st, cache=cache, tok=jnp.where(done, st["tok"], tok), n_gen=new_n, out=out,
-              done=new_done, finished=st["finished"] | newly_finished)
-    return steps + 1, st
+    return steps + 1, decode.take_token(st, tok, cache, eos)
 
   steps, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
   return _release(state, state["done"] & (state["held"] > 0)), steps
@@ -250,14 +241,7 @@ class PagedBatch:
     limits = per_row(room, 0, np.int32)
     if max_new_tokens is not None:
       limits[:n] = np.minimum(limits[:n], np.asarray(max_new_tokens, np.int32))
-    index = np.asarray(slot_ids, np.int64)
-    given = (seed, temperature, top_p)
-    fresh = sampling_rows(n, n, *[0 if g is None else g for g in given])
-    for held, value, new in zip(self.sampling, given, fresh):
-      if value is not None:
-        held[index] = new
-    settings = [np.concatenate([x[index], np.repeat(x[index[-1:]], k - n, axis=0)])
-                for x in self.sampling]
+    settings = take_settings(self.sampling, slot_ids, k, seed, temperature, top_p)
     self.state, logits = gen._run(
         f"paged_insert/{self.slots}/{self.pages}/{self.page}/{k}/{p}/{self.hidden_layer}",
         self._fn("paged_insert"), gen.params, self.state, slots, jnp.asarray(tokens),

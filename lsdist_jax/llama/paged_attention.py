@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lsdist_jax.llama.decode_attention import _MIN_ROWS, _NEG, _dot
+from lsdist_jax.llama.decode_attention import attend_blocks, launch_parts
 
 _MASKED = -1e30
 
@@ -54,33 +54,14 @@ def write_and_attend(q, k_new, v_new, layer_cache, write_index, lo, hi, pages, *
 
 def _kernel(lo_ref, hi_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, page: int, scale: float):
   """One (row, kv head): q_ref [Gp, Dh], k_ref / v_ref [T, Dh] (the head's whole pool),
-  pt_ref [MP] (the row's pages); logical positions [lo, hi)."""
-  lo = lo_ref[...]
-  hi = hi_ref[...]
-  q = q_ref[...]
-  gp, dh = q.shape
+  pt_ref [MP] (the row's pages); logical positions [lo, hi), page by page."""
 
-  def step(i, carry):
-    run_max, denom, acc = carry
+  def load(i):
     start = pl.multiple_of(pt_ref[i] * page, page)
-    k = k_ref[pl.ds(start, page), :]
-    v = v_ref[pl.ds(start, page), :]
-    scores = _dot(q, k, ((1,), (1,))) * scale  # [Gp, page]
-    slots = i * page + jax.lax.broadcasted_iota(jnp.int32, (gp, page), 1)
-    scores = jnp.where((slots >= lo) & (slots < hi), scores, -jnp.inf)
-    new_max = jnp.maximum(run_max, jnp.max(scores, axis=1))
-    probs = jnp.exp(scores - new_max[:, None])
-    rescale = jnp.exp(run_max - new_max)
-    denom = denom * rescale + jnp.sum(probs, axis=1)
-    acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v, ((1,), (0,)))
-    return new_max, denom, acc
+    return k_ref[pl.ds(start, page), :], v_ref[pl.ds(start, page), :]
 
-  init = (jnp.full((gp,), _NEG, jnp.float32), jnp.zeros((gp,), jnp.float32),
-          jnp.zeros((gp, dh), jnp.float32))
-  first = lo // page
-  last = jnp.maximum((hi + page - 1) // page, first)
-  _, denom, acc = jax.lax.fori_loop(first, last, step, init)
-  o_ref[...] = (acc / jnp.maximum(denom, 1e-30)[:, None]).astype(o_ref.dtype)
+  o_ref[...] = attend_blocks(q_ref[...], load, lo_ref[...], hi_ref[...], page,
+                             scale).astype(o_ref.dtype)
 
 
 def paged_decode_attention(q, k_pool, v_pool, lo, hi, pages, *, page: int,
@@ -94,17 +75,10 @@ def paged_decode_attention(q, k_pool, v_pool, lo, hi, pages, *, page: int,
   if total % page or dh & (dh - 1):
     raise ValueError(f"the pool ({total} tokens) must hold whole pages of {page}, and head_dim "
                      f"({dh}) be a power of two")
-  rows = max(_MIN_ROWS, 1 << (groups - 1).bit_length())
-  q_padded = jnp.pad(q, ((0, 0), (0, 0), (0, rows - groups), (0, 0))).astype(k_pool.dtype)
-  row_spec = pl.BlockSpec((None,), lambda i, j: (i,))
+  rows, q_padded, row_spec, head_spec, params = launch_parts(q, k_pool.dtype, interpret,
+                                                             num_warps, num_stages)
   table_spec = pl.BlockSpec((None, pages.shape[1]), lambda i, j: (i, 0))
-  head_spec = pl.BlockSpec((None, None, rows, dh), lambda i, j: (i, j, 0, 0))
   pool_spec = pl.BlockSpec((None, total, dh), lambda i, j: (j, 0, 0))
-  params = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    params["compiler_params"] = pl_triton.CompilerParams(num_warps=num_warps,
-                                                         num_stages=num_stages)
   out = pl.pallas_call(
       functools.partial(_kernel, page=page, scale=dh ** -0.5),
       out_shape=jax.ShapeDtypeStruct((b, kvh, rows, dh), q.dtype),

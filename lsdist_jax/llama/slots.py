@@ -101,14 +101,7 @@ class SlotBatch:
     limits = per_row(self.max_seq_len - lengths, 0, np.int32)
     if max_new_tokens is not None:
       limits[:n] = np.minimum(limits[:n], np.asarray(max_new_tokens, np.int32))
-    slot_index = np.asarray(slot_ids, np.int64)
-    given = (seed, temperature, top_p)
-    fresh = sampling_rows(n, n, *[0 if g is None else g for g in given])
-    for held, value, new in zip(self.sampling, given, fresh):
-      if value is not None:
-        held[slot_index] = new
-    settings = [np.concatenate([x[slot_index], np.repeat(x[slot_index[-1:]], k - n, axis=0)])
-                for x in self.sampling]  # [k] per inserted row (padding rows: the last's)
+    settings = take_settings(self.sampling, slot_ids, k, seed, temperature, top_p)
     slots = jnp.asarray(slots)
     self.state, logits = gen._run(
         insert_name(self.slots, self.cache_len, k, p, self.hidden_layer, u),
@@ -168,6 +161,22 @@ class SlotBatch:
     st = shd.to_host({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
     return SlotRead(np.asarray(st["out"]), np.asarray(st["n_gen"]), np.asarray(st["done"]),
                     np.asarray(st["finished"]))
+
+
+def take_settings(held: tuple, slot_ids: Sequence[int], rows: int, seed=None, temperature=None,
+                  top_p=None) -> list[np.ndarray]:
+  """The sampling settings of an insert of len(slot_ids) rows padded to `rows`: `held` (the
+  batch's per-slot seed, temperature, top_p arrays) takes each given setting (one value or one
+  per row; None: the slot keeps the batch's default) at these slots; -> each setting's values
+  for the inserted rows, [rows] (padding rows: the last row's)."""
+  index = np.asarray(slot_ids, np.int64)
+  n = index.size
+  given = (seed, temperature, top_p)
+  fresh = sampling_rows(n, n, *[0 if g is None else g for g in given])
+  for values, value, new in zip(held, given, fresh):
+    if value is not None:
+      values[index] = new
+  return [np.concatenate([x[index], np.repeat(x[index[-1:]], rows - n, axis=0)]) for x in held]
 
 
 def shared_rows(generator, rows: int) -> int:
