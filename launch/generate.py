@@ -28,10 +28,13 @@ config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py
 flags.DEFINE_string("input", None, "prompts JSONL")
 flags.DEFINE_string("output", None, "responses JSONL (written when every chunk is done)")
 flags.DEFINE_string("predictor", None, "a distributional predictor export (none: vanilla "
-                    "fixed batches, or plain slot refill for continuous-search)")
+                    "fixed batches, or plain slot refill / paging for continuous-search / "
+                    "paged-search)")
 flags.DEFINE_enum("strategy", "continuous-search", list(JOB_PLANNERS),
-                  "planner: continuous-search refills finished rows' slots (the fastest on "
-                  "docs/BENCHMARKS.md's runs); the others run static batches with FCR")
+                  "planner: continuous-search refills finished rows' slots (the fastest "
+                  "measured on docs/BENCHMARKS.md's runs); paged-search grows rows a page at a "
+                  "time in one KV pool (one device; simulated faster, not yet measured); the "
+                  "others run static batches with FCR")
 flags.DEFINE_integer("chunk", 8192, "prompts planned together (the planner sees their whole length "
                      "distribution; one chunk's tail runs at low occupancy) and written per "
                      "resumable part")

@@ -82,9 +82,10 @@ def test_generate_job_writes_every_response_in_input_order_and_resumes(pipeline_
                            top_p=config.generation.top_p, seed=config.generation.seed,
                            request_ids=[r["line"] for r in rows])
   assert [r["response_tokens"] for r in rows] == [len(d.token_ids) for d in direct]
-  # static batches with FCR, and no predictor at all: the very same responses (float32)
+  # static batches with FCR, a paged pool, and no predictor at all: the very same responses
   for strategy, predictor in (("search", predictor_exports(workdir)["distribution"]),
-                              ("continuous-search", None)):
+                              ("paged-search", predictor_exports(workdir)["distribution"]),
+                              ("continuous-search", None), ("paged-search", None)):
     other = tmp_path / f"{strategy}-{predictor is None}.jsonl"
     run_generate(config, str(src), str(other), predictor, strategy=strategy, chunk_size=4,
                  engine=engine, show_progress=False)

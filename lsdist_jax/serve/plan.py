@@ -244,8 +244,8 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
                      on_progress=None, options: Options | None = None):
   """Plans the requests of one chunk of a user's prompts with the predictor and runs them (the
   generate job); the plan is logged in one line. No predictor: dataset order (slots refilled,
-  or fixed batches). `options`: the planners' options, resolved once for a job's chunks (by
-  default from the config now)."""
+  pages, or fixed batches). `options`: the planners' options, resolved once for a job's chunks
+  (by default from the config now)."""
   from lsdist_jax.serve.runner import EngineClock
 
   options = options or planner_options(config, engine)
@@ -259,7 +259,8 @@ def schedule_and_run(engine, requests: Requests, config, predictor, planner: str
                  "budget: nothing to schedule, the predictor is not run", requests.n)
     planner, predictor = "continuous-vanilla", None
   if predictor is None:
-    planner = "continuous-vanilla" if is_continuous(planner) else "vanilla"
+    planner = ("continuous-vanilla" if is_continuous(planner) else
+               "paged-vanilla" if is_paged(planner) else "vanilla")
     options = dataclasses.replace(options, fixed_batch=max(1, options.fixed_batch))
   else:
     pmf, scalar = predict(engine, requests, predictor, int(config.collect.hidden_layer), cost,

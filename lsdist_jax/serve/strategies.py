@@ -39,7 +39,7 @@ NEEDS_TRUE_LENGTHS = ("oracle", "continuous-oracle", "paged-oracle")
 
 # The generate job's --strategy: planners that use a distribution predictor, and ssch with a
 # LoRA predictor export.
-JOB_PLANNERS = ("continuous-search", "vbs", "search", "optimal", "ssch")
+JOB_PLANNERS = ("continuous-search", "paged-search", "vbs", "search", "optimal", "ssch")
 
 
 def check_strategies(names) -> list[str]:
