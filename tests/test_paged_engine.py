@@ -116,3 +116,22 @@ def test_a_pool_that_cannot_hold_a_row_is_named(tiny_params):
   gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=BUCKETS)
   with pytest.raises(ValueError, match="does not hold one row"):
     open_paged(gen, 4, 4, 8, max_seq_len=MAX_SEQ_LEN)
+
+
+def test_programs_compiled_ahead_are_the_ones_a_paged_run_runs(tiny_params):
+  cfg, params = tiny_params
+  results = {}
+  for threads in (0, 2):
+    gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=BUCKETS,
+                    compile_threads=threads)
+    runner = _runner(tiny_params)
+    runner.engine = _Engine(gen)
+    plan = PagedPlan(np.arange(12), 8, 8, 2, "fcfs")
+    result = run_paged(runner, plan, Requests(runner.prompt_len, MAX_SEQ_LEN),
+                       Options(kv_budget_tokens=160, max_batch=16))
+    results[threads] = (result.tokens, gen)
+  assert results[0][0] == results[2][0]
+  ahead = results[2][1]
+  # the first fill's insert and sampler and the decode loop at least ran as compiled ahead
+  assert ahead.precompiled_runs >= 3 and ahead.background_compile_seconds > 0
+  assert results[0][1].precompiled_runs == 0

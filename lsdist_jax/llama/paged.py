@@ -243,7 +243,7 @@ class PagedBatch:
       limits[:n] = np.minimum(limits[:n], np.asarray(max_new_tokens, np.int32))
     settings = take_settings(self.sampling, slot_ids, k, seed, temperature, top_p)
     self.state, logits = gen._run(
-        f"paged_insert/{self.slots}/{self.pages}/{self.page}/{k}/{p}/{self.hidden_layer}",
+        self._insert_name(k, p),
         self._fn("paged_insert"), gen.params, self.state, slots, jnp.asarray(tokens),
         jnp.asarray(pad_len), jnp.asarray(np.arange(k, dtype=np.int32)),
         jnp.asarray(per_row(stamps, 0, np.int32)))
@@ -251,15 +251,51 @@ class PagedBatch:
     rows = [jnp.asarray(x) for x in (per_row(request_ids, 0, np.uint32),
                                      per_row(start_steps, 0, np.int32),
                                      per_row(room, 0, np.int32), limits, forced)]
-    self.state = gen._run(f"paged_first/{self.slots}/{self.pages}/{self.page}/{k}",
+    self.state = gen._run(self._first_name(k),
                           self._fn("paged_first"), self.state, logits, slots, *rows,
                           *[jnp.asarray(x) for x in settings])
+
+  def precompile(self, inserts: Sequence[tuple[int, int]]) -> int:
+    """Starts compiling in the background (`Generator.precompile`) what this batch will run, in
+    the order it needs it: the first of `inserts` ((rows as `insert` rounds them, a context
+    block as `Buckets.insert_block` pads it)) and its first-token sampler, the decode loop,
+    then the other inserts and samplers. Returns how many started."""
+    gen = self.generator
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
+    settings = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.sampling]
+    started, samplers = 0, set()
+    for i, (rows, block) in enumerate(dict.fromkeys(
+        (gen._rows_bucket(int(r)), int(b)) for r, b in inserts)):
+      ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 5  # slots .. stamps; starts .. forced
+      started += gen.precompile(self._insert_name(rows, block), self._fn("paged_insert"),
+                                gen.params, state, ints[0],
+                                jax.ShapeDtypeStruct((rows, block), np.int32), *ints[1:4])
+      if rows not in samplers:
+        samplers.add(rows)
+        started += gen.precompile(
+            self._first_name(rows), self._fn("paged_first"), state,
+            jax.ShapeDtypeStruct((rows, gen.config.vocab_size), np.float32), ints[0],
+            jax.ShapeDtypeStruct((rows,), np.uint32), *ints[1:],
+            *[jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype) for x in settings])
+      if i == 0:
+        started += gen.precompile(self._decode_name(), self._fn("paged_decode"), gen.params,
+                                  state, jax.ShapeDtypeStruct((), np.int32), *settings)
+    return started
+
+  def _insert_name(self, rows: int, block: int) -> str:
+    return f"paged_insert/{self.slots}/{self.pages}/{self.page}/{rows}/{block}/{self.hidden_layer}"
+
+  def _first_name(self, rows: int) -> str:
+    return f"paged_first/{self.slots}/{self.pages}/{self.page}/{rows}"
+
+  def _decode_name(self) -> str:
+    return f"paged_decode/{self.slots}/{self.pages}/{self.page}"
 
   def decode(self, more: int) -> int:
     """Decode steps until `more` more slots are done (or all are); returns the steps run."""
     gen = self.generator
     settings = [jnp.asarray(x) for x in self.sampling]
-    self.state, steps = gen._run(f"paged_decode/{self.slots}/{self.pages}/{self.page}",
+    self.state, steps = gen._run(self._decode_name(),
                                  self._fn("paged_decode"), gen.params, self.state,
                                  jnp.int32(more), *settings)
     steps = int(steps)

@@ -12,6 +12,7 @@ from lsdist_jax.llama.paged import open_paged
 from lsdist_jax.schedule.paged import Admission, PagedPlan, pool_pages
 from lsdist_jax.schedule.types import Options, Requests
 from lsdist_jax.serve.runner import BatchRecord, EngineClock, RunResult
+from lsdist_jax.shapes import round_up
 
 
 def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> RunResult:
@@ -25,6 +26,12 @@ def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> 
   pool = pool_pages(options, page, runner.max_seq_len)
   batch = open_paged(gen, plan.slots, pool, page, max_seq_len=runner.max_seq_len)
   slots = batch.slots
+  if gen.compile_threads >= 1:  # compile ahead, in the order the run needs them
+    order = np.asarray(plan.order, np.int64)
+    blocks = np.asarray(gen.buckets.insert_block(
+        runner.prompt_len[order], round_up(runner.max_seq_len, gen.buckets.cache)))
+    first = (min(slots, n), int(blocks[:slots].max()))
+    batch.precompile([first] + [(plan.refill, int(b)) for b in np.unique(blocks)])
   admission = Admission(plan, requests, requests.true_length, pool)
   generated: list[list[int]] = [[] for _ in range(n)]
   finished = np.zeros(n, bool)
@@ -107,4 +114,5 @@ def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> 
                                clock.compiled, computed=slots * steps + inserted))
     seconds["compile"] += compiling
     seconds["generate"] += elapsed
+  gen.drop_precompiles()
   return RunResult(generated, finished, records, seconds, counts)
