@@ -3,12 +3,12 @@ which holds the rules and the simulator), chosen by simulating candidates.
 
 * `paged-vanilla`: no prediction. Dataset order, first come first served while pages are free
   (a 1% watermark, vLLM's default), preemption when the pool runs out.
-* `paged-search` (ours): admission by the projected peak of pool use, each row projected at a
-  quantile of its predicted length given the tokens it has; the quantile, the order (dataset
-  order, or longest predicted first) and the refill are chosen by expected time over lengths
-  sampled from the predicted pmfs.
-* `paged-oracle`: the same rule with every true length (it never preempts); order and refill
-  chosen on the true lengths.
+* `paged-search` (ours): the batch size, the admission rule (first come first served, or by
+  the projected peak of pool use, each row projected at a quantile of its predicted length
+  given the tokens it has) and the refill, chosen by expected time over lengths sampled from
+  the predicted pmfs; dataset order.
+* `paged-oracle`: the same search on the true lengths (projections exact: its `reserve` rule
+  never preempts). The best plan of that search, not a bound on every plan.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ PAGED_REFILL_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
 DEFAULT_PAGED_REFILL = 1 / 8  # as continuous-vanilla's
 QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LEVELS = (0.9, 1.0, 1.1)
-ORDERS = ("given", "longest")
-DRAWS = 2  # sampled length draws a candidate is scored on
+DRAWS = 1  # sampled length draws a candidate is scored on (4,096 requests' sums vary little)
 
 
-MIN_SLOTS = 16  # the smallest batch the searches try
+MIN_SLOTS = 32  # the smallest batch the searches try
 
 
 def slot_choices(requests: Requests, cost: CostModel, options: Options) -> list[int]:
@@ -64,56 +63,51 @@ def plan_paged_vanilla(requests: Requests, cost: CostModel, options: Options,
                    notes={"refill_fraction": float(refill_fraction)})
 
 
-def _order(requests: Requests, key: np.ndarray, how: str) -> np.ndarray:
-  if how == "given":
-    return np.arange(requests.n)
-  return np.lexsort((np.arange(requests.n), -np.asarray(key)))
-
-
-def _search(base: PagedPlan, choices: list[tuple[str, tuple]], score: Callable) -> PagedPlan:
-  """Coordinate search: each field in turn takes the value of lowest score, the others held."""
-  best, best_score = base, score(base)
-  for name, values in choices:
-    for value in values:
-      if name != "order" and value == getattr(best, name):
-        continue
-      candidate = dataclasses.replace(best, **{name: value})
-      s = score(candidate)
-      if s < best_score:
-        best, best_score = candidate, s
-  best.expected_cost = float(best_score)
+def _search(best: PagedPlan, score: Callable, name: str, values) -> tuple[PagedPlan, float]:
+  """`best` (scored `best.expected_cost`) or the candidate with `name` set to one of `values`
+  of lowest score."""
+  for value in values:
+    if value == getattr(best, name):
+      continue
+    candidate = dataclasses.replace(best, **{name: value})
+    candidate.expected_cost = score(candidate)
+    if candidate.expected_cost < best.expected_cost:
+      best = candidate
   return best
 
 
-def _reserve_search(requests, cost, options, key, projection, samples, strategy,
-                    quantiles, levels) -> PagedPlan:
-  """Coordinate search (slots, then the quantile, level, order and refill fraction) of a
-  `reserve` plan, scored by mean simulated seconds over the rows of `samples`."""
-  orders = {how: _order(requests, key, how) for how in ORDERS}
+def _reserve_search(requests, cost, options, projection, samples, strategy, quantiles,
+                    levels) -> PagedPlan:
+  """Coordinate search, each step scored by mean simulated seconds over the rows of
+  `samples`: the batch size (first come first served), the admission rule, for `reserve` its
+  quantile and level, the refill, the batch sizes next to the chosen one again. Dataset order
+  (admitting the longest predicted first never paid on the validation split)."""
   choices = slot_choices(requests, cost, options)
   pool = pool_pages(options, PAGE, requests.max_seq_len)
-  base = PagedPlan(orders["given"], choices[-1], PAGE, refill_for(choices[-1],
-                                                                  DEFAULT_PAGED_REFILL),
-                   "reserve", watermark=int(np.ceil(WATERMARK * pool)), quantile=0.9,
-                   level=1.0, projection=projection, strategy=strategy)
 
   def score(plan):
     plan = dataclasses.replace(plan, refill=refill_for(plan.slots, plan.notes["fraction"]))
     return float(np.mean([simulate_paged(plan, requests, s, cost, options).seconds
                           for s in samples]))
 
-  base.notes = {"fraction": DEFAULT_PAGED_REFILL}
-  fractions = tuple({"fraction": f} for f in PAGED_REFILL_FRACTIONS)
-  plan = _search(base, [("slots", tuple(choices)), ("quantile", quantiles), ("level", levels),
-                        ("order", tuple(orders[h] for h in ORDERS[1:])), ("notes", fractions),
-                        ("admission", ("fcfs",)), ("slots", tuple(choices))], score)
-  fraction = plan.notes["fraction"]
-  plan.refill = refill_for(plan.slots, fraction)
-  plan.notes = {"admission": plan.admission, "slots": plan.slots, "quantile": plan.quantile,
-                "level": plan.level,
-                "refill_fraction": fraction,
-                "order": "given" if np.array_equal(plan.order, orders["given"]) else "longest"}
-  return plan
+  best = PagedPlan(np.arange(requests.n), choices[-1], PAGE, 1, "fcfs",
+                   watermark=int(np.ceil(WATERMARK * pool)), quantile=0.9, level=1.0,
+                   projection=projection, strategy=strategy,
+                   notes={"fraction": DEFAULT_PAGED_REFILL})
+  best.expected_cost = score(best)
+  best = _search(best, score, "slots", choices)
+  best = _search(best, score, "admission", ("reserve",))
+  if best.admission == "reserve":
+    best = _search(best, score, "quantile", quantiles)
+    best = _search(best, score, "level", levels)
+  best = _search(best, score, "notes", [{"fraction": f} for f in PAGED_REFILL_FRACTIONS])
+  at = choices.index(best.slots)
+  best = _search(best, score, "slots", choices[max(at - 1, 0):at + 2])
+  fraction = best.notes["fraction"]
+  best.refill = refill_for(best.slots, fraction)
+  best.notes = {"admission": best.admission, "slots": best.slots, "quantile": best.quantile,
+                "level": best.level, "refill_fraction": fraction}
+  return best
 
 
 def plan_paged_search(requests: Requests, cost: CostModel, options: Options,
@@ -121,9 +115,7 @@ def plan_paged_search(requests: Requests, cost: CostModel, options: Options,
   if requests.length_pmf is None:
     raise ValueError("paged-search needs predicted length pmfs")
   samples = sample_lengths(requests.pmf_within_room(), np.random.default_rng(seed), DRAWS)
-  f = requests.length_cdf()
-  median = np.argmax(f >= 0.5, axis=1)
-  return _reserve_search(requests, cost, options, median, "predicted", samples, "paged-search",
+  return _reserve_search(requests, cost, options, "predicted", samples, "paged-search",
                          QUANTILES, LEVELS)
 
 
@@ -131,8 +123,8 @@ def plan_paged_oracle(requests: Requests, cost: CostModel, options: Options) -> 
   if requests.true_length is None:
     raise ValueError("paged-oracle needs the true lengths")
   true = np.minimum(requests.true_length, requests.room)
-  return _reserve_search(requests, cost, options, true, "true", true[None], "paged-oracle",
-                         (), (1.0,))
+  return _reserve_search(requests, cost, options, "true", true[None], "paged-oracle", (),
+                         (1.0,))
 
 
 PAGED_PLANNERS: dict[str, Callable[..., PagedPlan]] = {
