@@ -18,7 +18,8 @@ work=$run/work
 
 source "$(dirname "$0")/steps.sh"  # step <name> <command...>
 
-strategies="('continuous-vanilla','paged-vanilla','ours-paged','oracle-paged','ours-continuous','oracle-continuous')"
+strategies="('continuous-vanilla','paged-vanilla','ours-paged','oracle-paged',"
+strategies+="'ours-continuous','oracle-continuous')"
 step smollm2_paged python3 launch/benchmark.py --config=configs/smollm2_benchmark_7451.py \
   --config.model.path="$gguf" --workdir="$work" --name=benchmark_paged \
   --config.benchmark.strategies="$strategies"

@@ -1,15 +1,14 @@
 """Paged continuous execution (the engine's side: `llama/paged.py`, `serve/paged_runner.py`):
-every row's KV cache
-lives in pages of one pool of `kv_budget_tokens` tokens and grows a page at a time, so the
-budget bounds the tokens rows hold, not slots x a cache length. What a length predictor decides
-here is admission: how many requests may run at once without the pool running out, and in what
-order they enter. The planners are in `schedule/paged_search.py`. numpy only.
+every row's KV cache lives in pages of one pool of `kv_budget_tokens` tokens and grows a page
+at a time, so the budget bounds the tokens rows hold, not slots x a cache length. What a length
+predictor decides here is how many requests run at once and when one may enter without the
+pool running out. The planners are in `schedule/paged_search.py`. numpy only.
 
-The rules (`simulate_paged` follows them; the engine's paged runner is to follow the same):
+The rules (`simulate_paged` follows them, and so does the engine's paged run, step for step):
 
 * A plan has `slots` B (rows decoding together), `page` tokens per page, a pool of
-  P = kv_budget_tokens // page pages, `refill` m (at most B), an admission `order` (request ids) and an
-  admission rule. The queue starts as `order`.
+  P = kv_budget_tokens // page pages, `refill` m (at most B), an admission `order` (request
+  ids) and an admission rule. The queue starts as `order`.
 * A row with context c (prompt + tokens generated before) holds ceil(c / page) pages once
   inserted; with r tokens still to generate it runs r decode steps. At its j-th step (1-based)
   it writes the KV of position c + j - 1 (a new page when that position is a page's first) and
@@ -19,8 +18,8 @@ The rules (`simulate_paged` follows them; the engine's paged runner is to follow
   (the latest first, as vLLM does), each freeing its pages (a preempted row asks for nothing),
   until they do. A preempted row leaves with the tokens it holds (j + 1 after j steps: its
   insert sampled the first) and, unless that reaches its room, goes back to the front of the
-  queue (rows preempted together in admission order) to be prefilled again from its context. Rows that finish at a step free
-  their pages after it.
+  queue (rows preempted together in admission order) to be prefilled again from its context.
+  Rows that finish at a step free their pages after it.
 * Refill points: the start, and the end of every decode call. There the queue's front requests
   are admitted into free slots in queue order until one is refused (into every free slot:
   preemption may free many at once); one with nothing left to generate (preempted with its last
