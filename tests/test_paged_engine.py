@@ -15,7 +15,7 @@ from lsdist_jax.llama.paged_attention import paged_decode_attention, write_and_a
 from lsdist_jax.schedule import CostModel, Options, Requests
 from lsdist_jax.schedule.paged import PagedPlan, simulate_paged
 from lsdist_jax.serve.paged_runner import run_paged
-from lsdist_jax.serve.runner import Runner
+from lsdist_jax.serve.runner import Runner, runner_split
 from lsdist_jax.shapes import Buckets
 
 MAX_SEQ_LEN = 72
@@ -81,6 +81,8 @@ def test_calls_steps_and_preemptions_are_the_simulators(tiny_params):
     assert [len(t) for t in result.tokens] == true.tolist()
     assert result.counts == {"insert_calls": sim.insert_calls, "decode_calls": sim.decode_calls,
                              "decode_steps": sim.decode_steps, "preemptions": sim.carried_rows}
+    split = runner_split(result.seconds)["runner_split"]
+    assert split["decode_steps"] == sim.decode_steps and split["ms_per_decode_step"] > 0
     if (admission, budget) == ("fcfs", 256):
       assert sim.carried_rows > 0  # the tight pool preempts
 

@@ -5,6 +5,7 @@ step). Like `Runner.run_continuous` it decides nothing the plan and its rules do
 from __future__ import annotations
 
 import collections
+import time
 
 import numpy as np
 
@@ -63,6 +64,7 @@ def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> 
       free_pages -= -(-c // page)
     step = max(len(take), 1) if first else bucket
     inserted = 0
+    started = time.perf_counter()
     for i in range(0, len(take), step):
       rows = take[i:i + step]
       into = free[i:i + len(rows)]
@@ -84,8 +86,14 @@ def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> 
       if queue:
         continue
       break
+    inserted_at = time.perf_counter()
     steps = batch.decode(plan.refill if queue else slots)
+    decoded_at = time.perf_counter()
     read = batch.read()
+    for key, value in (("insert_calls", inserted_at - started),
+                       ("decode_calls", decoded_at - inserted_at),
+                       ("reads", time.perf_counter() - decoded_at), ("decode_steps", steps)):
+      seconds[key] = seconds.get(key, 0.0) + value  # where the time goes (`runner_split`)
     free_pages = read.free_pages
     kept = completed = 0
     back = []
