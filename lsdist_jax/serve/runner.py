@@ -351,8 +351,8 @@ class Runner:
 def runner_split(seconds: dict, calls: bool = False) -> dict:
   """{"runner_split": ...}: where a continuous or paged run's time went (insert, decode and
   read calls, decode steps, milliseconds per decode step; the prediction and planning before
-  it where timed), from its RunResult.seconds; {} for static runs. calls: also a row per insert and
-  decode call (`CALL_COLUMNS`)."""
+  it where timed), from its RunResult.seconds; {} for static runs. calls: also a row per
+  insert and decode call (`CALL_COLUMNS`)."""
   if "decode_calls" not in seconds:
     return {}
   out = {k: round(float(seconds[k]), 3) for k in ("insert_calls", "decode_calls", "reads")}
