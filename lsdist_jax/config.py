@@ -214,6 +214,9 @@ def default_config() -> ml_collections.ConfigDict:
       "continuous-vanilla",
       "ours-continuous",
       "oracle-continuous",
+      "paged-vanilla",
+      "ours-paged",
+      "oracle-paged",
   )
   c.benchmark.requests = 2048
   c.benchmark.repeats = 1

@@ -37,12 +37,14 @@ def test_every_strategy_returns_identical_responses_to_vanilla(pipeline_run):
   rows = {r["strategy"]: r for r in summary["benchmark"]["rows"]}
   assert set(rows) == {"vanilla:16", "vanilla:best", "ssch-scalar-max", "ours", "ours-search",
                        "ours-optimal", "oracle", "continuous-vanilla", "ours-continuous",
-                       "oracle-continuous"}
+                       "oracle-continuous", "paged-vanilla", "ours-paged", "oracle-paged"}
   for name, row in rows.items():
     assert row["identical_share"] == 1.0, name  # float32 on CPU: exactly the same responses
     assert 0 < row["effective_token_ratio"] <= 1.0
     assert row["peak_kv_tokens"] <= summary["benchmark"]["kv_budget_tokens"]
   assert any(r["recovery_batches"] > 0 for r in rows.values())  # FCR exercised
+  budget = summary["benchmark"]["kv_budget_tokens"]  # a paged run holds one pool of it
+  assert rows["ours-paged"]["peak_kv_tokens"] == budget // 32 * 32
   with open(os.path.join(workdir, "benchmark.json")) as f:
     saved = json.load(f)
   assert {"device", "date", "model", "prompts", "kv_budget_tokens", "replay", "rows"} <= set(saved)

@@ -52,7 +52,8 @@ def summarize(strategy: str, result, seconds: dict, n: int, peak_kv: int) -> dic
 
 
 def peak_kv_tokens(result) -> int:
-  return max((b.padded_size * b.cache_len for b in result.batches), default=0)
+  return max((b.padded_size * b.cache_len if b.kv_tokens is None else b.kv_tokens
+              for b in result.batches), default=0)
 
 
 def log_row(row: dict) -> None:

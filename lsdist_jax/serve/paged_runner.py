@@ -118,8 +118,10 @@ def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> 
     counts["decode_steps"] += steps
     runner.on_progress(completed, kept)
     compiling, elapsed = clock.split()
-    records.append(BatchRecord("main", busy, slots, -1, pool * page, steps, kept, elapsed,
-                               clock.compiled, computed=slots * steps + inserted))
+    # cap -1: each row's is its room; the cache is the pool, whatever the rows
+    records.append(BatchRecord("main", busy, slots, -1, runner.max_seq_len, steps, kept, elapsed,
+                               clock.compiled, computed=slots * steps + inserted,
+                               kv_tokens=pool * page))
     seconds["compile"] += compiling
     seconds["generate"] += elapsed
   gen.drop_precompiles()

@@ -28,6 +28,7 @@ class BatchRecord:
   seconds: float
   compiled: bool  # this call compiled a new program
   computed: int | None = None  # row-steps computed, where not padded_size * (steps + 1)
+  kv_tokens: int | None = None  # KV-cache tokens held, where not padded_size * cache_len
 
 
 @dataclasses.dataclass
