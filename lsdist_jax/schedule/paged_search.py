@@ -38,12 +38,14 @@ MIN_SLOTS = 32  # the smallest batch the searches try
 
 
 def slot_choices(requests: Requests, cost: CostModel, options: Options) -> list[int]:
-  """Batch sizes a paged plan may run: the batch buckets <= max_batch (at least MIN_SLOTS where
-  any is), no more than the bucket holding every request. The last is the largest."""
+  """Batch sizes a paged plan may run: the batch buckets <= max_batch, no more than the bucket
+  holding every request, and at least MIN_SLOTS or the rows the pool holds at full length
+  (fixed slots' count), whichever is fewer. The last is the largest."""
   top = int(cost.padded_batch(max(requests.n, 1)))
   fitting = sorted({min(int(b), top) for b in cost.batch_buckets if b <= options.max_batch})
   fitting = fitting or [int(min(options.max_batch, top))]
-  return [b for b in fitting if b >= MIN_SLOTS] or fitting[-1:]
+  least = min(MIN_SLOTS, max(1, int(options.kv_budget_tokens) // int(requests.max_seq_len)))
+  return [b for b in fitting if b >= least] or fitting[-1:]
 
 
 def paged_slots(requests: Requests, cost: CostModel, options: Options) -> int:
