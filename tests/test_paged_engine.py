@@ -25,9 +25,10 @@ BUCKETS = Buckets(batch=(1, 2, 4, 8, 16), prompt=8, cache=32)
 from conftest import Batch, Plan, RunnerEngine as _Engine  # noqa: E402
 
 
-def _runner(tiny_params, forced=None, n=12, seed=11):
+def _runner(tiny_params, forced=None, n=12, seed=11, threads=0):
   cfg, params = tiny_params
-  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=BUCKETS)
+  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=BUCKETS,
+                  compile_threads=threads)
   rng = np.random.default_rng(seed)
   prompts = [[1] + rng.integers(3, 256, size=rng.integers(3, 12)).tolist() for _ in range(n)]
   return Runner(_Engine(gen), prompts, request_ids=range(100, 100 + n), temperature=0.8,
@@ -121,13 +122,10 @@ def test_a_pool_that_cannot_hold_a_row_is_named(tiny_params):
 
 
 def test_programs_compiled_ahead_are_the_ones_a_paged_run_runs(tiny_params):
-  cfg, params = tiny_params
   results = {}
   for threads in (0, 2):
-    gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params, buckets=BUCKETS,
-                    compile_threads=threads)
-    runner = _runner(tiny_params)
-    runner.engine = _Engine(gen)
+    runner = _runner(tiny_params, threads=threads)
+    gen = runner.engine.generator
     plan = PagedPlan(np.arange(12), 8, 8, 2, "fcfs")
     result = run_paged(runner, plan, Requests(runner.prompt_len, MAX_SEQ_LEN),
                        Options(kv_budget_tokens=160, max_batch=16))

@@ -19,7 +19,7 @@ from lsdist_jax.schedule.simulate import simulate
 from lsdist_jax.serve import plan as serve_plan
 from lsdist_jax.serve.requests import store_requests
 from lsdist_jax.schedule.paged import simulate_paged
-from lsdist_jax.schedule.paged_search import PAGED_PLANNERS, plan_paged_vanilla, slot_choices
+from lsdist_jax.schedule.paged_search import plan_paged_vanilla, slot_choices
 from lsdist_jax.serve.strategies import (NEEDS_TRUE_LENGTHS, STRATEGIES, is_continuous, is_paged,
                                          strategy_options)
 
@@ -98,10 +98,9 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
 
 def _plan_and_run(planner: str, sched, true_length, cost: CostModel, opts):
   """(plan, its simulated result) for a static, continuous or paged planner."""
-  if is_paged(planner):
-    plan = PAGED_PLANNERS[planner](sched, cost, opts)
-    return plan, simulate_paged(plan, sched, true_length, cost, opts)
   plan = serve_plan.plan_any(planner, sched, cost, opts)
+  if is_paged(planner):
+    return plan, simulate_paged(plan, sched, true_length, cost, opts)
   if is_continuous(planner):
     return plan, simulate_continuous(plan, sched, true_length, cost, opts)
   return plan, simulate(plan, sched, true_length, cost,

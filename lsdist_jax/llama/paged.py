@@ -30,7 +30,7 @@ from lsdist_jax import sharding as shd
 from lsdist_jax.llama import decode, sampling
 from lsdist_jax.llama.model import Llama
 from lsdist_jax.llama.sampling import sampling_rows
-from lsdist_jax.llama.slots import take_settings
+from lsdist_jax.llama.slots import pad_rows, take_settings
 from lsdist_jax.shapes import batch_bucket, round_up
 
 
@@ -71,7 +71,7 @@ def paged_insert(params, state, slots, tokens, pad_len, source, stamps, *, model
   ceil(context / page) pages taken from the free ones in order. -> (state, logits [k, V])."""
   kvh, num_pages, page, hd = state["cache"][0]["k"].shape
   b, width = state["pt"].shape
-  u, p = tokens.shape
+  p = tokens.shape[1]
   k = slots.shape[0]
   logits, hidden, small = decode._prefill(model, params, tokens, pad_len,
                                           hidden_layers=(hidden_layer,))
@@ -191,12 +191,13 @@ class PagedBatch:
     self.generator, self.state = generator, state
     self.slots, self.pages, self.page, self.max_seq_len = slots, pages, page, max_seq_len
     self.sampling, self.hidden_layer = sampling, hidden_layer
-    self.steps = 0
-    self._fns = {}
 
   def _fn(self, kind: str):
+    """The jitted program `kind` (one per generator and hidden layer; each donates the
+    state)."""
     gen = self.generator
-    if kind not in self._fns:
+    key = (kind, self.hidden_layer)
+    if key not in gen._fns:
       sampler = dict(top_k_candidates=gen.top_k_candidates, eos_ids=gen.eos_ids,
                      filler_id=gen.filler_id)
       core, kw, donate = {
@@ -204,11 +205,8 @@ class PagedBatch:
                            1),
           "paged_first": (decode.slot_first, sampler, 0),
           "paged_decode": (paged_decode, dict(sampler, model=gen.model), 1)}[kind]
-      key = (kind, self.hidden_layer)
-      if key not in gen._fns:
-        gen._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(donate,))
-      self._fns[kind] = gen._fns[key]
-    return self._fns[kind]
+      gen._fns[key] = jax.jit(lambda *a: core(*a, **kw), donate_argnums=(donate,))
+    return gen._fns[key]
 
   def insert(self, slot_ids: Sequence[int], contexts: Sequence[Sequence[int]],
              request_ids: Sequence[int], start_steps: Sequence[int], stamps: Sequence[int],
@@ -230,15 +228,9 @@ class PagedBatch:
     k = gen._rows_bucket(max(n, int(min_rows)))
     p = gen.buckets.insert_block(p, round_up(self.max_seq_len, gen.buckets.cache))
     tokens, pad_len = gen._pad_call(tokens, pad_len, k, p)
-
-    def per_row(values, fill, dtype):
-      arr = np.full((k,), fill, dtype)
-      arr[:n] = np.asarray(values, dtype)
-      return arr
-
-    slots = jnp.asarray(per_row(slot_ids, self.slots, np.int32))
-    room = self.max_seq_len - lengths
-    limits = per_row(room, 0, np.int32)
+    slots = jnp.asarray(pad_rows(k, slot_ids, self.slots, np.int32))
+    caps = pad_rows(k, self.max_seq_len - lengths, 0, np.int32)  # a row's cap is its room
+    limits = caps.copy()
     if max_new_tokens is not None:
       limits[:n] = np.minimum(limits[:n], np.asarray(max_new_tokens, np.int32))
     settings = take_settings(self.sampling, slot_ids, k, seed, temperature, top_p)
@@ -246,11 +238,11 @@ class PagedBatch:
         self._insert_name(k, p),
         self._fn("paged_insert"), gen.params, self.state, slots, jnp.asarray(tokens),
         jnp.asarray(pad_len), jnp.asarray(np.arange(k, dtype=np.int32)),
-        jnp.asarray(per_row(stamps, 0, np.int32)))
-    forced = per_row(forced_lengths if forced_lengths is not None else [-1] * n, -1, np.int32)
-    rows = [jnp.asarray(x) for x in (per_row(request_ids, 0, np.uint32),
-                                     per_row(start_steps, 0, np.int32),
-                                     per_row(room, 0, np.int32), limits, forced)]
+        jnp.asarray(pad_rows(k, stamps, 0, np.int32)))
+    forced = pad_rows(k, [] if forced_lengths is None else forced_lengths, -1, np.int32)
+    rows = [jnp.asarray(x) for x in (pad_rows(k, request_ids, 0, np.uint32),
+                                     pad_rows(k, start_steps, 0, np.int32),
+                                     caps, limits, forced)]
     self.state = gen._run(self._first_name(k),
                           self._fn("paged_first"), self.state, logits, slots, *rows,
                           *[jnp.asarray(x) for x in settings])
@@ -266,7 +258,9 @@ class PagedBatch:
     started, samplers = 0, set()
     for i, (rows, block) in enumerate(dict.fromkeys(
         (gen._rows_bucket(int(r)), int(b)) for r, b in inserts)):
-      ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 5  # slots .. stamps; starts .. forced
+      # [rows] int32: the insert's slots, pad_len, source, stamps; the sampler's slots,
+      # start steps, rooms, limits, forced lengths
+      ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 5
       started += gen.precompile(self._insert_name(rows, block), self._fn("paged_insert"),
                                 gen.params, state, ints[0],
                                 jax.ShapeDtypeStruct((rows, block), np.int32), *ints[1:4])
@@ -298,9 +292,7 @@ class PagedBatch:
     self.state, steps = gen._run(self._decode_name(),
                                  self._fn("paged_decode"), gen.params, self.state,
                                  jnp.int32(more), *settings)
-    steps = int(steps)
-    self.steps += steps
-    return steps
+    return int(steps)
 
   def read(self) -> PagedRead:
     st = shd.to_host({k: self.state[k] for k in ("out", "n_gen", "done", "finished",

@@ -90,15 +90,10 @@ class SlotBatch:
     if p > self.cache_len:
       raise ValueError(f"a context block of {p} tokens exceeds cache_len={self.cache_len}")
 
-    def per_row(values, fill, dtype):
-      arr = np.full((k,), fill, dtype)
-      arr[:n] = np.asarray(values, dtype)
-      return arr
-
-    slots = per_row(slot_ids, self.slots, np.int32)  # bucket padding rows: dropped
-    forced = per_row(forced_lengths if forced_lengths is not None else [-1] * n, -1, np.int32)
-    caps = per_row(room, 0, np.int32)
-    limits = per_row(self.max_seq_len - lengths, 0, np.int32)
+    slots = pad_rows(k, slot_ids, self.slots, np.int32)  # bucket padding rows: dropped
+    forced = pad_rows(k, [] if forced_lengths is None else forced_lengths, -1, np.int32)
+    caps = pad_rows(k, room, 0, np.int32)
+    limits = pad_rows(k, self.max_seq_len - lengths, 0, np.int32)
     if max_new_tokens is not None:
       limits[:n] = np.minimum(limits[:n], np.asarray(max_new_tokens, np.int32))
     settings = take_settings(self.sampling, slot_ids, k, seed, temperature, top_p)
@@ -107,9 +102,10 @@ class SlotBatch:
         insert_name(self.slots, self.cache_len, k, p, self.hidden_layer, u),
         gen._slot_fn("slot_insert", self.slots, self.cache_len, self.hidden_layer), gen.params,
         self.state, slots, jnp.asarray(tokens), jnp.asarray(pad_len),
-        jnp.asarray(per_row(source, 0, np.int32)))
-    rows = [jnp.asarray(x) for x in (per_row(request_ids, 0, np.uint32),
-                                     per_row(start_steps, 0, np.int32), caps, limits, forced)]
+        jnp.asarray(pad_rows(k, source, 0, np.int32)))
+    rows = [jnp.asarray(x) for x in (pad_rows(k, request_ids, 0, np.uint32),
+                                     pad_rows(k, start_steps, 0, np.int32), caps, limits,
+                                     forced)]
     self.state = gen._run(first_name(self.slots, self.cache_len, k),
                           gen._slot_fn("slot_first", self.slots, self.cache_len),
                           self.state, logits, slots, *rows,
@@ -161,6 +157,12 @@ class SlotBatch:
     st = shd.to_host({k: self.state[k] for k in ("out", "n_gen", "done", "finished")})
     return SlotRead(np.asarray(st["out"]), np.asarray(st["n_gen"]), np.asarray(st["done"]),
                     np.asarray(st["finished"]))
+
+
+def pad_rows(rows: int, values, fill, dtype) -> np.ndarray:
+  """`values` (one per inserted row) padded with `fill` to an insert's `rows` (its bucket)."""
+  values = np.asarray(values, dtype)
+  return np.concatenate([values, np.full((rows - values.size,), fill, dtype)])
 
 
 def take_settings(held: tuple, slot_ids: Sequence[int], rows: int, seed=None, temperature=None,

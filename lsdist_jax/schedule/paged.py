@@ -85,9 +85,6 @@ class PagedPlan:
       raise ValueError(f"admission must be one of {ADMISSIONS} and projection one of "
                        f"{PROJECTIONS}; got {self.admission!r}, {self.projection!r}")
 
-  def members(self) -> np.ndarray:
-    return self.order
-
 
 def pool_pages(options: Options, page: int, max_seq_len: int) -> int:
   """Pages of the pool; it must hold one row of max_seq_len tokens."""

@@ -31,8 +31,8 @@ def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> 
     order = np.asarray(plan.order, np.int64)
     blocks = np.asarray(gen.buckets.insert_block(
         runner.prompt_len[order], round_up(runner.max_seq_len, gen.buckets.cache)))
-    first = (min(slots, n), int(blocks[:slots].max()))
-    batch.precompile([first] + [(plan.refill, int(b)) for b in np.unique(blocks)])
+    batch.precompile([(min(slots, n), int(blocks[:slots].max()))]  # the first fill
+                     + [(plan.refill, int(b)) for b in np.unique(blocks)])
   admission = Admission(plan, requests, requests.true_length, pool)
   generated: list[list[int]] = [[] for _ in range(n)]
   finished = np.zeros(n, bool)
