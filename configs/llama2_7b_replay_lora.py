@@ -9,6 +9,7 @@ report's reference for identical responses), then the slowest strategies, so tha
 spread over several GPUs start them at once.
 
   bash scripts/lora_gpu.sh <SmolLM2 GGUF> <run folder>     # trains everything, then runs this
+  bash scripts/replay_7b_gpu.sh <SmolLM2 GGUF> <run folder>  # the same on one host of 4 GPUs
 """
 
 from lsdist_jax.config import config_beside
@@ -19,5 +20,6 @@ def get_config():
   c.workdir = "runs/llama2_7b_replay_lora"
   c.benchmark.strategies = ("vanilla:best", "ssch-lora", "ssch-scalar-max", "ours-search",
                             "ours", "ours-optimal", "oracle", "continuous-vanilla",
-                            "ours-continuous", "oracle-continuous")
+                            "ours-continuous", "oracle-continuous", "paged-vanilla",
+                            "ours-paged", "oracle-paged")
   return c

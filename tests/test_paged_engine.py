@@ -88,6 +88,30 @@ def test_calls_steps_and_preemptions_are_the_simulators(tiny_params):
       assert sim.carried_rows > 0  # the tight pool preempts
 
 
+def test_an_insert_holds_at_most_a_quarter_of_the_pool_in_each_call(reference, monkeypatch):
+  """A call's prefill holds rows x block tokens of KV before paging them in: an insert of more
+  than the pool's share is made in calls of fewer rows, with the same responses."""
+  runner, plain = reference
+  gen = runner.engine.generator
+  calls = []
+  run = gen._run
+
+  def recording(name, *args):
+    if name.startswith("paged_insert/"):
+      calls.append(name)
+    return run(name, *args)
+
+  monkeypatch.setattr(gen, "_run", recording)
+  budget = 160  # 20 pages of 8: 40 tokens a call, two rows of a 16-token block
+  plan = PagedPlan(np.arange(12), 8, 8, 8, "fcfs")
+  result = run_paged(runner, plan, Requests(runner.prompt_len, MAX_SEQ_LEN),
+                     Options(kv_budget_tokens=budget, max_batch=16))
+  assert result.tokens == plain.tokens
+  shapes = [tuple(int(x) for x in name.split("/")[4:6]) for name in calls]
+  assert all(rows * block <= budget // 4 or rows == min(BUCKETS.batch) for rows, block in shapes)
+  assert len(calls) > result.counts["insert_calls"]  # the first fill of 8 rows took several
+
+
 def test_the_paged_kernel_agrees_with_the_gathered_attention():
   rng = np.random.default_rng(0)
   b, kvh, groups, hd, pages, page, width = 3, 2, 2, 16, 12, 8, 4

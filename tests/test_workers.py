@@ -39,6 +39,17 @@ def test_memory_fraction_caps_each_worker_and_is_checked(tmp_path, monkeypatch):
     run_workers(_command(tmp_path), str(tmp_path / "work"), "bench", 1, memory_fraction=1.5)
 
 
+def test_only_workers_that_share_a_device_grow_their_allocators(tmp_path, monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  for devices, expected in ((["0", "1"], ["-", "-"]), (["0"], ["false", "false"]),
+                            ([], ["false", "false"])):
+    out = tmp_path / f"seen{len(devices)}"
+    out.mkdir()
+    run_workers(_command(out, env="XLA_PYTHON_CLIENT_PREALLOCATE"), str(tmp_path / "work"),
+                "bench", 2, devices=devices, poll_s=0.05)
+    assert sorted(p.read_text().split()[1] for p in out.iterdir()) == expected
+
+
 def test_a_failed_worker_is_reported_with_its_log(tmp_path):
   with pytest.raises(RuntimeError, match=r"worker 0 failed \(exit 3\).*worker0.log"):
     run_workers(_command(tmp_path, code=3), str(tmp_path / "work"), "bench", 1, poll_s=0.05)

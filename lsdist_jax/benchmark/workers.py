@@ -25,18 +25,26 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
 
   command(lock_path) -> a worker's argv; devices: GPU ids dealt to the workers in turn (each
   sees one, CUDA_VISIBLE_DEVICES), or none (all on the default device); one lock file per
-  device, in lock_dir (default: the state folder). profile_command: run first, on the first
+  device, in lock_dir (default: the state folder); workers that share a device grow their
+  allocators instead of preallocating. profile_command: run first, on the first
   device (it fits and saves the cost model the workers then load). memory_fraction (0: no cap):
   the share of its GPU's memory each worker's allocator may grow to
   (XLA_PYTHON_CLIENT_MEM_FRACTION), for processes that share a GPU: without a cap, allocators
   that grew in turn can leave a neighbour short mid-run."""
   if not 0.0 <= memory_fraction <= 1.0:
     raise ValueError(f"memory_fraction must be in [0, 1] (0: no cap), got {memory_fraction}")
-  extra = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the GPUs are shared
+  devices = list(devices)
+  placed = [devices[k % len(devices)] if devices else None for k in range(workers)]
+  extra = {}
+  if len(set(placed)) < len(placed):
+    # Workers that share a GPU grow their allocators as they need. A worker with a GPU to
+    # itself keeps JAX's preallocated pool: grown in pieces, a pool cannot merge them, and
+    # strategies that allocate caches of many sizes in turn then run out of memory on a card
+    # that holds any one of them (session 19: 42 GiB refused after vanilla:best on an H200).
+    extra["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   if memory_fraction:
     extra["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction:g}"
 
-  devices = list(devices)
   if profile_command:
     env = device_env(devices[0] if devices else None)
     subprocess.run(list(profile_command), env=env, check=True)
@@ -44,7 +52,6 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
   directory = paths.benchmark_state(workdir, out_name)
   os.makedirs(lock_dir or directory, exist_ok=True)
   os.makedirs(directory, exist_ok=True)
-  placed = [devices[k % len(devices)] if devices else None for k in range(workers)]
   locks = [os.path.join(lock_dir or directory, f"device_{d or 'default'}.lock") for d in placed]
   seen = set(saved_strategies(workdir, out_name))
 

@@ -5,6 +5,8 @@ their context crosses a page boundary; the rules are `schedule/paged.py`'s, whic
 simulator follows step for step:
 
 * an insert gives each row ceil(context / page) pages (the host admits only rows that fit);
+  its prefill holds rows x context block tokens of KV before paging them in, so a large insert
+  runs as several calls, each within a quarter of the pool (`PagedBatch.insert_rows`);
 * before each decode step the running rows whose next position starts a page ask for one; if
   the free pages do not cover them, running rows are preempted latest admission (`stamp`)
   first, each freeing its pages, until they do; a preempted row is done (and `preempted`) with
@@ -32,6 +34,11 @@ from lsdist_jax.llama.model import Llama
 from lsdist_jax.llama.sampling import sampling_rows
 from lsdist_jax.llama.slots import pad_rows, take_settings
 from lsdist_jax.shapes import batch_bucket, round_up
+
+# An insert call's prefill KV (rows x context block, every layer) stays within this share of
+# the pool: 1/4, so that a pool sized at 70% of the free memory (kv_budget_tokens="auto")
+# leaves room for it; larger inserts are split (`PagedBatch.insert_rows`).
+INSERT_SHARE = 4
 
 
 def table_width(max_seq_len: int, page: int) -> int:
@@ -225,8 +232,18 @@ class PagedBatch:
     if (lengths >= self.max_seq_len).any():
       raise ValueError(f"a context of {int(lengths.max())} tokens leaves no room in "
                        f"max_seq_len={self.max_seq_len}")
-    k = gen._rows_bucket(max(n, int(min_rows)))
     p = gen.buckets.insert_block(p, round_up(self.max_seq_len, gen.buckets.cache))
+    most = self.insert_rows(p)
+    if gen._rows_bucket(max(n, int(min_rows))) > most:  # in calls of `most` rows, in order
+      per_row = dict(request_ids=request_ids, start_steps=start_steps, stamps=stamps,
+                     forced_lengths=forced_lengths, max_new_tokens=max_new_tokens, seed=seed,
+                     temperature=temperature, top_p=top_p)
+      for i in range(0, n, most):
+        part = {name: value if value is None or np.ndim(value) == 0 else value[i:i + most]
+                for name, value in per_row.items()}
+        self.insert(slot_ids[i:i + most], contexts[i:i + most], min_rows=most, **part)
+      return
+    k = gen._rows_bucket(max(n, int(min_rows)))
     tokens, pad_len = gen._pad_call(tokens, pad_len, k, p)
     slots = jnp.asarray(pad_rows(k, slot_ids, self.slots, np.int32))
     caps = pad_rows(k, self.max_seq_len - lengths, 0, np.int32)  # a row's cap is its room
@@ -257,7 +274,7 @@ class PagedBatch:
     settings = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.sampling]
     started, samplers = 0, set()
     for i, (rows, block) in enumerate(dict.fromkeys(
-        (gen._rows_bucket(int(r)), int(b)) for r, b in inserts)):
+        (min(gen._rows_bucket(int(r)), self.insert_rows(int(b))), int(b)) for r, b in inserts)):
       # [rows] int32: the insert's slots, pad_len, source, stamps; the sampler's slots,
       # start steps, rooms, limits, forced lengths
       ints = [jax.ShapeDtypeStruct((rows,), np.int32)] * 5
@@ -275,6 +292,15 @@ class PagedBatch:
         started += gen.precompile(self._decode_name(), self._fn("paged_decode"), gen.params,
                                   state, jax.ShapeDtypeStruct((), np.int32), *settings)
     return started
+
+  def insert_rows(self, block: int) -> int:
+    """The most rows one insert call of context block `block` runs at. Its prefill holds every
+    layer's KV of rows x block tokens before they are paged in, so an insert of more is made in
+    calls of this many rows, each within 1 / INSERT_SHARE of the pool's tokens (the smallest
+    batch bucket at least). Rows are prefilled independently: the same tokens either way."""
+    limit = self.pages * self.page // INSERT_SHARE
+    fits = [b for b in self.generator.buckets.batch if b * int(block) <= limit]
+    return max(fits) if fits else min(self.generator.buckets.batch)
 
   def _insert_name(self, rows: int, block: int) -> str:
     return f"paged_insert/{self.slots}/{self.pages}/{self.page}/{rows}/{block}/{self.hidden_layer}"

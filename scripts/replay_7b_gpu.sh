@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The LLaMA-2-7B-shape length replay with every strategy, ssch-lora and the paged ones included
+# (issues 15 and 17), in one run on one host of several GPUs (4 x H200: about 25 minutes):
+#   bash scripts/replay_7b_gpu.sh <SmolLM2 GGUF> <run folder>
+# with the predictor exports of configs/smollm2_benchmark_7451.py (launch/pipeline.py
+# --stages=train, CPU, a minute each) in <run>/work/predictor. The 4,096 requests, seeds and
+# budget are those of configs/llama2_7b_replay_7451.py.
+# One benchmark worker per GPU (launch/benchmark.py --worker: each claims the next strategy of
+# its list not taken; each has its GPU to itself). GPU 0 first trains Sequence Scheduling's LoRA
+# predictor on SmolLM2 (launch/train_lora.py, about two minutes), then its worker takes
+# `ssch-lora`, the longest strategy, and after it whatever is left; the others start at once
+# without it. A last step writes the report of all of them (<run>/work/<name>.json, .png).
+# Resumable: each step writes <run>/<step>.done; a rerun skips finished steps and the workers
+# resume the strategies not saved. Progress: <run>/session.log; logs: <run>/<step>.log.
+# Start it with setsid and poll session.log.
+set -uo pipefail
+gguf=$1
+run=$2
+mkdir -p "$run"
+log=$run/session.log
+work=$run/work
+name=benchmark_replay_7b
+gpus=$(nvidia-smi -L | wc -l)
+if [ "$gpus" -lt 2 ]; then echo "needs at least 2 GPUs, found $gpus" >&2; exit 1; fi
+rm -f "$work/${name}_state/"*.claim  # claims of an interrupted run: its strategies run again
+
+source "$(dirname "$0")/steps.sh"  # step <name> <command...>
+
+# The reference first (identical responses are counted against it), then the longest, so that
+# the workers' last strategies end close together.
+rest="'ssch-scalar-max','ours-search','ours','ours-optimal','paged-vanilla','ours-paged',"
+rest+="'oracle-paged','continuous-vanilla','ours-continuous','oracle-continuous','oracle'"
+all="('vanilla:best','ssch-lora',$rest)"
+replay=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
+        --name="$name")
+echo "$(date +%T) $gpus GPUs: $(nvidia-smi -L | head -n 1)" >> "$log"
+for g in $(seq 1 $((gpus - 1))); do
+  CUDA_VISIBLE_DEVICES=$g step "worker$g" "${replay[@]}" --worker \
+    --config.benchmark.strategies="('vanilla:best',$rest)" &
+done
+(
+  export CUDA_VISIBLE_DEVICES=0
+  step lora_max python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py \
+    --config.model.path="$gguf" --workdir="$work" --name=lora &&
+    step worker0 "${replay[@]}" --worker --config.benchmark.strategies="$all"
+) &
+wait
+# Every strategy saved: this writes the report, in the order of $all.
+CUDA_VISIBLE_DEVICES=0 step report "${replay[@]}" --config.benchmark.strategies="$all"
+echo "$(date +%T) all done" >> "$log"
