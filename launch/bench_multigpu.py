@@ -3,6 +3,7 @@
   python launch/bench_multigpu.py --model=llama-2-7b --data=1 --tensor=2 --batch=48 \
       --cache=1024 --decode_attention=pallas --row_out=rows/tp2.json
   python launch/bench_multigpu.py --merge=rows --out=docs/results/multigpu.json
+  python launch/bench_multigpu.py ... --trace=<dir>   # where a step's time goes, in the row
 scripts/multigpu_gpu.sh runs the whole session (one GPU, tensor and data parallel, two
 processes on one global mesh, one process per GPU).
 """
@@ -29,6 +30,9 @@ flags.DEFINE_string("coordinator", "", "jax.distributed coordinator host:port (o
                     "over every process's devices)")
 flags.DEFINE_integer("num_processes", 1, "processes of the jax.distributed job")
 flags.DEFINE_integer("process_id", 0, "this process's index in the job")
+flags.DEFINE_string("trace", "", "also trace a half-length call with jax.profiler into this "
+                    "folder and summarize it in the row (\"trace\": per step, device streams' "
+                    "busy time against their span, device time by event kind, busiest events)")
 flags.DEFINE_string("merge", "", "folder of row JSON files to merge into --out")
 flags.DEFINE_string("out", "docs/results/multigpu.json", "the report (--merge)")
 flags.DEFINE_string("command", "bash scripts/multigpu_gpu.sh", "the command recorded in --out")
@@ -55,7 +59,7 @@ def main(argv):
     span = "global"
   row = measure_mesh_row(FLAGS.model, FLAGS.data, FLAGS.tensor, FLAGS.batch, FLAGS.cache,
                          FLAGS.decode_attention, steps=FLAGS.steps, repeats=FLAGS.repeats,
-                         span=span)
+                         span=span, trace_dir=FLAGS.trace)
   if FLAGS.group:
     row["group"] = FLAGS.group
   if FLAGS.row_out and FLAGS.process_id == 0:

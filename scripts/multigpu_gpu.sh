@@ -7,7 +7,8 @@
 # a row whose JSON exists is skipped. No compilation cache: first_call_s includes compiling.
 # Rows: the one-GPU baselines (7B shape batch 48 cache 1024, kernel and dot; SmolLM2 batch 256
 # and 64), tensor parallel over 2 GPUs, data parallel as one mesh, as two processes on one global
-# mesh (jax.distributed on localhost) and as two independent processes (one per GPU).
+# mesh (jax.distributed on localhost) and as two independent processes (one per GPU); and the
+# one-GPU and tensor-parallel steps profiled (<run>/traces/<name>.json).
 set -uo pipefail
 run=${1:-runs/multigpu}
 rows=$run/rows
@@ -53,6 +54,16 @@ global() {  # global <name> <args...>: two processes, one GPU each, one global m
   echo "$(date +%T) $name: $(tail -n 1 "$run/${name}_0.log" | cut -c1-200)" >> "$log"
 }
 
+traced() {  # traced <name> <env: CUDA_VISIBLE_DEVICES> <args...>: a row with its step profiled
+  local name=$1 devices=$2
+  shift 2
+  mkdir -p "$run/traces"
+  if [ -f "$run/traces/$name.json" ]; then return; fi
+  CUDA_VISIBLE_DEVICES=$devices timeout 900 python3 launch/bench_multigpu.py "$@" --repeats=1 \
+    --trace="$run/traces/$name" --row_out="$run/traces/$name.json" > "$run/$name.log" 2>&1
+  echo "$(date +%T) $name: exit $? (profile in $run/traces/$name.json)" >> "$log"
+}
+
 b7=(--model=llama-2-7b --cache=1024)
 sm=(--model=smollm2-135m --cache=512)
 # The target rows first, then the diagnostic ones (the dot product instead of the kernel), so a
@@ -63,6 +74,11 @@ row sm_1gpu_pallas_256 0 "${sm[@]}" --batch=256 --decode_attention=pallas
 # tensor parallel over 2 GPUs (target: <= 0.6x the one-GPU kernel ms/step; Engine.random <= 10 s,
 # first call <= 60 s)
 row 7b_tp2_pallas 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=pallas
+# where the step's time goes, one GPU against tensor parallel (rows with a "trace": per step,
+# each device stream's busy time against its span, device time by event kind, busiest events;
+# kept apart from the report's rows)
+traced 7b_1gpu_trace 0 "${b7[@]}" --batch=48 --decode_attention=pallas
+traced 7b_tp2_trace 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=pallas
 # data parallel over 2 GPUs (targets: 7B batch 96 >= 1.85x, SmolLM2 batch 512 >= 1.8x one GPU)
 row 7b_dp2_pallas 0,1 "${b7[@]}" --batch=96 --data=2 --decode_attention=pallas
 row sm_dp2_pallas 0,1 "${sm[@]}" --batch=512 --data=2 --decode_attention=pallas

@@ -263,3 +263,31 @@ def test_a_mesh_row_records_the_collective_settings_it_ran_with():
       "NCCL_PROTO": "LL",
       "XLA_FLAGS": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"}
   assert collective_settings({"NCCL_NVLS_ENABLE": "0", "PATH": "/bin"}) == {}
+
+
+def test_a_traced_mesh_row_splits_each_step_by_event_kind(tmp_path):
+  import gzip
+  import json
+
+  from lsdist_jax.benchmark.engine import event_kind, step_trace
+
+  assert [event_kind(n) for n in ("all-reduce-start.3", "ncclDevKernel_AllReduce", "gemm_fusion",
+                                  "paged_decode_attention", "triton_gemm_dot", "loop_add_fusion")
+          ] == ["collective", "collective", "matmul", "attention kernel", "matmul", "other"]
+  events = [{"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "compute"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 2, "args": {"name": "nccl"}}]
+  for step in range(4):  # each step: 3 ms of matmuls, 1 ms of all-reduce, then 2 ms idle
+    t = 6000.0 * step
+    events += [{"ph": "X", "pid": 2, "tid": 1, "name": "gemm_fusion", "ts": t, "dur": 3000.0},
+               {"ph": "X", "pid": 2, "tid": 2, "name": "all-reduce.1", "ts": t + 3000,
+                "dur": 1000.0}]
+  folder = tmp_path / "plugins" / "profile" / "run"
+  folder.mkdir(parents=True)
+  with gzip.open(folder / "host.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  got = step_trace(str(tmp_path), steps=4)
+  assert got["kinds_ms"] == {"matmul": 3.0, "collective": 1.0}
+  assert got["streams"][0] == {"lane": "/device:GPU:0", "thread": "compute", "events": 4,
+                               "busy_ms": 3.0, "span_ms": 5.25}
+  assert [e["kind"] for e in got["top"]] == ["matmul", "collective"]
