@@ -12,7 +12,10 @@
 # without it. A last step writes the report of all of them (<run>/work/<name>.json, .png).
 # Resumable: each step writes <run>/<step>.done; a rerun skips finished steps and the workers
 # resume the strategies not saved. Progress: <run>/session.log; logs: <run>/<step>.log.
-# Start it with setsid and poll session.log.
+# Start it with setsid and poll session.log. PROFILE=1 plans with a cost model fitted on this
+# host (launch/benchmark.py --profile_only on GPU 1, a few minutes, while GPU 0 trains the LoRA
+# predictor; batches up to 128 at cache 1,024 fit a 141 GB card) instead of the config's H100
+# one. The benchmark's state is keyed by the cost model: a run resumes only with its own.
 set -uo pipefail
 gguf=$1
 run=$2
@@ -34,16 +37,30 @@ all="('vanilla:best','ssch-lora',$rest)"
 replay=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
         --name="$name")
 echo "$(date +%T) $gpus GPUs: $(nvidia-smi -L | head -n 1)" >> "$log"
-for g in $(seq 1 $((gpus - 1))); do
-  CUDA_VISIBLE_DEVICES=$g step "worker$g" "${replay[@]}" --worker \
-    --config.benchmark.strategies="('vanilla:best',$rest)" &
-done
+rm -f "$run/profile.failed"
+if [ "${PROFILE:-0}" = 1 ]; then
+  replay+=(--config.schedule.cost_model="$work/cost_model.json")
+fi
 (
   export CUDA_VISIBLE_DEVICES=0
   step lora_max python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py \
     --config.model.path="$gguf" --workdir="$work" --name=lora &&
+    while [ "${PROFILE:-0}" = 1 ] && [ ! -f "$run/profile.done" ]; do
+      [ -f "$run/profile.failed" ] && exit 1
+      sleep 5
+    done &&
     step worker0 "${replay[@]}" --worker --config.benchmark.strategies="$all"
 ) &
+if [ "${PROFILE:-0}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=1 step profile python3 launch/benchmark.py \
+    --config=configs/llama2_7b_replay_lora.py --workdir="$work" --name="$name" --profile \
+    --profile_only --profile_batches=8,32,64,128 --profile_cache=256,1024 \
+    --profile_prompts=32,256 || { touch "$run/profile.failed"; wait; exit 1; }
+fi
+for g in $(seq 1 $((gpus - 1))); do
+  CUDA_VISIBLE_DEVICES=$g step "worker$g" "${replay[@]}" --worker \
+    --config.benchmark.strategies="('vanilla:best',$rest)" &
+done
 wait
 # Every strategy saved: this writes the report, in the order of $all.
 CUDA_VISIBLE_DEVICES=0 step report "${replay[@]}" --config.benchmark.strategies="$all"

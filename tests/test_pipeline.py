@@ -123,6 +123,14 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   state = os.path.join(str(tmp_path), "benchmark_state")
   lengths = np.load(os.path.join(state, "vanilla_16.r0.npz"))["lengths"]
   assert set(lengths.tolist()) <= recorded
+  # the plans follow the cost model: a rerun planned with another is refused, not mixed in
+  from lsdist_jax.serve.plan import load_cost_model
+
+  cost = load_cost_model(config, str(tmp_path), engine)
+  other_cost = dataclasses.replace(cost, batch_overhead_ms=cost.batch_overhead_ms + 1.0)
+  with pytest.raises(ValueError, match="another benchmark"):
+    run_benchmark(config, str(tmp_path), engine=engine, cost=other_cost,
+                  predictor_dirs=predictor_exports(workdir))
 
 
 @pytest.mark.slow  # several processes

@@ -127,7 +127,9 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       "requests": [int(x) for x in requests.request_ids], "prompt_len": prompt_len.tolist(),
       "forced": None if forced is None else [int(x) for x in forced],
       "kv_budget_tokens": int(options.kv_budget_tokens), "repeats": int(bench.repeats),
-      "generation": dict(config.generation), "model": engine.source})
+      "generation": dict(config.generation), "model": engine.source,
+      # the plans follow the cost model: strategies planned with another are not mixed in
+      "cost_model": cost.to_json()})
   repeats = range(int(bench.repeats))
   state.write_meta({
       "device": device_kind(), "date": datetime.date.today().isoformat(),
