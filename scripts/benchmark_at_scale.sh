@@ -9,13 +9,8 @@
 # Each step writes <run>/<step>.done when it ends well; a rerun skips finished steps and the
 # benchmarks resume their saved strategies. Progress: <run>/session.log; logs: <run>/<step>.log.
 set -uo pipefail
-gguf=$1
-run=$2
-mkdir -p "$run"
-log=$run/session.log
-work=$run/work
-
-source "$(dirname "$0")/steps.sh"  # step <name> <command...>
+source "$(dirname "$0")/steps.sh"  # run_folder, step <name> <command...>
+run_folder "$1" "$2"
 
 step train python3 launch/pipeline.py --config=configs/smollm2_benchmark_7451.py \
   --config.model.path="$gguf" --workdir="$work" --stages=train || exit 1

@@ -10,13 +10,8 @@
 # benchmarks resume their saved strategies. Progress: <run>/session.log; logs: <run>/<step>.log.
 # A run longer than one device call: start it with setsid and poll session.log.
 set -uo pipefail
-gguf=$1
-run=$2
-mkdir -p "$run"
-log=$run/session.log
-work=$run/work
-
-source "$(dirname "$0")/steps.sh"  # step <name> <command...>
+source "$(dirname "$0")/steps.sh"  # run_folder, step <name> <command...>
+run_folder "$1" "$2"
 
 strategies="('continuous-vanilla','paged-vanilla','ours-paged','oracle-paged',"
 strategies+="'ours-continuous','oracle-continuous')"

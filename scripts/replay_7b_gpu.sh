@@ -17,17 +17,12 @@
 # predictor; batches up to 128 at cache 1,024 fit a 141 GB card) instead of the config's H100
 # one. The benchmark's state is keyed by the cost model: a run resumes only with its own.
 set -uo pipefail
-gguf=$1
-run=$2
-mkdir -p "$run"
-log=$run/session.log
-work=$run/work
+source "$(dirname "$0")/steps.sh"  # run_folder, step <name> <command...>
+run_folder "$1" "$2"
 name=benchmark_replay_7b
 gpus=$(nvidia-smi -L | wc -l)
 if [ "$gpus" -lt 2 ]; then echo "needs at least 2 GPUs, found $gpus" >&2; exit 1; fi
 rm -f "$work/${name}_state/"*.claim  # claims of an interrupted run: its strategies run again
-
-source "$(dirname "$0")/steps.sh"  # step <name> <command...>
 
 # The reference first (identical responses are counted against it), then the longest, so that
 # the workers' last strategies end close together.

@@ -1,5 +1,7 @@
-# Sourced by the GPU session scripts: `step <name> <command...>` runs one resumable step of a
-# run folder. It needs $run (the folder) and $log (the session log): the step's output goes to
+# Sourced by the GPU session scripts.
+# `run_folder <gguf> <run>` sets $gguf, $run (made if missing), $log (<run>/session.log) and
+# $work (<run>/work).
+# `step <name> <command...>` runs one resumable step of the run folder: its output goes to
 # $run/<name>.log, a line per start and end to $log, and $run/<name>.done marks it finished (a
 # rerun skips it).
 step() {
@@ -12,4 +14,12 @@ step() {
   echo "$(date +%T) $name: exit $rc" >> "$log"
   [ $rc -eq 0 ] && touch "$run/$name.done"
   return $rc
+}
+
+run_folder() {
+  gguf=$1
+  run=$2
+  mkdir -p "$run"
+  log=$run/session.log
+  work=$run/work
 }
