@@ -54,8 +54,8 @@ def main(argv):
   import jax
 
   from lsdist_jax.benchmark.compile_times import (decode_step_rows, insert_call_rows,
-                                                  prefill_run_rows, program_rows,
-                                                  trace_streams, trace_summary)
+                                                  prefill_run_rows, program_rows)
+  from lsdist_jax.benchmark.traces import trace_streams, trace_summary
   from lsdist_jax.engine import Engine
   from lsdist_jax.files import write_json
 

@@ -269,7 +269,7 @@ def test_a_traced_mesh_row_splits_each_step_by_event_kind(tmp_path):
   import gzip
   import json
 
-  from lsdist_jax.benchmark.engine import event_kind, step_trace
+  from lsdist_jax.benchmark.traces import event_kind, step_trace
 
   assert [event_kind(n) for n in ("all-reduce-start.3", "ncclDevKernel_AllReduce", "gemm_fusion",
                                   "paged_decode_attention", "triton_gemm_dot", "loop_add_fusion")

@@ -252,7 +252,7 @@ def test_trace_summary_ranks_device_events_by_total_time(tmp_path):
   import gzip
   import json
 
-  from lsdist_jax.benchmark.compile_times import trace_streams, trace_summary
+  from lsdist_jax.benchmark.traces import trace_streams, trace_summary
 
   events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
             {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},

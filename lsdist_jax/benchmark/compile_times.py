@@ -93,7 +93,7 @@ def decode_step_rows(engine, *, batch: int, prompt_len: int, steps: int, cache_l
   (and steps // 2) tokens: the difference over the difference in steps, compiled first, median
   of `repeats`. The static loop runs at the cache its rows need; the slot loop at each of
   `cache_lens` (the live tokens stay the same). With `trace_dir`, one more slot run at the
-  first cache length is traced with jax.profiler (a Perfetto trace: `trace_summary`). loops:
+  first cache length is traced with jax.profiler (a Perfetto trace: `traces.trace_summary`). loops:
   which of the two to time."""
   gen = engine.generator
   rng = np.random.default_rng(0)
@@ -173,67 +173,3 @@ def insert_call_rows(engine, *, slots: int, cache_len: int, rows_list, block: in
               "cache_len": cache_len, "read_ms": round(1e3 * float(read), 3),
               "empty_decode_ms": round(1e3 * float(idle), 3)})
   return out
-
-
-def _trace_events(trace_dir: str):
-  """(timed events, lane name by pid, every event) of the newest Perfetto trace under
-  `trace_dir`: the timed events are its complete ones, of device lanes (a process named for a GPU
-  or TPU) only where the trace has any."""
-  import glob
-  import gzip
-  import json
-
-  found = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
-  if not found:
-    raise FileNotFoundError(f"no Perfetto trace (*.trace.json.gz) under {trace_dir}")
-  with gzip.open(found[-1], "rt") as f:
-    events = json.load(f)
-  events = events.get("traceEvents", events) if isinstance(events, dict) else events
-  lanes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, name in lanes.items() if "GPU" in name or "TPU" in name}
-  # complete events, on device lanes only where the trace has any
-  spans = [e for e in events if e.get("ph") == "X" and (not device or e.get("pid") in device)]
-  return spans, lanes, events
-
-
-def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
-  """The `top` event names of a jax.profiler Perfetto trace under `trace_dir` by total time:
-  [{"name", "ms", "count", "lane"}], device lanes (a process named for a GPU or TPU) only where
-  the trace has any, else every lane."""
-  spans, lanes, _ = _trace_events(trace_dir)
-  totals: dict[tuple, list] = {}
-  for e in spans:
-    key = (e.get("name", ""), lanes.get(e.get("pid"), ""))
-    entry = totals.setdefault(key, [0.0, 0])
-    entry[0] += float(e.get("dur", 0.0)) / 1e3
-    entry[1] += 1
-  ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-  return [{"name": name, "lane": lane, "ms": round(ms, 3), "count": n}
-          for (name, lane), (ms, n) in ranked]
-
-
-def trace_streams(trace_dir: str) -> list[dict]:
-  """Per device stream (lane and thread) of the trace: its events, the time they cover (busy_ms,
-  overlaps counted once) and the span from the first start to the last end (span_ms). A stream
-  busy for much less than its span waits on the host (launches, copies, the loop's condition):
-  [{"lane", "thread", "events", "busy_ms", "span_ms"}], busiest first."""
-  spans, lanes, events = _trace_events(trace_dir)
-  threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
-             for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  streams: dict[tuple, list] = {}
-  for e in spans:
-    start = float(e.get("ts", 0.0))
-    streams.setdefault((e.get("pid"), e.get("tid")), []).append(
-        (start, start + float(e.get("dur", 0.0))))
-  out = []
-  for key, intervals in streams.items():
-    intervals.sort()
-    busy, reach = 0.0, -float("inf")
-    for start, end in intervals:  # the union of the intervals
-      busy += max(0.0, end - max(start, reach))
-      reach = max(reach, end)
-    out.append({"lane": lanes.get(key[0], ""), "thread": threads.get(key, str(key[1])),
-                "events": len(intervals), "busy_ms": round(busy / 1e3, 3),
-                "span_ms": round((reach - intervals[0][0]) / 1e3, 3)})
-  return sorted(out, key=lambda row: -row["busy_ms"])

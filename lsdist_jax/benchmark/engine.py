@@ -420,44 +420,11 @@ def measure_mesh_row(model: str, data: int, tensor: int, batch: int, cache: int,
   if trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run(steps // 2)
+    from lsdist_jax.benchmark.traces import step_trace
+
     row["trace"] = step_trace(trace_dir, steps // 2, trace_top)
   print(json.dumps(row), flush=True)
   return row
-
-
-# What a device event of a decode step is, by its name (first match).
-EVENT_KINDS = (("collective", ("all-reduce", "all_reduce", "allreduce", "all-gather",
-                               "all_gather", "reduce-scatter", "nccl", "collective-permute")),
-               ("attention kernel", ("decode_attention", "paged_decode_attention", "pallas")),
-               ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "xmma", "matmul", "dot")),
-               ("copy", ("memcpy", "memset", "copy")))
-
-
-def event_kind(name: str) -> str:
-  low = name.lower()
-  for kind, keys in EVENT_KINDS:
-    if any(key in low for key in keys):
-      return kind
-  return "other"
-
-
-def step_trace(trace_dir: str, steps: int, top: int = 30) -> dict:
-  """A traced decode call per step: each device stream's busy ms and span ms (a stream busy for
-  much less than its span waits on the host or on another device), the device ms by event
-  kind (`event_kind`), and the `top` busiest event names."""
-  from lsdist_jax.benchmark.compile_times import trace_streams, trace_summary
-
-  per = lambda ms: round(ms / steps, 4)
-  streams = [dict(s, busy_ms=per(s["busy_ms"]), span_ms=per(s["span_ms"]))
-             for s in trace_streams(trace_dir)]
-  events = trace_summary(trace_dir, top=10 ** 6)
-  kinds: dict[str, float] = {}
-  for e in events:
-    kind = event_kind(e["name"])
-    kinds[kind] = kinds.get(kind, 0.0) + e["ms"]
-  return {"steps": steps, "per_step": True, "streams": streams,
-          "kinds_ms": {k: per(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-          "top": [dict(e, ms=per(e["ms"]), kind=event_kind(e["name"])) for e in events[:top]]}
 
 
 def collective_settings(environ) -> dict:
