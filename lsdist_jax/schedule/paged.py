@@ -159,6 +159,37 @@ class Admission:
     return bool(ok or not running)
 
 
+def _window(ctx, left, held, free_pages: int, page: int, free_more) -> tuple[int, bool]:
+  """(w, stop): the decode steps the running rows (contexts in cache `ctx`, steps `left`, pages
+  `held`) run before the first step whose page requests exceed the free pages (that step
+  preempts: w stops short of it, and w = 0 when it is the next), and whether the call stops
+  after those w steps: once `free_more` more rows are done (None: when every row is), the rule
+  checked after each step. A row asks for a page at each step that starts with its context at
+  a page boundary; a row done at a step frees its pages for the next."""
+  n = ctx.size
+  if free_more is None:
+    last = int(left.max())
+  elif free_more <= 0:
+    last = 1
+  else:
+    last = int(np.sort(left)[min(int(free_more), n) - 1])
+  first = (-ctx) % page + 1  # the row's first step that asks for a page
+  asks = first[:, None] + page * np.arange(-(-last // page) + 1)[None, :]
+  asks = np.where(asks <= np.minimum(left, last)[:, None], asks, 0)
+  need = np.bincount(asks.reshape(-1), minlength=last + 1)
+  need[0] = 0
+  ends = left <= last
+  freed = np.bincount(left[ends], weights=(held + (asks > 0).sum(axis=1))[ends],
+                      minlength=last + 1)
+  # free pages before step s: the start's, less what steps before s took, plus what rows done
+  # at steps before s gave back
+  before = free_pages - np.cumsum(need) + need + np.cumsum(freed) - freed
+  over = np.flatnonzero(need[1:] > before[1:])
+  if over.size:
+    return int(over[0]), False
+  return last, True
+
+
 def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
                    cost: CostModel, options: Options) -> ContinuousSimResult:
   """Seconds of `plan` run by the rules above when request r generates true_length[r] tokens
@@ -214,13 +245,35 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
       if queue:
         continue
       break
-    # ---- decode call
+    # ---- decode call: windows of steps in which no row can be preempted run at once
+    # (`_window`); a step that preempts runs alone, as the rules say
     target = min(B, int((row < 0).sum()) + m)
     ran_steps = 0
     while True:
       running = row >= 0
       if not running.any():
         break
+      w, stop = _window(ctx[running], left[running], held[running], free_pages, page,
+                        target - int((~running).sum()) if queue else None)
+      if w:
+        idx = np.flatnonzero(running)
+        t = np.minimum(w, left[idx])
+        c = ctx[idx]
+        gained = (c + t - 1) // page - (c - 1) // page  # pages asked for: boundaries crossed
+        held[idx] += gained
+        free_pages -= int(gained.sum())
+        live += float(int((t * c + t * (t + 1) // 2).sum()))
+        ctx[idx] += t
+        ran[idx] += t
+        left[idx] -= t
+        ran_steps += w
+        done = running & (left == 0)
+        generated[row[done]] += ran[done]
+        free_pages += int(held[done].sum())
+        row[done], held[done] = -1, 0
+        if stop:
+          break
+        continue
       needers = running & (ctx % page == 0)
       short = int(needers.sum()) - free_pages
       if short > 0:
@@ -245,8 +298,7 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
       left[running] -= 1
       ran_steps += 1
       done = running & (left == 0)
-      for s in np.flatnonzero(done):
-        generated[row[s]] += int(ran[s])
+      generated[row[done]] += ran[done]
       free_pages += int(held[done].sum())
       row[done], held[done] = -1, 0
       if queue and int((row < 0).sum()) >= target:
