@@ -79,6 +79,12 @@ row 7b_tp2_pallas 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=pallas
 # kept apart from the report's rows)
 traced 7b_1gpu_trace 0 "${b7[@]}" --batch=48 --decode_attention=pallas
 traced 7b_tp2_trace 0,1 "${b7[@]}" --batch=48 --tensor=2 --decode_attention=pallas
+# the decode loop as CUDA graphs, its loop, branches and (on the mesh) all-reduces included:
+# fewer launches per step is what the fixed per-step cost would need (the row records the flag)
+cmdbuf=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL,+COLLECTIVES
+XLA_FLAGS=$cmdbuf row 7b_1gpu_pallas_cmdbuf 0 "${b7[@]}" --batch=48 --decode_attention=pallas
+XLA_FLAGS=$cmdbuf row 7b_tp2_pallas_cmdbuf 0,1 "${b7[@]}" --batch=48 --tensor=2 \
+  --decode_attention=pallas
 # data parallel over 2 GPUs (targets: 7B batch 96 >= 1.85x, SmolLM2 batch 512 >= 1.8x one GPU)
 row 7b_dp2_pallas 0,1 "${b7[@]}" --batch=96 --data=2 --decode_attention=pallas
 row sm_dp2_pallas 0,1 "${sm[@]}" --batch=512 --data=2 --decode_attention=pallas
