@@ -48,10 +48,13 @@ stop_after table
 # The two benchmark runs share one lock per GPU (--lock_dir): with BOTH=1 they run side by side,
 # each worker's timed calls never overlapping another's on its GPU (the 7B replay's long
 # strategies keep every GPU busy while the SmolLM2 run fills the gaps).
-locks=(--lock_dir="$run/locks")
-small_memory=() large_memory=()
-if [ "${BOTH:-0}" = 1 ]; then small_memory=(--memory_fraction=0.3) large_memory=(--memory_fraction=0.6); fi
-mkdir -p "$run/locks"
+# Alone, each worker has its GPU to itself and keeps JAX's preallocated pool.
+locks=() small_memory=() large_memory=()
+if [ "${BOTH:-0}" = 1 ]; then
+  locks=(--lock_dir="$run/locks")
+  small_memory=(--memory_fraction=0.3) large_memory=(--memory_fraction=0.6)
+  mkdir -p "$run/locks"
+fi
 benchmark() {
   step benchmark python3 launch/benchmark.py --config=configs/smollm2_benchmark_lora.py \
     --config.model.path="$gguf" --workdir="$work" --name=benchmark_lora \

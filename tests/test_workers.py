@@ -41,12 +41,13 @@ def test_memory_fraction_caps_each_worker_and_is_checked(tmp_path, monkeypatch):
 
 def test_only_workers_that_share_a_device_grow_their_allocators(tmp_path, monkeypatch):
   monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
-  for devices, expected in ((["0", "1"], ["-", "-"]), (["0"], ["false", "false"]),
-                            ([], ["false", "false"])):
-    out = tmp_path / f"seen{len(devices)}"
+  for k, (devices, locks, expected) in enumerate((
+      (["0", "1"], "", ["-", "-"]), (["0"], "", ["false", "false"]),
+      ([], "", ["false", "false"]), (["0", "1"], str(tmp_path / "locks"), ["false", "false"]))):
+    out = tmp_path / f"seen{k}"
     out.mkdir()
     run_workers(_command(out, env="XLA_PYTHON_CLIENT_PREALLOCATE"), str(tmp_path / "work"),
-                "bench", 2, devices=devices, poll_s=0.05)
+                "bench", 2, devices=devices, lock_dir=locks, poll_s=0.05)
     assert sorted(p.read_text().split()[1] for p in out.iterdir()) == expected
 
 

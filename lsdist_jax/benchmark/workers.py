@@ -25,8 +25,8 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
 
   command(lock_path) -> a worker's argv; devices: GPU ids dealt to the workers in turn (each
   sees one, CUDA_VISIBLE_DEVICES), or none (all on the default device); one lock file per
-  device, in lock_dir (default: the state folder); workers that share a device grow their
-  allocators instead of preallocating. profile_command: run first, on the first
+  device, in lock_dir (default: the state folder); workers that share a device, or a lock_dir
+  with another benchmark, grow their allocators instead of preallocating. profile_command: run first, on the first
   device (it fits and saves the cost model the workers then load). memory_fraction (0: no cap):
   the share of its GPU's memory each worker's allocator may grow to
   (XLA_PYTHON_CLIENT_MEM_FRACTION), for processes that share a GPU: without a cap, allocators
@@ -36,11 +36,12 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
   devices = list(devices)
   placed = [devices[k % len(devices)] if devices else None for k in range(workers)]
   extra = {}
-  if len(set(placed)) < len(placed):
-    # Workers that share a GPU grow their allocators as they need. A worker with a GPU to
-    # itself keeps JAX's preallocated pool: grown in pieces, a pool cannot merge them, and
-    # strategies that allocate caches of many sizes in turn then run out of memory on a card
-    # that holds any one of them (session 19: 42 GiB refused after vanilla:best on an H200).
+  if lock_dir or len(set(placed)) < len(placed):
+    # Workers that share a GPU (with each other, or with another benchmark: a shared lock_dir)
+    # grow their allocators as they need. A worker with a GPU to itself keeps JAX's
+    # preallocated pool: grown in pieces, a pool cannot merge them, and strategies that
+    # allocate caches of many sizes in turn then run out of memory on a card that holds any
+    # one of them (session 19: 42 GiB refused after vanilla:best on an H200).
     extra["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   if memory_fraction:
     extra["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction:g}"
