@@ -13,9 +13,10 @@
 # Resumable: each step writes <run>/<step>.done; a rerun skips finished steps and the workers
 # resume the strategies not saved. Progress: <run>/session.log; logs: <run>/<step>.log.
 # Start it with setsid and poll session.log. PROFILE=1 plans with a cost model fitted on this
-# host (launch/benchmark.py --profile_only on GPU 1, a few minutes, while GPU 0 trains the LoRA
-# predictor; batches up to 128 at cache 1,024 fit a 141 GB card) instead of the config's H100
-# one. The benchmark's state is keyed by the cost model: a run resumes only with its own.
+# host instead of the config's H100 one: launch/benchmark.py --profile_only on GPU 1 (six
+# programs, about two minutes, while GPU 0 trains the LoRA predictor; batches up to 128 at cache
+# 1,024 fit a 141 GB card). The benchmark's state is keyed by the cost model: a run resumes
+# only with its own.
 set -uo pipefail
 source "$(dirname "$0")/steps.sh"  # run_folder, step <name> <command...>
 run_folder "$1" "$2"
@@ -49,8 +50,8 @@ fi
 if [ "${PROFILE:-0}" = 1 ]; then
   CUDA_VISIBLE_DEVICES=1 step profile python3 launch/benchmark.py \
     --config=configs/llama2_7b_replay_lora.py --workdir="$work" --name="$name" --profile \
-    --profile_only --profile_batches=8,32,64,128 --profile_cache=256,1024 \
-    --profile_prompts=32,256 || { touch "$run/profile.failed"; wait; exit 1; }
+    --profile_only --profile_batches=8,64,128 --profile_cache=256,1024 \
+    --profile_prompts=128 || { touch "$run/profile.failed"; wait; exit 1; }
 fi
 for g in $(seq 1 $((gpus - 1))); do
   CUDA_VISIBLE_DEVICES=$g step "worker$g" "${replay[@]}" --worker \
