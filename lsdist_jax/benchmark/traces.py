@@ -29,11 +29,11 @@ def _trace_events(trace_dir: str):
   return spans, lanes, events
 
 
-def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
+def trace_summary(trace_dir: str, top: int = 25, parsed=None) -> list[dict]:
   """The `top` event names of a jax.profiler Perfetto trace under `trace_dir` by total time:
   [{"name", "ms", "count", "lane"}], device lanes (a process named for a GPU or TPU) only where
-  the trace has any, else every lane."""
-  spans, lanes, _ = _trace_events(trace_dir)
+  the trace has any, else every lane. parsed: `_trace_events(trace_dir)`, if read already."""
+  spans, lanes, _ = parsed or _trace_events(trace_dir)
   totals: dict[tuple, list] = {}
   for e in spans:
     key = (e.get("name", ""), lanes.get(e.get("pid"), ""))
@@ -45,12 +45,13 @@ def trace_summary(trace_dir: str, top: int = 25) -> list[dict]:
           for (name, lane), (ms, n) in ranked]
 
 
-def trace_streams(trace_dir: str) -> list[dict]:
+def trace_streams(trace_dir: str, parsed=None) -> list[dict]:
   """Per device stream (lane and thread) of the trace: its events, the time they cover (busy_ms,
   overlaps counted once) and the span from the first start to the last end (span_ms). A stream
   busy for much less than its span waits on the host (launches, copies, the loop's condition):
-  [{"lane", "thread", "events", "busy_ms", "span_ms"}], busiest first."""
-  spans, lanes, events = _trace_events(trace_dir)
+  [{"lane", "thread", "events", "busy_ms", "span_ms"}], busiest first. parsed: as
+  `trace_summary`'s."""
+  spans, lanes, events = parsed or _trace_events(trace_dir)
   threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
              for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
   streams: dict[tuple, list] = {}
@@ -92,9 +93,10 @@ def step_trace(trace_dir: str, steps: int, top: int = 30) -> dict:
   much less than its span waits on the host or on another device), the device ms by event
   kind (`event_kind`), and the `top` busiest event names."""
   per = lambda ms: round(ms / steps, 4)
+  parsed = _trace_events(trace_dir)  # read once for both summaries
   streams = [dict(s, busy_ms=per(s["busy_ms"]), span_ms=per(s["span_ms"]))
-             for s in trace_streams(trace_dir)]
-  events = trace_summary(trace_dir, top=10 ** 6)
+             for s in trace_streams(trace_dir, parsed)]
+  events = trace_summary(trace_dir, top=10 ** 6, parsed=parsed)
   kinds: dict[str, float] = {}
   for e in events:
     kind = event_kind(e["name"])

@@ -233,8 +233,9 @@ class PagedBatch:
       raise ValueError(f"a context of {int(lengths.max())} tokens leaves no room in "
                        f"max_seq_len={self.max_seq_len}")
     p = gen.buckets.insert_block(p, round_up(self.max_seq_len, gen.buckets.cache))
+    k = gen._rows_bucket(max(n, int(min_rows)))
     most = self.insert_rows(p)
-    if gen._rows_bucket(max(n, int(min_rows))) > most:  # in calls of `most` rows, in order
+    if k > most:  # in calls of `most` rows, in order
       per_row = dict(request_ids=request_ids, start_steps=start_steps, stamps=stamps,
                      forced_lengths=forced_lengths, max_new_tokens=max_new_tokens, seed=seed,
                      temperature=temperature, top_p=top_p)
@@ -243,7 +244,6 @@ class PagedBatch:
                 for name, value in per_row.items()}
         self.insert(slot_ids[i:i + most], contexts[i:i + most], min_rows=most, **part)
       return
-    k = gen._rows_bucket(max(n, int(min_rows)))
     tokens, pad_len = gen._pad_call(tokens, pad_len, k, p)
     slots = jnp.asarray(pad_rows(k, slot_ids, self.slots, np.int32))
     caps = pad_rows(k, self.max_seq_len - lengths, 0, np.int32)  # a row's cap is its room

@@ -246,7 +246,7 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
         continue
       break
     # ---- decode call: windows of steps in which no row can be preempted run at once
-    # (`_window`); a step that preempts runs alone, as the rules say
+    # (`_window`); a step that preempts runs alone, as the rules say, then the same advance
     target = min(B, int((row < 0).sum()) + m)
     ran_steps = 0
     while True:
@@ -255,32 +255,12 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
         break
       w, stop = _window(ctx[running], left[running], held[running], free_pages, page,
                         target - int((~running).sum()) if queue else None)
-      if w:
-        idx = np.flatnonzero(running)
-        t = np.minimum(w, left[idx])
-        c = ctx[idx]
-        gained = (c + t - 1) // page - (c - 1) // page  # pages asked for: boundaries crossed
-        held[idx] += gained
-        free_pages -= int(gained.sum())
-        live += float(int((t * c + t * (t + 1) // 2).sum()))
-        ctx[idx] += t
-        ran[idx] += t
-        left[idx] -= t
-        ran_steps += w
-        done = running & (left == 0)
-        generated[row[done]] += ran[done]
-        free_pages += int(held[done].sum())
-        row[done], held[done] = -1, 0
-        if stop:
-          break
-        continue
-      needers = running & (ctx % page == 0)
-      short = int(needers.sum()) - free_pages
-      if short > 0:
+      if not w:  # the next step preempts: one step, the latest admitted rows leaving first
+        needers = running & (ctx % page == 0)
+        short = int(needers.sum()) - free_pages
         for s in np.flatnonzero(running)[np.argsort(-stamp[running], kind="stable")]:
           free_pages += int(held[s])
           short -= int(held[s]) + int(needers[s])
-          needers[s] = False
           r = int(row[s])
           generated[r] += int(ran[s]) + 1
           if generated[r] < room[r]:
@@ -290,18 +270,23 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
           if short <= 0:
             break
         running = row >= 0
-      held[needers] += 1
-      free_pages -= int(needers.sum())
-      live += float((ctx[running] + 1).sum())
-      ctx[running] += 1
-      ran[running] += 1
-      left[running] -= 1
-      ran_steps += 1
+        w, stop = 1, None  # whether the call stops: checked after the step
+      idx = np.flatnonzero(running)
+      t = np.minimum(w, left[idx])
+      c = ctx[idx]
+      gained = (c + t - 1) // page - (c - 1) // page  # pages asked for: boundaries crossed
+      held[idx] += gained
+      free_pages -= int(gained.sum())
+      live += float(int((t * c + t * (t + 1) // 2).sum()))
+      ctx[idx] += t
+      ran[idx] += t
+      left[idx] -= t
+      ran_steps += w
       done = running & (left == 0)
       generated[row[done]] += ran[done]
       free_pages += int(held[done].sum())
       row[done], held[done] = -1, 0
-      if queue and int((row < 0).sum()) >= target:
+      if stop or (stop is None and queue and int((row < 0).sum()) >= target):
         break
     if ran_steps:
       decodes += 1
