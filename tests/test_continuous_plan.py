@@ -76,6 +76,8 @@ def reference_simulate(plan, req, true_length, cost, options):
       # inserts of a refill's bucket
       split = most[0] == size and queue and phase.split_first
       step = int(cost.padded_batch(refill)) if split else len(take)
+      # every insert but a whole first fill runs a refill's program: at least `refill` rows
+      pad = 0 if most[0] == size and not split else refill
       most[0] = int(cost.padded_batch(refill))
       for i, r in zip(free, take):
         c = int(req.prompt_len[r] + gen[r])
@@ -85,8 +87,8 @@ def reference_simulate(plan, req, true_length, cost, options):
         part = free[at:min(at + step, len(take))]
         c_max = max(slots[i]["ctx"] for i in part)
         block = max(int(insert_block(c_max, phase.cache_len, cost)), phase.block)
-        out["seconds"] += overhead + float(cost.prefill_time(len(part), block))
-        out["computed"] += int(cost.padded_batch(len(part)))
+        out["seconds"] += overhead + float(cost.prefill_time(max(len(part), pad), block))
+        out["computed"] += int(cost.padded_batch(max(len(part), pad)))
         out["inserts"] += 1
 
     if queue:

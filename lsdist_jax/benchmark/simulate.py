@@ -113,4 +113,15 @@ def _row(name: str, plan, result, n_requests: int) -> dict:
           "seconds": result.seconds, "expected_seconds": plan.expected_cost,
           "effective_token_ratio": result.effective_token_ratio,
           "batches": result.batches, "recovery_batches": result.recovery_batches,
-          "generated_tokens": result.generated_tokens}
+          "generated_tokens": result.generated_tokens, **_split(result)}
+
+
+def _split(result) -> dict:
+  """A continuous or paged run's simulated split, as the runner measures it (`runner_split`):
+  seconds in insert calls and in decode calls, and the number of each and of decode steps."""
+  if not hasattr(result, "insert_seconds"):
+    return {}
+  return {"split": {"insert_calls": result.insert_seconds,
+                    "decode_calls": result.seconds - result.insert_seconds,
+                    "decode_steps": int(result.decode_steps),
+                    "inserts": int(result.insert_calls), "decodes": int(result.decode_calls)}}

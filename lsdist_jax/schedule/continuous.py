@@ -39,12 +39,14 @@ The runner's rules (`simulate_continuous` follows them exactly):
   nothing is capped; its first fill split or not as the phase before it) with those rows as
   its queue; at most 16 such extra phases.
 * Seconds: each insert call of k rows whose longest context is c_max costs batch_overhead +
-  prefill_time(k, max(insert_block(c_max), block)) (the engine pads the block to
+  prefill_time(k', max(insert_block(c_max), block)), k' = max(k, m) for every insert but a
+  whole first fill's (the engine runs a refill's program: at least m rows), k' = k for that
+  one (the engine pads the block to
   prompt_bucket x 2^i; a phase's `block` > 0 pads every insert to at least that block, so that
   its inserts share one program);
   each decode call costs batch_overhead + steps * step_time(B, S) plus the live-token cost: at
   its j-th decode step in a slot a row reads c + j cache tokens.
-* Computed tokens: padded_batch(B) per decode step, plus padded_batch(k) per insert call (the
+* Computed tokens: padded_batch(B) per decode step, plus padded_batch(k') per insert call (the
   token the prefill samples). Generated tokens: the true lengths, each clipped to its room.
 """
 
@@ -119,6 +121,9 @@ class ContinuousSimResult(SimResult):
   # (rows, context block) and a first-token sampler per rows
   programs: int = 0
   program_keys: frozenset = frozenset()  # those programs (`programs`' keys)
+  # of `seconds`, the insert calls' (their overhead and prefill; the rest is decode calls'):
+  # beside a run's measured split (`runner_split`), it says which side the cost model misses
+  insert_seconds: float = 0.0
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -190,6 +195,7 @@ class _Tally:
     self.carried = 0
     self.phase_seconds: list[float] = []
     self.programs: set[tuple] = set()
+    self.insert_seconds = 0.0
 
 
 def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.ndarray,
@@ -230,7 +236,9 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       # inserts of a refill's bucket each, the refills' programs (no decode between them)
       if most == slots:  # the first fill
         whole_first = pos + k >= n or not phase.split_first
-      step = k if most == slots and whole_first else bucket
+      whole = most == slots and whole_first
+      step = k if whole else bucket
+      pad = 0 if whole else refill  # the runner's min_rows: a refill runs at least m rows
       most = bucket
       use, idle = free[:k], free[k:]
       slot_row[use] = np.arange(pos, pos + k)
@@ -238,7 +246,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       slot_row[idle] = -1
       finish[idle] = -1
       for c in range(pos, pos + k, max(step, 1)):
-        insert_k.append(min(step, pos + k - c))
+        insert_k.append(max(min(step, pos + k - c), pad))
         insert_ctx.append(int(ctx[c:min(c + step, pos + k)].max()))
       pos += k
     if pos < n:  # every slot is occupied: run until the refill-th earliest is done
@@ -271,10 +279,11 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   ks = np.asarray(insert_k, np.int64)
   blocks = np.maximum(insert_block(insert_ctx, cache, cost), phase.block)
   overhead = cost.batch_overhead_ms * 1e-3
-  seconds = (overhead * (ks.size + decodes)
-             + float(np.sum(cost.prefill_time(ks, blocks)))
-             + steps * float(cost.step_time(slots, cache)) + float(cost.live_time(live)))
+  inserting = overhead * ks.size + float(np.sum(cost.prefill_time(ks, blocks)))
+  seconds = (inserting + overhead * decodes + steps * float(cost.step_time(slots, cache))
+             + float(cost.live_time(live)))
   tally.seconds += seconds
+  tally.insert_seconds += inserting
   tally.phase_seconds.append(seconds)
   tally.computed += int(np.sum(cost.padded_batch(ks))) + int(cost.padded_batch(slots)) * steps
   tally.inserts += ks.size
@@ -331,7 +340,7 @@ def simulate_continuous(plan: ContinuousPlan, requests: Requests, true_length: n
   return ContinuousSimResult(tally.seconds, len(phases), extra, int(true.sum()), tally.computed,
                              tally.inserts, tally.decodes, tally.steps, tally.carried,
                              tally.phase_seconds, len(tally.programs),
-                             frozenset(tally.programs))
+                             frozenset(tally.programs), tally.insert_seconds)
 
 
 def sample_lengths(pmf: np.ndarray, rng: np.random.Generator, draws: int) -> np.ndarray:

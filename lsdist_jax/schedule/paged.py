@@ -296,14 +296,15 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
   ks = np.asarray(insert_k, np.int64)
   blocks = insert_block(np.asarray(insert_ctx, np.int64), block_cap, cost)
   overhead = cost.batch_overhead_ms * 1e-3
-  seconds = (overhead * (ks.size + decodes) + float(np.sum(cost.prefill_time(ks, blocks)))
-             + steps * float(cost.step_time(B, block_cap)) + float(cost.live_time(live)))
+  inserting = overhead * ks.size + float(np.sum(cost.prefill_time(ks, blocks)))
+  seconds = (inserting + overhead * decodes + steps * float(cost.step_time(B, block_cap))
+             + float(cost.live_time(live)))
   computed = int(np.sum(cost.padded_batch(ks))) + int(cost.padded_batch(B)) * steps
   keys = {("paged-insert", B, pool, int(cost.padded_batch(k)), int(b))
           for k, b in zip(ks.tolist(), np.broadcast_to(blocks, ks.shape).tolist())}
   keys |= {("paged-decode", B, pool)}
   return ContinuousSimResult(seconds, 1, 0, int(true.sum()), computed, int(ks.size), decodes,
-                             steps, preempted, [seconds], len(keys), frozenset(keys))
+                             steps, preempted, [seconds], len(keys), frozenset(keys), inserting)
 
 
 def _ramp(context: int, tokens: int, page: int, horizon: int) -> np.ndarray:
