@@ -34,6 +34,12 @@ flags.DEFINE_list("profile_cache", ["256", "1024"], "cache lengths the profile t
 flags.DEFINE_list("profile_prompts", ["32"], "prompt lengths the profile times (several give "
                   "the prefill's per-token cost)")
 flags.DEFINE_bool("profile_only", False, "profile, save the cost model, and stop")
+flags.DEFINE_enum("profile_runner", "static", ["static", "slots"], "what the profile times: "
+                  "'static' a batch's generate; 'slots' the continuous runner's own calls (its "
+                  "inserts and decode calls, each call's fixed cost included), for plans of "
+                  "the continuous and paged strategies")
+flags.DEFINE_list("profile_inserts", ["8", "32"], "with --profile_runner=slots: the rows of the "
+                  "inserts it times (each at most the slot batch's size)")
 flags.DEFINE_string("name", "benchmark", "output file stem")
 flags.DEFINE_integer("workers", 1, "processes sharing the strategies (see the module doc)")
 flags.DEFINE_list("devices", [], "GPU ids the workers are spread over (CUDA_VISIBLE_DEVICES); "
@@ -81,9 +87,10 @@ def main(argv):
 
     profile = None
     if FLAGS.profile:
-      profile = _child_argv(["--profile", "--profile_only"] + [
+      profile = _child_argv(["--profile", "--profile_only",
+                             f"--profile_runner={FLAGS.profile_runner}"] + [
           f"--profile_{k}={','.join(getattr(FLAGS, 'profile_' + k))}"
-          for k in ("batches", "cache", "prompts")])
+          for k in ("batches", "cache", "prompts", "inserts")])
     run_workers(lambda lock: _child_argv(["--worker", f"--device_lock={lock}"]), FLAGS.workdir,
                 FLAGS.name, FLAGS.workers, FLAGS.devices, lock_dir=FLAGS.lock_dir,
                 profile_command=profile, memory_fraction=FLAGS.memory_fraction)
@@ -106,7 +113,9 @@ def main(argv):
   if FLAGS.profile and FLAGS.workers <= 1:
     ints = lambda values: [int(v) for v in values]
     cost = profile_and_save(engine, workdir, ints(FLAGS.profile_batches),
-                            ints(FLAGS.profile_cache), ints(FLAGS.profile_prompts))
+                            ints(FLAGS.profile_cache), ints(FLAGS.profile_prompts),
+                            runner=FLAGS.profile_runner,
+                            insert_rows=ints(FLAGS.profile_inserts))
     if FLAGS.profile_only:
       print(cost.to_json())
       return

@@ -94,6 +94,29 @@ def test_profile_rows_vary_live_tokens_at_one_shape_and_fit_a_cost_model(tiny_pa
   assert len(CostModel.fit(rows + two).prefill) == 2
 
 
+def test_slot_profile_times_the_runners_own_calls_and_fits_a_cost_model(tiny_params):
+  from lsdist_jax.benchmark.profile import profile_slots
+  from lsdist_jax.schedule import CostModel
+
+  cfg, params = tiny_params
+  gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params,
+                  buckets=Buckets(batch=(2, 4, 8), prompt=8, cache=32))
+  engine = _Engine(gen)
+  rows = profile_slots(engine, [4, 8], [64], steps=8, prompt_len=8, insert_rows=(2, 8),
+                       repeats=1)
+  decode = [r for r in rows if "ms_per_step" in r]
+  inserts = [r for r in rows if "prefill_ms" in r]
+  # per slot batch: an insert of each rows count (at most its slots), a decode row per share
+  assert sorted((r["slots"], r["batch"]) for r in inserts) == [(4, 2), (4, 4), (8, 2), (8, 8)]
+  assert all(r["prompt_len"] == 8 and r["prefill_ms"] > 0 for r in inserts)
+  assert sorted((r["batch"], r["live_tokens"]) for r in decode) == [
+      (4, 1 * 20.5), (4, 4 * 20.5), (8, 2 * 20.5), (8, 8 * 20.5)]
+  assert all(r["call_ms"] >= 0 and r["ms_per_step"] > 0 for r in decode)
+  fitted = CostModel.fit(rows)
+  assert fitted.batch_overhead_ms == pytest.approx(np.median([r["call_ms"] for r in decode]))
+  assert min(fitted.step) >= 0.0 and min(fitted.prefill) >= 0.0
+
+
 @dataclasses.dataclass
 class ContinuousPlan:
   phases: list

@@ -183,6 +183,28 @@ def test_cost_model_fit_recovers_coefficients_and_round_trips(tmp_path, step):
   assert CostModel.load(str(path)) == fitted
   with pytest.raises(ValueError, match="unknown cost-model fields"):
     CostModel.from_json(json.dumps({"nope": 1}))
+
+
+def test_cost_model_fit_from_the_slot_runners_calls_recovers_its_call_overhead():
+  """Rows of `profile_slots`: decode rows time whole calls (call_ms), insert rows the whole
+  insert call; the fit takes the calls' fixed cost as batch_overhead_ms and the prefill as what
+  an insert costs beyond it, so that the simulator's insert (overhead + prefill) is the call."""
+  truth = CostModel(step=(1.2, 0.004, 0.0, 0.0, 2e-5), prefill=(3.0, 2e-4),
+                    batch_overhead_ms=7.5)
+  decode = [{"batch": b, "cache_len": s, "live_tokens": b * s * share, "call_ms": 7.5,
+             "ms_per_step": float(truth.step_time(b, s, b * s * share) * 1e3)}
+            for b in (8, 32, 128) for s in (256, 1024) for share in (0.25, 1.0)]
+  inserts = [{"batch": k, "prompt_len": p, "slots": 128, "cache_len": 1024,
+              "prefill_ms": 7.5 + float(truth.prefill_time(k, p) * 1e3)}
+             for k in (8, 32) for p in (128, 512)]
+  fitted = CostModel.fit(decode + inserts)
+  assert fitted.batch_overhead_ms == pytest.approx(7.5)
+  np.testing.assert_allclose(fitted.step, truth.step, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(fitted.prefill, truth.prefill, rtol=1e-6)
+  with pytest.raises(ValueError, match="at least 2 prefill"):
+    CostModel.fit(decode)
+  with pytest.raises(ValueError, match="at least 4 decode-step"):
+    CostModel.fit(decode[:3] + inserts)
   # a model saved before the live-token term loads with that term at 0
   assert CostModel.from_json(json.dumps({"step": [1.0, 0.1, 1e-3, 0.0]})).step[4] == 0.0
 

@@ -71,12 +71,104 @@ def _profile_prompt_len(engine, batch_sizes, cache_lens, steps, prompt_len, repe
   return rows
 
 
+def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], steps: int = 32,
+                  prompt_len: int | Sequence[int] = 128, insert_rows: Sequence[int] = (8, 32),
+                  repeats: int = 2, active_shares: Sequence[float] = (1.0, 0.25)) -> list[dict]:
+  """Timings of the calls the continuous runner makes (`SlotBatch`), for fitting the cost model
+  its plans are simulated with: what `profile_cost` times (a static `generate`) leaves out, an
+  insert's move of its rows into their slots and its first-token program, a decode call's
+  fixed cost and the slot loop's own per-step work.
+
+  Per slot batch (B slots of cache S, each of `batch_sizes` x `cache_lens` that holds the
+  first prompt length and 2 x `steps` tokens):
+  * decode rows {"batch", "cache_len", "ms_per_step", "call_ms", "live_tokens"}: every slot
+    filled, a share of the rows forced to run n steps (the others done at their insert), one
+    decode call until all are done, timed at n = steps and 2 x steps; the difference gives
+    ms/step, the rest of a call is `call_ms`;
+  * insert rows {"batch" (rows k), "prompt_len" (the context block the insert runs at),
+    "prefill_ms" (the whole call, its sampler included), "slots", "cache_len"}: an insert of k
+    of `insert_rows` (<= B) rows of each prompt length whose block fits S into free slots.
+  Fastest of `repeats`; the first call of each program compiles it, untimed."""
+  import jax
+
+  gen = engine.generator
+  lens = [int(prompt_len)] if np.ndim(prompt_len) == 0 else [int(p) for p in prompt_len]
+  rows = []
+  for s in cache_lens:
+    for b in batch_sizes:
+      if s < lens[0] + 2 * steps + 1:
+        continue
+      batch = gen.open_slots(b, s, max_seq_len=s, temperature=0.0, top_p=1.0)
+      b = batch.slots  # the bucket it runs at
+
+      def fill(k, context, forced):  # an insert of k rows into slots 0..k-1
+        batch.insert(list(range(k)), [context] * k, list(range(k)), [0] * k,
+                     forced_lengths=forced)
+        jax.block_until_ready(batch.state)
+
+      for p in (p for p in lens if int(gen.buckets.insert_block(p, s)) < s):
+        context = [1] + [10 + j % 50 for j in range(p - 1)]
+        for k in sorted({min(int(r), b) for r in insert_rows}):
+          ms = _fastest(lambda: fill(k, context, [2] * k), repeats)
+          block = int(gen.buckets.insert_block(p, s))
+          rows.append({"batch": k, "prompt_len": block, "prefill_ms": round(ms, 4),
+                       "slots": int(b), "cache_len": int(s)})
+          logging.info("profile slots B=%d S=%d: an insert of %d rows at block %d: %.2f ms", b,
+                       s, k, block, ms)
+      context = [1] + [10 + j % 50 for j in range(lens[0] - 1)]
+      for share in active_shares:
+        active = max(1, int(round(share * b)))
+        calls = {}
+        for n in (steps, 2 * steps):
+          ran = []
+
+          def decode():  # every slot filled (untimed), then one decode call until all are done
+            fill(b, context, [n + 1] * active + [1] * (b - active))
+            t0 = time.perf_counter()
+            ran.append(batch.decode(b))
+            jax.block_until_ready(batch.state)
+            return time.perf_counter() - t0
+
+          calls[n] = (_fastest(decode, repeats, timer=True), ran[-1])
+        (t1, n1), (t2, n2) = calls[steps], calls[2 * steps]
+        ms_step = (t2 - t1) / max(n2 - n1, 1)
+        live = active * (lens[0] + 1.5 * steps + 0.5)  # as `profile_cost`'s rows
+        rows.append({"batch": int(b), "cache_len": int(s), "ms_per_step": round(ms_step, 4),
+                     "call_ms": round(max(t1 - n1 * ms_step, 0.0), 4),
+                     "live_tokens": round(live, 1)})
+        logging.info("profile slots B=%d S=%d active=%d: %.3f ms/step, %.2f ms a call", b, s,
+                     active, ms_step, rows[-1]["call_ms"])
+  return rows
+
+
+def _fastest(fn, repeats: int, timer: bool = False) -> float:
+  """ms of the fastest of `repeats` calls of fn, after one more that is not counted (it
+  compiles). timer: fn returns its own seconds (it times only part of itself)."""
+  best = float("inf")
+  for i in range(repeats + 1):
+    t0 = time.perf_counter()
+    own = fn()
+    seconds = own if timer else time.perf_counter() - t0
+    if i:
+      best = min(best, seconds)
+  return 1e3 * best
+
+
 def profile_and_save(engine, workdir: str, batch_sizes: Sequence[int],
-                     cache_lens: Sequence[int], prompt_lens: Sequence[int]) -> CostModel:
-  """Profiles the engine, fits the cost model and saves it (and the raw rows) in `workdir`."""
+                     cache_lens: Sequence[int], prompt_lens: Sequence[int],
+                     runner: str = "static", insert_rows: Sequence[int] = (8, 32)) -> CostModel:
+  """Profiles the engine, fits the cost model and saves it (and the raw rows) in `workdir`.
+  runner: "static" times `generate` (`profile_cost`), "slots" the continuous runner's own
+  calls (`profile_slots`)."""
   from lsdist_jax.engine import device_kind, model_shape
 
-  rows = profile_cost(engine, batch_sizes, cache_lens, prompt_len=list(prompt_lens))
+  if runner not in ("static", "slots"):
+    raise ValueError(f"profile runner must be 'static' or 'slots', got {runner!r}")
+  if runner == "slots":
+    rows = profile_slots(engine, batch_sizes, cache_lens, prompt_len=list(prompt_lens),
+                         insert_rows=insert_rows)
+  else:
+    rows = profile_cost(engine, batch_sizes, cache_lens, prompt_len=list(prompt_lens))
   cost = CostModel.fit(rows, device=device_kind(), model=model_shape(engine))
   os.makedirs(workdir, exist_ok=True)
   path = paths.profiled_cost_model(workdir)

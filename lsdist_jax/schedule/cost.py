@@ -104,18 +104,32 @@ class CostModel:
 
   @classmethod
   def fit(cls, rows: Sequence[dict], **shapes) -> "CostModel":
-    """Least squares (non-negative coefficients) on profiling rows."""
-    if len(rows) < 4:
-      raise ValueError(f"need at least 4 profiling rows to fit the cost model, got {len(rows)}")
-    b = np.array([r["batch"] for r in rows], np.float64)
-    s = np.array([r["cache_len"] for r in rows], np.float64)
-    y = np.array([r["ms_per_step"] for r in rows], np.float64)
-    live = np.array([r.get("live_tokens", 0.0) for r in rows], np.float64)
+    """Least squares (non-negative coefficients) on profiling rows: the step from the rows
+    with "ms_per_step", the prefill from those with "prefill_ms" (a static profile's rows
+    have both). Where decode rows time whole calls ("call_ms": the slot runner's profile),
+    batch_overhead_ms is their median, and the prefill is fitted to what an insert call
+    costs beyond it."""
+    steps = [r for r in rows if "ms_per_step" in r]
+    if len(steps) < 4:
+      raise ValueError(f"need at least 4 decode-step profiling rows to fit the cost model, got "
+                       f"{len(steps)}")
+    b = np.array([r["batch"] for r in steps], np.float64)
+    s = np.array([r["cache_len"] for r in steps], np.float64)
+    y = np.array([r["ms_per_step"] for r in steps], np.float64)
+    live = np.array([r.get("live_tokens", 0.0) for r in steps], np.float64)
     x = np.stack([np.ones_like(b), b, b * s, s, live], axis=1)
     step = _nonneg_lstsq(x, y)
-    p = np.array([r.get("prompt_len", 32) for r in rows], np.float64)
-    yp = np.array([r.get("prefill_ms", 0.0) for r in rows], np.float64)
-    prefill = _nonneg_lstsq(np.stack([np.ones_like(b), b * p], axis=1), yp)
+    calls = [float(r["call_ms"]) for r in steps if "call_ms" in r]
+    if calls:
+      shapes.setdefault("batch_overhead_ms", float(np.median(calls)))
+    overhead = float(shapes["batch_overhead_ms"]) if calls else 0.0
+    inserts = [r for r in rows if "prefill_ms" in r]
+    if len(inserts) < 2:
+      raise ValueError(f"need at least 2 prefill profiling rows to fit the cost model, got "
+                       f"{len(inserts)}")
+    bp = np.array([r["batch"] * r.get("prompt_len", 32) for r in inserts], np.float64)
+    yp = np.array([r["prefill_ms"] for r in inserts], np.float64) - overhead
+    prefill = _nonneg_lstsq(np.stack([np.ones_like(bp), bp], axis=1), yp)
     return cls(step=tuple(float(v) for v in step), prefill=tuple(float(v) for v in prefill),
                source="fit", **shapes)
 
