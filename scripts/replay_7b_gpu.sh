@@ -13,16 +13,22 @@
 # Resumable: each step writes <run>/<step>.done; a rerun skips finished steps and the workers
 # resume the strategies not saved. Progress: <run>/session.log; logs: <run>/<step>.log.
 # Start it with setsid and poll session.log. PROFILE=1 plans with a cost model fitted on this
-# host instead of the config's H100 one: launch/benchmark.py --profile_only on GPU 1 (six
-# programs, about two minutes, while GPU 0 trains the LoRA predictor; batches up to 128 at cache
-# 1,024 fit a 141 GB card). The benchmark's state is keyed by the cost model: a run resumes
-# only with its own.
+# host instead of the config's H100 one: launch/benchmark.py --profile_only on GPU 1 (while GPU
+# 0 trains the LoRA predictor; batches up to 128 at cache 1,024 fit a 141 GB card), timing the
+# continuous runner's own insert and decode calls (--profile_runner=slots; PROFILE_RUNNER=static
+# times a static generate instead, as session 20's run did: that model missed the runner's
+# inserts by about 2x and its decode calls by 1.2x). The benchmark's state is keyed by the cost
+# model: a run resumes only with its own.
+# One GPU (a host of one, or CUDA_VISIBLE_DEVICES of one id): the same steps one after another
+# (profile, LoRA predictor where STRATEGIES holds ssch-lora, then one benchmark process).
+# STRATEGIES=continuous-vanilla,ours-continuous,... runs only those (a run of its own: NAME
+# names its report, default benchmark_replay_7b).
 set -uo pipefail
 source "$(dirname "$0")/steps.sh"  # run_folder, step <name> <command...>
 run_folder "$1" "$2"
-name=benchmark_replay_7b
+name=${NAME:-benchmark_replay_7b}
 gpus=$(nvidia-smi -L | wc -l)
-if [ "$gpus" -lt 2 ]; then echo "needs at least 2 GPUs, found $gpus" >&2; exit 1; fi
+case "${CUDA_VISIBLE_DEVICES:-,}" in *,*) ;; *) gpus=1 ;; esac  # one id given: one GPU
 rm -f "$work/${name}_state/"*.claim  # claims of an interrupted run: its strategies run again
 
 # The reference first (identical responses are counted against it), then the longest, so that
@@ -30,6 +36,7 @@ rm -f "$work/${name}_state/"*.claim  # claims of an interrupted run: its strateg
 rest="'ssch-scalar-max','ours-search','ours','ours-optimal','paged-vanilla','ours-paged',"
 rest+="'oracle-paged','continuous-vanilla','ours-continuous','oracle-continuous','oracle'"
 all="('vanilla:best','ssch-lora',$rest)"
+if [ -n "${STRATEGIES:-}" ]; then all="('$(echo "$STRATEGIES" | sed "s/,/','/g")',)"; fi
 replay=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
         --name="$name")
 echo "$(date +%T) $gpus GPUs: $(nvidia-smi -L | head -n 1)" >> "$log"
@@ -37,10 +44,23 @@ rm -f "$run/profile.failed"
 if [ "${PROFILE:-0}" = 1 ]; then
   replay+=(--config.schedule.cost_model="$work/cost_model.json")
 fi
+profile=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
+         --name="$name" --profile --profile_only --profile_runner="${PROFILE_RUNNER:-slots}"
+         --profile_batches=8,64,128 --profile_cache=256,1024 --profile_prompts=128,512
+         --profile_inserts=8,32,128)
+lora=(python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py
+      --config.model.path="$gguf" --workdir="$work" --name=lora)
+if [ "$gpus" -eq 1 ]; then
+  { [ "${PROFILE:-0}" != 1 ] || step profile "${profile[@]}"; } &&
+    { [[ "$all" != *ssch-lora* ]] || step lora_max "${lora[@]}"; } &&
+    step benchmark "${replay[@]}" --config.benchmark.strategies="$all"
+  rc=$?
+  echo "$(date +%T) all done (exit $rc)" >> "$log"
+  exit $rc
+fi
 (
   export CUDA_VISIBLE_DEVICES=0
-  step lora_max python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py \
-    --config.model.path="$gguf" --workdir="$work" --name=lora &&
+  step lora_max "${lora[@]}" &&
     while [ "${PROFILE:-0}" = 1 ] && [ ! -f "$run/profile.done" ]; do
       [ -f "$run/profile.failed" ] && exit 1
       sleep 5
@@ -48,10 +68,8 @@ fi
     step worker0 "${replay[@]}" --worker --config.benchmark.strategies="$all"
 ) &
 if [ "${PROFILE:-0}" = 1 ]; then
-  CUDA_VISIBLE_DEVICES=1 step profile python3 launch/benchmark.py \
-    --config=configs/llama2_7b_replay_lora.py --workdir="$work" --name="$name" --profile \
-    --profile_only --profile_batches=8,64,128 --profile_cache=256,1024 \
-    --profile_prompts=128 || { touch "$run/profile.failed"; wait; exit 1; }
+  CUDA_VISIBLE_DEVICES=1 step profile "${profile[@]}" || {
+    touch "$run/profile.failed"; wait; exit 1; }
 fi
 for g in $(seq 1 $((gpus - 1))); do
   CUDA_VISIBLE_DEVICES=$g step "worker$g" "${replay[@]}" --worker \

@@ -115,6 +115,8 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
                       predictor_dirs=predictor_exports(workdir))
   assert out["model"] == "random:tiny-32"
   assert out["replay"] is True
+  assert out["requests"] == int(config.benchmark.requests)
+  assert 1 <= out["distinct_prompts"] <= out["requests"]
   data = LengthStore.open(config.collect.store).read()
   recorded = set(data["lengths"].reshape(-1).tolist())
   tokens = {r["strategy"]: r["generated_tokens"] for r in out["rows"]}

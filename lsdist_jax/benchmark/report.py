@@ -70,6 +70,7 @@ def report_from_state(workdir: str, out_name: str = "benchmark", write: bool = T
   out = {k: meta[k] for k in ("device", "date", "model", "prompts", "distinct_prompts",
                               "kv_budget_tokens", "replay", "max_seq_len", "cost_model")}
   out["kv_budget"] = meta.get("kv_budget", "")
+  out["requests"] = meta["prompts"]  # one request = one prompt with its own seed
   out["rows"] = rows
   if missing:
     out["not_run"] = missing
