@@ -14,11 +14,11 @@
 # resume the strategies not saved. Progress: <run>/session.log; logs: <run>/<step>.log.
 # Start it with setsid and poll session.log. PROFILE=1 plans with a cost model fitted on this
 # host instead of the config's H100 one: launch/benchmark.py --profile_only on GPU 1 (while GPU
-# 0 trains the LoRA predictor; batches up to 128 at cache 1,024 fit a 141 GB card), timing the
-# continuous runner's own insert and decode calls (--profile_runner=slots; PROFILE_RUNNER=static
-# times a static generate instead, as session 20's run did: that model missed the runner's
-# inserts by about 2x and its decode calls by 1.2x). The benchmark's state is keyed by the cost
-# model: a run resumes only with its own.
+# 0 trains the LoRA predictor; slot batches of 32 and 128 rows at caches 256 and 1,024, a few
+# minutes), timing the continuous runner's own insert and decode calls
+# (--profile_runner=slots; PROFILE_RUNNER=static times a static generate instead, as session
+# 20's run did: that model missed the runner's inserts by about 2x and its decode calls by
+# 1.2x). The benchmark's state is keyed by the cost model: a run resumes only with its own.
 # One GPU (a host of one, or CUDA_VISIBLE_DEVICES of one id): the same steps one after another
 # (profile, LoRA predictor where STRATEGIES holds ssch-lora, then one benchmark process).
 # STRATEGIES=continuous-vanilla,ours-continuous,... runs only those (a run of its own: NAME
@@ -46,7 +46,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 profile=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
          --name="$name" --profile --profile_only --profile_runner="${PROFILE_RUNNER:-slots}"
-         --profile_batches=8,64,128 --profile_cache=256,1024 --profile_prompts=128,512
+         --profile_batches=32,128 --profile_cache=256,1024 --profile_prompts=128,512
          --profile_inserts=8,32,128)
 lora=(python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py
       --config.model.path="$gguf" --workdir="$work" --name=lora)
