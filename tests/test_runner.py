@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,6 +107,15 @@ def test_slot_profile_times_the_runners_own_calls_and_fits_a_cost_model(tiny_par
                        repeats=1)
   decode = [r for r in rows if "ms_per_step" in r]
   inserts = [r for r in rows if "prefill_ms" in r]
+  programs = [r for r in rows if "program" in r]
+  # each slot program updates the donated state in place: no temporary copy of its KV cache
+  assert {r["program"].split("/")[0] for r in programs} == {"slot_insert", "slot_first",
+                                                             "slot_decode"}
+  for r in programs:
+    slots, cache = (int(x) for x in r["program"].split("/")[1:3])
+    state = sum(x.nbytes for x in jax.tree.leaves(
+        gen.open_slots(slots, cache, max_seq_len=cache).state))
+    assert r["alias_bytes"] == state and r["temp_bytes"] < state / 2, r
   # per slot batch: an insert of each rows count (at most its slots), a decode row per share
   assert sorted((r["slots"], r["batch"]) for r in inserts) == [(4, 2), (4, 4), (8, 2), (8, 8)]
   assert all(r["prompt_len"] == 8 and r["prefill_ms"] > 0 for r in inserts)

@@ -88,7 +88,8 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
   * insert rows {"batch" (rows k), "prompt_len" (the context block the insert runs at),
     "prefill_ms" (the whole call, its sampler included), "slots", "cache_len"}: an insert of k
     of `insert_rows` (<= B) rows of each prompt length whose block fits S into free slots.
-  Fastest of `repeats`; the first call of each program compiles it, untimed."""
+  Fastest of `repeats`; the first call of each program compiles it, untimed. Then a row per
+  slot program compiled (`program_memory`): whether it updates its state in place."""
   import jax
 
   gen = engine.generator
@@ -138,6 +139,31 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
                      "live_tokens": round(live, 1)})
         logging.info("profile slots B=%d S=%d active=%d: %.3f ms/step, %.2f ms a call", b, s,
                      active, ms_step, rows[-1]["call_ms"])
+  return rows + program_memory(gen)
+
+
+def program_memory(gen, prefix: str = "slot_") -> list[dict]:
+  """{"program", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"} of each program
+  the generator compiled whose name starts with `prefix` (where the backend reports it). A slot
+  program updates its state in place: its outputs alias the donated state (alias_bytes), and
+  temporaries as large as the state's KV cache would mean a copy of it on every call."""
+  rows = []
+  for key, exe in list(gen._executables.items()):  # (name, shapes...) -> compiled program
+    if not key[0].startswith(prefix):
+      continue
+    try:
+      m = exe.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+      m = None
+    if m is None:
+      continue
+    rows.append({"program": key[0], "argument_bytes": int(m.argument_size_in_bytes),
+                 "output_bytes": int(m.output_size_in_bytes),
+                 "alias_bytes": int(m.alias_size_in_bytes),
+                 "temp_bytes": int(m.temp_size_in_bytes)})
+    logging.info("program %s: arguments %.1f MB, outputs %.1f MB aliasing %.1f MB, "
+                 "temporaries %.1f MB", key[0], *(rows[-1][k] / 2**20 for k in (
+                     "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")))
   return rows
 
 
