@@ -7,8 +7,9 @@ rows included (the B x S term); the Pallas kernel reads only the slots unfinishe
 filled (the live-token term): a row that has finished costs its batch almost nothing.
 
 Profiling rows (from `lsdist_jax.benchmark.profile.profile_cost`): {"batch", "cache_len", "ms_per_step",
-"prefill_ms", "prompt_len", "live_tokens"}. Also the engine's shape buckets, so costs and memory
-use the padded shapes the engine really runs.
+"prefill_ms", "prompt_len", "live_tokens"}; or (`profile_slots`, the continuous runner's own
+calls) decode rows with "call_ms" and insert rows with "prefill_ms" apart. Also the engine's
+shape buckets, so costs and memory use the padded shapes the engine really runs.
 """
 
 from __future__ import annotations
