@@ -83,6 +83,11 @@ def reference_simulate(plan, req, true_length, cost, options):
         c = int(req.prompt_len[r] + gen[r])
         slots[i] = {"row": r, "ctx": c, "j": 0,
                     "cap": min(phase.cache_len - c, req.max_seq_len - c)}
+        # a row that reaches its room is done as it takes its last token (no EOS step): its
+        # insert's token counts now, not as a step
+        rest = true[r] - gen[r]
+        slots[i]["first"] = 0 < rest == req.room[r] - gen[r] and rest <= slots[i]["cap"]
+        gen[r] += slots[i]["first"]
       for at in range(0, len(take), step):
         part = free[at:min(at + step, len(take))]
         c_max = max(slots[i]["ctx"] for i in part)
@@ -118,8 +123,8 @@ def reference_simulate(plan, req, true_length, cost, options):
           if gen[s["row"]] < true[s["row"]]:
             next_carried.append(s["row"])
           slots[i] = None
-        elif s is not None and draining:
-          gen[s["row"]] += 1  # after j steps it holds j + 1 tokens: its insert sampled one
+        elif s is not None and draining:  # after j steps it holds j + 1 tokens
+          gen[s["row"]] += 0 if s["first"] else 1  # its insert sampled one
           next_carried.append(s["row"])
           slots[i] = None
       if queue:

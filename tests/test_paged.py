@@ -60,8 +60,10 @@ def reference(plan, req, true_length, cost, options):
       queue.pop(0)
       s = open_slots[len(admitted)]
       pages = [free.pop(0) for _ in range(_ceil(c, page))]
-      slots[s] = {"r": r, "ctx": c, "left": int(true[r] - gen[r]), "ran": 0, "pages": pages,
-                  "stamp": counter}
+      rest = int(true[r] - gen[r])
+      last = int(0 < rest == req.room[r] - gen[r])  # reaches its room: no step for an EOS
+      slots[s] = {"r": r, "ctx": c, "left": rest - last, "ran": 0, "pages": pages,
+                  "stamp": counter, "last": last}
       counter += 1
       admitted.append(c)
     size = len(admitted) if first else int(cost.padded_batch(plan.refill))
@@ -70,6 +72,7 @@ def reference(plan, req, true_length, cost, options):
     first = False
     for i, s in enumerate(slots):  # nothing left to generate: done at its insert
       if s is not None and s["left"] == 0:
+        gen[s["r"]] += s["last"]
         free += s["pages"]
         slots[i] = None
     if all(s is None for s in slots):
@@ -77,6 +80,7 @@ def reference(plan, req, true_length, cost, options):
         continue
       break
     target = min(plan.slots, sum(s is None for s in slots) + plan.refill)
+    waiting = bool(queue)  # as the call starts: what it preempts does not end it early
     ran = 0
     while any(s is not None for s in slots):
       needers = [i for i, s in enumerate(slots) if s is not None and s["ctx"] % page == 0]
@@ -107,10 +111,10 @@ def reference(plan, req, true_length, cost, options):
           done.append(i)
       ran += 1
       for i in done:
-        gen[slots[i]["r"]] += slots[i]["ran"]
+        gen[slots[i]["r"]] += slots[i]["ran"] + slots[i]["last"]
         free += slots[i]["pages"]
         slots[i] = None
-      if queue and sum(s is None for s in slots) >= target:
+      if waiting and sum(s is None for s in slots) >= target:
         break
     if ran:
       decodes, steps = decodes + 1, steps + ran

@@ -63,6 +63,7 @@ def test_a_paged_run_returns_the_responses_of_plain_generation(reference, admiss
 def test_calls_steps_and_preemptions_are_the_simulators(tiny_params):
   rng = np.random.default_rng(4)
   forced = rng.integers(0, 50, 16)
+  forced[[2, 9]] = 1000  # these reach their room: done as they take their last token
   runner = _runner(tiny_params, forced=forced, n=16, seed=5)
   true = np.minimum(forced, MAX_SEQ_LEN - runner.prompt_len)
   cost = CostModel(batch_buckets=BUCKETS.batch, prompt_bucket=8, cache_bucket=32)
@@ -86,6 +87,30 @@ def test_calls_steps_and_preemptions_are_the_simulators(tiny_params):
     assert split["decode_steps"] == sim.decode_steps and split["ms_per_decode_step"] > 0
     if (admission, budget) == ("fcfs", 256):
       assert sim.carried_rows > 0  # the tight pool preempts
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_a_tight_pool_with_rows_that_reach_their_room_steps_as_simulated(tiny_params, seed):
+  """Rows forced past their room (done as they take their last token: one step less than a
+  row ending at EOS) in a pool that preempts, some of it in calls that began with an empty
+  queue (they run until every row is done, whatever they preempt): the engine's calls, steps
+  and preemptions are the simulator's."""
+  rng = np.random.default_rng(seed)
+  forced = rng.integers(0, 90, 16)
+  runner = _runner(tiny_params, forced=forced, n=16, seed=seed)
+  true = np.minimum(forced, MAX_SEQ_LEN - runner.prompt_len)
+  assert (true == MAX_SEQ_LEN - runner.prompt_len).any()
+  requests = Requests(runner.prompt_len, MAX_SEQ_LEN, true_length=true)
+  plan = PagedPlan(np.arange(16), 8, 8, 2, "fcfs", watermark=1, projection="true")
+  options = Options(kv_budget_tokens=256, max_batch=16)
+  result = run_paged(runner, plan, requests, options)
+  sim = simulate_paged(plan, requests, true, CostModel(batch_buckets=BUCKETS.batch,
+                                                       prompt_bucket=8, cache_bucket=32),
+                       options)
+  assert [len(t) for t in result.tokens] == true.tolist()
+  assert result.counts == {"insert_calls": sim.insert_calls, "decode_calls": sim.decode_calls,
+                           "decode_steps": sim.decode_steps, "preemptions": sim.carried_rows}
+  assert sim.carried_rows > 0
 
 
 def test_an_insert_holds_at_most_a_quarter_of_the_pool_in_each_call(reference, monkeypatch):

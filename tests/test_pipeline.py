@@ -121,6 +121,13 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   recorded = set(data["lengths"].reshape(-1).tolist())
   tokens = {r["strategy"]: r["generated_tokens"] for r in out["rows"]}
   assert len(set(tokens.values())) == 1  # every strategy generated exactly the replayed lengths
+  # the runner follows the simulator's rules step for step: each continuous or paged plan,
+  # simulated again on the lengths it generated, runs the decode steps it ran
+  split = {r["strategy"]: r for r in out["rows"] if "runner_split" in r}
+  assert set(split) == {"ours-continuous", "paged-vanilla", "ours-paged", "oracle-paged"}
+  for r in split.values():
+    assert r["simulated_split"]["decode_steps"] == r["runner_split"]["decode_steps"], r
+    assert r["simulated_split"]["seconds"] > 0
   assert all(r["identical_share"] == 1.0 for r in out["rows"])
   state = os.path.join(str(tmp_path), "benchmark_state")
   lengths = np.load(os.path.join(state, "vanilla_16.r0.npz"))["lengths"]

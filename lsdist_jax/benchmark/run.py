@@ -16,6 +16,7 @@ import numpy as np
 
 from lsdist_jax import paths
 from lsdist_jax.benchmark.report import report_from_state
+from lsdist_jax.benchmark.simulate import simulated_split
 from lsdist_jax.benchmark.state import ResumeState
 from lsdist_jax.serve import plan as serve_plan
 from lsdist_jax.serve.requests import build_requests, replay_requests
@@ -192,6 +193,8 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       seconds[key] += result.seconds[key]
     row = summarize(name, result, seconds, len(prompt_len), peak_kv_tokens(result))
     row.update(runner_split(result.seconds))
+    row.update(simulated_split(planner, plan, sched, [len(t) for t in result.tokens], cost,
+                               sched_options))
     row["threshold"] = plan.threshold
     row["expected_seconds"] = plan.expected_cost
     return row, result.tokens

@@ -99,12 +99,30 @@ def simulate_strategies(config, store_path: str, predictor_dirs: dict, cost: Cos
 def _plan_and_run(planner: str, sched, true_length, cost: CostModel, opts):
   """(plan, its simulated result) for a static, continuous or paged planner."""
   plan = serve_plan.plan_any(planner, sched, cost, opts)
+  return plan, _simulate_plan(planner, plan, sched, true_length, cost, opts)
+
+
+def _simulate_plan(planner: str, plan, sched, true_length, cost: CostModel, opts):
   if is_paged(planner):
-    return plan, simulate_paged(plan, sched, true_length, cost, opts)
+    return simulate_paged(plan, sched, true_length, cost, opts)
   if is_continuous(planner):
-    return plan, simulate_continuous(plan, sched, true_length, cost, opts)
-  return plan, simulate(plan, sched, true_length, cost,
-                        serve_plan.recovery_fn(planner, sched, cost, opts))
+    return simulate_continuous(plan, sched, true_length, cost, opts)
+  return simulate(plan, sched, true_length, cost,
+                  serve_plan.recovery_fn(planner, sched, cost, opts))
+
+
+def simulated_split(planner: str, plan, sched, lengths, cost: CostModel, opts) -> dict:
+  """{"simulated_split": {"seconds", "insert_calls", "decode_calls", "inserts", "decodes",
+  "decode_steps"}}: a continuous or paged plan that ran, simulated again on the lengths it
+  generated under the cost model that planned it, to set beside the run's `runner_split`
+  (where the model misses the engine); {} for a static plan."""
+  if not (is_paged(planner) or is_continuous(planner)):
+    return {}
+  result = _simulate_plan(planner, plan, sched, np.asarray(lengths, np.int64), cost, opts)
+  split = _split(result)["split"]
+  return {"simulated_split": {"seconds": round(float(result.seconds), 3),
+                              **{k: (round(v, 3) if isinstance(v, float) else v)
+                                 for k, v in split.items()}}}
 
 
 def _row(name: str, plan, result, n_requests: int) -> dict:

@@ -19,7 +19,9 @@ The runner's rules (`simulate_continuous` follows them exactly):
   False, else (the phase refills) in insert calls of padded_batch(m) rows each, one after
   another (the refills' program, so that none of all B rows is compiled); then decode. A row
   with r tokens still to generate occupies its slot for min(r, cap) decode steps and is then
-  done: finished if r <= cap, else capped (it generated exactly cap tokens here).
+  done: finished if r <= cap, else capped (it generated exactly cap tokens here); r - 1 steps
+  where r <= cap reaches the request's room (done as it takes its last token: no step samples
+  an EOS after it).
   One decode call runs steps until at least m slots are free (done or empty) while the queue is
   non-empty, or until every slot is done once the queue is empty. A call that would run no step
   (rows already done at their insert: r = 0) is not made. Then the done rows leave; if the queue
@@ -216,7 +218,11 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   remaining = true[queue] - generated[queue]
   occ = np.minimum(remaining, cap)  # decode steps each row holds its slot
   capped = remaining > cap
-  first = np.zeros(n, np.int64)  # 1: a drained row's token from its insert (beside its steps)
+  # 1: a row whose tokens are its steps + 1 (beside its steps, its insert's token): a drained
+  # row, and one that reaches its room (done as it takes its last token, no step for an EOS)
+  first = (~capped & (remaining > 0)
+           & (remaining == requests.room[queue] - generated[queue])).astype(np.int64)
+  occ -= first
 
   finish = np.full(slots, -1, np.int64)  # the step at which the slot's row is done; -1: empty
   slot_row = np.full(slots, -1, np.int64)  # queue position held by the slot; -1: empty

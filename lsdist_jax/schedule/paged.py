@@ -10,7 +10,8 @@ The rules (`simulate_paged` follows them, and so does the engine's paged run, st
   P = kv_budget_tokens // page pages, `refill` m (at most B), an admission `order` (request
   ids) and an admission rule. The queue starts as `order`.
 * A row with context c (prompt + tokens generated before) holds ceil(c / page) pages once
-  inserted; with r tokens still to generate it runs r decode steps. At its j-th step (1-based)
+  inserted; with r tokens still to generate it runs r decode steps (the last samples its EOS),
+  r - 1 where r reaches its room (done as it takes its last token). At its j-th step (1-based)
   it writes the KV of position c + j - 1 (a new page when that position is a page's first) and
   reads c + j cache tokens.
 * Before each decode step the rows whose next position starts a page ask for one. If the free
@@ -35,8 +36,8 @@ The rules (`simulate_paged` follows them, and so does the engine's paged run, st
   call at the start, else in calls of the bucket of m rows each (a call of fewer rows runs at
   m rows: one program per context block).
 * A decode call runs steps until at least min(B, f + m) slots are free (f: free after the
-  refill; preempted and finished rows free theirs) while the queue is not empty, else until
-  every row is done.
+  refill; preempted and finished rows free theirs) where the queue was not empty at its start
+  (rows it preempts do not change that), else until every row is done.
 * Seconds: an insert call of k rows of longest context c costs batch_overhead + prefill_time(k,
   insert_block(c)); a decode call batch_overhead + steps x step_time(B, max_seq_len) plus the
   live-token cost of the cache tokens its rows read.
@@ -207,6 +208,7 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
   held = np.zeros(B, np.int64)
   stamp = np.zeros(B, np.int64)
   ran = np.zeros(B, np.int64)
+  last = np.zeros(B, np.int64)  # 1: the row reaches its room, done as it takes its last token
   free_pages, counter = pool, 0
   bucket = int(cost.padded_batch(m))
   block_cap = round_up(int(requests.max_seq_len), int(cost.cache_bucket))
@@ -228,7 +230,9 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
         break
       queue.popleft()
       s = int(free[len(admitted)])
-      row[s], ctx[s], left[s], ran[s] = r, c, true[r] - generated[r], 0
+      rest = true[r] - generated[r]
+      last[s] = int(0 < rest == room[r] - generated[r])  # no step for an EOS after it
+      row[s], ctx[s], left[s], ran[s] = r, c, rest - last[s], 0
       held[s] = -(-c // page)
       free_pages -= int(held[s])
       stamp[s], counter = counter, counter + 1
@@ -239,6 +243,7 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
       insert_ctx.append(max(admitted[i:i + step]))
     first = False
     ended = (row >= 0) & (left == 0)  # nothing left to generate: done at its insert
+    generated[row[ended]] += last[ended]
     free_pages += int(held[ended].sum())
     row[ended], held[ended] = -1, 0
     if not (row >= 0).any():
@@ -248,13 +253,14 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
     # ---- decode call: windows of steps in which no row can be preempted run at once
     # (`_window`); a step that preempts runs alone, as the rules say, then the same advance
     target = min(B, int((row < 0).sum()) + m)
-    ran_steps = 0
+    waiting = bool(queue)  # at the call's start (the engine is told then): rows preempted in
+    ran_steps = 0  # the call do not end it early
     while True:
       running = row >= 0
       if not running.any():
         break
       w, stop = _window(ctx[running], left[running], held[running], free_pages, page,
-                        target - int((~running).sum()) if queue else None)
+                        target - int((~running).sum()) if waiting else None)
       if not w:  # the next step preempts: one step, the latest admitted rows leaving first
         needers = running & (ctx % page == 0)
         short = int(needers.sum()) - free_pages
@@ -283,10 +289,10 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
       left[idx] -= t
       ran_steps += w
       done = running & (left == 0)
-      generated[row[done]] += ran[done]
+      generated[row[done]] += ran[done] + last[done]
       free_pages += int(held[done].sum())
       row[done], held[done] = -1, 0
-      if stop or (stop is None and queue and int((row < 0).sum()) >= target):
+      if stop or (stop is None and waiting and int((row < 0).sum()) >= target):
         break
     if ran_steps:
       decodes += 1

@@ -1,9 +1,11 @@
 """A plan replayed against known response lengths under the cost model: the seconds the runner
 would spend, without an engine (numpy only). For planner research, and to size a GPU run first.
 
-It follows the runner's rules: a batch runs until its longest member ends or `cap` steps; a row
-that reaches the cap is continued by recovery batches from prompt + what it generated; at step i
-an unfinished row reads its prompt + i cache tokens (the live-token term of the cost model).
+It follows the runner's rules: a batch runs until its longest member ends or `cap` steps (a row
+of r tokens runs r steps, the last sampling its EOS; r - 1 where r reaches its room: it is done
+as it takes its last token); a row that reaches the cap is continued by recovery batches from
+prompt + what it generated; at step i an unfinished row reads its prompt + i cache tokens (the
+live-token term of the cost model).
 """
 
 from __future__ import annotations
@@ -43,13 +45,17 @@ def simulate(plan: Plan, requests: Requests, true_length: np.ndarray, cost: Cost
   def run(members: np.ndarray, cap: int, phase: str) -> None:
     prompt = requests.prompt_len[members] + generated[members]
     cap = int(max(1, min(cap, requests.max_seq_len - int(prompt.min()))))
-    steps_row = np.minimum(true_length[members] - generated[members], cap)  # [m]
+    rest = true_length[members] - generated[members]
+    tokens_row = np.minimum(rest, cap)  # [m]
+    # a row that reaches its room is done as it takes its last token: no step samples an EOS
+    steps_row = tokens_row - ((rest > 0) & (rest <= cap)
+                              & (rest == requests.room[members] - generated[members]))
     steps = int(steps_row.max())
     live = float((steps_row * prompt + steps_row * (steps_row + 1) / 2).sum())
     totals["seconds"] += float(cost.batch_time(len(members), int(prompt.max()), cap, steps, live))
     totals["computed"] += int(cost.padded_batch(len(members))) * (steps + 1)
     totals[phase] += 1
-    generated[members] += steps_row
+    generated[members] += tokens_row
     done[members] = generated[members] >= true_length[members]
 
   for batch in plan.batches:
