@@ -70,6 +70,26 @@ def test_length_replay_runs_to_the_recorded_lengths(tiny_params):
   assert result.finished.all()
 
 
+def test_static_batches_run_the_steps_the_simulator_counts(runner):
+  """A row that reaches its room is done as it takes its last token, one step before a row of
+  that length would sample its EOS: the simulator's steps (computed tokens) are the engine's,
+  with rows at their room among the longest."""
+  from lsdist_jax.schedule import CostModel, Requests
+  from lsdist_jax.schedule.simulate import simulate
+  from lsdist_jax.schedule.types import Batch as SimBatch, Plan as SimPlan
+
+  true = np.array([len(t) for t in runner.run(Plan([Batch(np.arange(12), 72)])).tokens])
+  room = runner.max_seq_len - runner.prompt_len
+  assert (true == room).any()
+  requests = Requests(runner.prompt_len, runner.max_seq_len, true_length=true)
+  cost = CostModel(batch_buckets=(1, 2, 4, 8, 16), prompt_bucket=8, cache_bucket=32)
+  for groups in ([np.arange(12)], [np.arange(6), np.arange(6, 12)],
+                 [np.array([2, 10, 4]), np.array([0, 1, 3, 5, 6, 7, 8, 9, 11])]):
+    result = runner.run(Plan([Batch(g, 72) for g in groups]))
+    sim = simulate(SimPlan([SimBatch(g, 72) for g in groups], "static"), requests, true, cost)
+    assert sum(r.padded_size * (r.steps + 1) for r in result.batches) == sim.computed_tokens
+
+
 def test_profile_rows_vary_live_tokens_at_one_shape_and_fit_a_cost_model(tiny_params):
   from lsdist_jax.benchmark.profile import profile_cost
   from lsdist_jax.schedule import CostModel
