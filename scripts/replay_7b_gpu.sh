@@ -37,6 +37,7 @@ rest="'ssch-scalar-max','ours-search','ours','ours-optimal','paged-vanilla','our
 rest+="'oracle-paged','continuous-vanilla','ours-continuous','oracle-continuous','oracle'"
 all="('vanilla:best','ssch-lora',$rest)"
 if [ -n "${STRATEGIES:-}" ]; then all="('$(echo "$STRATEGIES" | sed "s/,/','/g")',)"; fi
+others=${all//\'ssch-lora\',/}  # what the GPUs other than 0 take: all but ssch-lora
 replay=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
         --name="$name")
 echo "$(date +%T) $gpus GPUs: $(nvidia-smi -L | head -n 1)" >> "$log"
@@ -50,9 +51,9 @@ profile=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py -
          --profile_inserts=8,32,128)
 lora=(python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py
       --config.model.path="$gguf" --workdir="$work" --name=lora)
+train_lora() { [[ "$all" != *ssch-lora* ]] || step lora_max "${lora[@]}"; }
 if [ "$gpus" -eq 1 ]; then
-  { [ "${PROFILE:-0}" != 1 ] || step profile "${profile[@]}"; } &&
-    { [[ "$all" != *ssch-lora* ]] || step lora_max "${lora[@]}"; } &&
+  { [ "${PROFILE:-0}" != 1 ] || step profile "${profile[@]}"; } && train_lora &&
     step benchmark "${replay[@]}" --config.benchmark.strategies="$all"
   rc=$?
   echo "$(date +%T) all done (exit $rc)" >> "$log"
@@ -60,7 +61,7 @@ if [ "$gpus" -eq 1 ]; then
 fi
 (
   export CUDA_VISIBLE_DEVICES=0
-  step lora_max "${lora[@]}" &&
+  train_lora &&
     while [ "${PROFILE:-0}" = 1 ] && [ ! -f "$run/profile.done" ]; do
       [ -f "$run/profile.failed" ] && exit 1
       sleep 5
@@ -73,7 +74,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 for g in $(seq 1 $((gpus - 1))); do
   CUDA_VISIBLE_DEVICES=$g step "worker$g" "${replay[@]}" --worker \
-    --config.benchmark.strategies="('vanilla:best',$rest)" &
+    --config.benchmark.strategies="$others" &
 done
 wait
 # Every strategy saved: this writes the report, in the order of $all.
