@@ -62,7 +62,7 @@ import numpy as np
 from lsdist_jax.schedule import dist
 from lsdist_jax.schedule.cost import CostModel
 from lsdist_jax.schedule.types import Options, Requests
-from lsdist_jax.schedule.simulate import SimResult
+from lsdist_jax.schedule.simulate import SimResult, ends_at_room
 from lsdist_jax.shapes import context_block, round_up_array
 
 MAX_EXTRA_PHASES = 16
@@ -220,8 +220,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   capped = remaining > cap
   # 1: a row whose tokens are its steps + 1 (beside its steps, its insert's token): a drained
   # row, and one that reaches its room (done as it takes its last token, no step for an EOS)
-  first = (~capped & (remaining > 0)
-           & (remaining == requests.room[queue] - generated[queue])).astype(np.int64)
+  first = ends_at_room(remaining, requests.room[queue] - generated[queue], cap)
   occ -= first
 
   finish = np.full(slots, -1, np.int64)  # the step at which the slot's row is done; -1: empty

@@ -52,6 +52,7 @@ import numpy as np
 
 from lsdist_jax.schedule.continuous import ContinuousSimResult, insert_block
 from lsdist_jax.schedule.cost import CostModel
+from lsdist_jax.schedule.simulate import ends_at_room
 from lsdist_jax.schedule.types import Options, Requests
 from lsdist_jax.shapes import round_up
 
@@ -231,7 +232,7 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
       queue.popleft()
       s = int(free[len(admitted)])
       rest = true[r] - generated[r]
-      last[s] = int(0 < rest == room[r] - generated[r])  # no step for an EOS after it
+      last[s] = ends_at_room(rest, room[r] - generated[r])  # no step for an EOS after it
       row[s], ctx[s], left[s], ran[s] = r, c, rest - last[s], 0
       held[s] = -(-c // page)
       free_pages -= int(held[s])

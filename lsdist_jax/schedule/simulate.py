@@ -32,6 +32,17 @@ class SimResult:
     return self.generated_tokens / max(self.computed_tokens, 1)
 
 
+def ends_at_room(rest, room_left, cap=None):
+  """1 where a row with `rest` tokens still to generate takes the last token of its room
+  (`room_left`: the request's room less what it has) within `cap`, else 0: the engines mark
+  such a row done as they accept that token, so it runs one decode step fewer than a row of
+  that length that ends at EOS (whose last step samples the EOS). Elementwise; the rule every
+  simulator here counts steps by."""
+  rest = np.asarray(rest)
+  hit = (rest > 0) & (rest == np.asarray(room_left))
+  return (hit if cap is None else hit & (rest <= np.asarray(cap))).astype(np.int64)
+
+
 def simulate(plan: Plan, requests: Requests, true_length: np.ndarray, cost: CostModel,
              recover: Callable[[np.ndarray, np.ndarray], Sequence[Batch]] | None = None,
              max_recovery_rounds: int = 16) -> SimResult:
@@ -47,9 +58,7 @@ def simulate(plan: Plan, requests: Requests, true_length: np.ndarray, cost: Cost
     cap = int(max(1, min(cap, requests.max_seq_len - int(prompt.min()))))
     rest = true_length[members] - generated[members]
     tokens_row = np.minimum(rest, cap)  # [m]
-    # a row that reaches its room is done as it takes its last token: no step samples an EOS
-    steps_row = tokens_row - ((rest > 0) & (rest <= cap)
-                              & (rest == requests.room[members] - generated[members]))
+    steps_row = tokens_row - ends_at_room(rest, requests.room[members] - generated[members], cap)
     steps = int(steps_row.max())
     live = float((steps_row * prompt + steps_row * (steps_row + 1) / 2).sum())
     totals["seconds"] += float(cost.batch_time(len(members), int(prompt.max()), cap, steps, live))
