@@ -65,10 +65,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.decode_attention = "auto"
   # The prefill-only programs (the prediction prefill, each slot insert's prefill) run their
   # blocks as one lax.scan, lowered and compiled once instead of once per layer; it stacks the
-  # layer weights inside each such program (a transient copy of them). Measured on an H200
-  # (SmolLM2, docs/results/compile_times_h200.json): those programs compile 2.6x faster, and a
-  # 64 x 128 prediction prefill runs in 9.7 ms against 8.4 ms unrolled.
-  c.engine.scan_prefill = True
+  # layer weights inside each such program (a transient copy of them, on every call). Measured
+  # on an H200: SmolLM2's programs compile 2.6x faster, and a 64 x 128 prediction prefill runs
+  # in 9.7 ms against 8.4 ms unrolled (docs/results/compile_times_h200.json); a LLaMA-2-7B slot
+  # insert of 8 rows took 65 ms scanned against 27 ms unrolled. True | False | "auto": scan
+  # while the layer weights are at most 1 GiB (`llama.config.resolve_scan_prefill`).
+  c.engine.scan_prefill = "auto"
   # Programs a run knows it will need (the prediction prefill's, a continuous plan's phases)
   # compile ahead in this many background threads while earlier work runs; 0: each compiles
   # when first run. Off on a mesh.

@@ -21,7 +21,7 @@ import numpy as np
 from lsdist_jax import sharding as shd
 from lsdist_jax.errors import BadFileError, ConfigError, MissingFileError
 from lsdist_jax.llama import weights as wts
-from lsdist_jax.llama.config import LlamaConfig, PRESETS, get_preset
+from lsdist_jax.llama.config import LlamaConfig, PRESETS, get_preset, resolve_scan_prefill
 from lsdist_jax.config import default_config
 from lsdist_jax.llama.generator import Generator
 from lsdist_jax.llama.model import Llama, abstract_params, init_params
@@ -94,11 +94,11 @@ class Engine:
     self.source = source
     self.dtype = dtype
     self.mesh = engine_mesh(mesh_config)
-    if decode_impl is None:
-      decode_impl = (engine_config.get("decode_attention", "auto") if engine_config is not None
-                     else "auto")
-    self.decode_impl = resolve_decode_impl(decode_impl, dtype, self.mesh, config.head_dim)
-    scan = bool(engine_config.get("scan_prefill", True)) if engine_config is not None else False
+    ec = engine_config if engine_config is not None else {"scan_prefill": False}
+    self.decode_impl = resolve_decode_impl(decode_impl or ec.get("decode_attention", "auto"),
+                                           dtype, self.mesh, config.head_dim)
+    scan = resolve_scan_prefill(ec.get("scan_prefill", "auto"), config,
+                                jnp.dtype(DTYPES[dtype]).itemsize)
     self.model = Llama(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype],
                        decode_impl=self.decode_impl, mesh=self.mesh, scan_prefill=scan)
     placed = time.perf_counter()

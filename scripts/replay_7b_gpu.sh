@@ -47,7 +47,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 profile=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
          --name="$name" --profile --profile_only --profile_runner="${PROFILE_RUNNER:-slots}"
-         --profile_batches=32,128 --profile_cache=256,1024 --profile_prompts=128,512
+         --profile_batches=32,128 --profile_cache="${PROFILE_CACHE:-256,768}" --profile_prompts=128,512
          --profile_inserts=8,32,128)
 lora=(python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py
       --config.model.path="$gguf" --workdir="$work" --name=lora)

@@ -65,3 +65,26 @@ def test_a_config_file_loads_by_path_as_the_launchers_load_it(tmp_path):
                        text=True, cwd=str(tmp_path))
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "random:llama-2-7b"
+
+
+def test_scan_prefill_auto_scans_small_models_and_unrolls_large_ones():
+  """engine.scan_prefill="auto" (the default): a scanned prefill stacks the layer weights on
+  every call, so a 7B model (12.6 GiB of them in bf16) unrolls while SmolLM2 scans; an engine
+  built from the default config follows it."""
+  from lsdist_jax.config import default_config
+  from lsdist_jax.engine import Engine
+  from lsdist_jax.llama.config import get_preset, resolve_scan_prefill
+
+  assert default_config().engine.scan_prefill == "auto"
+  assert resolve_scan_prefill("auto", get_preset("smollm2-135m-instruct"), 2)
+  assert not resolve_scan_prefill("auto", get_preset("llama-2-7b"), 2)
+  assert not resolve_scan_prefill("auto", get_preset("llama-2-7b"), 4)
+  assert resolve_scan_prefill("True", get_preset("llama-2-7b"), 2)
+  assert not resolve_scan_prefill(False, get_preset("tiny"), 4)
+  with pytest.raises(ValueError, match="engine.scan_prefill='sometimes'"):
+    resolve_scan_prefill("sometimes", get_preset("tiny"), 4)
+  config = default_config()
+  assert Engine.random("tiny", dtype="float32", engine_config=config.engine).model.scan_prefill
+  config.engine.scan_prefill = "false"
+  assert not Engine.random("tiny", dtype="float32",
+                           engine_config=config.engine).model.scan_prefill

@@ -44,12 +44,17 @@ class LlamaConfig:
     object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
   @property
-  def num_params(self) -> int:
+  def layer_params(self) -> int:
+    """Parameters of one decoder block."""
     d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
                        self.num_kv_heads, self.head_dim)
-    per_layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
+    return d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
+
+  @property
+  def num_params(self) -> int:
+    d = self.hidden_size
     head = 0 if self.tie_word_embeddings else d * self.vocab_size
-    return self.num_layers * per_layer + self.vocab_size * d + d + head
+    return self.num_layers * self.layer_params + self.vocab_size * d + d + head
 
   def fingerprint(self) -> dict[str, Any]:
     """The fields that decide whether weights/checkpoints/stores belong to this model."""
@@ -228,3 +233,24 @@ def from_gguf_metadata(fields: dict[str, Any], has_output_tensor: bool, name: st
       pad_token_id=int(fields.get("tokenizer.ggml.padding_token_id", eos)),
       name=name or str(fields.get("general.name", "llama")),
   )
+
+
+# `scan_prefill="auto"` scans while the layer weights a scanned prefill stacks on every call
+# weigh at most this: an H200 measured the stack of LLaMA-2-7B's 12.6 GiB at ~35 ms of each slot
+# insert (docs/BENCHMARKS.md, session 21), SmolLM2-135M's 0.2 GiB at ~1 ms of a prefill.
+SCAN_PREFILL_MAX_BYTES = 1 << 30
+
+
+def resolve_scan_prefill(setting, config: LlamaConfig, itemsize: int) -> bool:
+  """engine.scan_prefill (True, False or "auto"; strings "true"/"false" too) -> whether prefills run their blocks as one
+  scan: "auto" scans when the layer weights (params of `itemsize` bytes) are at most
+  SCAN_PREFILL_MAX_BYTES, where the stack each call makes costs little beside the compile time
+  it saves."""
+  named = {"auto": None, "true": True, "false": False}  # as a string flag may give them
+  if isinstance(setting, str) and setting.lower() in named:
+    setting = named[setting.lower()]
+  if setting is None:
+    return config.num_layers * config.layer_params * int(itemsize) <= SCAN_PREFILL_MAX_BYTES
+  if isinstance(setting, bool) or setting in (0, 1):
+    return bool(setting)
+  raise ValueError(f"engine.scan_prefill={setting!r}; expected True, False or 'auto'")

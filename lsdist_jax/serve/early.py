@@ -33,9 +33,10 @@ from concurrent.futures import Future
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lsdist_jax.llama.config import LlamaConfig, get_preset
+from lsdist_jax.llama.config import LlamaConfig, get_preset, resolve_scan_prefill
 
 
 def header_config(name_or_path: str) -> LlamaConfig | None:
@@ -136,7 +137,8 @@ def start(config, n_requests: int, texts=(), embed_layer: int | None = None
   impl = eng.resolve_decode_impl(config.engine.get("decode_attention", "auto"), dtype, None,
                                  cfg.head_dim)
   model = Llama(cfg, dtype=eng.DTYPES[dtype], param_dtype=eng.DTYPES[dtype], decode_impl=impl,
-                scan_prefill=bool(config.engine.get("scan_prefill", True)))
+                scan_prefill=resolve_scan_prefill(config.engine.get("scan_prefill", "auto"), cfg,
+                                                  jnp.dtype(eng.DTYPES[dtype]).itemsize))
   setting = config.schedule.kv_budget_tokens
   if isinstance(setting, str):
     budget, _ = eng.free_memory_tokens(eng.kv_bytes_per_token(cfg, dtype),
