@@ -110,12 +110,13 @@ def reference_simulate(plan, req, true_length, cost, options):
             gen[s["row"]] += 1
             live += s["ctx"] + s["j"]
         steps += 1
-      if steps:
-        out["seconds"] += (overhead + steps * float(cost.step_time(size, phase.cache_len))
-                           + float(cost.live_time(live)))
-        out["computed"] += int(cost.padded_batch(size)) * steps
-        out["steps"] += steps
-        out["decodes"] += 1
+      # the runner calls decode while a slot is held, also where it runs no step (the rows
+      # are done at their insert, or enough slots were free already)
+      out["seconds"] += (overhead + steps * float(cost.step_time(size, phase.cache_len))
+                         + float(cost.live_time(live)))
+      out["computed"] += int(cost.padded_batch(size)) * steps
+      out["steps"] += steps
+      out["decodes"] += 1
       draining = not queue and phase.drain > 0  # the phase ends: every row leaves
       for i in range(size):  # the done rows leave, in slot order
         s = slots[i]

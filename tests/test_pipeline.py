@@ -128,6 +128,11 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   for r in split.values():
     assert r["simulated_split"]["decode_steps"] == r["runner_split"]["decode_steps"], r
     assert r["simulated_split"]["seconds"] > 0
+  # a slot run's split says which of its call seconds were compile waits, and its decode calls
+  cont = split["ours-continuous"]["runner_split"]
+  assert cont["decodes"] == split["ours-continuous"]["simulated_split"]["decodes"]
+  assert 0 <= cont["insert_compile_wait"] <= cont["insert_calls"]
+  assert 0 <= cont["decode_compile_wait"] <= cont["decode_calls"]
   assert all(r["identical_share"] == 1.0 for r in out["rows"])
   state = os.path.join(str(tmp_path), "benchmark_state")
   lengths = np.load(os.path.join(state, "vanilla_16.r0.npz"))["lengths"]

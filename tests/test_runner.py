@@ -123,7 +123,7 @@ def test_slot_profile_times_the_runners_own_calls_and_fits_a_cost_model(tiny_par
   gen = Generator(Llama(cfg, jnp.float32, jnp.float32), params,
                   buckets=Buckets(batch=(2, 4, 8), prompt=8, cache=32))
   engine = _Engine(gen)
-  rows = profile_slots(engine, [4, 8], [64], steps=8, prompt_len=8, insert_rows=(2, 8),
+  rows = profile_slots(engine, [4, 8], [64], steps=8, prompt_len=[8, 32], insert_rows=(2, 8),
                        repeats=1)
   decode = [r for r in rows if "ms_per_step" in r]
   inserts = [r for r in rows if "prefill_ms" in r]
@@ -135,12 +135,17 @@ def test_slot_profile_times_the_runners_own_calls_and_fits_a_cost_model(tiny_par
     slots, cache = (int(x) for x in r["program"].split("/")[1:3])
     state = sum(x.nbytes for x in jax.tree.leaves(
         gen.open_slots(slots, cache, max_seq_len=cache).state))
-    assert r["alias_bytes"] == state and r["temp_bytes"] < state / 2, r
-  # per slot batch: an insert of each rows count (at most its slots), a decode row per share
-  assert sorted((r["slots"], r["batch"]) for r in inserts) == [(4, 2), (4, 4), (8, 2), (8, 8)]
-  assert all(r["prompt_len"] == 8 and r["prefill_ms"] > 0 for r in inserts)
-  assert sorted((r["batch"], r["live_tokens"]) for r in decode) == [
-      (4, 1 * 20.5), (4, 4 * 20.5), (8, 2 * 20.5), (8, 8 * 20.5)]
+    assert r["alias_bytes"] == state, r
+    if not r["program"].endswith("/32/-1"):
+      assert r["temp_bytes"] < state / 2, r  # (a longer block's prefill needs more than that)
+  # per slot batch: an insert of each rows count (at most its slots) and context, a decode
+  # row per share and context (a row's live tokens: its context and 12.5 for 8 of 16 steps)
+  assert sorted((r["slots"], r["batch"], r["prompt_len"]) for r in inserts) == [
+      (s, k, p) for s, ks in ((4, (2, 4)), (8, (2, 8))) for k in ks for p in (8, 32)]
+  assert all(r["prefill_ms"] > 0 for r in inserts)
+  assert sorted((r["batch"], r["context_len"], r["live_tokens"]) for r in decode) == [
+      (b, p, a * (p + 12.5)) for b, shares in ((4, (1, 4)), (8, (2, 8))) for p in (8, 32)
+      for a in shares]
   assert all(r["call_ms"] >= 0 and r["ms_per_step"] > 0 for r in decode)
   fitted = CostModel.fit(rows)
   assert fitted.batch_overhead_ms == pytest.approx(np.median([r["call_ms"] for r in decode]))

@@ -81,7 +81,9 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
 
   Per slot batch (B slots of cache S, each of `batch_sizes` x `cache_lens` that holds the
   first prompt length and 2 x `steps` tokens):
-  * decode rows {"batch", "cache_len", "ms_per_step", "call_ms", "live_tokens"}: every slot
+  * decode rows {"batch", "cache_len", "ms_per_step", "call_ms", "live_tokens", "context_len"}
+    per prompt length whose context and 2 x `steps` tokens fit S (long contexts give the
+    live-token cost its range): every slot
     filled, a share of the rows forced to run n steps (the others done at their insert), one
     decode call until all are done, timed at n = steps and 2 x steps; the difference gives
     ms/step, the rest of a call is `call_ms`;
@@ -116,29 +118,30 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
                        "slots": int(b), "cache_len": int(s)})
           logging.info("profile slots B=%d S=%d: an insert of %d rows at block %d: %.2f ms", b,
                        s, k, block, ms)
-      context = [1] + [10 + j % 50 for j in range(lens[0] - 1)]
-      for share in active_shares:
-        active = max(1, int(round(share * b)))
-        calls = {}
-        for n in (steps, 2 * steps):
-          ran = []
+      for p in (p for p in lens if s >= p + 2 * steps + 1):  # long contexts: many live tokens
+        context = [1] + [10 + j % 50 for j in range(p - 1)]
+        for share in active_shares:
+          active = max(1, int(round(share * b)))
+          calls = {}
+          for n in (steps, 2 * steps):
+            ran = []
 
-          def decode():  # every slot filled (untimed), then one decode call until all are done
-            fill(b, context, [n + 1] * active + [1] * (b - active))
-            t0 = time.perf_counter()
-            ran.append(batch.decode(b))
-            jax.block_until_ready(batch.state)
-            return time.perf_counter() - t0
+            def decode():  # every slot filled (untimed), then one decode call until all are done
+              fill(b, context, [n + 1] * active + [1] * (b - active))
+              t0 = time.perf_counter()
+              ran.append(batch.decode(b))
+              jax.block_until_ready(batch.state)
+              return time.perf_counter() - t0
 
-          calls[n] = (_fastest(decode, repeats, timer=True), ran[-1])
-        (t1, n1), (t2, n2) = calls[steps], calls[2 * steps]
-        ms_step = (t2 - t1) / max(n2 - n1, 1)
-        live = active * (lens[0] + 1.5 * steps + 0.5)  # as `profile_cost`'s rows
-        rows.append({"batch": int(b), "cache_len": int(s), "ms_per_step": round(ms_step, 4),
-                     "call_ms": round(max(t1 - n1 * ms_step, 0.0), 4),
-                     "live_tokens": round(live, 1)})
-        logging.info("profile slots B=%d S=%d active=%d: %.3f ms/step, %.2f ms a call", b, s,
-                     active, ms_step, rows[-1]["call_ms"])
+            calls[n] = (_fastest(decode, repeats, timer=True), ran[-1])
+          (t1, n1), (t2, n2) = calls[steps], calls[2 * steps]
+          ms_step = (t2 - t1) / max(n2 - n1, 1)
+          live = active * (p + 1.5 * steps + 0.5)  # as `profile_cost`'s rows
+          rows.append({"batch": int(b), "cache_len": int(s), "ms_per_step": round(ms_step, 4),
+                       "call_ms": round(max(t1 - n1 * ms_step, 0.0), 4),
+                       "live_tokens": round(live, 1), "context_len": int(p)})
+          logging.info("profile slots B=%d S=%d context %d active=%d: %.3f ms/step, %.2f ms a "
+                       "call", b, s, p, active, ms_step, rows[-1]["call_ms"])
   return rows + program_memory(gen)
 
 

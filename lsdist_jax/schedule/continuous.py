@@ -262,8 +262,8 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
     else:
       until = int(finish.max())
     run = max(0, until - now)
-    if run:
-      decodes += 1
+    if run or (slot_row >= 0).any():  # the runner calls decode while a slot is held, even
+      decodes += 1                     # where its rows are done at their insert (0 steps)
       steps += run
       now += run
     if pos >= n:

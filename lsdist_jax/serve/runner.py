@@ -352,7 +352,8 @@ class Runner:
 def runner_split(seconds: dict, calls: bool = False) -> dict:
   """{"runner_split": ...}: where a continuous or paged run's time went (insert, decode and
   read calls, decode steps, milliseconds per decode step; the prediction and planning before
-  it where timed), from its RunResult.seconds; {} for static runs. calls: also a row per
+  it where timed; for a continuous run, the compile waits those calls' seconds hold and the
+  decode calls made), from its RunResult.seconds; {} for static runs. calls: also a row per
   insert and decode call (`CALL_COLUMNS`)."""
   if "decode_calls" not in seconds:
     return {}
@@ -361,6 +362,10 @@ def runner_split(seconds: dict, calls: bool = False) -> dict:
   out.update(decode_steps=steps,
              ms_per_decode_step=round(1e3 * seconds["decode_calls"] / max(steps, 1), 3))
   out.update({k: round(float(seconds[k]), 3) for k in ("predict", "plan") if k in seconds})
+  if seconds.get("calls"):  # the compile waits inside the insert and decode calls' seconds
+    rows = np.asarray(seconds["calls"], np.float64)
+    out.update(insert_compile_wait=round(float(rows[:, 2].sum()), 3),
+               decode_compile_wait=round(float(rows[:, 6].sum()), 3), decodes=len(rows))
   if calls and seconds.get("calls"):
     out["calls_columns"] = CALL_COLUMNS
     out["calls"] = [list(c) for c in seconds["calls"]]
