@@ -146,6 +146,46 @@ def test_continuous_run_with_programs_compiled_ahead_equals_on_first_use(tiny_pa
   assert len({k[0].split("/")[3] for k in inserts}) <= 3
 
 
+def test_a_warm_start_runs_once_its_programs_compiled_ahead_are_built(tiny_params):
+  """Runner.warm_start (a steady-state benchmark): a continuous or paged run first waits for
+  every program it compiles ahead, counted as compile time; the tokens are those of a run
+  that did not wait."""
+  from lsdist_jax.schedule.paged import PagedPlan
+  from lsdist_jax.schedule import Options, Requests
+  from lsdist_jax.serve.paged_runner import run_paged
+
+  prompts = _prompts(8, 3, 7, seed=7)
+  plan = ContinuousPlan([Phase(np.arange(8), 64, 4, 2)])
+  tokens = {}
+  for warm in (False, True):
+    gen = _generator(tiny_params, threads=2)
+    runner = Runner(_Engine(gen), prompts, request_ids=range(8), max_seq_len=64, **SAMPLING)
+    runner.warm_start = warm
+    settled, real = [], gen.wait_precompiles
+
+    def spy():  # how many programs were compiling ahead, and whether all were built after it
+      pending = list(gen._pending.values())
+      real()
+      settled.append((len(pending), all(f.done() for f in pending), gen.compile_seconds))
+
+    gen.wait_precompiles = spy
+    result = runner.run_continuous(plan, lambda c, r: Phase(np.zeros(0, np.int64), 64, 2, 1))
+    tokens[warm] = result.tokens
+    if warm:
+      (n, built, waited), = settled
+      assert n >= 3 and built and result.seconds["compile"] >= waited > 0
+      assert gen.precompiled_runs >= 3
+    else:
+      assert settled == []
+    lengths = np.array([len(t) for t in result.tokens])
+    paged = PagedPlan(np.arange(8), 4, 16, 2, "fcfs", projection="true")
+    got = run_paged(runner, paged, Requests(runner.prompt_len, 64, true_length=lengths),
+                    Options(kv_budget_tokens=4 * 64, max_batch=8))
+    assert got.tokens == result.tokens
+    assert len(settled) == (2 if warm else 0)
+  assert tokens[True] == tokens[False]
+
+
 def test_a_shared_prefill_runs_a_program_compiled_ahead_too(tiny_params):
   # equal contexts prefill at half the rows (SlotBatch.insert(share_prefill=True)): that twin of
   # each insert program is compiled ahead as well, so sharing costs no foreground compilation

@@ -71,6 +71,7 @@ def report_from_state(workdir: str, out_name: str = "benchmark", write: bool = T
                               "kv_budget_tokens", "replay", "max_seq_len", "cost_model")}
   out["kv_budget"] = meta.get("kv_budget", "")
   out["requests"] = meta["prompts"]  # one request = one prompt with its own seed
+  out["warm_start"] = bool(meta.get("warm_start", False))  # calls timed with programs ready
   out["rows"] = rows
   if missing:
     out["not_run"] = missing

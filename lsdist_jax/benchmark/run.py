@@ -129,6 +129,7 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       "forced": None if forced is None else [int(x) for x in forced],
       "kv_budget_tokens": int(options.kv_budget_tokens), "repeats": int(bench.repeats),
       "generation": dict(config.generation), "model": engine.source,
+      **({"warm_start": True} if bench.warm_start else {}),  # (older states: none)
       # the plans follow the cost model: strategies planned with another are not mixed in
       "cost_model": cost.to_json()})
   repeats = range(int(bench.repeats))
@@ -143,7 +144,7 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
       "replay": bool(bench.replay),
       "max_seq_len": int(config.generation.max_seq_len),
       "cost_model": cost.source + (f" (profiled on {cost.device})" if cost.device else ""),
-      "strategies": names, "repeats": int(bench.repeats)})
+      "strategies": names, "repeats": int(bench.repeats), "warm_start": bool(bench.warm_start)})
   to_run = [(n, r) for r in repeats for n in names if not state.has(n, r)]
   hidden_layer = int(config.collect.hidden_layer)
   runner = predictors = None
@@ -158,6 +159,7 @@ def run_benchmark(config, workdir: str, engine=None, predictor_dirs: dict | None
                                             int(config.predictor.max_len), engine=engine,
                                             own_base=bool(bench.replay), config=config)
     runner = serve_plan.make_runner(engine, requests, config, forced)
+    runner.warm_start = bool(bench.warm_start)
     logging.info("benchmark: %d requests over %d prompts, KV budget %d tokens, replay=%s",
                  len(prompt_len), int(np.unique(requests.dataset_index).size),
                  options.kv_budget_tokens, bool(bench.replay))

@@ -5,9 +5,10 @@ timed apart from running), places batches on the mesh, and runs static batches (
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Sequence
 
 import jax
@@ -46,18 +47,15 @@ class Generator:
     self.params = params
     self._fns, self._executables = {}, {}  # jitted functions; compiled programs by shapes
     self.compile_seconds = 0.0  # time spent compiling, kept apart from running
-    # Several processes sharing one device (benchmark workers): each call runs under this file
-    # lock and is synced before it is released; the time spent waiting for it is counted here.
+    # processes sharing a device (benchmark workers) run each call under this lock, waits counted
     self.device_lock: str | None = None
     self.wait_seconds = 0.0
-    # Programs a caller knows it will need compile ahead in this many background threads
-    # (`precompile`; 0: each compiles when first run). Their compile time is counted in
-    # background_compile_seconds; compile_seconds holds only the time a run waited for one.
+    # `precompile` threads (0: a program compiles when first run), their compile time counted in
+    # background_compile_seconds; compile_seconds holds only the time a run waited for one
     self.compile_threads = int(compile_threads)
     self.background_compile_seconds = 0.0
     self.precompiled_runs = 0  # executables first run that had compiled in the background
-    # One entry per program compiled: {"name", "seconds" (its compilation), "waited" (what a
-    # run waited for it; its whole compilation unless it was built in the background)}
+    # per program compiled: {"name", "seconds" (its compilation), "waited" (what a run waited)}
     self.compile_log: list[dict] = []
     self._pending: dict[tuple, Future] = {}
     self._lock, self._pool = threading.Lock(), None  # the pool: `compile_pool`, when first used
@@ -112,8 +110,7 @@ class Generator:
     """Starts compiling `jitted` for these inputs (arrays or jax.ShapeDtypeStructs of the shapes
     `_run` will get under `name`) in a background thread, unless it is compiled or compiling
     already; a later `_run` of the same key takes the executable. Off on a mesh (its inputs'
-    shardings are placed, not abstract) and with compile_threads 0. Returns whether it
-    started."""
+    shardings are placed, not abstract) and with compile_threads 0. -> whether it started"""
     if self.compile_threads < 1 or self.mesh is not None:
       return False
     key = self._key(name, args)
@@ -160,14 +157,22 @@ class Generator:
         self.background_compile_seconds += future.result()[1]
 
   def drop_precompiles(self) -> int:
-    """Cancels the background compilations not yet started (a run that ended needs them no
-    more, and a process waits for its threads' queue at exit); those under way finish and
-    stay usable. Returns how many were cancelled."""
+    """Cancels the background compilations not yet started (a run that ended needs them no more,
+    and a process waits for its threads' queue at exit); those under way finish. -> how many"""
     with self._lock:
       cancelled = [k for k, f in self._pending.items() if f.cancel()]
       for k in cancelled:
         del self._pending[k]
     return len(cancelled)
+
+  def wait_precompiles(self) -> None:
+    """Waits for the background compilations queued or under way (a steady-state benchmark
+    times a run with its programs ready); the wait counts as compile time."""
+    start = time.perf_counter()
+    with self._lock:
+      futures = list(self._pending.values())
+    wait(futures)
+    self.compile_seconds += time.perf_counter() - start
 
   def _compile_behind(self, jitted, args):
     """(executable, seconds, {"lower": seconds of them lowering, "started": process age})."""
@@ -189,9 +194,8 @@ class Generator:
     return jax.tree.map(lambda x: x.sharding, self.params)
 
   def _place(self, x: np.ndarray):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(x, self._batch_sharding(x.shape[0], x.ndim))
+    return (jnp.asarray(x) if self.mesh is None
+            else jax.device_put(x, self._batch_sharding(x.shape[0], x.ndim)))
 
   def _generate_fn(self, batch: int, cache_len: int, hidden_layer: int):
     key = ("generate", cache_len, hidden_layer) + ((batch,) if self.mesh is not None else ())
@@ -216,13 +220,9 @@ class Generator:
 
   def _prefill_fn(self, hidden_layer: int):
     key = ("prefill", hidden_layer)
-    if key not in self._fns:
-
-      def traced(params, tokens, pad_len):
-        return decode.prefill_hidden(params, tokens, pad_len, model=self.model,
-                               hidden_layer=hidden_layer)
-
-      self._fns[key] = jax.jit(traced)  # shardings follow the placed inputs
+    if key not in self._fns:  # (params, tokens, pad_len); shardings follow the placed inputs
+      self._fns[key] = jax.jit(functools.partial(decode.prefill_hidden, model=self.model,
+                                                 hidden_layer=hidden_layer))
     return self._fns[key]
 
   def _rows_bucket(self, n: int) -> int:

@@ -38,6 +38,7 @@ def run_paged(runner, plan: PagedPlan, requests: Requests, options: Options) -> 
   finished = np.zeros(n, bool)
   records: list[BatchRecord] = []
   seconds = {"generate": 0.0, "recover": 0.0, "compile": 0.0}
+  runner.settle(seconds)
   queue = collections.deque(int(r) for r in plan.order)
   occupant = np.full(slots, -1, np.int64)
   start_ctx = np.zeros(slots, np.int64)  # each slot's context at its insert
