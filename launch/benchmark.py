@@ -115,7 +115,8 @@ def main(argv):
     cost = profile_and_save(engine, workdir, ints(FLAGS.profile_batches),
                             ints(FLAGS.profile_cache), ints(FLAGS.profile_prompts),
                             runner=FLAGS.profile_runner,
-                            insert_rows=ints(FLAGS.profile_inserts))
+                            insert_rows=ints(FLAGS.profile_inserts),
+                            sampling=(config.generation.temperature, config.generation.top_p))
     if FLAGS.profile_only:
       print(cost.to_json())
       return

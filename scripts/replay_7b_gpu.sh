@@ -14,8 +14,8 @@
 # resume the strategies not saved. Progress: <run>/session.log; logs: <run>/<step>.log.
 # Start it with setsid and poll session.log. PROFILE=1 plans with a cost model fitted on this
 # host instead of the config's H100 one: launch/benchmark.py --profile_only on GPU 1 (while GPU
-# 0 trains the LoRA predictor; slot batches of 32 and 128 rows at caches 256 and 1,024, a few
-# minutes), timing the continuous runner's own insert and decode calls
+# 0 trains the LoRA predictor; slot batches of 32 and 128 rows at caches 256 and 768, or
+# PROFILE_CACHE; a few minutes), timing the continuous runner's own insert and decode calls
 # (--profile_runner=slots; PROFILE_RUNNER=static times a static generate instead, as session
 # 20's run did: that model missed the runner's inserts by about 2x and its decode calls by
 # 1.2x). The benchmark's state is keyed by the cost model: a run resumes only with its own.

@@ -19,7 +19,8 @@ from lsdist_jax.schedule import CostModel
 
 def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], steps: int = 32,
                  prompt_len: int | Sequence[int] = 32, repeats: int = 2,
-                 active_shares: Sequence[float] = (1.0, 0.25)) -> list[dict]:
+                 active_shares: Sequence[float] = (1.0, 0.25),
+                 sampling: tuple[float, float] = (0.0, 1.0)) -> list[dict]:
   """Decode-step timings of this engine on this device, for fitting the planner's cost model.
 
   Rows: {"batch", "cache_len", "ms_per_step", "prefill_ms", "prompt_len", "live_tokens"}. Each
@@ -27,17 +28,18 @@ def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], 
   `active_shares`: the share of rows that keep generating (the others end at their first token),
   so that the live cache tokens vary at a fixed shape (one compiled program) and the fit can tell
   a whole-cache read from a live-slot read. Several `prompt_len`s give the prefill fit its
-  per-token slope (continued rows re-prefill long contexts)."""
+  per-token slope (continued rows re-prefill long contexts). sampling: (temperature, top_p)
+  of the rows, as the runs to plan sample (the nucleus costs more per step than greedy)."""
   lens = [int(prompt_len)] if np.ndim(prompt_len) == 0 else [int(p) for p in prompt_len]
   rows = []
   for p in lens:
     rows += _profile_prompt_len(engine, batch_sizes, cache_lens, steps, p, repeats,
-                                active_shares)
+                                active_shares, sampling)
   return rows
 
 
 def _profile_prompt_len(engine, batch_sizes, cache_lens, steps, prompt_len, repeats,
-                        active_shares) -> list[dict]:
+                        active_shares, sampling) -> list[dict]:
   gen = engine.generator
   rows = []
   for b in batch_sizes:
@@ -46,7 +48,7 @@ def _profile_prompt_len(engine, batch_sizes, cache_lens, steps, prompt_len, repe
       if s < prompt_len + 2 * steps:
         continue
       kw = dict(cap=2 * steps, max_seq_len=engine.config.max_position_embeddings, cache_len=s,
-                temperature=0.0, top_p=1.0)
+                temperature=float(sampling[0]), top_p=float(sampling[1]))
       gen.generate(prompts, forced_lengths=[1] * b, **kw)  # compile
       for share in active_shares:
         active = max(1, int(round(share * b)))
@@ -73,7 +75,8 @@ def _profile_prompt_len(engine, batch_sizes, cache_lens, steps, prompt_len, repe
 
 def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], steps: int = 32,
                   prompt_len: int | Sequence[int] = 128, insert_rows: Sequence[int] = (8, 32),
-                  repeats: int = 2, active_shares: Sequence[float] = (1.0, 0.25)) -> list[dict]:
+                  repeats: int = 2, active_shares: Sequence[float] = (1.0, 0.25),
+                  sampling: tuple[float, float] = (0.0, 1.0)) -> list[dict]:
   """Timings of the calls the continuous runner makes (`SlotBatch`), for fitting the cost model
   its plans are simulated with: what `profile_cost` times (a static `generate`) leaves out, an
   insert's move of its rows into their slots and its first-token program, a decode call's
@@ -91,7 +94,8 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
     "prefill_ms" (the whole call, its sampler included), "slots", "cache_len"}: an insert of k
     of `insert_rows` (<= B) rows of each prompt length whose block fits S into free slots.
   Fastest of `repeats`; the first call of each program compiles it, untimed. Then a row per
-  slot program compiled (`program_memory`): whether it updates its state in place."""
+  slot program compiled (`program_memory`): whether it updates its state in place. sampling:
+  (temperature, top_p) of the slots' rows, as `profile_cost`."""
   import jax
 
   gen = engine.generator
@@ -101,7 +105,8 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
     for b in batch_sizes:
       if s < lens[0] + 2 * steps + 1:
         continue
-      batch = gen.open_slots(b, s, max_seq_len=s, temperature=0.0, top_p=1.0)
+      batch = gen.open_slots(b, s, max_seq_len=s, temperature=float(sampling[0]),
+                             top_p=float(sampling[1]))
       b = batch.slots  # the bucket it runs at
 
       def fill(k, context, forced):  # an insert of k rows into slots 0..k-1
@@ -185,19 +190,21 @@ def _fastest(fn, repeats: int, timer: bool = False) -> float:
 
 def profile_and_save(engine, workdir: str, batch_sizes: Sequence[int],
                      cache_lens: Sequence[int], prompt_lens: Sequence[int],
-                     runner: str = "static", insert_rows: Sequence[int] = (8, 32)) -> CostModel:
+                     runner: str = "static", insert_rows: Sequence[int] = (8, 32),
+                     sampling: tuple[float, float] = (0.0, 1.0)) -> CostModel:
   """Profiles the engine, fits the cost model and saves it (and the raw rows) in `workdir`.
   runner: "static" times `generate` (`profile_cost`), "slots" the continuous runner's own
-  calls (`profile_slots`)."""
+  calls (`profile_slots`); sampling: (temperature, top_p) the planned runs sample with."""
   from lsdist_jax.engine import device_kind, model_shape
 
   if runner not in ("static", "slots"):
     raise ValueError(f"profile runner must be 'static' or 'slots', got {runner!r}")
   if runner == "slots":
     rows = profile_slots(engine, batch_sizes, cache_lens, prompt_len=list(prompt_lens),
-                         insert_rows=insert_rows)
+                         insert_rows=insert_rows, sampling=sampling)
   else:
-    rows = profile_cost(engine, batch_sizes, cache_lens, prompt_len=list(prompt_lens))
+    rows = profile_cost(engine, batch_sizes, cache_lens, prompt_len=list(prompt_lens),
+                        sampling=sampling)
   cost = CostModel.fit(rows, device=device_kind(), model=model_shape(engine))
   os.makedirs(workdir, exist_ok=True)
   path = paths.profiled_cost_model(workdir)
