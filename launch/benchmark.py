@@ -40,6 +40,11 @@ flags.DEFINE_enum("profile_runner", "static", ["static", "slots"], "what the pro
                   "the continuous and paged strategies")
 flags.DEFINE_list("profile_inserts", ["8", "32"], "with --profile_runner=slots: the rows of the "
                   "inserts it times (each at most the slot batch's size)")
+flags.DEFINE_enum("profile_sampling", "greedy", ["greedy", "config"], "how the profiled "
+                  "rows sample: 'greedy', or 'config' (config.generation's temperature and top_p, "
+                  "as the runs do). Its synthetic prompts give a real model flatter logits than "
+                  "real prompts do, and so dearer nucleus steps than the runs pay; a model of "
+                  "random weights (length replay) has them flat in the runs too: use 'config'")
 flags.DEFINE_string("name", "benchmark", "output file stem")
 flags.DEFINE_integer("workers", 1, "processes sharing the strategies (see the module doc)")
 flags.DEFINE_list("devices", [], "GPU ids the workers are spread over (CUDA_VISIBLE_DEVICES); "
@@ -88,7 +93,8 @@ def main(argv):
     profile = None
     if FLAGS.profile:
       profile = _child_argv(["--profile", "--profile_only",
-                             f"--profile_runner={FLAGS.profile_runner}"] + [
+                             f"--profile_runner={FLAGS.profile_runner}",
+                             f"--profile_sampling={FLAGS.profile_sampling}"] + [
           f"--profile_{k}={','.join(getattr(FLAGS, 'profile_' + k))}"
           for k in ("batches", "cache", "prompts", "inserts")])
     run_workers(lambda lock: _child_argv(["--worker", f"--device_lock={lock}"]), FLAGS.workdir,
@@ -116,7 +122,8 @@ def main(argv):
                             ints(FLAGS.profile_cache), ints(FLAGS.profile_prompts),
                             runner=FLAGS.profile_runner,
                             insert_rows=ints(FLAGS.profile_inserts),
-                            sampling=(config.generation.temperature, config.generation.top_p))
+                            sampling=((config.generation.temperature, config.generation.top_p)
+                                      if FLAGS.profile_sampling == "config" else (0.0, 1.0)))
     if FLAGS.profile_only:
       print(cost.to_json())
       return

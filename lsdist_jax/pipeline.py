@@ -88,8 +88,9 @@ def profile_cpu(engine, config, workdir: str):
   buckets = [int(b) for b in config.engine.batch_buckets]
   cache = int(config.engine.cache_bucket)
   caches = sorted({cache, cache * -(-int(config.generation.max_seq_len) // cache)})
-  rows = profile_cost(engine, buckets[-2:], caches, steps=8, prompt_len=32, repeats=2,
-                      sampling=(config.generation.temperature, config.generation.top_p))
+  # greedy: the profile's synthetic prompts would give the nucleus flatter logits than real
+  # prompts do (on a CPU, steps several times dearer than the runs pay)
+  rows = profile_cost(engine, buckets[-2:], caches, steps=8, prompt_len=32, repeats=2)
   cost = CostModel.fit(rows, device=device_kind(), model=model_shape(engine))
   os.makedirs(workdir, exist_ok=True)
   cost.save(path)

@@ -48,7 +48,7 @@ fi
 profile=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
          --name="$name" --profile --profile_only --profile_runner="${PROFILE_RUNNER:-slots}"
          --profile_batches=32,128 --profile_cache="${PROFILE_CACHE:-256,768}" --profile_prompts=128,512
-         --profile_inserts=8,32,128)
+         --profile_inserts=8,32,128 --profile_sampling=config)
 lora=(python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py
       --config.model.path="$gguf" --workdir="$work" --name=lora)
 train_lora() { [[ "$all" != *ssch-lora* ]] || step lora_max "${lora[@]}"; }
