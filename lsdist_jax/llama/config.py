@@ -242,10 +242,10 @@ SCAN_PREFILL_MAX_BYTES = 1 << 30
 
 
 def resolve_scan_prefill(setting, config: LlamaConfig, itemsize: int) -> bool:
-  """engine.scan_prefill (True, False or "auto"; strings "true"/"false" too) -> whether prefills run their blocks as one
-  scan: "auto" scans when the layer weights (params of `itemsize` bytes) are at most
-  SCAN_PREFILL_MAX_BYTES, where the stack each call makes costs little beside the compile time
-  it saves."""
+  """engine.scan_prefill (True, False or "auto"; strings "true"/"false" too) -> whether
+  prefills run their blocks as one scan: "auto" scans when the layer weights (params of
+  `itemsize` bytes) are at most SCAN_PREFILL_MAX_BYTES, where the stack each call makes costs
+  little beside the compile time it saves."""
   named = {"auto": None, "true": True, "false": False}  # as a string flag may give them
   if isinstance(setting, str) and setting.lower() in named:
     setting = named[setting.lower()]
