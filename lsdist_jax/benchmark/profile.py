@@ -30,12 +30,20 @@ def profile_cost(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int], 
   a whole-cache read from a live-slot read. Several `prompt_len`s give the prefill fit its
   per-token slope (continued rows re-prefill long contexts). sampling: (temperature, top_p)
   of the rows, as the runs to plan sample (the nucleus costs more per step than greedy)."""
-  lens = [int(prompt_len)] if np.ndim(prompt_len) == 0 else [int(p) for p in prompt_len]
   rows = []
-  for p in lens:
+  for p in _lengths(prompt_len):
     rows += _profile_prompt_len(engine, batch_sizes, cache_lens, steps, p, repeats,
                                 active_shares, sampling)
   return rows
+
+
+def _lengths(prompt_len) -> list[int]:
+  return [int(prompt_len)] if np.ndim(prompt_len) == 0 else [int(p) for p in prompt_len]
+
+
+def _context(p: int) -> list[int]:
+  """A synthetic context of p tokens (the slot profile's)."""
+  return [1] + [10 + j % 50 for j in range(p - 1)]
 
 
 def _profile_prompt_len(engine, batch_sizes, cache_lens, steps, prompt_len, repeats,
@@ -83,7 +91,7 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
   fixed cost and the slot loop's own per-step work.
 
   Per slot batch (B slots of cache S, each of `batch_sizes` x `cache_lens` that holds the
-  first prompt length and 2 x `steps` tokens):
+  shortest prompt length and 2 x `steps` tokens):
   * decode rows {"batch", "cache_len", "ms_per_step", "call_ms", "live_tokens", "context_len"}
     per prompt length whose context and 2 x `steps` tokens fit S (long contexts give the
     live-token cost its range): every slot
@@ -99,11 +107,11 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
   import jax
 
   gen = engine.generator
-  lens = [int(prompt_len)] if np.ndim(prompt_len) == 0 else [int(p) for p in prompt_len]
+  lens = _lengths(prompt_len)
   rows = []
   for s in cache_lens:
     for b in batch_sizes:
-      if s < lens[0] + 2 * steps + 1:
+      if s < min(lens) + 2 * steps + 1:
         continue
       batch = gen.open_slots(b, s, max_seq_len=s, temperature=float(sampling[0]),
                              top_p=float(sampling[1]))
@@ -114,17 +122,19 @@ def profile_slots(engine, batch_sizes: Sequence[int], cache_lens: Sequence[int],
                      forced_lengths=forced)
         jax.block_until_ready(batch.state)
 
-      for p in (p for p in lens if int(gen.buckets.insert_block(p, s)) < s):
-        context = [1] + [10 + j % 50 for j in range(p - 1)]
+      for p in lens:
+        block = int(gen.buckets.insert_block(p, s))
+        if block >= s:
+          continue
+        context = _context(p)
         for k in sorted({min(int(r), b) for r in insert_rows}):
           ms = _fastest(lambda: fill(k, context, [2] * k), repeats)
-          block = int(gen.buckets.insert_block(p, s))
           rows.append({"batch": k, "prompt_len": block, "prefill_ms": round(ms, 4),
                        "slots": int(b), "cache_len": int(s)})
           logging.info("profile slots B=%d S=%d: an insert of %d rows at block %d: %.2f ms", b,
                        s, k, block, ms)
       for p in (p for p in lens if s >= p + 2 * steps + 1):  # long contexts: many live tokens
-        context = [1] + [10 + j % 50 for j in range(p - 1)]
+        context = _context(p)
         for share in active_shares:
           active = max(1, int(round(share * b)))
           calls = {}

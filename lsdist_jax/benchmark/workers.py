@@ -26,11 +26,11 @@ def run_workers(command, workdir: str, out_name: str, workers: int, devices: Seq
   command(lock_path) -> a worker's argv; devices: GPU ids dealt to the workers in turn (each
   sees one, CUDA_VISIBLE_DEVICES), or none (all on the default device); one lock file per
   device, in lock_dir (default: the state folder); workers that share a device, or a lock_dir
-  with another benchmark, grow their allocators instead of preallocating. profile_command: run first, on the first
-  device (it fits and saves the cost model the workers then load). memory_fraction (0: no cap):
-  the share of its GPU's memory each worker's allocator may grow to
-  (XLA_PYTHON_CLIENT_MEM_FRACTION), for processes that share a GPU: without a cap, allocators
-  that grew in turn can leave a neighbour short mid-run."""
+  with another benchmark, grow their allocators instead of preallocating. profile_command: run
+  first, on the first device (it fits and saves the cost model the workers then load).
+  memory_fraction (0: no cap): the share of its GPU's memory each worker's allocator may grow
+  to (XLA_PYTHON_CLIENT_MEM_FRACTION), for processes that share a GPU: without a cap,
+  allocators that grew in turn can leave a neighbour short mid-run."""
   if not 0.0 <= memory_fraction <= 1.0:
     raise ValueError(f"memory_fraction must be in [0, 1] (0: no cap), got {memory_fraction}")
   devices = list(devices)

@@ -23,8 +23,9 @@ The runner's rules (`simulate_continuous` follows them exactly):
   where r <= cap reaches the request's room (done as it takes its last token: no step samples
   an EOS after it).
   One decode call runs steps until at least m slots are free (done or empty) while the queue is
-  non-empty, or until every slot is done once the queue is empty. A call that would run no step
-  (rows already done at their insert: r = 0) is not made. Then the done rows leave; if the queue
+  non-empty, or until every slot is done once the queue is empty; it is made while any slot is
+  held, even where it runs no step (rows done at their insert: r = 0, or enough slots free
+  already). Then the done rows leave; if the queue
   is non-empty, one insert call fills min(free, len(queue), padded_batch(m)) free slots
   (ascending slot index) with the next queued requests (after the first fill an insert takes no
   more than a refill's batch bucket: one program per context block; other free slots wait for
@@ -262,8 +263,9 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
     else:
       until = int(finish.max())
     run = max(0, until - now)
-    if run or (slot_row >= 0).any():  # the runner calls decode while a slot is held, even
-      decodes += 1                     # where its rows are done at their insert (0 steps)
+    # the runner calls decode while a slot is held (a row running means one is), 0 steps too
+    if (slot_row >= 0).any():
+      decodes += 1
       steps += run
       now += run
     if pos >= n:

@@ -377,8 +377,9 @@ def runner_split(seconds: dict, calls: bool = False) -> dict:
   out.update({k: round(float(seconds[k]), 3) for k in ("predict", "plan") if k in seconds})
   if seconds.get("calls"):  # the compile waits inside the insert and decode calls' seconds
     rows = np.asarray(seconds["calls"], np.float64)
-    out.update(insert_compile_wait=round(float(rows[:, 2].sum()), 3),
-               decode_compile_wait=round(float(rows[:, 6].sum()), 3), decodes=len(rows))
+    waited = lambda column: round(float(rows[:, CALL_COLUMNS.index(column)].sum()), 3)
+    out.update(insert_compile_wait=waited("insert_compile_wait_s"),
+               decode_compile_wait=waited("decode_compile_wait_s"), decodes=len(rows))
   if calls and seconds.get("calls"):
     out["calls_columns"] = CALL_COLUMNS
     out["calls"] = [list(c) for c in seconds["calls"]]
