@@ -145,6 +145,13 @@ def test_length_replay_benchmark_forces_the_recorded_lengths(pipeline_run, tmp_p
   with pytest.raises(ValueError, match="another benchmark"):
     run_benchmark(config, str(tmp_path), engine=engine, cost=other_cost,
                   predictor_dirs=predictor_exports(workdir))
+  # and so is one timed from a warm start (benchmark.warm_start): its rows are not mixed in
+  warm = config.copy_and_resolve_references()
+  warm.benchmark.warm_start = True
+  with pytest.raises(ValueError, match="another benchmark"):
+    run_benchmark(warm, str(tmp_path), engine=engine, cost=cost,
+                  predictor_dirs=predictor_exports(workdir))
+  assert out["warm_start"] is False
 
 
 @pytest.mark.slow  # several processes
