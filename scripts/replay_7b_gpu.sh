@@ -23,12 +23,22 @@
 # (profile, LoRA predictor where STRATEGIES holds ssch-lora, then one benchmark process).
 # STRATEGIES=continuous-vanilla,ours-continuous,... runs only those (a run of its own: NAME
 # names its report, default benchmark_replay_7b).
+# CONFIG=<config> benchmarks another config the same way (e.g. configs/smollm2_benchmark_7451.py,
+# with FLAGS="--config.model.path=<GGUF>" and PROFILE_SAMPLING=greedy, the launcher's default
+# for a real model; the replay's random weights profile with the config's sampling). FLAGS are
+# added to the profile's and the benchmark's command lines. DEVICES=2,3 runs on those GPU ids
+# only (the first plays GPU 0's part), so that two such runs can share a host of four.
 set -uo pipefail
 source "$(dirname "$0")/steps.sh"  # run_folder, step <name> <command...>
 run_folder "$1" "$2"
 name=${NAME:-benchmark_replay_7b}
+config=${CONFIG:-configs/llama2_7b_replay_lora.py}
+read -r -a flags <<< "${FLAGS:-}"
 gpus=$(nvidia-smi -L | wc -l)
+IFS=', ' read -r -a devices <<< "${DEVICES:-$(seq -s ' ' 0 $((gpus - 1)))}"
+gpus=${#devices[@]}
 case "${CUDA_VISIBLE_DEVICES:-,}" in *,*) ;; *) gpus=1 ;; esac  # one id given: one GPU
+[ -z "${DEVICES:-}" ] || [ "$gpus" -gt 1 ] || export CUDA_VISIBLE_DEVICES=${devices[0]}
 rm -f "$work/${name}_state/"*.claim  # claims of an interrupted run: its strategies run again
 
 # The reference first (identical responses are counted against it), then the longest, so that
@@ -38,17 +48,17 @@ rest+="'oracle-paged','continuous-vanilla','ours-continuous','oracle-continuous'
 all="('vanilla:best','ssch-lora',$rest)"
 if [ -n "${STRATEGIES:-}" ]; then all="('$(echo "$STRATEGIES" | sed "s/,/','/g")',)"; fi
 others=${all//\'ssch-lora\',/}  # what the GPUs other than 0 take: all but ssch-lora
-replay=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
-        --name="$name")
+replay=(python3 launch/benchmark.py --config="$config" --workdir="$work" --name="$name"
+        "${flags[@]}")
 echo "$(date +%T) $gpus GPUs: $(nvidia-smi -L | head -n 1)" >> "$log"
 rm -f "$run/profile.failed"
 if [ "${PROFILE:-0}" = 1 ]; then
   replay+=(--config.schedule.cost_model="$work/cost_model.json")
 fi
-profile=(python3 launch/benchmark.py --config=configs/llama2_7b_replay_lora.py --workdir="$work"
-         --name="$name" --profile --profile_only --profile_runner="${PROFILE_RUNNER:-slots}"
+profile=(python3 launch/benchmark.py --config="$config" --workdir="$work" --name="$name"
+         "${flags[@]}" --profile --profile_only --profile_runner="${PROFILE_RUNNER:-slots}"
          --profile_batches=32,128 --profile_cache="${PROFILE_CACHE:-256,768}" --profile_prompts=128,512
-         --profile_inserts=8,32,128 --profile_sampling=config)
+         --profile_inserts=8,32,128 --profile_sampling="${PROFILE_SAMPLING:-config}")
 lora=(python3 launch/train_lora.py --config=configs/smollm2_benchmark_7451.py
       --config.model.path="$gguf" --workdir="$work" --name=lora)
 train_lora() { [[ "$all" != *ssch-lora* ]] || step lora_max "${lora[@]}"; }
@@ -60,7 +70,7 @@ if [ "$gpus" -eq 1 ]; then
   exit $rc
 fi
 (
-  export CUDA_VISIBLE_DEVICES=0
+  export CUDA_VISIBLE_DEVICES=${devices[0]}
   train_lora &&
     while [ "${PROFILE:-0}" = 1 ] && [ ! -f "$run/profile.done" ]; do
       [ -f "$run/profile.failed" ] && exit 1
@@ -69,14 +79,14 @@ fi
     step worker0 "${replay[@]}" --worker --config.benchmark.strategies="$all"
 ) &
 if [ "${PROFILE:-0}" = 1 ]; then
-  CUDA_VISIBLE_DEVICES=1 step profile "${profile[@]}" || {
+  CUDA_VISIBLE_DEVICES=${devices[1]} step profile "${profile[@]}" || {
     touch "$run/profile.failed"; wait; exit 1; }
 fi
 for g in $(seq 1 $((gpus - 1))); do
-  CUDA_VISIBLE_DEVICES=$g step "worker$g" "${replay[@]}" --worker \
+  CUDA_VISIBLE_DEVICES=${devices[$g]} step "worker$g" "${replay[@]}" --worker \
     --config.benchmark.strategies="$others" &
 done
 wait
 # Every strategy saved: this writes the report, in the order of $all.
-CUDA_VISIBLE_DEVICES=0 step report "${replay[@]}" --config.benchmark.strategies="$all"
+CUDA_VISIBLE_DEVICES=${devices[0]} step report "${replay[@]}" --config.benchmark.strategies="$all"
 echo "$(date +%T) all done" >> "$log"
