@@ -114,6 +114,21 @@ def test_embed_rows_pad_the_least_time_of_prefill():
   assert embed_rows(64, (16, 64), 128, per_token) == 64  # equal padding: the fewer calls
 
 
+def test_embed_rows_count_a_slot_profiles_fixed_cost_per_call():
+  """A slot runner's profile fits no prefill intercept (a call's fixed cost is its
+  batch_overhead_ms): the embedding's calls are sized with it, not one prompt per call (as a
+  GPU run did, 763 prompts embedded in 3 s)."""
+  from lsdist_jax.schedule import CostModel
+  from lsdist_jax.shapes import embed_rows
+
+  cost = CostModel(step=(1.0, 0.003, 1e-6, 1e-4, 5e-6), prefill=(0.0, 0.00176),
+                   batch_overhead_ms=4.0)
+  sizes = (1, 2, 4, 8, 16, 32, 64)
+  assert embed_rows(763, sizes, 256, cost.prefill_time) == 1  # what the prefill alone picks
+  assert embed_rows(763, sizes, 256, cost.prefill_call_time) == 64
+  assert cost.prefill_call_time(8, 256) == cost.prefill_time(8, 256) + 4e-3
+
+
 def test_embed_with_merged_blocks_compiles_one_program_and_keeps_the_states(tiny_params):
   gen = _generator(tiny_params, threads=2)
   prompts = _prompts(11, 2, 40, seed=3)  # blocks of 8 to 64 tokens
@@ -124,6 +139,20 @@ def test_embed_with_merged_blocks_compiles_one_program_and_keeps_the_states(tiny
                             compile_seconds=1.0)
   assert merged_gen.compile_count == 1
   np.testing.assert_allclose(merged, bucketed, rtol=2e-4, atol=2e-4)
+
+
+def test_requests_are_embedded_in_calls_sized_by_a_slot_profiles_fixed_cost(tiny_params):
+  """The prediction's prefill (`serve.requests.embed_requests`'s arguments) with a cost model of
+  no prefill intercept and a fixed cost per call: calls of the most rows, not of one."""
+  from lsdist_jax.schedule import CostModel
+  from lsdist_jax.serve.requests import _merge
+
+  cost = CostModel(step=(1.0, 0.003, 1e-6, 1e-4, 5e-6), prefill=(0.0, 0.00176),
+                   batch_overhead_ms=4.0)
+  gen = _generator(tiny_params, threads=0)
+  gen.embed(_prompts(7, 3, 7, seed=4), max_batch=4, **_merge(cost, 0.0))  # 2 calls, not 7
+  rows = {k[-3][0][0] for k in gen._executables if k[0].startswith("prefill")}  # tokens
+  assert rows == {4}
 
 
 def test_continuous_run_with_programs_compiled_ahead_equals_on_first_use(tiny_params):

@@ -222,7 +222,7 @@ def first_fill_by_cost(phase: Phase, requests: Requests, cost: CostModel,
     return max(int(insert_block(int(requests.prompt_len[rows].max()), cache, cost)), phase.block)
 
   def seconds(rows):  # one insert call of these members
-    return cost.batch_overhead_ms * 1e-3 + float(cost.prefill_time(rows.size, block(rows)))
+    return float(cost.prefill_call_time(rows.size, block(rows)))
 
   split = sum(seconds(members[c:c + step]) for c in range(0, k, step))
   own = programs(phase.slots, cache, [k], [block(members)], refill, cost, decoded=False)

@@ -84,10 +84,16 @@ class CostModel:
     e, f = self.prefill
     return (e + f * self.padded_batch(batch) * self.prompt_block(prompt_len)) * 1e-3
 
+  def prefill_call_time(self, batch, prompt_len):
+    """Seconds of one prefill call (an insert, an embedding): the host's work per call and the
+    prefill. A slot runner's profile puts a call's whole fixed cost in batch_overhead_ms, so its
+    prefill_time alone would make one row per call look cheapest."""
+    return self.batch_overhead_ms * 1e-3 + self.prefill_time(batch, prompt_len)
+
   def batch_time(self, size, max_prompt, cap, steps, live_token_steps=0.0):
     """Seconds of one generate call that runs `steps` decode iterations, its unfinished rows
     reading `live_token_steps` cache tokens in all (sum over steps of the live tokens)."""
-    return (self.batch_overhead_ms * 1e-3 + self.prefill_time(size, max_prompt)
+    return (self.prefill_call_time(size, max_prompt)
             + np.asarray(steps) * self.step_time(size, self.cache_len(max_prompt, cap))
             + self.live_time(live_token_steps))
 

@@ -187,7 +187,7 @@ def ahead(early: EarlyStart, config, cfg: LlamaConfig, texts, cost, embed_layer)
     if embed_layer is not None and not early.at_once:  # first: the prediction runs first
       distinct = [list(x) for x in dict.fromkeys(tuple(x) for x in ids)]
       early.generator.precompile_embed(distinct, int(embed_layer),
-                                       prefill_seconds=cost.prefill_time,
+                                       prefill_seconds=cost.prefill_call_time,
                                        compile_seconds=float(config.schedule.compile_seconds))
     early.first_fill(early.generator, [len(x) for x in ids])
   except Exception as e:  # noqa: BLE001 - the job tokenizes and compiles what it needs itself

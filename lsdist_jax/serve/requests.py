@@ -148,5 +148,5 @@ def precompile_embed_requests(engine, requests: Requests, layer: int, cost=None,
 
 
 def _merge(cost, compile_seconds: float) -> dict:
-  return {} if cost is None else dict(prefill_seconds=cost.prefill_time,
+  return {} if cost is None else dict(prefill_seconds=cost.prefill_call_time,
                                       compile_seconds=float(compile_seconds))
