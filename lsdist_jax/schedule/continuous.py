@@ -229,14 +229,12 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   now = pos = 0
   most = slots  # rows an insert takes: the first fill any, later at most a refill's bucket
   bucket = int(cost.padded_batch(refill))
-  insert_k, insert_ctx, left_capped = [], [], []
+  insert_k, insert_ctx, left = [], [], []  # left: queue positions as their slots free (-1s too)
   steps = decodes = 0
   while True:
     if pos < n:  # the done rows leave, the free slots take the next queued rows
       free = np.flatnonzero(finish <= now)
-      gone = slot_row[free]
-      gone = gone[gone >= 0]
-      left_capped.append(gone[capped[gone]])
+      left.append(slot_row[free])
       k = min(free.size, n - pos, most)
       # a first fill is one insert when it takes every queued row, else (the phase refills)
       # inserts of a refill's bucket each, the refills' programs (no decode between them)
@@ -249,8 +247,9 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       use, idle = free[:k], free[k:]
       slot_row[use] = np.arange(pos, pos + k)
       finish[use] = now + occ[pos:pos + k]
-      slot_row[idle] = -1
-      finish[idle] = -1
+      if idle.size:
+        slot_row[idle] = -1
+        finish[idle] = -1
       for c in range(pos, pos + k, max(step, 1)):
         insert_k.append(max(min(step, pos + k - c), pad))
         insert_ctx.append(int(ctx[c:min(c + step, pos + k)].max()))
@@ -263,8 +262,9 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
     else:
       until = int(finish.max())
     run = max(0, until - now)
-    # the runner calls decode while a slot is held (a row running means one is), 0 steps too
-    if (slot_row >= 0).any():
+    # the runner calls decode while a slot is held (a row running means one is), 0 steps too;
+    # with rows still queued every slot is (or a refill's rows just went in)
+    if pos < n or (slot_row >= 0).any():
       decodes += 1
       steps += run
       now += run
@@ -276,8 +276,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
       occ[slot_row[cut]] -= finish[cut] - now
       first[slot_row[cut]] = 1
       capped[slot_row[cut]] = True
-      gone = slot_row[held]
-      left_capped.append(gone[capped[gone]])
+      left.append(slot_row[held])
       break
 
   generated[queue] += occ + first
@@ -297,7 +296,9 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   tally.decodes += decodes
   tally.steps += steps
   tally.programs |= programs(slots, cache, ks, blocks, refill, cost, decodes > 0, whole_first)
-  return np.concatenate([unfit, queue[np.concatenate(left_capped)]])
+  left = np.concatenate(left)
+  left = left[left >= 0]
+  return np.concatenate([unfit, queue[left[capped[left]]]])
 
 
 def programs(slots: int, cache: int, ks, blocks, refill: int, cost: CostModel,
