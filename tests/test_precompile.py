@@ -378,3 +378,29 @@ def test_a_refill_runs_a_covering_insert_while_its_own_still_compiles(tiny_param
     future.result()
   assert _slot_run(fresh) == tokens
   assert fresh.program_states()["slot_insert/4/64/2/16/-1"] is True
+
+
+def test_a_warm_start_builds_the_inserts_of_rows_carried_into_a_later_phase(tiny_params):
+  """Rows that fill a phase's cache go on to the next one with contexts as long as it: their
+  insert there, at that context's block, is compiled ahead with the rest, so a warm-started
+  run compiles nothing in the foreground (it did: a 7B replay waited 20 s for one)."""
+  prompts = _prompts(8, 3, 7, seed=7)  # blocks of 8
+  forced = [40, 40, 5, 5, 5, 5, 5, 5]  # rows 0 and 1 outgrow the 32-token cache
+  plan = ContinuousPlan([Phase(np.arange(6), 32, 4, 2, split_first=False),
+                         Phase(np.arange(6, 8), 64, 2, 1, split_first=False)])
+  gen = _generator(tiny_params, threads=2)
+  runner = Runner(_Engine(gen), prompts, request_ids=range(8), max_seq_len=64,
+                  forced_lengths=forced, **SAMPLING)
+  runner.warm_start = True
+  marks, real = [], gen.wait_precompiles
+
+  def spy():
+    real()
+    marks.append(len(gen.compile_log))
+
+  gen.wait_precompiles = spy
+  result = runner.run_continuous(plan, lambda c, r: Phase(np.zeros(0, np.int64), 64, 2, 1))
+  assert [len(t) for t in result.tokens] == forced
+  assert any(r.phase == "main" and r.cache_len == 64 for r in result.batches)
+  after = gen.compile_log[marks[0]:]
+  assert after and all("lower" in entry for entry in after), after  # each built ahead

@@ -251,32 +251,40 @@ class Runner:
     not split its first fill, else a refill's rows at the block of the first fill's first
     insert) and its sampler, the decode loop, then a refill's rows at each context block of
     the phase's prompts; none for refills the first phase never makes (its prompts all fit its
-    first fill). Rows carried in from an earlier phase may bring other blocks; those compile
-    when first run."""
+    first fill). A later phase's queue starts with the rows carried in from earlier phases:
+    a row that filled an earlier phase's cache comes with that many tokens, so its inserts
+    are compiled at that context's block too (the first fill's of all the slots where it is
+    one insert). Rows that left a draining phase early may bring other blocks; those, and the
+    final phases planned at run time, compile when first run."""
     gen = self.engine.generator
     if gen.compile_threads < 1:
       return
     buckets = gen.buckets
+    before: list[int] = []  # the cache lengths of the phases before
     for k, phase in enumerate(phases):
       members = np.asarray(phase.members, np.int64)
       s = round_up(int(phase.cache_len), buckets.cache)
+      floor = int(phase.block)
+      carried = sorted({max(int(buckets.insert_block(c, s)), floor) for c in before if c < s})
+      before.append(s)
       members = members[self.prompt_len[members] < s]
-      if members.size == 0:
+      if members.size == 0 and not carried:
         continue
       slots = buckets.batch_size(int(phase.slots))
       first = members[:slots]
-      floor = int(phase.block)
       blocks = np.maximum(buckets.insert_block(self.prompt_len[members], s), floor)
+      first_block = max(carried + [int(blocks[:len(first)].max())] if first.size else carried)
       inserts = []
       if members.size == len(first) or not phase.split_first:  # a first fill of one insert
-        inserts.append((len(first), int(blocks[:len(first)].max())))
+        inserts.append((slots if carried else len(first), first_block))
       if k > 0 or members.size > len(first):  # it refills (a later phase may take carried rows)
         # every later insert a refill's rows, a split first fill's too (`_run_phase`): its
         # first insert's block first
         refill = max(1, min(int(phase.refill), slots))
         chunk = buckets.batch_size(refill)
+        head = carried[-1:] if carried else [int(blocks[:chunk].max())]
         inserts += [(refill, int(b)) for b in dict.fromkeys(
-            [int(blocks[:chunk].max())] + sorted(np.unique(blocks).tolist()))]
+            head + carried + sorted(np.unique(blocks).tolist()))]
       gen.precompile_slots(int(phase.slots), int(phase.cache_len), inserts,
                            share_prefill=self.share_prefill)
 
