@@ -285,7 +285,7 @@ def _run_phase(phase: Phase, carried: np.ndarray, requests: Requests, true: np.n
   ks = np.asarray(insert_k, np.int64)
   blocks = np.maximum(insert_block(insert_ctx, cache, cost), phase.block)
   overhead = cost.batch_overhead_ms * 1e-3
-  inserting = overhead * ks.size + float(np.sum(cost.prefill_time(ks, blocks)))
+  inserting = float(np.sum(cost.prefill_call_time(ks, blocks)))
   seconds = (inserting + overhead * decodes + steps * float(cost.step_time(slots, cache))
              + float(cost.live_time(live)))
   tally.seconds += seconds

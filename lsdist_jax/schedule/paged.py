@@ -303,7 +303,7 @@ def simulate_paged(plan: PagedPlan, requests: Requests, true_length: np.ndarray,
   ks = np.asarray(insert_k, np.int64)
   blocks = insert_block(np.asarray(insert_ctx, np.int64), block_cap, cost)
   overhead = cost.batch_overhead_ms * 1e-3
-  inserting = overhead * ks.size + float(np.sum(cost.prefill_time(ks, blocks)))
+  inserting = float(np.sum(cost.prefill_call_time(ks, blocks)))
   seconds = (inserting + overhead * decodes + steps * float(cost.step_time(B, block_cap))
              + float(cost.live_time(live)))
   computed = int(np.sum(cost.padded_batch(ks))) + int(cost.padded_batch(B)) * steps

@@ -273,7 +273,7 @@ class Runner:
       slots = buckets.batch_size(int(phase.slots))
       first = members[:slots]
       blocks = np.maximum(buckets.insert_block(self.prompt_len[members], s), floor)
-      first_block = max(carried + [int(blocks[:len(first)].max())] if first.size else carried)
+      first_block = max(carried + blocks[:len(first)].tolist())  # (the two are not both empty)
       inserts = []
       if members.size == len(first) or not phase.split_first:  # a first fill of one insert
         inserts.append((slots if carried else len(first), first_block))
